@@ -1,0 +1,50 @@
+# The two commands of the README: `make demo` and `make test`. Everything installs into a
+# project-local .venv, pinned by constraints.txt, so a fresh machine gets the tested versions.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: demo test lint typecheck unit protos check-protos bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/chc demo $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+# Regenerate the committed protobuf/gRPC stubs (with grpcio-tools 1.81, see DESIGN.md).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		protocols/v1/node.proto protocols/v1/hub.proto
+
+check-protos: protos
+	git diff --exit-code -- protocols/v1 || \
+		(echo "generated stubs differ from protocols/v1/*.proto: run 'make protos' and commit"; exit 1)
+
+bench: $(STAMP)
+	$(BIN)/python bench/federated_count.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,90 @@
+"""Parallel calls to every node with one deadline; each node's fate is reported, never hidden."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+
+from coordinator.registry import NodeHandle
+from queries.results import NodeStatus
+
+T = TypeVar("T")
+
+_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+@dataclass(frozen=True)
+class Reply(Generic[T]):
+    """One node's reply (or why there is none)."""
+
+    node: str
+    status: NodeStatus
+    value: T | None
+    message: str
+    code: grpc.StatusCode | None
+    latency_ms: float
+
+
+def classify(code: grpc.StatusCode) -> NodeStatus:
+    """Map a gRPC status to what the analyst is told about that node."""
+    if code in _REFUSALS:
+        return NodeStatus.REFUSED
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return NodeStatus.UNREACHABLE
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return NodeStatus.TIMED_OUT
+    return NodeStatus.ERROR
+
+
+def fan_out(
+    handles: Sequence[NodeHandle],
+    start: Callable[[NodeHandle, float], grpc.Future],
+    *,
+    deadline_s: float,
+) -> list[Reply[object]]:
+    """Start one call per node at once, then collect each by the shared deadline."""
+    began = time.perf_counter()
+    finished: dict[str, float] = {}
+    pending = []
+    for h in handles:
+        future = start(h, deadline_s)
+        # Record each node's own finish time; collecting in order would inflate latencies.
+        future.add_done_callback(
+            lambda _f, name=h.entry.name: finished.setdefault(name, time.perf_counter())
+        )
+        pending.append((h, future))
+    replies: list[Reply[object]] = []
+    for handle, future in pending:
+        name = handle.entry.name
+        try:
+            value = future.result()
+            status, message, code = NodeStatus.OK, "", grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code()
+            status, value = classify(code), None
+            message = exc.details() or code.name
+            if status is NodeStatus.UNREACHABLE:
+                message = f"node {name} at {handle.entry.address} is unreachable: {message}"
+            elif status is NodeStatus.TIMED_OUT:
+                message = f"node {name} did not answer within {deadline_s:g} s"
+        replies.append(
+            Reply(
+                node=name,
+                status=status,
+                value=value,
+                message=message,
+                code=code,
+                latency_ms=(finished.get(name, time.perf_counter()) - began) * 1000,
+            )
+        )
+    return replies

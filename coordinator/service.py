@@ -1,0 +1,134 @@
+"""The hub's gRPC servicer: relays analysts' signed queries to every node and combines them."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from coordinator.fanout import Reply, fan_out
+from coordinator.registry import NodeHandle, Registry
+from protocols import serde
+from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError
+from protocols.rpc import guarded
+from protocols.security import Role, peer_of
+from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
+from queries import combine, spec
+from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus
+
+log = logging.getLogger(__name__)
+
+# The longest an analyst may ask the hub to wait.
+MAX_DEADLINE_MS = 10 * 60 * 1000
+
+
+class AllNodesRefusedError(ChcError):
+    """Every node refused the query for the same kind of reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.status = code
+
+
+class HubService(hub_pb2_grpc.HubServicer):
+    """Fan-out, quorum reporting and combination; it cannot forge or alter a query."""
+
+    def __init__(
+        self, registry: Registry, *, deadline_ms: int, require_tls: bool = True
+    ) -> None:
+        self.registry = registry
+        self.deadline_ms = deadline_ms
+        self.require_tls = require_tls
+
+    @guarded
+    def Submit(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.SubmitResponse:
+        """Relay one signed query to every node and combine the releases."""
+        if self.require_tls:
+            peer = peer_of(context)
+            if peer.role is not Role.ANALYST:
+                raise PermissionDeniedError(
+                    f"{peer.name} has role {peer.role.value}; only analysts submit queries"
+                )
+            if peer.name != request.envelope.analyst:
+                raise AuthenticationError("the envelope must be signed by the connected analyst")
+        # Parse for combining only; every node validates and verifies the envelope itself.
+        query = spec.from_json(request.envelope.query)
+        deadline_ms = request.deadline_ms or self.deadline_ms
+        deadline_s = min(deadline_ms, MAX_DEADLINE_MS) / 1000
+        node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
+
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future:
+            return handle.stub.Execute.future(node_request, timeout=timeout)
+
+        replies = fan_out(self.registry.handles, start, deadline_s=deadline_s)
+        result = _combine(query, replies)
+        log.info(
+            "query %s from %s: %s",
+            result.query_id,
+            request.envelope.analyst,
+            ", ".join(f"{o.node}={o.status.value}" for o in result.nodes),
+        )
+        return serde.result_to_proto(result)
+
+    @guarded
+    def ListNodes(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.ListNodesRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.ListNodesResponse:
+        """Describe every node; unreachable ones are listed with their status."""
+        if self.require_tls:
+            peer_of(context)
+
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future:
+            return handle.stub.Describe.future(node_pb2.DescribeRequest(), timeout=timeout)
+
+        replies = fan_out(self.registry.handles, start, deadline_s=self.deadline_ms / 1000)
+        response = hub_pb2.ListNodesResponse()
+        for r in replies:
+            if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):
+                response.nodes.append(r.value)
+            else:
+                response.unavailable.append(
+                    serde.outcome_to_proto(NodeOutcome(node=r.node, status=r.status,
+                                                       message=r.message))
+                )
+        return response
+
+
+def _combine(query: spec.Query, replies: list[Reply[object]]) -> FederatedResult:
+    releases: list[tuple[str, NodeRelease]] = []
+    outcomes: list[NodeOutcome] = []
+    for r in replies:
+        if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.ExecuteResponse):
+            release = serde.release_from_proto(r.value)
+            releases.append((r.node, release))
+            outcomes.append(
+                NodeOutcome(
+                    node=r.node,
+                    status=NodeStatus.OK,
+                    rho_charged=release.rho_charged,
+                    noise_variance=release.noise.variance,
+                    budget=release.budget,
+                    latency_ms=r.latency_ms,
+                )
+            )
+        else:
+            outcomes.append(
+                NodeOutcome(node=r.node, status=r.status, message=r.message,
+                            latency_ms=r.latency_ms)
+            )
+    if not releases:
+        codes = {r.code for r in replies}
+        if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
+            code = next(iter(codes))
+            assert code is not None
+            messages = sorted({r.message for r in replies})
+            raise AllNodesRefusedError(code, "every node refused the query: " + "; ".join(messages))
+    return FederatedResult(
+        query_id=uuid.uuid4().hex,
+        table=combine.combine_counts(query, releases),
+        nodes=tuple(outcomes),
+        partial=len(releases) < len(replies),
+    )

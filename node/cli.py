@@ -1,0 +1,75 @@
+"""`chc-node`: the custodian's command line for running a regional node."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node.catalog import build_catalog
+from node.policy import Budget, load_config
+from node.service import NodeService
+from node.store import OmopStore
+from protocols.errors import ChcError
+from protocols.process import serve_until_signalled, setup_logging, write_ready_file
+from protocols.rpc import INSECURE_WARNING, make_server
+from protocols.security import Role, load_identity
+from protocols.v1 import node_pb2_grpc
+from queries.pathway import load_pathways
+
+app = typer.Typer(help="Run a chc regional node beside an OMOP CDM.", no_args_is_help=True)
+log = logging.getLogger("chc.node")
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="node.toml")],
+    ready_file: Annotated[
+        Path | None, typer.Option(help="write {port, pid} here once listening")
+    ] = None,
+    listen: Annotated[str | None, typer.Option(help="override node.toml's listen address")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="DEV ONLY: plaintext, no authentication")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Serve the node's catalog and DP queries over gRPC with mutual TLS."""
+    setup_logging(log_level)
+    cfg = load_config(config)
+    identity = load_identity(cfg.identity)
+    if identity.role is not Role.NODE:
+        raise ChcError(f"{cfg.identity} holds a {identity.role.value} certificate, not a node one")
+    if insecure:
+        typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
+    pathways = load_pathways(list(cfg.pathways) if cfg.pathways is not None else None)
+    store = OmopStore(cfg.omop, pathways, reference_date=cfg.reference_date)
+    service = NodeService(
+        name=cfg.name,
+        store=store,
+        catalog=build_catalog(pathways),
+        budget=Budget(cfg.budget),
+        ca_pem=identity.ca_pem,
+        require_tls=not insecure,
+    )
+    server, port = make_server(listen or cfg.listen, None if insecure else identity)
+    node_pb2_grpc.add_NodeServicer_to_server(service, server)
+    server.start()
+    log.info("node %s serving %s on port %d (views built in %.2f s)",
+             cfg.name, cfg.omop, port, store.build_seconds)
+    if ready_file is not None:
+        write_ready_file(ready_file, port=port, name=cfg.name)
+    serve_until_signalled(server)
+    store.close()
+    log.info("node %s stopped", cfg.name)
+
+
+def main() -> None:
+    """Entry point: run the app, turning chc errors into one clear line and exit code 2."""
+    try:
+        app()
+    except ChcError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)

@@ -1,0 +1,72 @@
+"""gRPC plumbing shared by the node and the hub: servers, and errors mapped to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from typing import TypeVar
+
+import grpc
+
+from protocols.errors import ChcError
+from protocols.security import GRPC_OPTIONS, Identity, server_credentials
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self = TypeVar("Self")
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: this server accepts unauthenticated plaintext connections. "
+    "Use it only on a development machine, never with patient data."
+)
+
+
+def guarded(
+    method: Callable[[Self, Req, grpc.ServicerContext], Resp],
+) -> Callable[[Self, Req, grpc.ServicerContext], Resp]:
+    """Turn ChcErrors into their gRPC status; hide anything else behind a reference id.
+
+    Clients never see a stack trace: an unexpected error is logged at the server with a
+    reference the operator can grep for, and the client gets INTERNAL with that reference.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
+        try:
+            return method(self, request, context)
+        except ChcError as exc:
+            context.abort(exc.status, str(exc))
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception("internal error (ref %s) in %s", ref, method.__name__)
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error (ref {ref}); the operator can find it in the server log",
+            )
+
+    return wrapper
+
+
+def make_server(
+    listen: str, identity: Identity | None, *, max_workers: int = 16
+) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to listen with mutual TLS (or plaintext if identity is None).
+
+    Returns the server and the bound port, so that listen may end in :0 for a free port.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=list(GRPC_OPTIONS)
+    )
+    if identity is None:
+        log.warning(INSECURE_WARNING)
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, server_credentials(identity))
+    if port == 0:
+        raise ChcError(f"could not listen on {listen}; is the port in use?")
+    return server, port

@@ -1,0 +1,237 @@
+"""The only module that converts between chc's domain objects and protobuf messages.
+
+Tables travel as Arrow IPC streams. Every *_from_proto validates what a peer sent, so that a
+malformed message becomes a clear error rather than a crash deeper in.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from protocols.errors import DataError
+from protocols.security import SignedQuery
+from protocols.v1 import hub_pb2, node_pb2
+from queries.results import (
+    BudgetStatus,
+    FederatedResult,
+    NodeDescription,
+    NodeOutcome,
+    NodeRelease,
+    NodeStatus,
+    NoiseInfo,
+)
+from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
+
+PROTOCOL_VERSION = "chc.v1"
+
+
+def table_to_ipc(table: pa.Table) -> bytes:
+    """Serialise an Arrow table as an IPC stream."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def table_from_ipc(data: bytes) -> pa.Table:
+    """Read an Arrow IPC stream, refusing anything that is not one."""
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"peer sent a table that is not an Arrow IPC stream: {exc}") from None
+
+
+def signed_query_to_proto(signed: SignedQuery) -> node_pb2.QueryEnvelope:
+    """Envelope for the wire."""
+    return node_pb2.QueryEnvelope(
+        query=signed.query,
+        analyst=signed.analyst,
+        nonce=signed.nonce,
+        issued_at_ms=signed.issued_at_ms,
+        expires_at_ms=signed.expires_at_ms,
+        analyst_certificate=signed.analyst_certificate,
+        signature_algorithm=signed.signature_algorithm,
+        signature=signed.signature,
+    )
+
+
+def signed_query_from_proto(msg: node_pb2.QueryEnvelope) -> SignedQuery:
+    """Envelope from the wire (verified separately by protocols.security.verify_query)."""
+    return SignedQuery(
+        query=msg.query,
+        analyst=msg.analyst,
+        nonce=msg.nonce,
+        issued_at_ms=msg.issued_at_ms,
+        expires_at_ms=msg.expires_at_ms,
+        analyst_certificate=msg.analyst_certificate,
+        signature_algorithm=msg.signature_algorithm,
+        signature=msg.signature,
+    )
+
+
+def budget_to_proto(budget: BudgetStatus) -> node_pb2.BudgetStatus:
+    """Budget for the wire."""
+    return node_pb2.BudgetStatus(
+        rho_total=budget.rho_total,
+        rho_spent=budget.rho_spent,
+        rho_remaining=budget.rho_remaining,
+        max_rho_per_query=budget.max_rho_per_query,
+        delta=budget.delta,
+    )
+
+
+def budget_from_proto(msg: node_pb2.BudgetStatus) -> BudgetStatus:
+    """Budget from the wire."""
+    return BudgetStatus(
+        rho_total=msg.rho_total,
+        rho_spent=msg.rho_spent,
+        max_rho_per_query=msg.max_rho_per_query,
+        delta=msg.delta,
+    )
+
+
+def _column_to_proto(col: ColumnSpec) -> node_pb2.ColumnInfo:
+    return node_pb2.ColumnInfo(
+        name=col.name,
+        type=col.type.value,
+        domain=list(col.domain),
+        description=col.description,
+        person_level=col.person_level,
+    )
+
+
+def _column_from_proto(msg: node_pb2.ColumnInfo) -> ColumnSpec:
+    try:
+        kind = ColumnType(msg.type)
+    except ValueError:
+        raise DataError(f"column {msg.name!r} has unknown type {msg.type!r}") from None
+    return ColumnSpec(
+        name=msg.name,
+        type=kind,
+        description=msg.description,
+        domain=tuple(msg.domain),
+        person_level=msg.person_level,
+    )
+
+
+def description_to_proto(desc: NodeDescription) -> node_pb2.DescribeResponse:
+    """A node's public description for the wire."""
+    return node_pb2.DescribeResponse(
+        node=desc.node,
+        protocol_version=desc.protocol_version,
+        views=[
+            node_pb2.ViewInfo(
+                name=v.name,
+                description=v.description,
+                columns=[_column_to_proto(c) for c in v.columns],
+                max_rows_per_person=v.max_rows_per_person,
+            )
+            for v in desc.catalog.views
+        ],
+        budget=budget_to_proto(desc.budget),
+    )
+
+
+def description_from_proto(msg: node_pb2.DescribeResponse) -> NodeDescription:
+    """A node's public description from the wire."""
+    views = tuple(
+        ViewSpec(
+            name=v.name,
+            description=v.description,
+            columns=tuple(_column_from_proto(c) for c in v.columns),
+            max_rows_per_person=v.max_rows_per_person,
+        )
+        for v in msg.views
+    )
+    return NodeDescription(
+        node=msg.node,
+        protocol_version=msg.protocol_version,
+        catalog=Catalog(views=views),
+        budget=budget_from_proto(msg.budget),
+    )
+
+
+def release_to_proto(release: NodeRelease) -> node_pb2.ExecuteResponse:
+    """A node's DP release for the wire."""
+    return node_pb2.ExecuteResponse(
+        query_id=release.query_id,
+        table=table_to_ipc(release.table),
+        noise=node_pb2.NoiseInfo(
+            mechanism=release.noise.mechanism,
+            scale=release.noise.scale,
+            variance=release.noise.variance,
+            sensitivity=release.noise.sensitivity,
+        ),
+        rho_charged=release.rho_charged,
+        epsilon=release.epsilon,
+        budget=budget_to_proto(release.budget),
+    )
+
+
+def release_from_proto(msg: node_pb2.ExecuteResponse) -> NodeRelease:
+    """A node's DP release from the wire."""
+    return NodeRelease(
+        query_id=msg.query_id,
+        table=table_from_ipc(msg.table),
+        noise=NoiseInfo(
+            mechanism=msg.noise.mechanism,
+            scale=msg.noise.scale,
+            variance=msg.noise.variance,
+            sensitivity=msg.noise.sensitivity,
+        ),
+        rho_charged=msg.rho_charged,
+        epsilon=msg.epsilon,
+        budget=budget_from_proto(msg.budget),
+    )
+
+
+def outcome_to_proto(outcome: NodeOutcome) -> hub_pb2.NodeOutcome:
+    """One node's outcome for the wire."""
+    msg = hub_pb2.NodeOutcome(
+        node=outcome.node,
+        status=outcome.status.value,
+        message=outcome.message,
+        rho_charged=outcome.rho_charged,
+        noise_variance=outcome.noise_variance,
+        latency_ms=outcome.latency_ms,
+    )
+    if outcome.budget is not None:
+        msg.budget.CopyFrom(budget_to_proto(outcome.budget))
+    return msg
+
+
+def outcome_from_proto(msg: hub_pb2.NodeOutcome) -> NodeOutcome:
+    """One node's outcome from the wire."""
+    try:
+        status = NodeStatus(msg.status)
+    except ValueError:
+        raise DataError(f"node {msg.node!r} has unknown status {msg.status!r}") from None
+    return NodeOutcome(
+        node=msg.node,
+        status=status,
+        message=msg.message,
+        rho_charged=msg.rho_charged,
+        noise_variance=msg.noise_variance,
+        budget=budget_from_proto(msg.budget) if msg.HasField("budget") else None,
+        latency_ms=msg.latency_ms,
+    )
+
+
+def result_to_proto(result: FederatedResult) -> hub_pb2.SubmitResponse:
+    """The hub's combined result for the wire."""
+    return hub_pb2.SubmitResponse(
+        query_id=result.query_id,
+        table=table_to_ipc(result.table),
+        nodes=[outcome_to_proto(o) for o in result.nodes],
+        partial=result.partial,
+    )
+
+
+def result_from_proto(msg: hub_pb2.SubmitResponse) -> FederatedResult:
+    """The hub's combined result from the wire."""
+    return FederatedResult(
+        query_id=msg.query_id,
+        table=table_from_ipc(msg.table),
+        nodes=tuple(outcome_from_proto(o) for o in msg.nodes),
+        partial=msg.partial,
+    )

@@ -1,0 +1,117 @@
+"""Compile a validated Query against a node's catalog into what the node computes.
+
+The plan holds the exact-aggregate SQL (built with sqlglot so identifiers and literals are
+quoted by a parser, never by string formatting), the public output domain, and the
+sensitivity that calibrates the noise. Building a plan touches no data and spends no budget,
+so it doubles as the "explain" step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import sqlglot
+from sqlglot import exp
+
+from protocols.errors import QueryError
+from queries import mechanisms
+from queries.schema import Catalog, ColumnType, ViewSpec
+from queries.spec import Query, Statistic
+
+# A release with more cells than this is refused: each cell costs noise and transfer.
+MAX_GROUPS = 10_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a node runs for one query, and what it will cost."""
+
+    query: Query
+    view: ViewSpec
+    sql: str
+    group_by: tuple[str, ...]
+    # Every public output group, in order: exact results are re-indexed onto it so that
+    # absent groups are released as noisy zeros (their absence would leak).
+    domain: tuple[tuple[str, ...], ...]
+    sensitivity: float
+
+    @property
+    def cells(self) -> int:
+        """Number of released values."""
+        return len(self.domain) * len(self.query.measures)
+
+
+def compile_query(query: Query, catalog: Catalog) -> Plan:
+    """Check a query against the catalog and build its plan; raises QueryError if refused."""
+    view = catalog.view(query.view)
+    domains: list[tuple[str, ...]] = []
+    filters: dict[str, tuple[str, ...]] = {}
+    for f in query.where:
+        col = view.column(f.column)
+        if col.type is not ColumnType.CATEGORY:
+            raise QueryError(
+                f"cannot filter on {f.column!r}: only public category columns may be filtered "
+                f"({', '.join(c.name for c in view.columns if c.type is ColumnType.CATEGORY)})"
+            )
+        bad = [v for v in f.values if v not in col.domain]
+        if bad:
+            raise QueryError(
+                f"filter on {f.column!r} uses {bad}, not in its public domain {list(col.domain)}"
+            )
+        # Keep the declared order so that outputs are stable whatever order the analyst used.
+        filters[f.column] = tuple(v for v in col.domain if v in f.values)
+    for name in query.group_by:
+        col = view.column(name)
+        if col.type is not ColumnType.CATEGORY:
+            raise QueryError(
+                f"cannot group by {name!r}: it has no public domain; group by one of "
+                f"{[c.name for c in view.columns if c.type is ColumnType.CATEGORY]}"
+            )
+        domains.append(filters.get(name, col.domain))
+    n_groups = math.prod(len(d) for d in domains)
+    if n_groups * len(query.measures) > MAX_GROUPS:
+        raise QueryError(
+            f"the query would release {n_groups * len(query.measures)} values, more than the "
+            f"limit of {MAX_GROUPS}; group by fewer columns or filter them"
+        )
+    for m in query.measures:
+        if m.statistic is not Statistic.COUNT:  # pragma: no cover - only COUNT exists yet
+            raise QueryError(f"statistic {m.statistic.value!r} is not supported by this node")
+    return Plan(
+        query=query,
+        view=view,
+        sql=_count_sql(query, filters),
+        group_by=query.group_by,
+        domain=tuple(itertools.product(*domains)),
+        sensitivity=count_sensitivity(query, view),
+    )
+
+
+def count_sensitivity(query: Query, view: ViewSpec) -> float:
+    """L2 sensitivity of a grouped distinct-person count under adding or removing one person.
+
+    Each person is counted at most once per group. If every group column is constant per
+    person, a person lands in one group; otherwise in at most max_rows_per_person groups.
+    """
+    person_level = all(view.column(c).person_level for c in query.group_by)
+    groups = 1 if person_level else view.max_rows_per_person
+    return mechanisms.histogram_sensitivity(max_groups_per_person=groups) * math.sqrt(
+        len(query.measures)
+    )
+
+
+def _count_sql(query: Query, filters: dict[str, tuple[str, ...]]) -> str:
+    select: list[exp.Expression] = [exp.column(c, quoted=True) for c in query.group_by]
+    for m in query.measures:
+        count = exp.Count(this=exp.Distinct(expressions=[exp.column("person_id", quoted=True)]))
+        select.append(exp.alias_(count, m.name, quoted=True))
+    stmt = sqlglot.select(*select).from_(exp.to_table(query.view, quoted=True))
+    for column, values in filters.items():
+        stmt = stmt.where(
+            exp.column(column, quoted=True).isin(*[exp.Literal.string(v) for v in values])
+        )
+    if query.group_by:
+        stmt = stmt.group_by(*[exp.column(c, quoted=True) for c in query.group_by])
+    return stmt.sql(dialect="duckdb")

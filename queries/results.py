@@ -1,0 +1,91 @@
+"""Result value types shared by nodes, the hub and analysts' clients."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from queries.schema import Catalog
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A node's privacy budget in zCDP rho, as the node reports it."""
+
+    rho_total: float
+    rho_spent: float
+    max_rho_per_query: float
+    delta: float
+
+    @property
+    def rho_remaining(self) -> float:
+        """What is left to spend."""
+        return max(0.0, self.rho_total - self.rho_spent)
+
+
+@dataclass(frozen=True)
+class NoiseInfo:
+    """How a release was protected: enough to compute intervals downstream."""
+
+    mechanism: str
+    scale: float
+    variance: float
+    sensitivity: float
+
+
+@dataclass(frozen=True)
+class NodeRelease:
+    """One node's DP answer to one query."""
+
+    query_id: str
+    table: pa.Table  # group columns, then one int64 column per measure
+    noise: NoiseInfo
+    rho_charged: float
+    epsilon: float
+    budget: BudgetStatus
+
+
+class NodeStatus(enum.StrEnum):
+    """What happened at a node for one federated query."""
+
+    OK = "ok"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+    TIMED_OUT = "timed_out"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """A node's status in a federated result, with its cost and noise."""
+
+    node: str
+    status: NodeStatus
+    message: str = ""
+    rho_charged: float = 0.0
+    noise_variance: float = 0.0
+    budget: BudgetStatus | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class FederatedResult:
+    """The hub's combined answer: per-region and pooled rows, and every node's outcome."""
+
+    query_id: str
+    # Columns: region, group columns..., measure, estimate, std_error, ci_low, ci_high.
+    table: pa.Table
+    nodes: tuple[NodeOutcome, ...]
+    partial: bool
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    """What a node publishes about itself: name, protocol, catalog and budget."""
+
+    node: str
+    protocol_version: str
+    catalog: Catalog
+    budget: BudgetStatus

@@ -1,0 +1,79 @@
+"""Public metadata about what a node can be asked: views, columns, public domains.
+
+Nothing here may be derived from patient data: domains and bounds are declared, so that
+publishing them (Describe) leaks nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from dataclasses import dataclass
+
+from protocols.errors import QueryError
+
+
+class ColumnType(enum.StrEnum):
+    """How a column may be used in a query."""
+
+    CATEGORY = "category"  # public domain; may be grouped and filtered on
+    INTEGER = "integer"
+    FLOAT = "float"
+    IDENTIFIER = "identifier"  # never in an output
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One column of a view and its public metadata."""
+
+    name: str
+    type: ColumnType
+    description: str = ""
+    domain: tuple[str, ...] = ()
+    # True if the value is the same on every row of a person (sex, age band at a date).
+    person_level: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type is ColumnType.CATEGORY and not self.domain:
+            raise ValueError(f"category column {self.name!r} needs a public domain")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """A view analysts can query, with its per-person contribution bound."""
+
+    name: str
+    description: str
+    columns: tuple[ColumnSpec, ...]
+    max_rows_per_person: int = 1
+
+    def column(self, name: str) -> ColumnSpec:
+        """The named column, or a QueryError suggesting the closest names."""
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise QueryError(
+            f"view {self.name!r} has no column {name!r}"
+            + _suggest(name, [c.name for c in self.columns])
+        )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every view a node serves, by name."""
+
+    views: tuple[ViewSpec, ...]
+
+    def view(self, name: str) -> ViewSpec:
+        """The named view, or a QueryError suggesting the closest names."""
+        for view in self.views:
+            if view.name == name:
+                return view
+        raise QueryError(f"unknown view {name!r}" + _suggest(name, [v.name for v in self.views]))
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"; available: {', '.join(sorted(candidates))}"
