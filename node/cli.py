@@ -24,6 +24,27 @@ app = typer.Typer(help="Run a chc regional node beside an OMOP CDM.", no_args_is
 log = logging.getLogger("chc.node")
 
 
+@app.callback()
+def _root() -> None:
+    """Run a chc regional node beside an OMOP CDM."""
+
+
+@app.command()
+def check(config: Annotated[Path, typer.Option("--config", "-c", help="node.toml")]) -> None:
+    """Validate node.toml, the identity and the OMOP data, and build the views once."""
+    cfg = load_config(config)
+    identity = load_identity(cfg.identity)
+    pathways = load_pathways(list(cfg.pathways) if cfg.pathways is not None else None)
+    store = OmopStore(cfg.omop, pathways, reference_date=cfg.reference_date)
+    for view in build_catalog(pathways).views:
+        typer.echo(f"view {view.name}: ok")
+    typer.echo(
+        f"node {cfg.name} ({identity.role.value} certificate {identity.name}) is ready: "
+        f"views built in {store.build_seconds:.2f} s"
+    )
+    store.close()
+
+
 @app.command()
 def serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="node.toml")],
