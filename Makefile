@@ -36,7 +36,9 @@ test: lint typecheck unit
 
 # Regenerate the committed protobuf/gRPC stubs (with grpcio-tools 1.81, see DESIGN.md).
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. \
 		protocols/v1/node.proto protocols/v1/hub.proto
 
 check-protos: protos

@@ -162,7 +162,9 @@ def nodes(
 @hub_app.command("serve")
 def hub_serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="hub.toml")],
-    ready_file: Annotated[Path | None, typer.Option(help="write {port, pid} once listening")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="write {port, pid} once listening")
+    ] = None,
     listen: Annotated[str | None, typer.Option(help="override hub.toml's listen address")] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="DEV ONLY: plaintext, no authentication")

@@ -49,9 +49,7 @@ def _raise_from(exc: grpc.RpcError, hub: str) -> ChcError:
 class Federation:
     """A connection to the hub as one analyst; every query is signed with the analyst's key."""
 
-    def __init__(
-        self, hub: str, identity: Identity | Path, *, server_name: str = "hub"
-    ) -> None:
+    def __init__(self, hub: str, identity: Identity | Path, *, server_name: str = "hub") -> None:
         self.hub = hub
         self.identity = identity if isinstance(identity, Identity) else load_identity(identity)
         self._channel = secure_channel(hub, self.identity, server_name=server_name)

@@ -37,8 +37,7 @@ def demo_queries(rho: float) -> tuple[DemoQuery, ...]:
     return (
         DemoQuery(
             "Children (0-17) with asthma, by region and sex",
-            Query(view="asthma_children", rho=rho, group_by=("sex",),
-                  where=(_sexes(),)),
+            Query(view="asthma_children", rho=rho, group_by=("sex",), where=(_sexes(),)),
         ),
         DemoQuery(
             "Adults with COPD, by region and age band",
@@ -76,8 +75,11 @@ def run_demo(
     root = Path(tempfile.mkdtemp(prefix="chc-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with _step(console, f"Generating synthetic OMOP data for {len(synth.REGIONS)} regions "
-                            f"({persons:,} persons)"):
+        with _step(
+            console,
+            f"Generating synthetic OMOP data for {len(synth.REGIONS)} regions "
+            f"({persons:,} persons)",
+        ):
             folders = synth.generate_federation(persons, root / "data", seed=seed)
         setups = tuple(
             NodeSetup(name=r.slug, omop=folders[r.slug], title=r.name) for r in synth.REGIONS
@@ -95,14 +97,13 @@ def run_demo(
             if as_json:
                 payload = {
                     "regions": titles,
-                    "queries": [report.result_to_dict(r, dq.query, title=dq.title)
-                                for dq, r in results],
+                    "queries": [
+                        report.result_to_dict(r, dq.query, title=dq.title) for dq, r in results
+                    ],
                 }
                 out.print_json(report.to_json(payload))
             else:
-                out.print(
-                    "\nRegions: " + ", ".join(f"{k} = {v}" for k, v in titles.items()) + "\n"
-                )
+                out.print("\nRegions: " + ", ".join(f"{k} = {v}" for k, v in titles.items()) + "\n")
                 for dq, r in results:
                     report.print_result(out, r, dq.query, title=dq.title)
                     out.print()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -46,9 +47,13 @@ def classify(code: grpc.StatusCode) -> NodeStatus:
     return NodeStatus.ERROR
 
 
+def _mark_done(finished: dict[str, float], name: str, _future: grpc.Future[Any]) -> None:
+    finished.setdefault(name, time.perf_counter())
+
+
 def fan_out(
     handles: Sequence[NodeHandle],
-    start: Callable[[NodeHandle, float], grpc.Future],
+    start: Callable[[NodeHandle, float], grpc.Future[Any]],
     *,
     deadline_s: float,
 ) -> list[Reply[object]]:
@@ -59,9 +64,7 @@ def fan_out(
     for h in handles:
         future = start(h, deadline_s)
         # Record each node's own finish time; collecting in order would inflate latencies.
-        future.add_done_callback(
-            lambda _f, name=h.entry.name: finished.setdefault(name, time.perf_counter())
-        )
+        future.add_done_callback(functools.partial(_mark_done, finished, h.entry.name))
         pending.append((h, future))
     replies: list[Reply[object]] = []
     for handle, future in pending:

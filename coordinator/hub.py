@@ -17,14 +17,19 @@ log = logging.getLogger("chc.hub")
 
 
 def serve_hub(
-    config: Path, *, ready_file: Path | None = None, listen: str | None = None,
+    config: Path,
+    *,
+    ready_file: Path | None = None,
+    listen: str | None = None,
     insecure: bool = False,
 ) -> None:
     """Start the hub from hub.toml and serve until SIGINT/SIGTERM."""
     cfg = load_hub_config(config)
     identity = load_identity(cfg.identity)
     if identity.role is not Role.HUB:
-        raise ConfigError(f"{cfg.identity} holds a {identity.role.value} certificate, not a hub one")
+        raise ConfigError(
+            f"{cfg.identity} holds a {identity.role.value} certificate, not a hub one"
+        )
     registry = Registry(cfg.nodes, None if insecure else identity)
     service = HubService(registry, deadline_ms=cfg.deadline_ms, require_tls=not insecure)
     server, port = make_server(listen or cfg.listen, None if insecure else identity)

@@ -134,8 +134,7 @@ class LocalFederation:
                     waiting.remove(proc)
                 elif proc.popen.poll() is not None:
                     raise FederationStartError(
-                        f"{proc.name} exited with code {proc.popen.returncode}:\n"
-                        + _tail(proc.log)
+                        f"{proc.name} exited with code {proc.popen.returncode}:\n" + _tail(proc.log)
                     )
             if waiting and time.monotonic() > deadline:
                 names = ", ".join(p.name for p in waiting)
@@ -195,7 +194,9 @@ class LocalFederation:
         self._wait_ready([hub])
         self.hub_port = hub.port
 
-    def stop_process(self, name: str, *, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+    def stop_process(
+        self, name: str, *, sig: int = signal.SIGTERM, timeout_s: float = 10.0
+    ) -> None:
         """Stop one process (SIGTERM lets it finish calls; SIGKILL simulates a crash)."""
         proc = self._procs.get(name)
         if proc is None or proc.popen.poll() is not None:

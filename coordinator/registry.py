@@ -53,8 +53,11 @@ def load_hub_config(path: Path) -> HubConfig:
     for i, n in enumerate(raw_nodes):
         if not isinstance(n, dict) or "name" not in n or "address" not in n:
             raise ConfigError(f"{path}: nodes[{i}] needs 'name' and 'address'")
-        nodes.append(NodeEntry(name=str(n["name"]), address=str(n["address"]),
-                               title=str(n.get("title", n["name"]))))
+        nodes.append(
+            NodeEntry(
+                name=str(n["name"]), address=str(n["address"]), title=str(n.get("title", n["name"]))
+            )
+        )
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: node names repeat: {names}")

@@ -78,7 +78,7 @@ def print_result(
         cells = [r["region"], *(str(r[c]) for c in query.group_by)]
         if len(query.measures) > 1:
             cells.append(r["measure"])
-        cells += [_fmt(r["estimate"]), f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}"]
+        cells += [_fmt(r["estimate"]), f"{_fmt(r['ci_low'])} to {_fmt(r['ci_high'])}"]
         style = "bold" if r["region"] == "All regions" else None
         table.add_row(*cells, style=style)
     console.print(table)

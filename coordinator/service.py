@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 import grpc
 
@@ -34,9 +35,7 @@ class AllNodesRefusedError(ChcError):
 class HubService(hub_pb2_grpc.HubServicer):
     """Fan-out, quorum reporting and combination; it cannot forge or alter a query."""
 
-    def __init__(
-        self, registry: Registry, *, deadline_ms: int, require_tls: bool = True
-    ) -> None:
+    def __init__(self, registry: Registry, *, deadline_ms: int, require_tls: bool = True) -> None:
         self.registry = registry
         self.deadline_ms = deadline_ms
         self.require_tls = require_tls
@@ -60,7 +59,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         deadline_s = min(deadline_ms, MAX_DEADLINE_MS) / 1000
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
 
-        def start(handle: NodeHandle, timeout: float) -> grpc.Future:
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
             return handle.stub.Execute.future(node_request, timeout=timeout)
 
         replies = fan_out(self.registry.handles, start, deadline_s=deadline_s)
@@ -78,10 +77,11 @@ class HubService(hub_pb2_grpc.HubServicer):
         self, request: hub_pb2.ListNodesRequest, context: grpc.ServicerContext
     ) -> hub_pb2.ListNodesResponse:
         """Describe every node; unreachable ones are listed with their status."""
+        del request  # carries no fields
         if self.require_tls:
             peer_of(context)
 
-        def start(handle: NodeHandle, timeout: float) -> grpc.Future:
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
             return handle.stub.Describe.future(node_pb2.DescribeRequest(), timeout=timeout)
 
         replies = fan_out(self.registry.handles, start, deadline_s=self.deadline_ms / 1000)
@@ -91,8 +91,9 @@ class HubService(hub_pb2_grpc.HubServicer):
                 response.nodes.append(r.value)
             else:
                 response.unavailable.append(
-                    serde.outcome_to_proto(NodeOutcome(node=r.node, status=r.status,
-                                                       message=r.message))
+                    serde.outcome_to_proto(
+                        NodeOutcome(node=r.node, status=r.status, message=r.message)
+                    )
                 )
         return response
 
@@ -116,14 +117,14 @@ def _combine(query: spec.Query, replies: list[Reply[object]]) -> FederatedResult
             )
         else:
             outcomes.append(
-                NodeOutcome(node=r.node, status=r.status, message=r.message,
-                            latency_ms=r.latency_ms)
+                NodeOutcome(
+                    node=r.node, status=r.status, message=r.message, latency_ms=r.latency_ms
+                )
             )
     if not releases:
         codes = {r.code for r in replies}
         if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
-            code = next(iter(codes))
-            assert code is not None
+            code = next(iter(codes)) or grpc.StatusCode.UNKNOWN
             messages = sorted({r.message for r in replies})
             raise AllNodesRefusedError(code, "every node refused the query: " + "; ".join(messages))
     return FederatedResult(

@@ -78,8 +78,13 @@ def serve(
     server, port = make_server(listen or cfg.listen, None if insecure else identity)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
     server.start()
-    log.info("node %s serving %s on port %d (views built in %.2f s)",
-             cfg.name, cfg.omop, port, store.build_seconds)
+    log.info(
+        "node %s serving %s on port %d (views built in %.2f s)",
+        cfg.name,
+        cfg.omop,
+        port,
+        store.build_seconds,
+    )
     if ready_file is not None:
         write_ready_file(ready_file, port=port, name=cfg.name)
     serve_until_signalled(server)

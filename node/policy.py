@@ -56,7 +56,9 @@ def load_config(path: Path) -> NodeConfig:
     try:
         data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"node config {path} does not exist; create it with `chc-node init`") from None
+        raise ConfigError(
+            f"node config {path} does not exist; create it with `chc-node init`"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     base = path.parent

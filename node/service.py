@@ -15,7 +15,7 @@ from node.store import OmopStore
 from protocols import serde
 from protocols.errors import AuthenticationError, PermissionDeniedError
 from protocols.rpc import guarded
-from protocols.security import Identity, Peer, Role, now_ms, peer_of, verify_query
+from protocols.security import Peer, Role, now_ms, peer_of, verify_query
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec
 from queries.results import NodeDescription, NodeRelease, NoiseInfo
@@ -77,6 +77,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self, request: node_pb2.DescribeRequest, context: grpc.ServicerContext
     ) -> node_pb2.DescribeResponse:
         """The public catalog and budget."""
+        del request  # carries no fields
         self._peer(context)
         return serde.description_to_proto(
             NodeDescription(
@@ -147,9 +148,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """Exact counts re-indexed onto the public domain; never leaves this process."""
         result = self.store.query(compiled.sql)
         keys = [result.column(c).to_pylist() for c in compiled.group_by]
-        index = {
-            tuple(str(k[i]) for k in keys): i for i in range(result.num_rows)
-        }
+        index = {tuple(str(k[i]) for k in keys): i for i in range(result.num_rows)}
         values: list[int] = []
         for m in compiled.query.measures:
             column = result.column(m.name).to_pylist()

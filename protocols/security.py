@@ -180,7 +180,9 @@ def issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(
@@ -204,7 +206,9 @@ def role_of(cert: x509.Certificate) -> Role:
     for role in Role:
         if role.value in values:
             return role
-    raise AuthenticationError("the certificate carries no chc role; ask the federation to reissue it")
+    raise AuthenticationError(
+        "the certificate carries no chc role; ask the federation to reissue it"
+    )
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -274,11 +278,12 @@ class Peer:
 
 def peer_of(context: grpc.ServicerContext) -> Peer:
     """Read the caller's identity and role from its verified TLS certificate."""
-    auth = context.auth_context()
-    pems = auth.get("x509_pem_cert")
-    if not pems:
+    # gRPC returns a list of values per key (grpc-stubs types it as bytes).
+    raw: object = context.auth_context().get("x509_pem_cert")
+    pem = raw[0] if isinstance(raw, list | tuple) and raw else raw
+    if not isinstance(pem, bytes):
         raise AuthenticationError("no client certificate; connect with mutual TLS")
-    cert = x509.load_pem_x509_certificate(pems[0])
+    cert = x509.load_pem_x509_certificate(pem)
     return Peer(name=common_name(cert), role=role_of(cert))
 
 
@@ -310,7 +315,9 @@ def signed_payload(
         "nonce": base64.b64encode(nonce).decode(),
         "query": base64.b64encode(query).decode(),
     }
-    return b"chc.v1.QueryEnvelope\n" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return (
+        b"chc.v1.QueryEnvelope\n" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    )
 
 
 def now_ms() -> int:

@@ -34,8 +34,16 @@ def combine_counts(
     """
     seen_order: list[tuple[tuple[str, ...], str]] = []
     rows: dict[str, list[object]] = {
-        k: [] for k in ("region", *query.group_by, "measure", "estimate", "std_error", "ci_low",
-                        "ci_high")
+        k: []
+        for k in (
+            "region",
+            *query.group_by,
+            "measure",
+            "estimate",
+            "std_error",
+            "ci_low",
+            "ci_high",
+        )
     }
     pooled: dict[tuple[tuple[str, ...], str], list[float]] = {}
 

@@ -80,7 +80,7 @@ def _measurement(scale: float, sensitivity: float) -> dp.Measurement:
 def calibrate(sensitivity: float, rho: float) -> Calibration:
     """The discrete Gaussian that spends at most rho on a query of this L2 sensitivity."""
     scale = scale_for_rho(rho, sensitivity)
-    charged = float(_measurement(scale, sensitivity).map(_d_in(sensitivity)))
+    charged = float(_measurement(scale, sensitivity).map(_d_in(sensitivity)))  # type: ignore[no-untyped-call]
     if charged > rho * (1 + 1e-6):
         # Never spend more than was asked for; this would be a bug in our calibration.
         raise RuntimeError(f"calibration error: OpenDP charges {charged} for rho {rho}")

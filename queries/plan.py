@@ -103,7 +103,7 @@ def count_sensitivity(query: Query, view: ViewSpec) -> float:
 
 
 def _count_sql(query: Query, filters: dict[str, tuple[str, ...]]) -> str:
-    select: list[exp.Expression] = [exp.column(c, quoted=True) for c in query.group_by]
+    select: list[exp.Expr] = [exp.column(c, quoted=True) for c in query.group_by]
     for m in query.measures:
         count = exp.Count(this=exp.Distinct(expressions=[exp.column("person_id", quoted=True)]))
         select.append(exp.alias_(count, m.name, quoted=True))

@@ -67,7 +67,9 @@ class Filter:
         if not self.values:
             raise QueryError(f"filter on {self.column!r} lists no values; give at least one")
         if len(self.values) > MAX_FILTER_VALUES:
-            raise QueryError(f"filter on {self.column!r} lists more than {MAX_FILTER_VALUES} values")
+            raise QueryError(
+                f"filter on {self.column!r} lists more than {MAX_FILTER_VALUES} values"
+            )
         if not all(isinstance(v, str) for v in self.values):
             raise QueryError(f"filter values on {self.column!r} must be strings")
 
