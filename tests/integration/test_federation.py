@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from datetime import date
@@ -79,7 +80,8 @@ def test_federated_count_matches_exact_within_interval(federation: LocalFederati
         assert r["ci_low"] <= r["estimate"] <= r["ci_high"]
     for o in result.nodes:
         assert o.rho_charged == pytest.approx(0.05, rel=1e-6)
-        assert o.budget is not None and o.budget.rho_spent >= o.rho_charged
+        assert o.budget is not None
+        assert o.budget.rho_spent >= o.rho_charged
 
 
 def test_exact_path_agrees_with_raw_duckdb(federation: LocalFederation) -> None:
@@ -88,11 +90,12 @@ def test_exact_path_agrees_with_raw_duckdb(federation: LocalFederation) -> None:
     exact = _exact_counts(federation, query)
     setup = federation.nodes[0]
     ref = federation.reference_date
-    raw = duckdb.sql(
-        f"SELECT CASE gender_concept_id WHEN 8532 THEN 'female' WHEN 8507 THEN 'male' END AS sex,"
-        f" count(*) AS n FROM read_parquet('{setup.omop / 'person.parquet'}')"
-        f" WHERE make_date(year_of_birth, coalesce(month_of_birth, 7), coalesce(day_of_birth, 1))"
-        f" <= DATE '{ref.isoformat()}' GROUP BY 1"
+    raw = duckdb.execute(
+        "SELECT CASE gender_concept_id WHEN 8532 THEN 'female' WHEN 8507 THEN 'male' END AS sex,"
+        " count(*) AS n FROM read_parquet(?)"
+        " WHERE make_date(year_of_birth, coalesce(month_of_birth, 7), coalesce(day_of_birth, 1))"
+        " <= ? GROUP BY 1",
+        [str(setup.omop / "person.parquet"), ref],
     ).fetchall()
     for sex, n in raw:
         assert exact[(setup.name, sex)] == n
@@ -128,11 +131,17 @@ def test_client_without_certificate_is_refused(federation: LocalFederation) -> N
             options=(("grpc.ssl_target_name_override", server_name),),
         )
         for channel in (plain, tls_only):
+            call = (
+                functools.partial(
+                    node_pb2_grpc.NodeStub(channel).Describe, node_pb2.DescribeRequest()
+                )
+                if kind == "node"
+                else functools.partial(
+                    hub_pb2_grpc.HubStub(channel).ListNodes, hub_pb2.ListNodesRequest()
+                )
+            )
             with pytest.raises(grpc.RpcError) as info:
-                if kind == "node":
-                    node_pb2_grpc.NodeStub(channel).Describe(node_pb2.DescribeRequest(), timeout=5)
-                else:
-                    hub_pb2_grpc.HubStub(channel).ListNodes(hub_pb2.ListNodesRequest(), timeout=5)
+                call(timeout=5)
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
             channel.close()
 
