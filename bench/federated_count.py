@@ -95,10 +95,10 @@ def main() -> None:
 
         con = duckdb.connect(config={"threads": 2})
         cohort_select = _pooled_cohort_sql(folders)
-        raw_sql = f"SELECT sex, count(*) FROM ({cohort_select}) GROUP BY sex"
+        raw_sql = f"SELECT sex, count(*) FROM ({cohort_select}) GROUP BY sex"  # noqa: S608
         con.sql(raw_sql).fetchall()
         raw = _time(lambda: con.sql(raw_sql).fetchall(), args.repeats)
-        con.execute(f"CREATE TABLE cohort AS {cohort_select}")  # noqa: S608 - our own SQL
+        con.execute(f"CREATE TABLE cohort AS {cohort_select}")
         cohort_sql = "SELECT sex, count(DISTINCT (region, person_id)) FROM cohort GROUP BY sex"
         con.sql(cohort_sql).fetchall()
         cohort = _time(lambda: con.sql(cohort_sql).fetchall(), args.repeats)
