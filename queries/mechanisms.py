@@ -11,6 +11,7 @@ Privacy accounting is in zero-concentrated DP (rho). Facts used, cited as in DES
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ def _d_in(sensitivity: float) -> int | float:
     return int(sensitivity) if float(sensitivity).is_integer() else sensitivity
 
 
+# Building a measurement costs ~0.5 ms of FFI; analysts repeat the same rho, so keep a few.
+@functools.lru_cache(maxsize=256)
 def _measurement(scale: float, sensitivity: float) -> dp.Measurement:
     if float(sensitivity).is_integer():
         space = (dp.vector_domain(dp.atom_domain(T=int)), dp.l2_distance(T=int))
