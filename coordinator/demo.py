@@ -103,9 +103,9 @@ def run_demo(
                 }
                 out.print_json(report.to_json(payload))
             else:
-                out.print("\nRegions: " + ", ".join(f"{k} = {v}" for k, v in titles.items()) + "\n")
+                out.print()
                 for dq, r in results:
-                    report.print_result(out, r, dq.query, title=dq.title)
+                    report.print_result(out, r, dq.query, title=dq.title, labels=titles)
                     out.print()
             if keep_running:
                 _keep_running(console, fed)

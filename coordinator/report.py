@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
@@ -59,7 +60,12 @@ def _fmt(x: float) -> str:
 
 
 def print_result(
-    console: Console, result: FederatedResult, query: Query, *, title: str = ""
+    console: Console,
+    result: FederatedResult,
+    query: Query,
+    *,
+    title: str = "",
+    labels: Mapping[str, str] | None = None,
 ) -> None:
     """A table of per-region and pooled estimates with 95% intervals, then node statuses."""
     table = Table(title=title or None, title_justify="left", show_lines=False)
@@ -75,7 +81,8 @@ def print_result(
         if last_region is not None and r["region"] != last_region:
             table.add_section()
         last_region = r["region"]
-        cells = [r["region"], *(str(r[c]) for c in query.group_by)]
+        region = (labels or {}).get(r["region"], r["region"])
+        cells = [region, *(str(r[c]) for c in query.group_by)]
         if len(query.measures) > 1:
             cells.append(r["measure"])
         cells += [_fmt(r["estimate"]), f"{_fmt(r['ci_low'])} to {_fmt(r['ci_high'])}"]
