@@ -18,7 +18,7 @@ from protocols.errors import (
 )
 from protocols.security import Identity, load_identity, secure_channel, sign_query
 from protocols.v1 import hub_pb2, hub_pb2_grpc
-from queries.results import FederatedResult, NodeDescription, NodeOutcome
+from queries.results import FederatedResult, NodeDescription, NodeExplain, NodeOutcome
 from queries.spec import Query, canonical_bytes
 
 
@@ -69,6 +69,18 @@ class Federation:
         except grpc.RpcError as exc:
             raise _raise_from(exc, self.hub) from None
         return serde.result_from_proto(response)
+
+    def explain(self, query: Query, *, deadline_s: float = 30.0) -> list[NodeExplain]:
+        """Each node's plan, cost and expected noise for a query; runs nothing, spends nothing."""
+        signed = sign_query(self.identity, canonical_bytes(query))
+        request = hub_pb2.SubmitRequest(
+            envelope=serde.signed_query_to_proto(signed), deadline_ms=int(deadline_s * 1000)
+        )
+        try:
+            response = self._stub.Explain(request, timeout=deadline_s + 5.0)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return [serde.explain_from_proto(n) for n in response.nodes]
 
     def nodes(self, *, timeout_s: float = 30.0) -> tuple[list[NodeDescription], list[NodeOutcome]]:
         """Every node's public catalog and budget, and the nodes that did not answer."""

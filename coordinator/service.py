@@ -40,19 +40,23 @@ class HubService(hub_pb2_grpc.HubServicer):
         self.deadline_ms = deadline_ms
         self.require_tls = require_tls
 
+    def _check_analyst(self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext) -> None:
+        if not self.require_tls:
+            return
+        peer = peer_of(context)
+        if peer.role is not Role.ANALYST:
+            raise PermissionDeniedError(
+                f"{peer.name} has role {peer.role.value}; only analysts submit queries"
+            )
+        if peer.name != request.envelope.analyst:
+            raise AuthenticationError("the envelope must be signed by the connected analyst")
+
     @guarded
     def Submit(  # noqa: N802 - gRPC method name
         self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
     ) -> hub_pb2.SubmitResponse:
         """Relay one signed query to every node and combine the releases."""
-        if self.require_tls:
-            peer = peer_of(context)
-            if peer.role is not Role.ANALYST:
-                raise PermissionDeniedError(
-                    f"{peer.name} has role {peer.role.value}; only analysts submit queries"
-                )
-            if peer.name != request.envelope.analyst:
-                raise AuthenticationError("the envelope must be signed by the connected analyst")
+        self._check_analyst(request, context)
         # Parse for combining only; every node validates and verifies the envelope itself.
         query = spec.from_json(request.envelope.query)
         deadline_ms = request.deadline_ms or self.deadline_ms
@@ -71,6 +75,27 @@ class HubService(hub_pb2_grpc.HubServicer):
             ", ".join(f"{o.node}={o.status.value}" for o in result.nodes),
         )
         return serde.result_to_proto(result)
+
+    @guarded
+    def Explain(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.ExplainFederatedResponse:
+        """Relay a signed query to every node's Explain; nothing is run or spent."""
+        self._check_analyst(request, context)
+        spec.from_json(request.envelope.query)
+        node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
+
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
+            return handle.stub.Explain.future(node_request, timeout=timeout)
+
+        replies = fan_out(self.registry.handles, start, deadline_s=self.deadline_ms / 1000)
+        response = hub_pb2.ExplainFederatedResponse()
+        for r in replies:
+            item = hub_pb2.ExplainResult(node=r.node, status=r.status.value, message=r.message)
+            if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.ExplainResponse):
+                item.explain.CopyFrom(r.value)
+            response.nodes.append(item)
+        return response
 
     @guarded
     def ListNodes(  # noqa: N802 - gRPC method name
@@ -113,6 +138,7 @@ def _combine(query: spec.Query, replies: list[Reply[object]]) -> FederatedResult
                     noise_variance=release.noise.variance,
                     budget=release.budget,
                     latency_ms=r.latency_ms,
+                    measures=release.measures,
                 )
             )
         else:

@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
+from node.accounting import MemoryAccountant
 from node.catalog import build_catalog
-from node.policy import Budget, load_config
+from node.policy import load_config
 from node.service import NodeService
 from node.store import OmopStore
 from protocols.errors import ChcError
@@ -71,7 +72,7 @@ def serve(
         name=cfg.name,
         store=store,
         catalog=build_catalog(pathways),
-        budget=Budget(cfg.budget),
+        accountant=MemoryAccountant(cfg.budget),
         ca_pem=identity.ca_pem,
         require_tls=not insecure,
     )

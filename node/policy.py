@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import threading
 import tomllib
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from protocols.errors import BudgetExceededError, ConfigError, QueryError
-from queries.results import BudgetStatus
+from protocols.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -92,51 +90,3 @@ def load_config(path: Path) -> NodeConfig:
         pathways=tuple(pathways) if pathways is not None else None,
         budget=BudgetPolicy(**budget_raw),
     )
-
-
-class Budget:
-    """The node's running privacy spend, charged atomically.
-
-    In-memory for now; the signed, hash-chained ledger (node/ledger.py) replaces the counter
-    so that spend is durable and auditable.
-    """
-
-    def __init__(self, policy: BudgetPolicy) -> None:
-        self.policy = policy
-        self._spent = 0.0
-        self._lock = threading.Lock()
-
-    def status(self) -> BudgetStatus:
-        """The current totals."""
-        with self._lock:
-            spent = self._spent
-        return BudgetStatus(
-            rho_total=self.policy.total_rho,
-            rho_spent=spent,
-            max_rho_per_query=self.policy.max_rho_per_query,
-            delta=self.policy.delta,
-        )
-
-    def check(self, rho: float) -> None:
-        """Refuse, before any work, a query over the per-query cap or the remaining budget."""
-        if rho > self.policy.max_rho_per_query:
-            raise QueryError(
-                f"rho {rho:g} is above this node's per-query cap of "
-                f"{self.policy.max_rho_per_query:g}; ask for less"
-            )
-        remaining = self.status().rho_remaining
-        if rho > remaining:
-            raise BudgetExceededError(
-                f"rho {rho:g} exceeds this node's remaining budget of {remaining:g}"
-            )
-
-    def charge(self, rho: float) -> BudgetStatus:
-        """Spend rho, or raise BudgetExceededError and spend nothing."""
-        with self._lock:
-            if self._spent + rho > self.policy.total_rho * (1 + 1e-12):
-                raise BudgetExceededError(
-                    f"rho {rho:g} exceeds this node's remaining budget of "
-                    f"{max(0.0, self.policy.total_rho - self._spent):g}"
-                )
-            self._spent += rho
-        return self.status()

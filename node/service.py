@@ -1,4 +1,10 @@
-"""The node's gRPC servicer: the enforcer of policy, noise and budget (DESIGN principle 1)."""
+"""The node's gRPC servicer: the enforcer of policy, noise and budget (DESIGN principle 1).
+
+Order of work for a query: authenticate the caller (mTLS) and the analyst (signature), parse
+and plan against the catalog, check the budget, claim the nonce, compute the exact
+aggregate, record the charge durably, and only then add noise and release. Anything refused
+is recorded at zero cost and answered with a precise status and message.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +12,28 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
-import pyarrow as pa
 
-from node.policy import Budget
+from node import engine
+from node.accounting import Accountant, Charge, Refusal
 from node.store import OmopStore
 from protocols import serde
-from protocols.errors import AuthenticationError, PermissionDeniedError
+from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError
 from protocols.rpc import guarded
-from protocols.security import Peer, Role, now_ms, peer_of, verify_query
+from protocols.security import Peer, Role, SignedQuery, now_ms, peer_of, verify_query
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec
-from queries.results import NodeDescription, NodeRelease, NoiseInfo
+from queries.results import MeasureNoise, NodeDescription, NodeRelease, NoiseInfo
 from queries.schema import Catalog
 
 log = logging.getLogger(__name__)
 
 # Who may ask a node to run a query: the hub relays analysts' signed envelopes, and an
-# analyst may also call a node directly. Auditors read; other nodes never query.
+# analyst may also call a node directly. Auditors read the ledger; nodes never query.
 QUERY_ROLES = frozenset({Role.HUB, Role.ANALYST})
+LEDGER_ROLES = frozenset({Role.AUDITOR})
 
 
 class NonceStore:
@@ -47,7 +55,7 @@ class NonceStore:
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
-    """Answers Describe and Execute for one region's data."""
+    """Answers Describe, Explain, Execute and StreamLedger for one region's data."""
 
     def __init__(
         self,
@@ -55,14 +63,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         name: str,
         store: OmopStore,
         catalog: Catalog,
-        budget: Budget,
+        accountant: Accountant,
         ca_pem: bytes,
         require_tls: bool = True,
     ) -> None:
         self.name = name
         self.store = store
         self.catalog = catalog
-        self.budget = budget
+        self.accountant = accountant
         self.ca_pem = ca_pem
         self.require_tls = require_tls
         self.nonces = NonceStore()
@@ -72,6 +80,21 @@ class NodeService(node_pb2_grpc.NodeServicer):
             return None
         return peer_of(context)
 
+    def _authorise(
+        self, envelope: node_pb2.QueryEnvelope, context: grpc.ServicerContext
+    ) -> tuple[SignedQuery, str]:
+        peer = self._peer(context)
+        if peer is not None and peer.role not in QUERY_ROLES:
+            raise PermissionDeniedError(
+                f"{peer.name} has role {peer.role.value}; only analysts (directly or through "
+                "the hub) may run queries"
+            )
+        signed = serde.signed_query_from_proto(envelope)
+        analyst = verify_query(signed, self.ca_pem)
+        if peer is not None and peer.role is Role.ANALYST and peer.name != analyst:
+            raise AuthenticationError("an analyst may only submit envelopes it signed itself")
+        return signed, analyst
+
     @guarded
     def Describe(  # noqa: N802 - gRPC method name
         self, request: node_pb2.DescribeRequest, context: grpc.ServicerContext
@@ -79,13 +102,35 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """The public catalog and budget."""
         del request  # carries no fields
         self._peer(context)
-        return serde.description_to_proto(
+        msg = serde.description_to_proto(
             NodeDescription(
                 node=self.name,
                 protocol_version=serde.PROTOCOL_VERSION,
                 catalog=self.catalog,
-                budget=self.budget.status(),
+                budget=self.accountant.status(),
             )
+        )
+        msg.ledger_public_key = self.accountant.public_key
+        return msg
+
+    @guarded
+    def Explain(  # noqa: N802 - gRPC method name
+        self, request: node_pb2.ExecuteRequest, context: grpc.ServicerContext
+    ) -> node_pb2.ExplainResponse:
+        """Plan and price a signed query; touches no data and spends nothing."""
+        signed, analyst = self._authorise(request.envelope, context)
+        query = spec.from_json(signed.query)
+        compiled = plan.compile_query(query, self.catalog)
+        measures = engine.calibrations(compiled)
+        rho = sum(m.calibration.rho for m in measures)
+        status = self.accountant.status(analyst)
+        return node_pb2.ExplainResponse(
+            plan=compiled.describe(),
+            measures=[serde.measure_noise_to_proto(_measure_noise(m)) for m in measures],
+            rho=rho,
+            epsilon=mechanisms.rho_to_epsilon(rho, status.delta),
+            cells=compiled.cells,
+            budget=serde.budget_to_proto(status),
         )
 
     @guarded
@@ -93,78 +138,119 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self, request: node_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> node_pb2.ExecuteResponse:
         """Verify, plan, charge, then release one query (refusals cost nothing)."""
-        peer = self._peer(context)
-        if peer is not None and peer.role not in QUERY_ROLES:
-            raise PermissionDeniedError(
-                f"{peer.name} has role {peer.role.value}; only analysts (directly or through "
-                "the hub) may run queries"
-            )
-        signed = serde.signed_query_from_proto(request.envelope)
-        analyst = verify_query(signed, self.ca_pem)
-        if peer is not None and peer.role is Role.ANALYST and peer.name != analyst:
-            raise AuthenticationError("an analyst may only submit envelopes it signed itself")
+        try:
+            signed, analyst = self._authorise(request.envelope, context)
+        except ChcError as exc:
+            # Record who claimed to ask, even though it could not be verified.
+            self._record_refusal(request.envelope, request.envelope.analyst, exc)
+            raise
+        try:
+            return self._execute(signed, analyst, request.envelope)
+        except ChcError as exc:
+            self._record_refusal(request.envelope, analyst, exc)
+            raise
+
+    def _execute(
+        self, signed: SignedQuery, analyst: str, envelope: node_pb2.QueryEnvelope
+    ) -> node_pb2.ExecuteResponse:
         query = spec.from_json(signed.query)
         compiled = plan.compile_query(query, self.catalog)
-        self.budget.check(query.rho)
-        # The nonce is claimed only once the query is known to be acceptable, so that a
-        # refused query can be fixed and re-signed without confusion; a replay of an
-        # accepted envelope is refused here, before any computation.
+        measures = engine.calibrations(compiled)
+        rho = sum(m.calibration.rho for m in measures)
+        self.accountant.check(analyst, rho)
+        # Claimed only once the query is known to be acceptable, so that a refused query can
+        # be fixed and re-signed; a replay of an accepted envelope is refused here.
         self.nonces.claim(signed.nonce, signed.expires_at_ms)
         query_id = uuid.uuid4().hex
         started = time.perf_counter()
-        exact = self._exact(compiled)
-        calibration = mechanisms.calibrate(compiled.sensitivity, query.rho)
+        exact = engine.exact_values(compiled, self.store)
+        epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
         # Charge before release (principle 2): from here a failure loses the result, never
         # the charge.
-        budget = self.budget.charge(calibration.rho)
-        noisy = mechanisms.add_noise(calibration, exact)
-        table = _release_table(compiled, noisy)
+        budget, sequence = self.accountant.charge(
+            Charge(
+                analyst=analyst,
+                query=signed.query,
+                envelope=envelope.SerializeToString(deterministic=True),
+                views=(query.view,),
+                rho=rho,
+                epsilon=epsilon,
+            )
+        )
+        noisy = {m.name: mechanisms.add_noise(m.calibration, exact[m.name]) for m in measures}
+        table = engine.release_table(compiled, noisy)
         log.info(
-            "query %s from %s: view=%s groups=%d rho=%.6g in %.1f ms",
+            "query %s from %s: view=%s cells=%d rho=%.6g in %.1f ms (ledger #%d)",
             query_id,
             analyst,
             query.view,
-            len(compiled.domain),
-            calibration.rho,
+            compiled.cells,
+            rho,
             (time.perf_counter() - started) * 1000,
+            sequence,
         )
-        return serde.release_to_proto(
+        first = measures[0].calibration
+        msg = serde.release_to_proto(
             NodeRelease(
                 query_id=query_id,
                 table=table,
-                noise=NoiseInfo(
-                    mechanism=mechanisms.MECHANISM,
-                    scale=calibration.scale,
-                    variance=calibration.variance,
-                    sensitivity=calibration.sensitivity,
-                ),
-                rho_charged=calibration.rho,
-                epsilon=mechanisms.rho_to_epsilon(calibration.rho, budget.delta),
+                noise=_noise_info(first),
+                rho_charged=rho,
+                epsilon=epsilon,
                 budget=budget,
+                measures=tuple(_measure_noise(m) for m in measures),
             )
         )
+        msg.ledger_sequence = sequence
+        return msg
 
-    def _exact(self, compiled: plan.Plan) -> list[int]:
-        """Exact counts re-indexed onto the public domain; never leaves this process."""
-        result = self.store.query(compiled.sql)
-        keys = [result.column(c).to_pylist() for c in compiled.group_by]
-        index = {tuple(str(k[i]) for k in keys): i for i in range(result.num_rows)}
-        values: list[int] = []
-        for m in compiled.query.measures:
-            column = result.column(m.name).to_pylist()
-            for group in compiled.domain:
-                i = index.get(group)
-                values.append(int(column[i]) if i is not None else 0)
-        return values
+    def _record_refusal(
+        self, envelope: node_pb2.QueryEnvelope, analyst: str, exc: ChcError
+    ) -> None:
+        try:
+            self.accountant.refuse(
+                Refusal(
+                    analyst=analyst,
+                    query=envelope.query,
+                    envelope=envelope.SerializeToString(deterministic=True),
+                    reason=str(exc),
+                    code=exc.status.name,
+                )
+            )
+        except Exception:
+            # The refusal itself must still reach the client; the operator sees this.
+            log.exception("could not record a refusal in the ledger")
+
+    @guarded
+    def StreamLedger(  # noqa: N802 - gRPC method name
+        self, request: node_pb2.LedgerRequest, context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.LedgerEntry]:
+        """Every ledger entry from a sequence number on; auditors only."""
+        peer = self._peer(context)
+        if peer is not None and peer.role not in LEDGER_ROLES:
+            raise PermissionDeniedError(
+                f"{peer.name} has role {peer.role.value}; only auditors may read the ledger"
+            )
+        entries = list(self.accountant.entries(max(1, request.from_sequence)))
+        return iter(
+            node_pb2.LedgerEntry(sequence=e.sequence, body=e.body, signature=e.signature)
+            for e in entries
+        )
 
 
-def _release_table(compiled: plan.Plan, values: tuple[int, ...]) -> pa.Table:
-    """Group columns, then one int64 column per measure, one row per public group."""
-    n = len(compiled.domain)
-    columns: dict[str, pa.Array] = {
-        c: pa.array([g[j] for g in compiled.domain], pa.string())
-        for j, c in enumerate(compiled.group_by)
-    }
-    for k, m in enumerate(compiled.query.measures):
-        columns[m.name] = pa.array(values[k * n : (k + 1) * n], pa.int64())
-    return pa.table(columns)
+def _noise_info(cal: mechanisms.Calibration) -> NoiseInfo:
+    return NoiseInfo(
+        mechanism=mechanisms.MECHANISM,
+        scale=cal.scale,
+        variance=cal.variance,
+        sensitivity=cal.sensitivity,
+    )
+
+
+def _measure_noise(m: engine.MeasureRelease) -> MeasureNoise:
+    return MeasureNoise(
+        measure=m.name,
+        statistic=m.statistic,
+        noise=_noise_info(m.calibration),
+        rho=m.calibration.rho,
+    )

@@ -14,7 +14,9 @@ from protocols.v1 import hub_pb2, node_pb2
 from queries.results import (
     BudgetStatus,
     FederatedResult,
+    MeasureNoise,
     NodeDescription,
+    NodeExplain,
     NodeOutcome,
     NodeRelease,
     NodeStatus,
@@ -151,20 +153,53 @@ def description_from_proto(msg: node_pb2.DescribeResponse) -> NodeDescription:
     )
 
 
+def noise_to_proto(noise: NoiseInfo) -> node_pb2.NoiseInfo:
+    """Noise description for the wire."""
+    return node_pb2.NoiseInfo(
+        mechanism=noise.mechanism,
+        scale=noise.scale,
+        variance=noise.variance,
+        sensitivity=noise.sensitivity,
+    )
+
+
+def noise_from_proto(msg: node_pb2.NoiseInfo) -> NoiseInfo:
+    """Noise description from the wire."""
+    return NoiseInfo(
+        mechanism=msg.mechanism,
+        scale=msg.scale,
+        variance=msg.variance,
+        sensitivity=msg.sensitivity,
+    )
+
+
+def measure_noise_to_proto(m: MeasureNoise) -> node_pb2.MeasureNoise:
+    """One measure's noise and cost for the wire."""
+    return node_pb2.MeasureNoise(
+        measure=m.measure, statistic=m.statistic, noise=noise_to_proto(m.noise), rho=m.rho
+    )
+
+
+def measure_noise_from_proto(msg: node_pb2.MeasureNoise) -> MeasureNoise:
+    """One measure's noise and cost from the wire."""
+    return MeasureNoise(
+        measure=msg.measure,
+        statistic=msg.statistic,
+        noise=noise_from_proto(msg.noise),
+        rho=msg.rho,
+    )
+
+
 def release_to_proto(release: NodeRelease) -> node_pb2.ExecuteResponse:
     """A node's DP release for the wire."""
     return node_pb2.ExecuteResponse(
         query_id=release.query_id,
         table=table_to_ipc(release.table),
-        noise=node_pb2.NoiseInfo(
-            mechanism=release.noise.mechanism,
-            scale=release.noise.scale,
-            variance=release.noise.variance,
-            sensitivity=release.noise.sensitivity,
-        ),
+        noise=noise_to_proto(release.noise),
         rho_charged=release.rho_charged,
         epsilon=release.epsilon,
         budget=budget_to_proto(release.budget),
+        measures=[measure_noise_to_proto(m) for m in release.measures],
     )
 
 
@@ -173,15 +208,11 @@ def release_from_proto(msg: node_pb2.ExecuteResponse) -> NodeRelease:
     return NodeRelease(
         query_id=msg.query_id,
         table=table_from_ipc(msg.table),
-        noise=NoiseInfo(
-            mechanism=msg.noise.mechanism,
-            scale=msg.noise.scale,
-            variance=msg.noise.variance,
-            sensitivity=msg.noise.sensitivity,
-        ),
+        noise=noise_from_proto(msg.noise),
         rho_charged=msg.rho_charged,
         epsilon=msg.epsilon,
         budget=budget_from_proto(msg.budget),
+        measures=tuple(measure_noise_from_proto(m) for m in msg.measures),
     )
 
 
@@ -194,6 +225,7 @@ def outcome_to_proto(outcome: NodeOutcome) -> hub_pb2.NodeOutcome:
         rho_charged=outcome.rho_charged,
         noise_variance=outcome.noise_variance,
         latency_ms=outcome.latency_ms,
+        measures=[measure_noise_to_proto(m) for m in outcome.measures],
     )
     if outcome.budget is not None:
         msg.budget.CopyFrom(budget_to_proto(outcome.budget))
@@ -214,6 +246,7 @@ def outcome_from_proto(msg: hub_pb2.NodeOutcome) -> NodeOutcome:
         noise_variance=msg.noise_variance,
         budget=budget_from_proto(msg.budget) if msg.HasField("budget") else None,
         latency_ms=msg.latency_ms,
+        measures=tuple(measure_noise_from_proto(m) for m in msg.measures),
     )
 
 
@@ -234,4 +267,41 @@ def result_from_proto(msg: hub_pb2.SubmitResponse) -> FederatedResult:
         table=table_from_ipc(msg.table),
         nodes=tuple(outcome_from_proto(o) for o in msg.nodes),
         partial=msg.partial,
+    )
+
+
+def explain_to_proto(e: NodeExplain) -> hub_pb2.ExplainResult:
+    """One node's explanation for the wire."""
+    msg = hub_pb2.ExplainResult(node=e.node, status=e.status.value, message=e.message)
+    if e.status is NodeStatus.OK:
+        msg.explain.CopyFrom(
+            node_pb2.ExplainResponse(
+                plan=e.plan,
+                measures=[measure_noise_to_proto(m) for m in e.measures],
+                rho=e.rho,
+                epsilon=e.epsilon,
+                cells=e.cells,
+                budget=budget_to_proto(e.budget) if e.budget else None,
+            )
+        )
+    return msg
+
+
+def explain_from_proto(msg: hub_pb2.ExplainResult) -> NodeExplain:
+    """One node's explanation from the wire."""
+    try:
+        status = NodeStatus(msg.status)
+    except ValueError:
+        raise DataError(f"node {msg.node!r} has unknown status {msg.status!r}") from None
+    e = msg.explain
+    return NodeExplain(
+        node=msg.node,
+        status=status,
+        message=msg.message,
+        plan=e.plan,
+        measures=tuple(measure_noise_from_proto(m) for m in e.measures),
+        rho=e.rho,
+        epsilon=e.epsilon,
+        cells=e.cells,
+        budget=budget_from_proto(e.budget) if e.HasField("budget") else None,
     )

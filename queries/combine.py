@@ -67,12 +67,13 @@ def combine_counts(
             values = table.column(m.name).to_pylist()
             for key, value in zip(keys, values, strict=True):
                 group = tuple(str(k) for k in key)
-                add(region, group, m.name, value, release.noise.variance)
+                variance = release.variance(m.name)
+                add(region, group, m.name, value, variance)
                 acc = pooled.setdefault((group, m.name), [0.0, 0.0])
                 if (group, m.name) not in seen_order:
                     seen_order.append((group, m.name))
                 acc[0] += value
-                acc[1] += release.noise.variance
+                acc[1] += variance
     for group, measure in seen_order:
         est, var = pooled[(group, measure)]
         add(POOLED, group, measure, est, var)

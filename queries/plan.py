@@ -39,6 +39,20 @@ class Plan:
     sensitivity: float
 
     @property
+    def sensitivity_per_measure(self) -> float:
+        """L2 sensitivity of each measure's vector on its own (rho is split across measures)."""
+        return self.sensitivity
+
+    def describe(self) -> str:
+        """A readable account of what the node will compute (no data involved)."""
+        groups = ", ".join(self.group_by) or "(no grouping)"
+        return (
+            f"view {self.view.name}; group by {groups} over {len(self.domain)} public "
+            f"group(s); measures {', '.join(m.name for m in self.query.measures)}; "
+            f"L2 sensitivity {self.sensitivity:g} per measure; exact SQL: {self.sql}"
+        )
+
+    @property
     def cells(self) -> int:
         """Number of released values."""
         return len(self.domain) * len(self.query.measures)
@@ -100,12 +114,11 @@ def count_sensitivity(query: Query, view: ViewSpec) -> float:
 
     Each person is counted at most once per group. If every group column is constant per
     person, a person lands in one group; otherwise in at most max_rows_per_person groups.
+    Each measure is noised separately with its share of rho, so this is per measure.
     """
     person_level = all(view.column(c).person_level for c in query.group_by)
     groups = 1 if person_level else view.max_rows_per_person
-    return mechanisms.histogram_sensitivity(max_groups_per_person=groups) * math.sqrt(
-        len(query.measures)
-    )
+    return mechanisms.histogram_sensitivity(max_groups_per_person=groups)
 
 
 # Generating SQL with sqlglot takes ~1 ms; the same shapes recur, so remember them.

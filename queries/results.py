@@ -36,6 +36,16 @@ class NoiseInfo:
 
 
 @dataclass(frozen=True)
+class MeasureNoise:
+    """The noise and the share of rho of one released measure."""
+
+    measure: str
+    statistic: str
+    noise: NoiseInfo
+    rho: float
+
+
+@dataclass(frozen=True)
 class NodeRelease:
     """One node's DP answer to one query."""
 
@@ -45,6 +55,14 @@ class NodeRelease:
     rho_charged: float
     epsilon: float
     budget: BudgetStatus
+    measures: tuple[MeasureNoise, ...] = ()
+
+    def variance(self, measure: str) -> float:
+        """Noise variance of one measure's values (the first measure's if unlisted)."""
+        for m in self.measures:
+            if m.measure == measure:
+                return m.noise.variance
+        return self.noise.variance
 
 
 class NodeStatus(enum.StrEnum):
@@ -68,6 +86,22 @@ class NodeOutcome:
     noise_variance: float = 0.0
     budget: BudgetStatus | None = None
     latency_ms: float = 0.0
+    measures: tuple[MeasureNoise, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeExplain:
+    """What a query would cost and how noisy it would be at one node (nothing spent)."""
+
+    node: str
+    status: NodeStatus
+    message: str = ""
+    plan: str = ""
+    measures: tuple[MeasureNoise, ...] = ()
+    rho: float = 0.0
+    epsilon: float = 0.0
+    cells: int = 0
+    budget: BudgetStatus | None = None
 
 
 @dataclass(frozen=True)

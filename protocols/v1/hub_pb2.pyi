@@ -56,6 +56,7 @@ class NodeOutcome(_message.Message):
     NOISE_VARIANCE_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     status: _builtins.str
     """"ok" | "refused" | "unreachable" | "timed_out" | "error" """
@@ -66,6 +67,8 @@ class NodeOutcome(_message.Message):
     latency_ms: _builtins.float
     @_builtins.property
     def budget(self) -> _node_pb2.BudgetStatus: ...
+    @_builtins.property
+    def measures(self) -> _containers.RepeatedCompositeFieldContainer[_node_pb2.MeasureNoise]: ...
     def __init__(
         self,
         *,
@@ -76,10 +79,11 @@ class NodeOutcome(_message.Message):
         noise_variance: _builtins.float = ...,
         budget: _node_pb2.BudgetStatus | None = ...,
         latency_ms: _builtins.float = ...,
+        measures: _abc.Iterable[_node_pb2.MeasureNoise] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "latency_ms", b"latency_ms", "message", b"message", "node", b"node", "noise_variance", b"noise_variance", "rho_charged", b"rho_charged", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "latency_ms", b"latency_ms", "measures", b"measures", "message", b"message", "node", b"node", "noise_variance", b"noise_variance", "rho_charged", b"rho_charged", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -153,3 +157,52 @@ class ListNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class ExplainResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    EXPLAIN_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    status: _builtins.str
+    message: _builtins.str
+    @_builtins.property
+    def explain(self) -> _node_pb2.ExplainResponse: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        status: _builtins.str = ...,
+        message: _builtins.str = ...,
+        explain: _node_pb2.ExplainResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "message", b"message", "node", b"node", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainResult: _TypeAlias = ExplainResult  # noqa: Y015
+
+@_typing.final
+class ExplainFederatedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExplainResult]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___ExplainResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainFederatedResponse: _TypeAlias = ExplainFederatedResponse  # noqa: Y015

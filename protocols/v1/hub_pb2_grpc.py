@@ -34,6 +34,11 @@ class HubStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Explain = channel.unary_unary(
+                '/chc.v1.Hub/Explain',
+                request_serializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_hub__pb2.ExplainFederatedResponse.FromString,
+                _registered_method=True)
         self.Submit = channel.unary_unary(
                 '/chc.v1.Hub/Submit',
                 request_serializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
@@ -48,6 +53,13 @@ class HubStub:
 
 class HubServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Explain(self, request, context):
+        """Relay a signed query to every node's Explain: the plan, cost and expected error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Submit(self, request, context):
         """Fan one analyst-signed query out to every node and combine the releases.
@@ -66,6 +78,11 @@ class HubServicer:
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_hub__pb2.ExplainFederatedResponse.SerializeToString,
+            ),
             'Submit': grpc.unary_unary_rpc_method_handler(
                     servicer.Submit,
                     request_deserializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.FromString,
@@ -86,6 +103,33 @@ def add_HubServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Hub:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chc.v1.Hub/Explain',
+            protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
+            protocols_dot_v1_dot_hub__pb2.ExplainFederatedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Submit(request,

@@ -31,6 +31,8 @@ class HubStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HubAsyncStub: ...
+    Explain: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.ExplainFederatedResponse]
+    """Relay a signed query to every node's Explain: the plan, cost and expected error."""
     Submit: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.SubmitResponse]
     """Fan one analyst-signed query out to every node and combine the releases."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListNodesRequest, _hub_pb2.ListNodesResponse]
@@ -39,12 +41,22 @@ class HubStub:
 @_typing.type_check_only
 class HubAsyncStub(HubStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Explain: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.ExplainFederatedResponse]  # type: ignore[assignment]
+    """Relay a signed query to every node's Explain: the plan, cost and expected error."""
     Submit: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.SubmitResponse]  # type: ignore[assignment]
     """Fan one analyst-signed query out to every node and combine the releases."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListNodesRequest, _hub_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Each node's public catalog and budget."""
 
 class HubServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Explain(
+        self,
+        request: _hub_pb2.SubmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.ExplainFederatedResponse, _abc.Awaitable[_hub_pb2.ExplainFederatedResponse]]:
+        """Relay a signed query to every node's Explain: the plan, cost and expected error."""
+
     @_abc_1.abstractmethod
     def Submit(
         self,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocols/v1/node.proto\x12\x06\x63hc.v1\"\xb8\x01\n\rQueryEnvelope\x12\r\n\x05query\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61nalyst\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x1b\n\x13\x61nalyst_certificate\x18\x06 \x01(\x0c\x12\x1b\n\x13signature_algorithm\x18\x07 \x01(\t\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"\x11\n\x0f\x44\x65scribeRequest\"c\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0cperson_level\x18\x05 \x01(\x08\"o\n\x08ViewInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x12.chc.v1.ColumnInfo\x12\x1b\n\x13max_rows_per_person\x18\x04 \x01(\x05\"u\n\x0c\x42udgetStatus\x12\x11\n\trho_total\x18\x01 \x01(\x01\x12\x11\n\trho_spent\x18\x02 \x01(\x01\x12\x15\n\rrho_remaining\x18\x03 \x01(\x01\x12\x19\n\x11max_rho_per_query\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\"\x81\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x1f\n\x05views\x18\x03 \x03(\x0b\x32\x10.chc.v1.ViewInfo\x12$\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\"9\n\x0e\x45xecuteRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\"T\n\tNoiseInfo\x12\x11\n\tmechanism\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x10\n\x08variance\x18\x03 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x04 \x01(\x01\"\xa0\x01\n\x0f\x45xecuteResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12 \n\x05noise\x18\x03 \x01(\x0b\x32\x11.chc.v1.NoiseInfo\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus2\x81\x01\n\x04Node\x12=\n\x08\x44\x65scribe\x12\x17.chc.v1.DescribeRequest\x1a\x18.chc.v1.DescribeResponse\x12:\n\x07\x45xecute\x12\x16.chc.v1.ExecuteRequest\x1a\x17.chc.v1.ExecuteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocols/v1/node.proto\x12\x06\x63hc.v1\"\xb8\x01\n\rQueryEnvelope\x12\r\n\x05query\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61nalyst\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x1b\n\x13\x61nalyst_certificate\x18\x06 \x01(\x0c\x12\x1b\n\x13signature_algorithm\x18\x07 \x01(\t\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"\x11\n\x0f\x44\x65scribeRequest\"\x9f\x01\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0cperson_level\x18\x05 \x01(\x08\x12\x12\n\x05lower\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05upper\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_lowerB\x08\n\x06_upper\"o\n\x08ViewInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x12.chc.v1.ColumnInfo\x12\x1b\n\x13max_rows_per_person\x18\x04 \x01(\x05\"u\n\x0c\x42udgetStatus\x12\x11\n\trho_total\x18\x01 \x01(\x01\x12\x11\n\trho_spent\x18\x02 \x01(\x01\x12\x15\n\rrho_remaining\x18\x03 \x01(\x01\x12\x19\n\x11max_rho_per_query\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\"\x9c\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x1f\n\x05views\x18\x03 \x03(\x0b\x32\x10.chc.v1.ViewInfo\x12$\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12\x19\n\x11ledger_public_key\x18\x05 \x01(\x0c\"9\n\x0e\x45xecuteRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\"T\n\tNoiseInfo\x12\x11\n\tmechanism\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x10\n\x08variance\x18\x03 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x04 \x01(\x01\"a\n\x0cMeasureNoise\x12\x0f\n\x07measure\x18\x01 \x01(\t\x12\x11\n\tstatistic\x18\x02 \x01(\t\x12 \n\x05noise\x18\x03 \x01(\x0b\x32\x11.chc.v1.NoiseInfo\x12\x0b\n\x03rho\x18\x04 \x01(\x01\"\xe1\x01\n\x0f\x45xecuteResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12 \n\x05noise\x18\x03 \x01(\x0b\x32\x11.chc.v1.NoiseInfo\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12&\n\x08measures\x18\x07 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x17\n\x0fledger_sequence\x18\x08 \x01(\x03\"\x9a\x01\n\x0f\x45xplainResponse\x12\x0c\n\x04plan\x18\x01 \x01(\t\x12&\n\x08measures\x18\x02 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x0b\n\x03rho\x18\x03 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\r\n\x05\x63\x65lls\x18\x05 \x01(\x05\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\"&\n\rLedgerRequest\x12\x15\n\rfrom_sequence\x18\x01 \x01(\x03\"@\n\x0bLedgerEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x32\xfb\x01\n\x04Node\x12=\n\x08\x44\x65scribe\x12\x17.chc.v1.DescribeRequest\x1a\x18.chc.v1.DescribeResponse\x12:\n\x07\x45xecute\x12\x16.chc.v1.ExecuteRequest\x1a\x17.chc.v1.ExecuteResponse\x12:\n\x07\x45xplain\x12\x16.chc.v1.ExecuteRequest\x1a\x17.chc.v1.ExplainResponse\x12<\n\x0cStreamLedger\x12\x15.chc.v1.LedgerRequest\x1a\x13.chc.v1.LedgerEntry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYENVELOPE']._serialized_end=220
   _globals['_DESCRIBEREQUEST']._serialized_start=222
   _globals['_DESCRIBEREQUEST']._serialized_end=239
-  _globals['_COLUMNINFO']._serialized_start=241
-  _globals['_COLUMNINFO']._serialized_end=340
-  _globals['_VIEWINFO']._serialized_start=342
-  _globals['_VIEWINFO']._serialized_end=453
-  _globals['_BUDGETSTATUS']._serialized_start=455
-  _globals['_BUDGETSTATUS']._serialized_end=572
-  _globals['_DESCRIBERESPONSE']._serialized_start=575
-  _globals['_DESCRIBERESPONSE']._serialized_end=704
-  _globals['_EXECUTEREQUEST']._serialized_start=706
-  _globals['_EXECUTEREQUEST']._serialized_end=763
-  _globals['_NOISEINFO']._serialized_start=765
-  _globals['_NOISEINFO']._serialized_end=849
-  _globals['_EXECUTERESPONSE']._serialized_start=852
-  _globals['_EXECUTERESPONSE']._serialized_end=1012
-  _globals['_NODE']._serialized_start=1015
-  _globals['_NODE']._serialized_end=1144
+  _globals['_COLUMNINFO']._serialized_start=242
+  _globals['_COLUMNINFO']._serialized_end=401
+  _globals['_VIEWINFO']._serialized_start=403
+  _globals['_VIEWINFO']._serialized_end=514
+  _globals['_BUDGETSTATUS']._serialized_start=516
+  _globals['_BUDGETSTATUS']._serialized_end=633
+  _globals['_DESCRIBERESPONSE']._serialized_start=636
+  _globals['_DESCRIBERESPONSE']._serialized_end=792
+  _globals['_EXECUTEREQUEST']._serialized_start=794
+  _globals['_EXECUTEREQUEST']._serialized_end=851
+  _globals['_NOISEINFO']._serialized_start=853
+  _globals['_NOISEINFO']._serialized_end=937
+  _globals['_MEASURENOISE']._serialized_start=939
+  _globals['_MEASURENOISE']._serialized_end=1036
+  _globals['_EXECUTERESPONSE']._serialized_start=1039
+  _globals['_EXECUTERESPONSE']._serialized_end=1264
+  _globals['_EXPLAINRESPONSE']._serialized_start=1267
+  _globals['_EXPLAINRESPONSE']._serialized_end=1421
+  _globals['_LEDGERREQUEST']._serialized_start=1423
+  _globals['_LEDGERREQUEST']._serialized_end=1461
+  _globals['_LEDGERENTRY']._serialized_start=1463
+  _globals['_LEDGERENTRY']._serialized_end=1527
+  _globals['_NODE']._serialized_start=1530
+  _globals['_NODE']._serialized_end=1781
 # @@protoc_insertion_point(module_scope)

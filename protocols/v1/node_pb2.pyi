@@ -94,12 +94,17 @@ class ColumnInfo(_message.Message):
     DOMAIN_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PERSON_LEVEL_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     """"category" | "integer" | "float" | "identifier" """
     description: _builtins.str
     person_level: _builtins.bool
     """constant for a person (one group per person)"""
+    lower: _builtins.float
+    """Public clamping bounds of a numeric column (declared, never read from the data)."""
+    upper: _builtins.float
     @_builtins.property
     def domain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """public domain of a category column, in order"""
@@ -112,12 +117,21 @@ class ColumnInfo(_message.Message):
         domain: _abc.Iterable[_builtins.str] | None = ...,
         description: _builtins.str = ...,
         person_level: _builtins.bool = ...,
+        lower: _builtins.float | None = ...,
+        upper: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lower", b"_lower", "_upper", b"_upper", "lower", b"lower", "upper", b"upper"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "domain", b"domain", "name", b"name", "person_level", b"person_level", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lower", b"_lower", "_upper", b"_upper", "description", b"description", "domain", b"domain", "lower", b"lower", "name", b"name", "person_level", b"person_level", "type", b"type", "upper", b"upper"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__lower: _TypeAlias = _typing.Literal["lower"]  # noqa: Y015
+    _WhichOneofArgType__lower: _TypeAlias = _typing.Literal["_lower", b"_lower"]  # noqa: Y015
+    _WhichOneofReturnType__upper: _TypeAlias = _typing.Literal["upper"]  # noqa: Y015
+    _WhichOneofArgType__upper: _TypeAlias = _typing.Literal["_upper", b"_upper"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lower) -> _WhichOneofReturnType__lower | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__upper) -> _WhichOneofReturnType__upper | None: ...
 
 Global___ColumnInfo: _TypeAlias = ColumnInfo  # noqa: Y015
 
@@ -189,8 +203,11 @@ class DescribeResponse(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     VIEWS_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
+    LEDGER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     protocol_version: _builtins.str
+    ledger_public_key: _builtins.bytes
+    """Raw Ed25519 public key that signs this node's ledger entries (for auditors)."""
     @_builtins.property
     def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___ViewInfo]: ...
     @_builtins.property
@@ -202,10 +219,11 @@ class DescribeResponse(_message.Message):
         protocol_version: _builtins.str = ...,
         views: _abc.Iterable[Global___ViewInfo] | None = ...,
         budget: Global___BudgetStatus | None = ...,
+        ledger_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "node", b"node", "protocol_version", b"protocol_version", "views", b"views"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "ledger_public_key", b"ledger_public_key", "node", b"node", "protocol_version", b"protocol_version", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,6 +284,40 @@ class NoiseInfo(_message.Message):
 Global___NoiseInfo: _TypeAlias = NoiseInfo  # noqa: Y015
 
 @_typing.final
+class MeasureNoise(_message.Message):
+    """The noise and cost of one released statistic (a query may release several)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEASURE_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    NOISE_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    measure: _builtins.str
+    """the measure's output name"""
+    statistic: _builtins.str
+    """"count", "sum", "mean", "quantile", ..."""
+    rho: _builtins.float
+    """this measure's share of the query's rho"""
+    @_builtins.property
+    def noise(self) -> Global___NoiseInfo: ...
+    def __init__(
+        self,
+        *,
+        measure: _builtins.str = ...,
+        statistic: _builtins.str = ...,
+        noise: Global___NoiseInfo | None = ...,
+        rho: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["noise", b"noise"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["measure", b"measure", "noise", b"noise", "rho", b"rho", "statistic", b"statistic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeasureNoise: _TypeAlias = MeasureNoise  # noqa: Y015
+
+@_typing.final
 class ExecuteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -275,16 +327,26 @@ class ExecuteResponse(_message.Message):
     RHO_CHARGED_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
+    LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     table: _builtins.bytes
-    """Arrow IPC stream: group columns then "estimate" (int64), one row per public group."""
+    """Arrow IPC stream: group columns then one column per released value, one row per
+    public group. Column meanings are given per measure in `measures`.
+    """
     rho_charged: _builtins.float
     epsilon: _builtins.float
     """(epsilon, delta)-DP equivalent of rho_charged at budget.delta"""
+    ledger_sequence: _builtins.int
+    """Sequence number of the ledger entry that recorded this charge."""
     @_builtins.property
-    def noise(self) -> Global___NoiseInfo: ...
+    def noise(self) -> Global___NoiseInfo:
+        """noise of the first measure (kept for simple count clients)"""
+
     @_builtins.property
     def budget(self) -> Global___BudgetStatus: ...
+    @_builtins.property
+    def measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureNoise]: ...
     def __init__(
         self,
         *,
@@ -294,11 +356,102 @@ class ExecuteResponse(_message.Message):
         rho_charged: _builtins.float = ...,
         epsilon: _builtins.float = ...,
         budget: Global___BudgetStatus | None = ...,
+        measures: _abc.Iterable[Global___MeasureNoise] | None = ...,
+        ledger_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "noise", b"noise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "epsilon", b"epsilon", "noise", b"noise", "query_id", b"query_id", "rho_charged", b"rho_charged", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "noise", b"noise", "query_id", b"query_id", "rho_charged", b"rho_charged", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ExplainResponse(_message.Message):
+    """What a query would cost and how accurate it would be, without touching data or budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    CELLS_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    """human-readable plan (SQL over the node's views, mechanisms)"""
+    rho: _builtins.float
+    epsilon: _builtins.float
+    cells: _builtins.int
+    """number of released values"""
+    @_builtins.property
+    def measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureNoise]: ...
+    @_builtins.property
+    def budget(self) -> Global___BudgetStatus: ...
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        measures: _abc.Iterable[Global___MeasureNoise] | None = ...,
+        rho: _builtins.float = ...,
+        epsilon: _builtins.float = ...,
+        cells: _builtins.int = ...,
+        budget: Global___BudgetStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "cells", b"cells", "epsilon", b"epsilon", "measures", b"measures", "plan", b"plan", "rho", b"rho"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015
+
+@_typing.final
+class LedgerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
+    from_sequence: _builtins.int
+    """First sequence number wanted (0 or 1: from the start)."""
+    def __init__(
+        self,
+        *,
+        from_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_sequence", b"from_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerRequest: _TypeAlias = LedgerRequest  # noqa: Y015
+
+@_typing.final
+class LedgerEntry(_message.Message):
+    """One ledger entry exactly as the node signed it: `body` is canonical JSON (see
+    node/ledger.py for its fields, including prev_hash), `signature` is Ed25519 over body.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    body: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        body: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "sequence", b"sequence", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerEntry: _TypeAlias = LedgerEntry  # noqa: Y015

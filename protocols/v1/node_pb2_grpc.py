@@ -44,6 +44,16 @@ class NodeStub:
                 request_serializer=protocols_dot_v1_dot_node__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_node__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/chc.v1.Node/Explain',
+                request_serializer=protocols_dot_v1_dot_node__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_node__pb2.ExplainResponse.FromString,
+                _registered_method=True)
+        self.StreamLedger = channel.unary_stream(
+                '/chc.v1.Node/StreamLedger',
+                request_serializer=protocols_dot_v1_dot_node__pb2.LedgerRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_node__pb2.LedgerEntry.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -63,6 +73,20 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Plan and price a signed query without running it; spends nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamLedger(self, request, context):
+        """The node's privacy ledger, entry by entry (auditor role only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +99,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=protocols_dot_v1_dot_node__pb2.ExecuteRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_node__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=protocols_dot_v1_dot_node__pb2.ExecuteRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_node__pb2.ExplainResponse.SerializeToString,
+            ),
+            'StreamLedger': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLedger,
+                    request_deserializer=protocols_dot_v1_dot_node__pb2.LedgerRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_node__pb2.LedgerEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +165,60 @@ class Node:
             '/chc.v1.Node/Execute',
             protocols_dot_v1_dot_node__pb2.ExecuteRequest.SerializeToString,
             protocols_dot_v1_dot_node__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chc.v1.Node/Explain',
+            protocols_dot_v1_dot_node__pb2.ExecuteRequest.SerializeToString,
+            protocols_dot_v1_dot_node__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chc.v1.Node/StreamLedger',
+            protocols_dot_v1_dot_node__pb2.LedgerRequest.SerializeToString,
+            protocols_dot_v1_dot_node__pb2.LedgerEntry.FromString,
             options,
             channel_credentials,
             insecure,

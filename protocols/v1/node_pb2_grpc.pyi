@@ -37,6 +37,10 @@ class NodeStub:
     """The node's public catalog and budget; reveals nothing derived from the data."""
     Execute: _grpc.UnaryUnaryMultiCallable[_node_pb2.ExecuteRequest, _node_pb2.ExecuteResponse]
     """Run one signed query and return a DP release, charging the node's budget first."""
+    Explain: _grpc.UnaryUnaryMultiCallable[_node_pb2.ExecuteRequest, _node_pb2.ExplainResponse]
+    """Plan and price a signed query without running it; spends nothing."""
+    StreamLedger: _grpc.UnaryStreamMultiCallable[_node_pb2.LedgerRequest, _node_pb2.LedgerEntry]
+    """The node's privacy ledger, entry by entry (auditor role only)."""
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -45,6 +49,10 @@ class NodeAsyncStub(NodeStub):
     """The node's public catalog and budget; reveals nothing derived from the data."""
     Execute: _aio.UnaryUnaryMultiCallable[_node_pb2.ExecuteRequest, _node_pb2.ExecuteResponse]  # type: ignore[assignment]
     """Run one signed query and return a DP release, charging the node's budget first."""
+    Explain: _aio.UnaryUnaryMultiCallable[_node_pb2.ExecuteRequest, _node_pb2.ExplainResponse]  # type: ignore[assignment]
+    """Plan and price a signed query without running it; spends nothing."""
+    StreamLedger: _aio.UnaryStreamMultiCallable[_node_pb2.LedgerRequest, _node_pb2.LedgerEntry]  # type: ignore[assignment]
+    """The node's privacy ledger, entry by entry (auditor role only)."""
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -62,5 +70,21 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.ExecuteResponse, _abc.Awaitable[_node_pb2.ExecuteResponse]]:
         """Run one signed query and return a DP release, charging the node's budget first."""
+
+    @_abc_1.abstractmethod
+    def Explain(
+        self,
+        request: _node_pb2.ExecuteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ExplainResponse, _abc.Awaitable[_node_pb2.ExplainResponse]]:
+        """Plan and price a signed query without running it; spends nothing."""
+
+    @_abc_1.abstractmethod
+    def StreamLedger(
+        self,
+        request: _node_pb2.LedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.LedgerEntry], _abc.AsyncIterator[_node_pb2.LedgerEntry]]:
+        """The node's privacy ledger, entry by entry (auditor role only)."""
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
