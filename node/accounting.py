@@ -22,6 +22,7 @@ from queries.results import BudgetStatus
 class Charge:
     """What the node is about to release, to be recorded before the release leaves."""
 
+    query_id: str  # returned to the client with the release, so results map to entries
     analyst: str
     query: bytes  # canonical query bytes, as signed
     envelope: bytes  # the serialised QueryEnvelope, so an auditor can prove who asked

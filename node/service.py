@@ -169,6 +169,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         # the charge.
         budget, sequence = self.accountant.charge(
             Charge(
+                query_id=query_id,
                 analyst=analyst,
                 query=signed.query,
                 envelope=envelope.SerializeToString(deterministic=True),

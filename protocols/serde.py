@@ -99,6 +99,8 @@ def _column_to_proto(col: ColumnSpec) -> node_pb2.ColumnInfo:
         domain=list(col.domain),
         description=col.description,
         person_level=col.person_level,
+        lower=col.lower,
+        upper=col.upper,
     )
 
 
@@ -113,6 +115,8 @@ def _column_from_proto(msg: node_pb2.ColumnInfo) -> ColumnSpec:
         description=msg.description,
         domain=tuple(msg.domain),
         person_level=msg.person_level,
+        lower=msg.lower if msg.HasField("lower") else None,
+        upper=msg.upper if msg.HasField("upper") else None,
     )
 
 

@@ -32,10 +32,22 @@ class ColumnSpec:
     domain: tuple[str, ...] = ()
     # True if the value is the same on every row of a person (sex, age band at a date).
     person_level: bool = True
+    # Public clamping bounds of a numeric column; declared, never derived from the data.
+    lower: float | None = None
+    upper: float | None = None
 
     def __post_init__(self) -> None:
         if self.type is ColumnType.CATEGORY and not self.domain:
             raise ValueError(f"category column {self.name!r} needs a public domain")
+        if (self.lower is None) != (self.upper is None):
+            raise ValueError(f"numeric column {self.name!r} needs both bounds or neither")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"numeric column {self.name!r} has lower > upper")
+
+    @property
+    def bounded(self) -> bool:
+        """True if the column has public bounds (so sums and means may use it)."""
+        return self.lower is not None and self.upper is not None
 
 
 @dataclass(frozen=True)
