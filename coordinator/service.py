@@ -16,7 +16,8 @@ from protocols.rpc import guarded
 from protocols.security import Role, peer_of
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
 from queries import combine, spec
-from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus
+from queries import release as release_rules
+from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus, ReleaseRules
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,16 @@ class AllNodesRefusedError(ChcError):
 class HubService(hub_pb2_grpc.HubServicer):
     """Fan-out, quorum reporting and combination; it cannot forge or alter a query."""
 
-    def __init__(self, registry: Registry, *, deadline_ms: int, require_tls: bool = True) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        deadline_ms: int,
+        require_tls: bool = True,
+        rules: ReleaseRules | None = None,
+    ) -> None:
         self.registry = registry
+        self.rules = rules or ReleaseRules()
         self.deadline_ms = deadline_ms
         self.require_tls = require_tls
 
@@ -67,7 +76,7 @@ class HubService(hub_pb2_grpc.HubServicer):
             return handle.stub.Execute.future(node_request, timeout=timeout)
 
         replies = fan_out(self.registry.handles, start, deadline_s=deadline_s)
-        result = _combine(query, replies)
+        result = _combine(query, replies, self.rules)
         log.info(
             "query %s from %s: %s",
             result.query_id,
@@ -123,7 +132,9 @@ class HubService(hub_pb2_grpc.HubServicer):
         return response
 
 
-def _combine(query: spec.Query, replies: list[Reply[object]]) -> FederatedResult:
+def _combine(
+    query: spec.Query, replies: list[Reply[object]], rules: ReleaseRules
+) -> FederatedResult:
     releases: list[tuple[str, NodeRelease]] = []
     outcomes: list[NodeOutcome] = []
     for r in replies:
@@ -153,9 +164,15 @@ def _combine(query: spec.Query, replies: list[Reply[object]]) -> FederatedResult
             code = next(iter(codes)) or grpc.StatusCode.UNKNOWN
             messages = sorted({r.message for r in replies})
             raise AllNodesRefusedError(code, "every node refused the query: " + "; ".join(messages))
+    partial = len(releases) < len(replies)
+    effective = rules
+    for _, release in releases:
+        if release.rules is not None:
+            effective = effective.strictest(release.rules)
+    table = combine.combine(query, releases, partial=partial)
     return FederatedResult(
         query_id=uuid.uuid4().hex,
-        table=combine.combine_counts(query, releases),
+        table=release_rules.apply(table, effective, query.group_by),
         nodes=tuple(outcomes),
-        partial=len(releases) < len(replies),
+        partial=partial,
     )

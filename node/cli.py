@@ -75,6 +75,7 @@ def serve(
         accountant=MemoryAccountant(cfg.budget),
         ca_pem=identity.ca_pem,
         require_tls=not insecure,
+        rules=cfg.release,
     )
     server, port = make_server(listen or cfg.listen, None if insecure else identity)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError
+from queries.results import ReleaseRules
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class NodeConfig:
     reference_date: date = date(2025, 12, 31)
     pathways: tuple[str, ...] | None = None
     budget: BudgetPolicy = BudgetPolicy()
+    release: ReleaseRules = field(default_factory=ReleaseRules)
 
 
 def _path(base: Path, raw: object, field: str) -> Path:
@@ -61,6 +63,7 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     base = path.parent
     known = {"name", "omop", "identity", "listen", "reference_date", "pathways", "budget"}
+    known |= {"release"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -89,4 +92,19 @@ def load_config(path: Path) -> NodeConfig:
         reference_date=ref,
         pathways=tuple(pathways) if pathways is not None else None,
         budget=BudgetPolicy(**budget_raw),
+        release=_release_rules(data.get("release", {}), str(path)),
     )
+
+
+def _release_rules(raw: object, source: str) -> ReleaseRules:
+    """[release] suppress_below / round_to, the node's disclosure rules."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [release] must be a table")
+    unknown = sorted(set(raw) - {"suppress_below", "round_to"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown [release] key(s) {unknown}")
+    values = {k: v for k, v in raw.items()}
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{source}: release.{k} must be a whole number")
+    return ReleaseRules(**values)

@@ -25,7 +25,7 @@ from protocols.rpc import guarded
 from protocols.security import Peer, Role, SignedQuery, now_ms, peer_of, verify_query
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec
-from queries.results import MeasureNoise, NodeDescription, NodeRelease, NoiseInfo
+from queries.results import MeasureNoise, NodeDescription, NodeRelease, NoiseInfo, ReleaseRules
 from queries.schema import Catalog
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         accountant: Accountant,
         ca_pem: bytes,
         require_tls: bool = True,
+        rules: ReleaseRules | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -73,6 +74,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.accountant = accountant
         self.ca_pem = ca_pem
         self.require_tls = require_tls
+        self.rules = rules or ReleaseRules()
         self.nonces = NonceStore()
 
     def _peer(self, context: grpc.ServicerContext) -> Peer | None:
@@ -121,12 +123,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
         signed, analyst = self._authorise(request.envelope, context)
         query = spec.from_json(signed.query)
         compiled = plan.compile_query(query, self.catalog)
-        measures = engine.calibrations(compiled)
-        rho = sum(m.calibration.rho for m in measures)
+        releases = engine.calibrations(compiled)
+        rho = sum(r.calibration.rho for r in releases)
         status = self.accountant.status(analyst)
         return node_pb2.ExplainResponse(
             plan=compiled.describe(),
-            measures=[serde.measure_noise_to_proto(_measure_noise(m)) for m in measures],
+            measures=[serde.measure_noise_to_proto(_measure_noise(r)) for r in releases],
             rho=rho,
             epsilon=mechanisms.rho_to_epsilon(rho, status.delta),
             cells=compiled.cells,
@@ -155,8 +157,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
     ) -> node_pb2.ExecuteResponse:
         query = spec.from_json(signed.query)
         compiled = plan.compile_query(query, self.catalog)
-        measures = engine.calibrations(compiled)
-        rho = sum(m.calibration.rho for m in measures)
+        releases = engine.calibrations(compiled)
+        rho = sum(r.calibration.rho for r in releases)
         self.accountant.check(analyst, rho)
         # Claimed only once the query is known to be acceptable, so that a refused query can
         # be fixed and re-signed; a replay of an accepted envelope is refused here.
@@ -178,8 +180,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 epsilon=epsilon,
             )
         )
-        noisy = {m.name: mechanisms.add_noise(m.calibration, exact[m.name]) for m in measures}
-        table = engine.release_table(compiled, noisy)
+        noisy = {
+            r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
+            for r in releases
+        }
+        table = engine.release_table(compiled, releases, noisy)
         log.info(
             "query %s from %s: view=%s cells=%d rho=%.6g in %.1f ms (ledger #%d)",
             query_id,
@@ -190,16 +195,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
             (time.perf_counter() - started) * 1000,
             sequence,
         )
-        first = measures[0].calibration
         msg = serde.release_to_proto(
             NodeRelease(
                 query_id=query_id,
                 table=table,
-                noise=_noise_info(first),
+                noise=_noise_info(releases[0]),
                 rho_charged=rho,
                 epsilon=epsilon,
                 budget=budget,
-                measures=tuple(_measure_noise(m) for m in measures),
+                measures=tuple(_measure_noise(r) for r in releases),
+                rules=self.rules,
             )
         )
         msg.ledger_sequence = sequence
@@ -239,19 +244,20 @@ class NodeService(node_pb2_grpc.NodeServicer):
         )
 
 
-def _noise_info(cal: mechanisms.Calibration) -> NoiseInfo:
+def _noise_info(r: engine.ComponentRelease) -> NoiseInfo:
+    # Scale and variance in the released values' own units (fixed-point decoded).
     return NoiseInfo(
         mechanism=mechanisms.MECHANISM,
-        scale=cal.scale,
-        variance=cal.variance,
-        sensitivity=cal.sensitivity,
+        scale=r.calibration.scale * r.component.unit,
+        variance=r.variance,
+        sensitivity=r.calibration.sensitivity * r.component.unit,
     )
 
 
-def _measure_noise(m: engine.MeasureRelease) -> MeasureNoise:
+def _measure_noise(r: engine.ComponentRelease) -> MeasureNoise:
     return MeasureNoise(
-        measure=m.name,
-        statistic=m.statistic,
-        noise=_noise_info(m.calibration),
-        rho=m.calibration.rho,
+        measure=r.component.key,
+        statistic=r.component.kind.value,
+        noise=_noise_info(r),
+        rho=r.calibration.rho,
     )

@@ -21,6 +21,7 @@ from queries.results import (
     NodeRelease,
     NodeStatus,
     NoiseInfo,
+    ReleaseRules,
 )
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 
@@ -204,6 +205,13 @@ def release_to_proto(release: NodeRelease) -> node_pb2.ExecuteResponse:
         epsilon=release.epsilon,
         budget=budget_to_proto(release.budget),
         measures=[measure_noise_to_proto(m) for m in release.measures],
+        release_rules=(
+            node_pb2.ReleaseRules(
+                suppress_below=release.rules.suppress_below, round_to=release.rules.round_to
+            )
+            if release.rules is not None
+            else None
+        ),
     )
 
 
@@ -217,6 +225,14 @@ def release_from_proto(msg: node_pb2.ExecuteResponse) -> NodeRelease:
         epsilon=msg.epsilon,
         budget=budget_from_proto(msg.budget),
         measures=tuple(measure_noise_from_proto(m) for m in msg.measures),
+        rules=(
+            ReleaseRules(
+                suppress_below=msg.release_rules.suppress_below,
+                round_to=max(1, msg.release_rules.round_to),
+            )
+            if msg.HasField("release_rules")
+            else None
+        ),
     )
 
 

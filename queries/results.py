@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from protocols.errors import ConfigError
 from queries.schema import Catalog
 
 
@@ -46,6 +47,27 @@ class MeasureNoise:
 
 
 @dataclass(frozen=True)
+class ReleaseRules:
+    """Suppress counts below `suppress_below`; round counts to a multiple of `round_to`."""
+
+    suppress_below: int = 8
+    round_to: int = 5
+
+    def __post_init__(self) -> None:
+        if self.suppress_below < 0:
+            raise ConfigError("release.suppress_below must be 0 or more")
+        if self.round_to < 1:
+            raise ConfigError("release.round_to must be 1 or more (1: no rounding)")
+
+    def strictest(self, other: ReleaseRules) -> ReleaseRules:
+        """The rules that satisfy both (used when a node is stricter than the hub)."""
+        return ReleaseRules(
+            suppress_below=max(self.suppress_below, other.suppress_below),
+            round_to=max(self.round_to, other.round_to),
+        )
+
+
+@dataclass(frozen=True)
 class NodeRelease:
     """One node's DP answer to one query."""
 
@@ -56,6 +78,7 @@ class NodeRelease:
     epsilon: float
     budget: BudgetStatus
     measures: tuple[MeasureNoise, ...] = ()
+    rules: ReleaseRules | None = None
 
     def variance(self, measure: str) -> float:
         """Noise variance of one measure's values (the first measure's if unlisted)."""

@@ -37,14 +37,53 @@ class Statistic(enum.StrEnum):
     """The aggregate a measure computes."""
 
     COUNT = "count"  # number of distinct persons
+    COUNT_ROWS = "count_rows"  # number of rows (visits, admissions...), capped per person
+    SUM = "sum"
+    MEAN = "mean"
+    VARIANCE = "variance"
+    STDDEV = "stddev"
+    QUANTILE = "quantile"  # MEDIAN is QUANTILE with q = 0.5
+    HISTOGRAM = "histogram"
+    RATIO = "ratio"  # SUM(column) / SUM(denominator), or a row count where a side is None
+
+
+NEEDS_COLUMN = frozenset(
+    {
+        Statistic.SUM,
+        Statistic.MEAN,
+        Statistic.VARIANCE,
+        Statistic.STDDEV,
+        Statistic.QUANTILE,
+        Statistic.HISTOGRAM,
+    }
+)
+# Finest public grid a histogram or quantile may ask for (each bin costs noise and bytes).
+MAX_BINS = 1000
+
+
+def _finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise QueryError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
 class Measure:
-    """One aggregate in the output, e.g. the number of distinct persons."""
+    """One aggregate in the output, e.g. the number of distinct persons or a median."""
 
     statistic: Statistic = Statistic.COUNT
     name: str = "count"
+    column: str | None = None
+    # RATIO: the denominator's column (None: count the rows).
+    denominator: str | None = None
+    # QUANTILE: which quantile, strictly between 0 and 1.
+    quantile: float | None = None
+    # HISTOGRAM and QUANTILE: number of equal-width bins over the clamp range.
+    bins: int | None = None
+    # CLAMP(x, lo, hi): narrower public bounds than the catalog's, for less noise.
+    clamp: tuple[float, float] | None = None
+    # Share of the query's rho relative to the other measures.
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.statistic, Statistic):
@@ -53,6 +92,55 @@ class Measure:
                 + ", ".join(s.value for s in Statistic)
             )
         check_identifier(self.name, "measure name")
+        stat = self.statistic
+        if stat in NEEDS_COLUMN and self.column is None:
+            raise QueryError(f"measure {self.name!r}: {stat.value} needs a column")
+        if stat in {Statistic.COUNT, Statistic.COUNT_ROWS} and self.column is not None:
+            raise QueryError(f"measure {self.name!r}: {stat.value} takes no column")
+        if self.column is not None:
+            check_identifier(self.column, f"measure {self.name!r} column")
+        if self.denominator is not None:
+            if stat is not Statistic.RATIO:
+                raise QueryError(f"measure {self.name!r}: only a ratio has a denominator")
+            check_identifier(self.denominator, f"measure {self.name!r} denominator")
+        if stat is Statistic.QUANTILE:
+            q = _finite(self.quantile, f"measure {self.name!r} quantile")
+            if not 0 < q < 1:
+                raise QueryError(f"measure {self.name!r}: quantile must be between 0 and 1")
+        elif self.quantile is not None:
+            raise QueryError(f"measure {self.name!r}: only a quantile takes a quantile level")
+        if self.bins is not None:
+            if stat not in {Statistic.HISTOGRAM, Statistic.QUANTILE}:
+                raise QueryError(f"measure {self.name!r}: only histograms and quantiles take bins")
+            if isinstance(self.bins, bool) or not isinstance(self.bins, int):
+                raise QueryError(f"measure {self.name!r}: bins must be a whole number")
+            if not 2 <= self.bins <= MAX_BINS:
+                raise QueryError(f"measure {self.name!r}: bins must be between 2 and {MAX_BINS}")
+        if self.clamp is not None:
+            if stat in {Statistic.COUNT, Statistic.COUNT_ROWS}:
+                raise QueryError(f"measure {self.name!r}: a count has nothing to clamp")
+            if not isinstance(self.clamp, tuple) or len(self.clamp) != 2:
+                raise QueryError(f"measure {self.name!r}: clamp must be (lower, upper)")
+            lo = _finite(self.clamp[0], f"measure {self.name!r} clamp lower bound")
+            hi = _finite(self.clamp[1], f"measure {self.name!r} clamp upper bound")
+            if not lo < hi:
+                raise QueryError(f"measure {self.name!r}: clamp needs lower < upper")
+        weight = _finite(self.weight, f"measure {self.name!r} weight")
+        if weight <= 0:
+            raise QueryError(f"measure {self.name!r}: weight must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the fields that differ from the defaults, for a compact canonical form."""
+        out: dict[str, Any] = {"statistic": self.statistic.value, "name": self.name}
+        for key in ("column", "denominator", "quantile", "bins"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.clamp is not None:
+            out["clamp"] = [self.clamp[0], self.clamp[1]]
+        if self.weight != 1.0:
+            out["weight"] = self.weight
+        return out
 
 
 @dataclass(frozen=True)
@@ -109,7 +197,7 @@ class Query:
             "version": SPEC_VERSION,
             "view": self.view,
             "rho": self.rho,
-            "measures": [{"statistic": m.statistic.value, "name": m.name} for m in self.measures],
+            "measures": [m.to_dict() for m in self.measures],
             "group_by": list(self.group_by),
             "where": [{"column": f.column, "values": list(f.values)} for f in self.where],
         }
@@ -132,7 +220,7 @@ def from_dict(data: object) -> Query:
     """Build a Query from a parsed JSON/YAML spec, with errors that name the bad field."""
     if not isinstance(data, Mapping):
         raise QueryError("a query spec must be a mapping with at least 'view' and 'rho'")
-    known = {"version", "view", "rho", "measures", "group_by", "where"}
+    known = {"version", "view", "rho", "epsilon", "delta", "measures", "group_by", "where"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise QueryError(f"unknown field(s) {unknown} in query spec; known: {sorted(known)}")
@@ -141,22 +229,16 @@ def from_dict(data: object) -> Query:
         raise QueryError(f"unsupported spec version {version!r}; this node speaks {SPEC_VERSION}")
     if "view" not in data:
         raise QueryError("query spec has no 'view'; name the view to query")
-    if "rho" not in data:
+    if "rho" in data and "epsilon" in data:
+        raise QueryError("give either 'rho' or 'epsilon' (with 'delta'), not both")
+    if "epsilon" in data:
+        rho = rho_from_epsilon(data["epsilon"], data.get("delta", 1e-6))
+    elif "rho" in data:
+        rho = data["rho"]
+    else:
         raise QueryError("query spec has no 'rho'; give the privacy budget, e.g. rho: 0.01")
     raw_measures = _expect(data, "measures", list, [{"statistic": "count"}])
-    measures = []
-    for i, m in enumerate(raw_measures):
-        if not isinstance(m, Mapping):
-            raise QueryError(f"measures[{i}] must be a mapping like {{statistic: count}}")
-        stat = m.get("statistic", "count")
-        try:
-            statistic = Statistic(stat)
-        except ValueError:
-            raise QueryError(
-                f"measures[{i}].statistic {stat!r} is not supported; supported: "
-                + ", ".join(s.value for s in Statistic)
-            ) from None
-        measures.append(Measure(statistic=statistic, name=m.get("name", statistic.value)))
+    measures = [_measure_from_dict(m, i) for i, m in enumerate(raw_measures)]
     where = []
     raw_where = _expect(data, "where", (list, Mapping), [])
     items = raw_where.items() if isinstance(raw_where, Mapping) else None
@@ -174,11 +256,71 @@ def from_dict(data: object) -> Query:
     group_by = _expect(data, "group_by", list, [])
     return Query(
         view=data["view"],
-        rho=data["rho"],
+        rho=rho,
         measures=tuple(measures),
         group_by=tuple(group_by),
         where=tuple(where),
     )
+
+
+_MEASURE_KEYS = frozenset(
+    {"statistic", "name", "column", "denominator", "quantile", "bins", "clamp", "weight"}
+)
+
+
+def _measure_from_dict(m: object, i: int) -> Measure:
+    if not isinstance(m, Mapping):
+        raise QueryError(f"measures[{i}] must be a mapping like {{statistic: count}}")
+    unknown = sorted(set(m) - _MEASURE_KEYS)
+    if unknown:
+        raise QueryError(
+            f"measures[{i}]: unknown field(s) {unknown}; known: {sorted(_MEASURE_KEYS)}"
+        )
+    stat = m.get("statistic", "count")
+    if stat == "median":
+        stat, m = "quantile", {**m, "quantile": m.get("quantile", 0.5)}
+    try:
+        statistic = Statistic(stat)
+    except ValueError:
+        raise QueryError(
+            f"measures[{i}].statistic {stat!r} is not supported; supported: "
+            + ", ".join(s.value for s in Statistic)
+            + ", median"
+        ) from None
+    clamp = m.get("clamp")
+    if clamp is not None:
+        if not isinstance(clamp, list | tuple) or len(clamp) != 2:
+            raise QueryError(f"measures[{i}].clamp must be [lower, upper]")
+        clamp = (clamp[0], clamp[1])
+    default_name = (
+        statistic.value if m.get("column") is None else f"{statistic.value}_{m['column']}"
+    )
+    return Measure(
+        statistic=statistic,
+        name=m.get("name", default_name),
+        column=m.get("column"),
+        denominator=m.get("denominator"),
+        quantile=m.get("quantile"),
+        bins=m.get("bins"),
+        clamp=clamp,
+        weight=m.get("weight", 1.0),
+    )
+
+
+def rho_from_epsilon(epsilon: float, delta: float) -> float:
+    """The largest rho whose zCDP guarantee implies (epsilon, delta)-DP (Bun & Steinke 2016).
+
+    Solves epsilon = rho + 2 sqrt(rho ln(1/delta)) for rho: with s = sqrt(rho),
+    s^2 + 2 s sqrt(L) - epsilon = 0, so s = sqrt(L + epsilon) - sqrt(L).
+    """
+    epsilon = _finite(epsilon, "epsilon")
+    delta = _finite(delta, "delta")
+    if epsilon <= 0:
+        raise QueryError(f"epsilon must be positive, got {epsilon}")
+    if not 0 < delta < 1:
+        raise QueryError(f"delta must be between 0 and 1, got {delta}")
+    log_term = math.log(1 / delta)
+    return (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2
 
 
 def from_json(raw: bytes | str) -> Query:

@@ -329,6 +329,7 @@ class ExecuteResponse(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     MEASURES_FIELD_NUMBER: _builtins.int
     LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    RELEASE_RULES_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     table: _builtins.bytes
     """Arrow IPC stream: group columns then one column per released value, one row per
@@ -347,6 +348,12 @@ class ExecuteResponse(_message.Message):
     def budget(self) -> Global___BudgetStatus: ...
     @_builtins.property
     def measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureNoise]: ...
+    @_builtins.property
+    def release_rules(self) -> Global___ReleaseRules:
+        """The node's disclosure rules for what analysts see of its figures (the hub applies the
+        strictest of its own and every answering node's).
+        """
+
     def __init__(
         self,
         *,
@@ -358,14 +365,39 @@ class ExecuteResponse(_message.Message):
         budget: Global___BudgetStatus | None = ...,
         measures: _abc.Iterable[Global___MeasureNoise] | None = ...,
         ledger_sequence: _builtins.int = ...,
+        release_rules: Global___ReleaseRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "noise", b"noise"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "noise", b"noise", "release_rules", b"release_rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "noise", b"noise", "query_id", b"query_id", "rho_charged", b"rho_charged", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "noise", b"noise", "query_id", b"query_id", "release_rules", b"release_rules", "rho_charged", b"rho_charged", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseRules(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPRESS_BELOW_FIELD_NUMBER: _builtins.int
+    ROUND_TO_FIELD_NUMBER: _builtins.int
+    suppress_below: _builtins.int
+    """suppress counts below this (default 8: counts 0-7)"""
+    round_to: _builtins.int
+    """round shown counts to a multiple of this (default 5)"""
+    def __init__(
+        self,
+        *,
+        suppress_below: _builtins.int = ...,
+        round_to: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_to", b"round_to", "suppress_below", b"suppress_below"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRules: _TypeAlias = ReleaseRules  # noqa: Y015
 
 @_typing.final
 class ExplainResponse(_message.Message):
