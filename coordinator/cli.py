@@ -17,6 +17,7 @@ from protocols import security
 from protocols.errors import ChcError, ConfigError
 from protocols.process import setup_logging
 from queries import spec
+from queries.sql import parse_sql
 
 app = typer.Typer(
     help="chc: federated, differentially private analytics for regional health data.",
@@ -94,47 +95,99 @@ def _connect(hub: str | None, identity: Path | None) -> Federation:
     return Federation(hub, ident)
 
 
+def _budget(rho: float | None, epsilon: float | None, delta: float) -> float:
+    if rho is not None and epsilon is not None:
+        raise ConfigError("give --rho or --epsilon, not both")
+    if epsilon is not None:
+        return spec.rho_from_epsilon(epsilon, delta)
+    if rho is None:
+        raise ConfigError("give the privacy budget per node: --rho R (zCDP) or --epsilon E")
+    return rho
+
+
+def _build_query(
+    sql_text: str | None,
+    spec_file: Path | None,
+    view: str | None,
+    group_by: list[str] | None,
+    where: list[str] | None,
+    rho: float | None,
+    epsilon: float | None,
+    delta: float,
+) -> spec.Query:
+    chosen = [x for x in (sql_text, spec_file, view) if x is not None]
+    if len(chosen) != 1:
+        raise ConfigError("give exactly one of --sql, --spec FILE or --view")
+    if spec_file is not None:
+        try:
+            data = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read spec {spec_file}: {exc}") from None
+        if isinstance(data, dict) and (rho is not None or epsilon is not None):
+            data = {k: v for k, v in data.items() if k not in {"rho", "epsilon", "delta"}}
+            data["rho"] = _budget(rho, epsilon, delta)
+        return spec.from_dict(data)
+    budget = _budget(rho, epsilon, delta)
+    if sql_text is not None:
+        return parse_sql(sql_text, rho=budget)
+    filters = []
+    for w in where or []:
+        column, sep, values = w.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--where {w!r} must look like COLUMN=V1,V2")
+        filters.append(spec.Filter(column=column.strip(), values=tuple(values.split(","))))
+    return spec.Query(
+        view=view or "", rho=budget, group_by=tuple(group_by or ()), where=tuple(filters)
+    )
+
+
 @app.command()
 def query(
-    view: Annotated[str | None, typer.Option(help="view to count persons in")] = None,
+    sql_text: Annotated[
+        str | None, typer.Option("--sql", help='e.g. "SELECT sex, COUNT(*) FROM copd GROUP BY sex"')
+    ] = None,
+    spec_file: Annotated[
+        Path | None, typer.Option("--spec", help="a YAML or JSON query spec")
+    ] = None,
+    view: Annotated[str | None, typer.Option(help="count persons in this view")] = None,
     group_by: Annotated[
         list[str] | None, typer.Option("--group-by", "-g", help="public column (repeatable)")
     ] = None,
     where: Annotated[
         list[str] | None, typer.Option(help="COLUMN=V1,V2 on a public column (repeatable)")
     ] = None,
-    rho: Annotated[float | None, typer.Option(help="zCDP budget at each node")] = None,
-    spec_file: Annotated[
-        Path | None, typer.Option("--spec", help="a YAML or JSON query spec instead")
+    rho: Annotated[float | None, typer.Option(help="zCDP budget charged at each node")] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="budget as (epsilon, delta)-DP, converted to rho")
     ] = None,
+    delta: Annotated[float, typer.Option(help="delta for --epsilon")] = 1e-6,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="show the plan, cost and noise; spend nothing")
+    ] = False,
     hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
     identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
     deadline: Annotated[float, typer.Option(help="seconds to wait for nodes")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
 ) -> None:
-    """Run a federated DP count at every node and print per-region and pooled estimates."""
-    if spec_file is not None:
-        try:
-            data = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read spec {spec_file}: {exc}") from None
-        q = spec.from_dict(data)
-    else:
-        if view is None or rho is None:
-            raise ConfigError("give --view and --rho (or --spec FILE)")
-        filters = []
-        for w in where or []:
-            column, sep, values = w.partition("=")
-            if not sep or not values:
-                raise ConfigError(f"--where {w!r} must look like COLUMN=V1,V2")
-            filters.append(spec.Filter(column=column.strip(), values=tuple(values.split(","))))
-        q = spec.Query(view=view, rho=rho, group_by=tuple(group_by or ()), where=tuple(filters))
+    """Run a federated DP query at every node; print per-region and pooled estimates."""
+    q = _build_query(sql_text, spec_file, view, group_by, where, rho, epsilon, delta)
+    console = Console()
     with _connect(hub, identity) as fed:
+        if explain:
+            explains = fed.explain(q, deadline_s=deadline)
+            if as_json:
+                console.print_json(report.to_json([report.explain_to_dict(e) for e in explains]))
+            else:
+                report.print_explain(console, explains, q)
+            return
         result = fed.query(q, deadline_s=deadline)
     if as_json:
-        Console().print_json(report.to_json(report.result_to_dict(result, q)))
+        console.print_json(report.to_json(report.result_to_dict(result, q)))
+    elif as_csv:
+        typer.echo(report.result_to_csv(result, q), nl=False)
     else:
-        report.print_result(Console(), result, q)
+        report.print_result(console, result, q)
 
 
 @app.command()

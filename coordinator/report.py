@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -9,31 +11,40 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from queries.results import FederatedResult, NodeStatus
-from queries.spec import Query
+from queries.combine import COUNT_LIKE, POOLED
+from queries.results import FederatedResult, NodeExplain, NodeStatus
+from queries.spec import Query, Statistic
+
+FIGURE_KEYS = ("estimate", "std_error", "ci_low", "ci_high", "n")
+FLAG_KEYS = ("suppressed", "approximate", "partial")
+
+
+def result_rows(result: FederatedResult, query: Query) -> list[dict[str, Any]]:
+    """One dict per figure: region, groups, measure, bin, estimate, interval and flags."""
+    rows = []
+    for r in result.table.to_pylist():
+        row: dict[str, Any] = {
+            "region": r["region"],
+            "groups": {c: r[c] for c in query.group_by},
+            "measure": r["measure"],
+            "statistic": r["statistic"],
+        }
+        if r["bin_lower"] is not None:
+            row["bin"] = [r["bin_lower"], r["bin_upper"]]
+        row.update({k: r[k] for k in FIGURE_KEYS})
+        row.update({k: bool(r[k]) for k in FLAG_KEYS})
+        rows.append(row)
+    return rows
 
 
 def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") -> dict[str, Any]:
     """A JSON-ready summary: rows with estimate and interval, and every node's status."""
-    rows = []
-    for r in result.table.to_pylist():
-        rows.append(
-            {
-                "region": r["region"],
-                "groups": {c: r[c] for c in query.group_by},
-                "measure": r["measure"],
-                "estimate": r["estimate"],
-                "std_error": r["std_error"],
-                "ci_low": r["ci_low"],
-                "ci_high": r["ci_high"],
-            }
-        )
     return {
         "title": title,
         "query_id": result.query_id,
         "query": query.to_dict(),
         "partial": result.partial,
-        "rows": rows,
+        "rows": result_rows(result, query),
         "nodes": [
             {
                 "node": o.node,
@@ -42,7 +53,6 @@ def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") ->
                 "rho_spent": o.rho_charged,
                 "rho_spent_total": o.budget.rho_spent if o.budget else None,
                 "rho_remaining": o.budget.rho_remaining if o.budget else None,
-                "noise_std": o.noise_variance**0.5,
                 "latency_ms": round(o.latency_ms, 2),
             }
             for o in result.nodes
@@ -50,13 +60,31 @@ def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") ->
     }
 
 
+def result_to_csv(result: FederatedResult, query: Query) -> str:
+    """Flat CSV: one line per figure, group columns expanded."""
+    out = io.StringIO()
+    fields = ["region", *query.group_by, "measure", "statistic", "bin_lower", "bin_upper"]
+    fields += [*FIGURE_KEYS, *FLAG_KEYS]
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in result.table.to_pylist():
+        writer.writerow(r)
+    return out.getvalue()
+
+
 def to_json(payload: object) -> str:
     """Stable, readable JSON."""
     return json.dumps(payload, indent=2, sort_keys=False)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:,.0f}"
+def _fmt(x: float | None, stat: Statistic) -> str:
+    if x is None:
+        return "*"
+    if stat in COUNT_LIKE:
+        return f"{x:,.0f}"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.3g}" if abs(x) < 1 else f"{x:,.2f}"
 
 
 def print_result(
@@ -72,23 +100,41 @@ def print_result(
     table.add_column("Region")
     for c in query.group_by:
         table.add_column(c.replace("_", " ").capitalize())
-    if len(query.measures) > 1:
+    many = len(query.measures) > 1 or any(
+        m.statistic is not Statistic.COUNT for m in query.measures
+    )
+    if many:
         table.add_column("Measure")
     table.add_column("Estimate", justify="right")
     table.add_column("95% interval", justify="right")
+    flagged = False
     last_region = None
     for r in result.table.to_pylist():
         if last_region is not None and r["region"] != last_region:
             table.add_section()
         last_region = r["region"]
+        stat = Statistic(r["statistic"])
         region = (labels or {}).get(r["region"], r["region"])
         cells = [region, *(str(r[c]) for c in query.group_by)]
-        if len(query.measures) > 1:
-            cells.append(r["measure"])
-        cells += [_fmt(r["estimate"]), f"{_fmt(r['ci_low'])} to {_fmt(r['ci_high'])}"]
-        style = "bold" if r["region"] == "All regions" else None
-        table.add_row(*cells, style=style)
+        if many:
+            label = r["measure"]
+            if r["bin_lower"] is not None:
+                label += f" [{r['bin_lower']:g}, {r['bin_upper']:g})"
+            cells.append(label)
+        estimate = _fmt(r["estimate"], stat)
+        if r["approximate"] and r["estimate"] is not None:
+            estimate += " ~"
+            flagged = True
+        interval = (
+            "suppressed"
+            if r["suppressed"]
+            else f"{_fmt(r['ci_low'], stat)} to {_fmt(r['ci_high'], stat)}"
+        )
+        style = "bold" if r["region"] == POOLED else None
+        table.add_row(*cells, estimate, interval, style=style)
     console.print(table)
+    if flagged:
+        console.print("[dim]~ interval from the delta method or a DP histogram (approximate)[/]")
     if result.partial:
         console.print(
             "[bold yellow]Partial result:[/] the pooled rows cover only the nodes marked ok."
@@ -99,8 +145,8 @@ def print_result(
 def print_nodes(console: Console, result: FederatedResult) -> None:
     """Each node's status and the privacy budget it spent."""
     table = Table(title="Nodes", title_justify="left")
-    for col in ("Node", "Status", "rho spent", "rho used / total", "Noise sd", "ms", "Note"):
-        table.add_column(col, justify="right" if col in {"rho spent", "Noise sd", "ms"} else "left")
+    for col in ("Node", "Status", "rho spent", "rho used / total", "ms", "Note"):
+        table.add_column(col, justify="right" if col in {"rho spent", "ms"} else "left")
     for o in result.nodes:
         colour = "green" if o.status is NodeStatus.OK else "red"
         used = f"{o.budget.rho_spent:.4g} / {o.budget.rho_total:.4g}" if o.budget else "-"
@@ -109,8 +155,58 @@ def print_nodes(console: Console, result: FederatedResult) -> None:
             f"[{colour}]{o.status.value}[/]",
             f"{o.rho_charged:.4g}",
             used,
-            f"{o.noise_variance**0.5:.2f}",
             f"{o.latency_ms:.0f}",
             o.message,
         )
     console.print(table)
+
+
+def print_explain(console: Console, explains: list[NodeExplain], query: Query) -> None:
+    """What each node would compute, what it would cost, and the noise of each component."""
+    console.print(f"[bold]Plan for[/] {query.view}: rho {query.rho:g} per node (nothing spent)")
+    for e in explains:
+        if e.status is not NodeStatus.OK:
+            console.print(f"[red]{e.node}: {e.status.value}[/] {e.message}")
+            continue
+        remaining = f"{e.budget.rho_remaining:.4g}" if e.budget else "?"
+        console.print(
+            f"\n[bold]{e.node}[/]: {e.cells} value(s), rho {e.rho:.4g} "
+            f"(epsilon {e.epsilon:.3g}), budget remaining {remaining}"
+        )
+        console.print(e.plan, markup=False)
+        table = Table(show_header=True)
+        for col in ("Component", "Kind", "rho", "Noise sd", "Sensitivity"):
+            table.add_column(col)
+        for m in e.measures:
+            table.add_row(
+                m.measure,
+                m.statistic,
+                f"{m.rho:.4g}",
+                f"{m.noise.scale:.4g}",
+                f"{m.noise.sensitivity:.4g}",
+            )
+        console.print(table)
+
+
+def explain_to_dict(e: NodeExplain) -> dict[str, Any]:
+    """A JSON-ready explanation of one node's plan and cost."""
+    return {
+        "node": e.node,
+        "status": e.status.value,
+        "message": e.message,
+        "plan": e.plan,
+        "rho": e.rho,
+        "epsilon": e.epsilon,
+        "cells": e.cells,
+        "rho_remaining": e.budget.rho_remaining if e.budget else None,
+        "components": [
+            {
+                "component": m.measure,
+                "kind": m.statistic,
+                "rho": m.rho,
+                "noise_sd": m.noise.scale,
+                "sensitivity": m.noise.sensitivity,
+            }
+            for m in e.measures
+        ],
+    }

@@ -7,14 +7,22 @@ internal path tests use to compare releases with the truth, and is never reachab
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import pyarrow as pa
 
-from node.store import OmopStore
 from queries import mechanisms, plan
 from queries.sensitivity import Kind
 
 RELEASE_COLUMNS = ("component", "bin", "bin_lower", "bin_upper", "value")
+
+
+class SqlRunner(Protocol):
+    """Anything that runs read-only SQL over the analysis views (OmopStore in a node)."""
+
+    def query(self, sql: str) -> pa.Table:
+        """Run one statement and return its result."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ def calibrations(compiled: plan.Plan) -> tuple[ComponentRelease, ...]:
     )
 
 
-def exact_values(compiled: plan.Plan, store: OmopStore) -> dict[str, list[int]]:
+def exact_values(compiled: plan.Plan, store: SqlRunner) -> dict[str, list[int]]:
     """Exact integers per component: one per group (times bins), on the public domain."""
     index: dict[tuple[str, ...], int] = {group: i for i, group in enumerate(compiled.domain)}
     n = len(compiled.domain)
