@@ -92,8 +92,12 @@ class Plan:
         }
         counts: dict[str, int] = {}
         for c in self.components:
-            counts[c.measure] = counts.get(c.measure, 0) + 1
-        return {c.key: per_measure[c.measure] / counts[c.measure] for c in self.components}
+            owner = component_measure(c.key)
+            counts[owner] = counts.get(owner, 0) + 1
+        return {
+            c.key: per_measure[component_measure(c.key)] / counts[component_measure(c.key)]
+            for c in self.components
+        }
 
     def describe(self) -> str:
         """A readable account of what the node will compute (no data involved)."""
@@ -103,7 +107,9 @@ class Plan:
             f"person); group by {groups}: {len(self.domain)} public group(s)",
         ]
         for c in self.components:
-            detail = f"column {c.column} clamped to [{c.lower:g}, {c.upper:g}]" if c.column else ""
+            detail = f"column {c.column}" if c.column else ""
+            if c.lower is not None and c.upper is not None:
+                detail += f" clamped to [{c.lower:g}, {c.upper:g}]"
             if c.bins:
                 detail += f", {c.bins} bins"
             if c.exponent:

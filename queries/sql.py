@@ -110,7 +110,12 @@ def _view(stmt: exp.Select) -> str:
     if source is None:
         raise QueryError("the query has no FROM; name the view, e.g. FROM persons")
     table = source.this
-    if not isinstance(table, exp.Table) or table.args.get("db") or table.args.get("catalog"):
+    if (
+        not isinstance(table, exp.Table)
+        or not isinstance(table.this, exp.Identifier)
+        or table.args.get("db")
+        or table.args.get("catalog")
+    ):
         raise QueryError("FROM must name one view of the node's catalog (no schemas or functions)")
     return check_identifier(table.name.lower(), "view")
 

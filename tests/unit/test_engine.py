@@ -1,0 +1,213 @@
+"""The exact path of the query engine: SQL results, and sensitivities checked empirically.
+
+For each kind of measure, on random data that respects the view's per-person row cap,
+removing any one person moves every released vector by at most its claimed L2 sensitivity
+(DESIGN: "add or remove one person, the exact aggregate moves by at most the sensitivity").
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from node import engine
+from queries import combine, plan
+from queries.results import BudgetStatus, NodeRelease, NoiseInfo
+from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
+from queries.spec import Filter, Measure, Query, Statistic
+
+CAP = 4
+VIEW = ViewSpec(
+    name="stays",
+    description="test view: up to 4 stays per person",
+    max_rows_per_person=CAP,
+    columns=(
+        ColumnSpec("person_id", ColumnType.IDENTIFIER),
+        ColumnSpec("sex", ColumnType.CATEGORY, domain=("female", "male")),
+        ColumnSpec("kind", ColumnType.CATEGORY, domain=("a", "b", "c"), person_level=False),
+        ColumnSpec("los", ColumnType.INTEGER, lower=0, upper=30, person_level=False),
+        ColumnSpec("cost", ColumnType.FLOAT, lower=-50.0, upper=1500.0, person_level=False),
+    ),
+)
+CATALOG = Catalog(views=(VIEW,))
+
+
+class Runner:
+    """A real DuckDB holding the view as a table (what OmopStore is to a node)."""
+
+    def __init__(self, rows: list[dict[str, object]]) -> None:
+        self.con = duckdb.connect()
+        table = pa.Table.from_pylist(
+            rows,
+            schema=pa.schema(
+                [
+                    ("person_id", pa.int64()),
+                    ("sex", pa.string()),
+                    ("kind", pa.string()),
+                    ("los", pa.int64()),
+                    ("cost", pa.float64()),
+                ]
+            ),
+        )
+        self.con.register("src", table)
+        self.con.execute("CREATE TABLE stays AS SELECT * FROM src")
+
+    def query(self, sql: str) -> pa.Table:
+        return self.con.sql(sql).to_arrow_table()
+
+
+def _data(rng: random.Random, persons: int) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for pid in range(1, persons + 1):
+        sex = rng.choice(["female", "male"])
+        for _ in range(rng.randint(0, CAP)):
+            rows.append(
+                {
+                    "person_id": pid,
+                    "sex": sex,
+                    "kind": rng.choice(["a", "b", "c", "zzz"]),  # zzz: outside the domain
+                    # Values beyond the public bounds must be clamped, never trusted.
+                    "los": rng.choice([rng.randint(0, 40), None]),
+                    "cost": rng.uniform(-200, 3000),
+                }
+            )
+    return rows
+
+
+MEASURES = [
+    Measure(Statistic.COUNT, "persons"),
+    Measure(Statistic.COUNT_ROWS, "rows"),
+    Measure(Statistic.SUM, "sum_los", column="los"),
+    Measure(Statistic.SUM, "sum_cost", column="cost"),
+    Measure(Statistic.MEAN, "mean_cost", column="cost", clamp=(0.0, 1000.0)),
+    Measure(Statistic.QUANTILE, "median_los", column="los", quantile=0.5),
+    Measure(Statistic.HISTOGRAM, "hist_cost", column="cost", bins=7),
+    Measure(Statistic.RATIO, "los_per_stay", column="los"),
+]
+
+
+@pytest.mark.parametrize("group_by", [(), ("sex",), ("kind",), ("sex", "kind")])
+def test_removing_one_person_moves_each_vector_by_at_most_its_sensitivity(
+    group_by: tuple[str, ...],
+) -> None:
+    rng = random.Random(hash(group_by) & 0xFFFF)
+    rows = _data(rng, 60)
+    compiled = plan.compile_query(
+        Query(view="stays", rho=1.0, measures=tuple(MEASURES), group_by=group_by), CATALOG
+    )
+    full = engine.exact_values(compiled, Runner(rows))
+    tight = {c.key: 0.0 for c in compiled.components}
+    for pid in rng.sample(range(1, 61), 25):
+        without = engine.exact_values(compiled, Runner([r for r in rows if r["person_id"] != pid]))
+        for c in compiled.components:
+            diff = math.sqrt(
+                sum((a - b) ** 2 for a, b in zip(full[c.key], without[c.key], strict=True))
+            )
+            assert diff <= c.sensitivity + 1e-9, (c.key, pid, diff, c.sensitivity)
+            tight[c.key] = max(tight[c.key], diff / c.sensitivity)
+    # The bounds are not vacuous: some person moves each count vector noticeably.
+    assert tight["rows:rows"] > 0.4
+    assert tight["persons:persons"] > 0.5
+
+
+def test_exact_values_match_a_hand_computation() -> None:
+    rows = _data(random.Random(5), 40)
+    query = Query(view="stays", rho=1.0, measures=tuple(MEASURES), group_by=("kind",))
+    compiled = plan.compile_query(query, CATALOG)
+    exact = engine.exact_values(compiled, Runner(rows))
+    for g, (kind,) in enumerate(compiled.domain):
+        mine = [r for r in rows if r["kind"] == kind]
+        assert exact["persons:persons"][g] == len({r["person_id"] for r in mine})
+        assert exact["rows:rows"][g] == len(mine)
+        los = [min(30, max(0, int(r["los"]))) for r in mine if r["los"] is not None]  # type: ignore[call-overload]
+        assert exact["sum_los:sum"][g] == sum(los)
+        assert exact["median_los:bins"][g * 31 : (g + 1) * 31] == [los.count(v) for v in range(31)]
+        assert exact["los_per_stay.den:rows"][g] == len(mine)
+    # Groups outside the public domain ('zzz') are never released.
+    assert len(compiled.domain) == 3
+
+
+def test_fixed_point_sums_keep_four_significant_digits() -> None:
+    compiled = plan.compile_query(
+        Query(view="stays", rho=1.0, measures=(Measure(Statistic.SUM, "s", column="cost"),)),
+        CATALOG,
+    )
+    (c,) = compiled.components
+    assert c.unit == 1.0  # |bounds| up to 1500: units of 1
+    rows = [{"person_id": 1, "sex": "male", "kind": "a", "los": 1, "cost": 1234.4}]
+    assert engine.exact_values(compiled, Runner(rows))["s:sum"] == [1234]
+    mean = plan.compile_query(
+        Query(
+            view="stays",
+            rho=1.0,
+            measures=(Measure(Statistic.MEAN, "m", column="cost", clamp=(0.0, 2.5)),),
+        ),
+        CATALOG,
+    )
+    sums = {c.kind.value: c for c in mean.components}
+    assert sums["sum"].unit == pytest.approx(0.001)
+    assert sums["sumsq"].unit == pytest.approx(0.001)
+
+
+def _exact_release(compiled: plan.Plan, runner: Runner) -> NodeRelease:
+    """A release carrying the exact values (variance as calibrated): for testing combine."""
+    releases = engine.calibrations(compiled)
+    exact = engine.exact_values(compiled, runner)
+    table = engine.release_table(compiled, releases, {k: tuple(v) for k, v in exact.items()})
+    from queries.results import MeasureNoise
+
+    return NodeRelease(
+        query_id="t",
+        table=table,
+        noise=NoiseInfo("discrete_gaussian", 1.0, 1.0, 1.0),
+        rho_charged=1.0,
+        epsilon=1.0,
+        budget=BudgetStatus(10, 1, 1, 1e-6),
+        measures=tuple(
+            MeasureNoise(
+                r.component.key,
+                r.component.kind.value,
+                NoiseInfo("discrete_gaussian", 1.0, r.variance, 1.0),
+                r.calibration.rho,
+            )
+            for r in releases
+        ),
+    )
+
+
+def test_pooled_statistics_from_exact_components_equal_the_pooled_truth() -> None:
+    rng = random.Random(11)
+    regions = {name: _data(rng, 300) for name in ("r1", "r2", "r3")}
+    query = Query(
+        view="stays",
+        rho=1.0,
+        measures=(
+            Measure(Statistic.COUNT_ROWS, "n"),
+            Measure(Statistic.MEAN, "mean_los", column="los"),
+            Measure(Statistic.VARIANCE, "var_los", column="los"),
+            Measure(Statistic.QUANTILE, "median_los", column="los", quantile=0.5),
+            Measure(Statistic.RATIO, "los_per_stay", column="los"),
+        ),
+        where=(Filter("kind", ("a", "b")),),
+    )
+    compiled = plan.compile_query(query, CATALOG)
+    releases = [(k, _exact_release(compiled, Runner(v))) for k, v in regions.items()]
+    table = combine.combine(query, releases)
+    pooled = {r["measure"]: r for r in table.to_pylist() if r["region"] == combine.POOLED}
+    rows = [r for v in regions.values() for r in v if r["kind"] in ("a", "b")]
+    los = [min(30, max(0, int(r["los"]))) for r in rows if r["los"] is not None]  # type: ignore[call-overload]
+    assert pooled["n"]["estimate"] == len(rows)
+    assert pooled["mean_los"]["estimate"] == pytest.approx(statistics.fmean(los))
+    assert pooled["var_los"]["estimate"] == pytest.approx(statistics.variance(los))
+    # Integer grid with one bin per value: the interpolated median lies in the true median's bin.
+    true_median = statistics.median_low(los)
+    assert true_median <= pooled["median_los"]["estimate"] <= true_median + 1
+    assert pooled["los_per_stay"]["estimate"] == pytest.approx(sum(los) / len(rows))
+    for r in pooled.values():
+        assert r["ci_low"] <= r["estimate"] <= r["ci_high"]
+        assert r["std_error"] > 0
