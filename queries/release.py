@@ -57,6 +57,8 @@ def apply(table: pa.Table, rules: ReleaseRules, group_by: tuple[str, ...]) -> pa
             for k in ("estimate", "std_error", "ci_low", "ci_high", "n"):
                 r[k] = None
             continue
+        if r["n"] is not None:
+            r["n"] = _round(r["n"], rules.round_to)
         if Statistic(r["statistic"]) in COUNT_LIKE:
             r["estimate"] = _round(r["estimate"], rules.round_to)
             # Widen the interval outwards so rounding never reduces its coverage.
