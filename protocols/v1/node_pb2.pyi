@@ -470,19 +470,26 @@ class LedgerEntry(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     body: _builtins.bytes
     signature: _builtins.bytes
+    head: _builtins.bool
+    """True for the last message of a StreamLedger stream: `body` is the node's signed head
+    (canonical JSON naming the last entry's sequence and hash), so that an auditor can tell
+    a complete ledger from one with entries deleted at the end.
+    """
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         body: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        head: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "sequence", b"sequence", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "sequence", b"sequence", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
