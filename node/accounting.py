@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from node.policy import BudgetPolicy
-from protocols.errors import BudgetExceededError, QueryError
+from node.policy import BudgetPolicy, NodeConfig
+from protocols.errors import ConfigError
 from queries.results import BudgetStatus
+
+if TYPE_CHECKING:
+    from node.ledger import LedgerBook
 
 
 @dataclass(frozen=True)
@@ -49,47 +55,48 @@ class SignedEntry:
     sequence: int
     body: bytes
     signature: bytes
+    # True for the signed head that ends a stream (body names the last entry and its hash).
+    head: bool = False
 
 
 class Accountant(abc.ABC):
     """Where a node's privacy spend is checked and recorded."""
 
-    def __init__(self, policy: BudgetPolicy) -> None:
+    def __init__(
+        self, policy: BudgetPolicy, *, clock: Callable[[], datetime] | None = None
+    ) -> None:
         self.policy = policy
+        # Injectable so that tests can cross budget periods; always timezone-aware UTC.
+        self.clock: Callable[[], datetime] = clock if clock is not None else _utc_now
 
     @abc.abstractmethod
     def spent(self, analyst: str | None = None) -> float:
-        """Total rho charged (by one analyst, or by everyone)."""
+        """rho released in the current budget period (by one analyst, or by everyone)."""
 
+    @abc.abstractmethod
     def status(self, analyst: str | None = None) -> BudgetStatus:
-        """The node's totals (an analyst's own cap is the D-issue ledger's concern)."""
-        del analyst
-        return BudgetStatus(
-            rho_total=self.policy.total_rho,
-            rho_spent=self.spent(),
-            max_rho_per_query=self.policy.max_rho_per_query,
-            delta=self.policy.delta,
-        )
+        """The node's budget in the current period; for an analyst, what they can still spend.
 
+        With an analyst, rho_spent is that analyst's own spend and rho_remaining the smaller
+        of what their cap and the node's total leave (rho_total = spent + remaining).
+        """
+
+    @abc.abstractmethod
     def check(self, analyst: str, rho: float) -> None:
-        """Refuse, before any computation, a query over the per-query cap or what remains."""
-        if rho > self.policy.max_rho_per_query:
-            raise QueryError(
-                f"rho {rho:g} is above this node's per-query cap of "
-                f"{self.policy.max_rho_per_query:g}; ask for less"
-            )
-        remaining = self.status(analyst).rho_remaining
-        if rho > remaining:
-            raise BudgetExceededError(
-                f"rho {rho:g} exceeds this node's remaining budget of {remaining:g}"
-            )
+        """Refuse, before any computation, a query that would break any cap.
+
+        QueryError for a rho that is not positive and finite or is above the per-query cap;
+        BudgetExceededError if it would take the node's or the analyst's spend in the period
+        above their cap. Spends nothing; charge() checks again atomically.
+        """
 
     @abc.abstractmethod
     def charge(self, charge: Charge) -> tuple[BudgetStatus, int]:
-        """Durably record a charge, or raise BudgetExceededError and record nothing.
+        """Durably record a charge, or raise (as check() does) and record nothing.
 
-        Returns the budget after the charge and the entry's sequence number. Must be
-        serialised: concurrent charges can never together exceed a cap.
+        Returns the node's budget after the charge and the entry's sequence number. Must be
+        serialised: concurrent charges can never together exceed a cap. Durable means the
+        entry survives a crash of the process once this returns (charge before release).
         """
 
     @abc.abstractmethod
@@ -99,6 +106,10 @@ class Accountant(abc.ABC):
     @abc.abstractmethod
     def entries(self, from_sequence: int = 1) -> Iterator[SignedEntry]:
         """Every recorded entry from a sequence number on, in order."""
+
+    @abc.abstractmethod
+    def stream(self, from_sequence: int = 1) -> Iterator[SignedEntry]:
+        """What auditors receive: entries from one snapshot, then the signed head (head=True)."""
 
     @property
     def public_key(self) -> bytes:
@@ -110,38 +121,110 @@ class Accountant(abc.ABC):
 
 
 class MemoryAccountant(Accountant):
-    """Charges kept in memory: for tests and --insecure development nodes only."""
+    """The ledger kept in memory, signed with a throwaway key: for tests and development.
 
-    def __init__(self, policy: BudgetPolicy) -> None:
-        super().__init__(policy)
-        self._charges: list[Charge] = []
-        self._refusals: list[Refusal] = []
+    It builds exactly the entries the SQLite ledger stores (node.ledger.LedgerBook), so one
+    contract suite covers both, and a verifier can check them; nothing survives a restart.
+    """
+
+    def __init__(
+        self,
+        policy: BudgetPolicy,
+        *,
+        node: str = "memory",
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        super().__init__(policy, clock=clock)
+        # Imported here: node.ledger builds on this module.
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from node.ledger import LedgerBook
+
+        self._book: LedgerBook = LedgerBook(
+            node=node, policy=policy, key=Ed25519PrivateKey.generate()
+        )
+        self._entries: list[SignedEntry] = []
         self._lock = threading.Lock()
 
+    @property
+    def public_key(self) -> bytes:
+        """The throwaway key that signs this run's entries."""
+        return self._book.public_key
+
     def spent(self, analyst: str | None = None) -> float:
-        """Sum of recorded charges."""
+        """rho released in the current period."""
         with self._lock:
-            return sum(c.rho for c in self._charges if analyst is None or c.analyst == analyst)
+            return self._book.spent(self._book.now(self.clock()), analyst)
+
+    def status(self, analyst: str | None = None) -> BudgetStatus:
+        """The budget now (see Accountant.status)."""
+        with self._lock:
+            return self._book.status(self._book.now(self.clock()), analyst)
+
+    def check(self, analyst: str, rho: float) -> None:
+        """Refuse a query that would break any cap now."""
+        with self._lock:
+            error = self._book.refusal(analyst, rho, self._book.now(self.clock()))
+        if error is not None:
+            raise error
 
     def charge(self, charge: Charge) -> tuple[BudgetStatus, int]:
-        """Record a charge if it fits under the node's total."""
+        """Check every cap and record the charge, under one lock."""
         with self._lock:
-            spent = sum(c.rho for c in self._charges)
-            if spent + charge.rho > self.policy.total_rho * (1 + 1e-12):
-                raise BudgetExceededError(
-                    f"rho {charge.rho:g} exceeds this node's remaining budget of "
-                    f"{max(0.0, self.policy.total_rho - spent):g}"
-                )
-            self._charges.append(charge)
-            sequence = len(self._charges) + len(self._refusals)
-        return self.status(), sequence
+            when = self._book.now(self.clock())
+            entry = self._book.charge_entry(charge, when)
+            self._entries.append(entry)
+            self._book.fold(entry)
+            return self._book.status(when), entry.sequence
 
     def refuse(self, refusal: Refusal) -> None:
-        """Keep the refusal (not signed)."""
+        """Record the refusal at zero cost."""
         with self._lock:
-            self._refusals.append(refusal)
+            entry = self._book.refusal_entry(refusal, self._book.now(self.clock()))
+            self._entries.append(entry)
+            self._book.fold(entry)
 
     def entries(self, from_sequence: int = 1) -> Iterator[SignedEntry]:
-        """Nothing is signed in memory; auditors need the SQLite ledger."""
-        del from_sequence
-        return iter(())
+        """The entries recorded so far, from a sequence number on."""
+        with self._lock:
+            return iter(self._entries[max(1, from_sequence) - 1 :])
+
+    def stream(self, from_sequence: int = 1) -> Iterator[SignedEntry]:
+        """The entries so far, then the signed head naming the last of them."""
+        with self._lock:
+            items = [*self._entries[max(1, from_sequence) - 1 :], self._book.head()]
+        return iter(items)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_ledger_path(config: NodeConfig, config_file: Path | None) -> Path:
+    """node.toml's `ledger`, else <name>.ledger.sqlite in node.toml's folder."""
+    if config.ledger is not None:
+        return config.ledger
+    if config_file is None:
+        raise ConfigError(f'node {config.name}: set `ledger = "PATH"` in node.toml')
+    return config_file.parent / f"{config.name}.ledger.sqlite"
+
+
+def open_accountant(
+    config: NodeConfig,
+    *,
+    config_file: Path | None = None,
+    memory: bool = False,
+    clock: Callable[[], datetime] | None = None,
+) -> Accountant:
+    """The factory: the node's SQLite ledger (default), or an in-memory one for development."""
+    if memory:
+        return MemoryAccountant(config.budget, node=config.name, clock=clock)
+    from node.ledger import SqliteLedger  # node.ledger builds on this module
+
+    return SqliteLedger(
+        default_ledger_path(config, config_file),
+        node=config.name,
+        policy=config.budget,
+        key_path=config.ledger_key,
+        clock=clock,
+    )

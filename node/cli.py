@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from node.accounting import MemoryAccountant
+from node.accounting import default_ledger_path, open_accountant
 from node.catalog import build_catalog
 from node.policy import load_config
 from node.service import NodeService
@@ -44,6 +44,14 @@ def check(config: Annotated[Path, typer.Option("--config", "-c", help="node.toml
         f"views built in {store.build_seconds:.2f} s"
     )
     store.close()
+    ledger = default_ledger_path(cfg, config)
+    if not ledger.exists():
+        typer.echo(f"ledger {ledger}: will be created, with its signing key, at first start")
+        return
+    accountant = open_accountant(cfg, config_file=config)  # verifies the chain's tail
+    spent = accountant.status()
+    accountant.close()
+    typer.echo(f"ledger {ledger}: ok, rho {spent.rho_spent:.6g} of {spent.rho_total:g} spent")
 
 
 @app.command()
@@ -67,12 +75,13 @@ def serve(
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
     pathways = load_pathways(list(cfg.pathways) if cfg.pathways is not None else None)
+    accountant = open_accountant(cfg, config_file=config)  # refuses a tampered ledger
     store = OmopStore(cfg.omop, pathways, reference_date=cfg.reference_date)
     service = NodeService(
         name=cfg.name,
         store=store,
         catalog=build_catalog(pathways),
-        accountant=MemoryAccountant(cfg.budget),
+        accountant=accountant,
         ca_pem=identity.ca_pem,
         require_tls=not insecure,
         rules=cfg.release,
@@ -91,6 +100,7 @@ def serve(
         write_ready_file(ready_file, port=port, name=cfg.name)
     serve_until_signalled(server)
     store.close()
+    accountant.close()
     log.info("node %s stopped", cfg.name)
 
 

@@ -5,29 +5,81 @@ from __future__ import annotations
 import math
 import tomllib
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError
 from queries.results import ReleaseRules
 
+# Budget periods: spend is summed over the period containing each entry's time (UTC). The UK
+# public sector's financial year runs from 1 April to 31 March; "none" never resets.
+PERIODS = ("financial-year", "calendar-year", "none")
+
+
+def _positive(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def period_bounds(period: str, when: datetime) -> tuple[date | None, date | None]:
+    """The budget period containing `when`: [start, end) dates, or (None, None) for "none"."""
+    day = when.astimezone(UTC).date()
+    if period == "financial-year":
+        year = day.year if (day.month, day.day) >= (4, 1) else day.year - 1
+        return date(year, 4, 1), date(year + 1, 4, 1)
+    if period == "calendar-year":
+        return date(day.year, 1, 1), date(day.year + 1, 1, 1)
+    if period == "none":
+        return None, None
+    raise ConfigError(f"budget.period must be one of {list(PERIODS)}, got {period!r}")
+
 
 @dataclass(frozen=True)
 class BudgetPolicy:
-    """Caps on privacy spending, in zCDP rho."""
+    """Caps on privacy spending, in zCDP rho, per budget period.
+
+    A query is refused if its rho is above max_rho_per_query, if it would take the node's
+    spend in the period above total_rho, or the analyst's spend above their cap (an entry
+    in `analysts`, else analyst_rho; no per-analyst cap if both are absent).
+    """
 
     total_rho: float = 10.0
     max_rho_per_query: float = 1.0
     delta: float = 1e-6
+    period: str = "financial-year"
+    analyst_rho: float | None = None
+    analysts: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("total_rho", "max_rho_per_query"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            if not _positive(value):
                 raise ConfigError(f"budget.{name} must be a positive number, got {value!r}")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"budget.delta must be between 0 and 1, got {self.delta!r}")
+        delta: object = self.delta
+        if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta < 1:
+            raise ConfigError(f"budget.delta must be between 0 and 1, got {delta!r}")
+        if self.period not in PERIODS:
+            raise ConfigError(f"budget.period must be one of {list(PERIODS)}, got {self.period!r}")
+        if self.analyst_rho is not None and not _positive(self.analyst_rho):
+            raise ConfigError(
+                f"budget.analyst_rho must be a positive number, got {self.analyst_rho!r}"
+            )
+        for who, cap in self.analysts:
+            if not _positive(cap):
+                raise ConfigError(f"budget.analysts.{who} must be a positive number, got {cap!r}")
+
+    def analyst_cap(self, analyst: str) -> float | None:
+        """The analyst's cap per period, or None if only the node total applies."""
+        return dict(self.analysts).get(analyst, self.analyst_rho)
+
+    def period_of(self, when: datetime) -> tuple[date | None, date | None]:
+        """The budget period containing `when`."""
+        return period_bounds(self.period, when)
 
 
 @dataclass(frozen=True)
@@ -42,6 +94,10 @@ class NodeConfig:
     pathways: tuple[str, ...] | None = None
     budget: BudgetPolicy = BudgetPolicy()
     release: ReleaseRules = field(default_factory=ReleaseRules)
+    # The privacy ledger (default: <name>.ledger.sqlite beside node.toml, see
+    # node.accounting.open_accountant) and its Ed25519 signing key (default: beside it).
+    ledger: Path | None = None
+    ledger_key: Path | None = None
 
 
 def _path(base: Path, raw: object, field: str) -> Path:
@@ -64,6 +120,7 @@ def load_config(path: Path) -> NodeConfig:
     base = path.parent
     known = {"name", "omop", "identity", "listen", "reference_date", "pathways", "budget"}
     known |= {"release"}
+    known |= {"ledger", "ledger_key"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -74,6 +131,7 @@ def load_config(path: Path) -> NodeConfig:
     if not isinstance(budget_raw, dict):
         raise ConfigError(f"{path}: [budget] must be a table")
     unknown_budget = sorted(set(budget_raw) - {"total_rho", "max_rho_per_query", "delta"})
+    unknown_budget = sorted(set(unknown_budget) - {"period", "analyst_rho", "analysts"})
     if unknown_budget:
         raise ConfigError(f"{path}: unknown [budget] key(s) {unknown_budget}")
     ref = data.get("reference_date", date(2025, 12, 31))
@@ -91,9 +149,22 @@ def load_config(path: Path) -> NodeConfig:
         listen=str(data.get("listen", "127.0.0.1:50051")),
         reference_date=ref,
         pathways=tuple(pathways) if pathways is not None else None,
-        budget=BudgetPolicy(**budget_raw),
+        budget=_budget_policy(budget_raw, path),
         release=_release_rules(data.get("release", {}), str(path)),
+        ledger=_path(base, data["ledger"], "ledger") if "ledger" in data else None,
+        ledger_key=_path(base, data["ledger_key"], "ledger_key") if "ledger_key" in data else None,
     )
+
+
+def _budget_policy(raw: dict[str, Any], path: Path) -> BudgetPolicy:
+    """[budget], with [budget.analysts] (analyst name = rho cap per period) as overrides."""
+    values = dict(raw)
+    analysts = values.pop("analysts", {})
+    if not isinstance(analysts, dict):
+        raise ConfigError(f"{path}: [budget.analysts] must be a table of name = rho")
+    if "period" in values and not isinstance(values["period"], str):
+        raise ConfigError(f"{path}: budget.period must be one of {list(PERIODS)}")
+    return BudgetPolicy(**values, analysts=tuple(sorted(analysts.items())))
 
 
 def _release_rules(raw: object, source: str) -> ReleaseRules:

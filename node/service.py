@@ -231,16 +231,21 @@ class NodeService(node_pb2_grpc.NodeServicer):
     def StreamLedger(  # noqa: N802 - gRPC method name
         self, request: node_pb2.LedgerRequest, context: grpc.ServicerContext
     ) -> Iterator[node_pb2.LedgerEntry]:
-        """Every ledger entry from a sequence number on; auditors only."""
+        """Every ledger entry from a sequence number on, then the signed head; auditors only.
+
+        Read lazily from one snapshot of the ledger, so a long ledger is never held in memory
+        and appends made meanwhile neither block nor tear the stream.
+        """
         peer = self._peer(context)
         if peer is not None and peer.role not in LEDGER_ROLES:
             raise PermissionDeniedError(
                 f"{peer.name} has role {peer.role.value}; only auditors may read the ledger"
             )
-        entries = list(self.accountant.entries(max(1, request.from_sequence)))
-        return iter(
-            node_pb2.LedgerEntry(sequence=e.sequence, body=e.body, signature=e.signature)
-            for e in entries
+        return (
+            node_pb2.LedgerEntry(
+                sequence=e.sequence, body=e.body, signature=e.signature, head=e.head
+            )
+            for e in self.accountant.stream(max(1, request.from_sequence))
         )
 
 
