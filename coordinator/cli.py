@@ -252,11 +252,31 @@ def pki_issue(
         list[str] | None, typer.Option(help="extra DNS name or IP for servers (repeatable)")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="identity folder to write")] = None,
+    org: Annotated[str | None, typer.Option(help="organisation, for node access policies")] = None,
+    days: Annotated[int, typer.Option(help="validity in days")] = 365,
 ) -> None:
     """Issue a certificate and key for a node, the hub, an analyst or an auditor."""
     hosts = ("localhost", "127.0.0.1", *(host or []))
-    path = security.issue(folder, role=role, name=name, out_dir=out, hosts=hosts)
-    typer.echo(f"issued {role.value} identity {name} in {path}")
+    path = security.issue(
+        folder, role=role, name=name, out_dir=out, hosts=hosts, organisation=org, days=days
+    )
+    typer.echo(f"issued {role.value} identity {name} in {path} (key.pem is 0600)")
+
+
+@pki_app.command("revoke")
+def pki_revoke(
+    folder: Annotated[Path, typer.Argument(help="the CA folder")],
+    name: Annotated[str, typer.Argument(help="identity name whose certificates to revoke")],
+    reason: Annotated[str, typer.Option(help="recorded with the revocation")] = "unspecified",
+) -> None:
+    """Revoke every certificate of NAME and rewrite crl.pem (nodes and the hub reload it)."""
+    from protocols.revocation import CRL_FILE, revoke
+
+    serials = revoke(folder, name, reason=reason)
+    typer.echo(
+        f"revoked {len(serials)} certificate(s) of {name}; distribute {folder / CRL_FILE} "
+        "to every node and the hub (they re-read it when it changes)"
+    )
 
 
 def main() -> None:

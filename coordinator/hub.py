@@ -9,6 +9,7 @@ from coordinator.registry import Registry, load_hub_config
 from coordinator.service import HubService
 from protocols.errors import ConfigError
 from protocols.process import serve_until_signalled, write_ready_file
+from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import make_server
 from protocols.security import Role, load_identity
 from protocols.v1 import hub_pb2_grpc
@@ -31,7 +32,13 @@ def serve_hub(
             f"{cfg.identity} holds a {identity.role.value} certificate, not a hub one"
         )
     registry = Registry(cfg.nodes, None if insecure else identity)
-    service = HubService(registry, deadline_ms=cfg.deadline_ms, require_tls=not insecure)
+    service = HubService(
+        registry,
+        deadline_ms=cfg.deadline_ms,
+        require_tls=not insecure,
+        rules=cfg.release,
+        revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
+    )
     server, port = make_server(listen or cfg.listen, None if insecure else identity)
     hub_pb2_grpc.add_HubServicer_to_server(service, server)
     server.start()

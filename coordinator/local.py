@@ -20,6 +20,7 @@ from types import TracebackType
 from protocols import security
 from protocols.errors import ChcError
 from protocols.process import read_ready_file
+from protocols.revocation import CRL_FILE
 
 HUB_NAME = "hub"
 ANALYST_NAME = "demo-analyst"
@@ -158,6 +159,8 @@ class LocalFederation:
                     + _toml_str(str(self.identity_dir(security.Role.NODE, setup.name).resolve())),
                     'listen = "127.0.0.1:0"',
                     f"reference_date = {self.reference_date.isoformat()}",
+                    # The federation's own CRL, so `chc pki revoke` takes effect at once.
+                    f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
                     "",
                     "[budget]",
                     f"total_rho = {setup.total_rho!r}",
@@ -180,6 +183,7 @@ class LocalFederation:
             + _toml_str(str(self.identity_dir(security.Role.HUB, HUB_NAME).resolve())),
             'listen = "127.0.0.1:0"',
             f"deadline_ms = {self.deadline_ms}",
+            f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
         ]
         for n in self.nodes:
             lines += [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import grpc
 from protocols.errors import ConfigError
 from protocols.security import Identity, secure_channel
 from protocols.v1 import node_pb2_grpc
+from queries.results import ReleaseRules
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class HubConfig:
     nodes: tuple[NodeEntry, ...]
     listen: str = "127.0.0.1:50050"
     deadline_ms: int = 30_000
+    # Disclosure rules for everything the hub shows (nodes may only make them stricter).
+    release: ReleaseRules = field(default_factory=ReleaseRules)
+    crl: Path | None = None
 
 
 def load_hub_config(path: Path) -> HubConfig:
@@ -41,7 +45,7 @@ def load_hub_config(path: Path) -> HubConfig:
         raise ConfigError(f"hub config {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"identity", "nodes", "listen", "deadline_ms"})
+    unknown = sorted(set(data) - {"identity", "nodes", "listen", "deadline_ms", "release", "crl"})
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}")
     if "identity" not in data:
@@ -70,7 +74,17 @@ def load_hub_config(path: Path) -> HubConfig:
         nodes=tuple(nodes),
         listen=str(data.get("listen", "127.0.0.1:50050")),
         deadline_ms=deadline,
+        release=_release(data.get("release", {}), path),
+        crl=(path.parent / str(data["crl"])) if "crl" in data else None,
     )
+
+
+def _release(raw: object, path: Path) -> ReleaseRules:
+    if not isinstance(raw, dict) or set(raw) - {"suppress_below", "round_to"}:
+        raise ConfigError(f"{path}: [release] takes suppress_below and round_to")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+        raise ConfigError(f"{path}: release values must be whole numbers")
+    return ReleaseRules(**raw)
 
 
 @dataclass(frozen=True)

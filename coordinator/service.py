@@ -7,11 +7,13 @@ import uuid
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from coordinator.fanout import Reply, fan_out
 from coordinator.registry import NodeHandle, Registry
 from protocols import serde
 from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError
+from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security import Role, peer_of
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
@@ -43,16 +45,21 @@ class HubService(hub_pb2_grpc.HubServicer):
         deadline_ms: int,
         require_tls: bool = True,
         rules: ReleaseRules | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         self.registry = registry
         self.rules = rules or ReleaseRules()
+        self.revocations = revocations
         self.deadline_ms = deadline_ms
         self.require_tls = require_tls
+
+    def _is_revoked(self, cert: x509.Certificate) -> bool:
+        return self.revocations is not None and self.revocations.is_revoked(cert)
 
     def _check_analyst(self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext) -> None:
         if not self.require_tls:
             return
-        peer = peer_of(context)
+        peer = peer_of(context, is_revoked=self._is_revoked)
         if peer.role is not Role.ANALYST:
             raise PermissionDeniedError(
                 f"{peer.name} has role {peer.role.value}; only analysts submit queries"
@@ -113,7 +120,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         """Describe every node; unreachable ones are listed with their status."""
         del request  # carries no fields
         if self.require_tls:
-            peer_of(context)
+            peer_of(context, is_revoked=self._is_revoked)
 
         def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
             return handle.stub.Describe.future(node_pb2.DescribeRequest(), timeout=timeout)

@@ -16,6 +16,7 @@ from node.service import NodeService
 from node.store import OmopStore
 from protocols.errors import ChcError
 from protocols.process import serve_until_signalled, setup_logging, write_ready_file
+from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import INSECURE_WARNING, make_server
 from protocols.security import Role, load_identity
 from protocols.v1 import node_pb2_grpc
@@ -85,6 +86,8 @@ def serve(
         ca_pem=identity.ca_pem,
         require_tls=not insecure,
         rules=cfg.release,
+        access=cfg.access,
+        revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
     )
     server, port = make_server(listen or cfg.listen, None if insecure else identity)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from node.access import AccessPolicy, parse_access
 from protocols.errors import ConfigError
 from queries.results import ReleaseRules
 
@@ -94,6 +95,9 @@ class NodeConfig:
     pathways: tuple[str, ...] | None = None
     budget: BudgetPolicy = BudgetPolicy()
     release: ReleaseRules = field(default_factory=ReleaseRules)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    # The federation's certificate revocation list (default: crl.pem in the identity folder).
+    crl: Path | None = None
     # The privacy ledger (default: <name>.ledger.sqlite beside node.toml, see
     # node.accounting.open_accountant) and its Ed25519 signing key (default: beside it).
     ledger: Path | None = None
@@ -119,7 +123,7 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     base = path.parent
     known = {"name", "omop", "identity", "listen", "reference_date", "pathways", "budget"}
-    known |= {"release"}
+    known |= {"release", "access", "crl"}
     known |= {"ledger", "ledger_key"}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -151,6 +155,8 @@ def load_config(path: Path) -> NodeConfig:
         pathways=tuple(pathways) if pathways is not None else None,
         budget=_budget_policy(budget_raw, path),
         release=_release_rules(data.get("release", {}), str(path)),
+        access=parse_access(data.get("access"), str(path)),
+        crl=_path(base, data["crl"], "crl") if "crl" in data else None,
         ledger=_path(base, data["ledger"], "ledger") if "ledger" in data else None,
         ledger_key=_path(base, data["ledger_key"], "ledger_key") if "ledger_key" in data else None,
     )

@@ -15,14 +15,25 @@ import uuid
 from collections.abc import Iterator
 
 import grpc
+from cryptography import x509
 
 from node import engine
+from node.access import AccessPolicy
 from node.accounting import Accountant, Charge, Refusal
 from node.store import OmopStore
 from protocols import serde
 from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError
+from protocols.revocation import RevocationList
 from protocols.rpc import guarded
-from protocols.security import Peer, Role, SignedQuery, now_ms, peer_of, verify_query
+from protocols.security import (
+    Peer,
+    Role,
+    SignedQuery,
+    VerifiedAnalyst,
+    now_ms,
+    peer_of,
+    verify_analyst,
+)
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec
 from queries.results import MeasureNoise, NodeDescription, NodeRelease, NoiseInfo, ReleaseRules
@@ -67,6 +78,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         ca_pem: bytes,
         require_tls: bool = True,
         rules: ReleaseRules | None = None,
+        access: AccessPolicy | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -75,16 +88,21 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.ca_pem = ca_pem
         self.require_tls = require_tls
         self.rules = rules or ReleaseRules()
+        self.access = access or AccessPolicy()
+        self.revocations = revocations
         self.nonces = NonceStore()
+
+    def _is_revoked(self, cert: x509.Certificate) -> bool:
+        return self.revocations is not None and self.revocations.is_revoked(cert)
 
     def _peer(self, context: grpc.ServicerContext) -> Peer | None:
         if not self.require_tls:
             return None
-        return peer_of(context)
+        return peer_of(context, is_revoked=self._is_revoked)
 
     def _authorise(
         self, envelope: node_pb2.QueryEnvelope, context: grpc.ServicerContext
-    ) -> tuple[SignedQuery, str]:
+    ) -> tuple[SignedQuery, VerifiedAnalyst]:
         peer = self._peer(context)
         if peer is not None and peer.role not in QUERY_ROLES:
             raise PermissionDeniedError(
@@ -92,8 +110,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 "the hub) may run queries"
             )
         signed = serde.signed_query_from_proto(envelope)
-        analyst = verify_query(signed, self.ca_pem)
-        if peer is not None and peer.role is Role.ANALYST and peer.name != analyst:
+        analyst = verify_analyst(signed, self.ca_pem, is_revoked=self._is_revoked)
+        if peer is not None and peer.role is Role.ANALYST and peer.name != analyst.name:
             raise AuthenticationError("an analyst may only submit envelopes it signed itself")
         return signed, analyst
 
@@ -122,10 +140,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """Plan and price a signed query; touches no data and spends nothing."""
         signed, analyst = self._authorise(request.envelope, context)
         query = spec.from_json(signed.query)
+        self.access.check(analyst=analyst.name, organisation=analyst.organisation, view=query.view)
         compiled = plan.compile_query(query, self.catalog)
         releases = engine.calibrations(compiled)
         rho = sum(r.calibration.rho for r in releases)
-        status = self.accountant.status(analyst)
+        status = self.accountant.status(analyst.name)
         return node_pb2.ExplainResponse(
             plan=compiled.describe(),
             measures=[serde.measure_noise_to_proto(_measure_noise(r)) for r in releases],
@@ -149,13 +168,15 @@ class NodeService(node_pb2_grpc.NodeServicer):
         try:
             return self._execute(signed, analyst, request.envelope)
         except ChcError as exc:
-            self._record_refusal(request.envelope, analyst, exc)
+            self._record_refusal(request.envelope, analyst.name, exc)
             raise
 
     def _execute(
-        self, signed: SignedQuery, analyst: str, envelope: node_pb2.QueryEnvelope
+        self, signed: SignedQuery, verified: VerifiedAnalyst, envelope: node_pb2.QueryEnvelope
     ) -> node_pb2.ExecuteResponse:
+        analyst = verified.name
         query = spec.from_json(signed.query)
+        self.access.check(analyst=analyst, organisation=verified.organisation, view=query.view)
         compiled = plan.compile_query(query, self.catalog)
         releases = engine.calibrations(compiled)
         rho = sum(r.calibration.rho for r in releases)

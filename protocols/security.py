@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def issue(
     out_dir: Path | None = None,
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
     days: int = 365,
+    organisation: str | None = None,
 ) -> Path:
     """Issue an ECDSA P-256 certificate for name with role; returns its identity folder.
 
@@ -156,12 +158,13 @@ def issue(
         raise ConfigError(f"{pki_dir / CA_KEY_FILE} is not an ECDSA key")
     ca_cert = x509.load_pem_x509_certificate(ca_pem)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-        ]
-    )
+    attributes = [
+        x509.NameAttribute(NameOID.COMMON_NAME, name),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+    ]
+    if organisation:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation))
+    subject = x509.Name(attributes)
     sans: list[x509.GeneralName] = [x509.DNSName(name)]
     for host in hosts:
         try:
@@ -196,7 +199,35 @@ def issue(
     _write_private(folder / KEY_FILE, _key_pem(key))
     (folder / CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (folder / CA_FILE).write_bytes(ca_pem)
+    _record_issued(pki_dir, name=name, role=role, cert=cert, folder=folder)
     return folder
+
+
+ISSUED_FILE = "issued.json"
+
+
+def _record_issued(
+    pki_dir: Path, *, name: str, role: Role, cert: x509.Certificate, folder: Path
+) -> None:
+    """Keep an index of issued certificates so that `chc pki revoke NAME` finds them."""
+    index_path = pki_dir / ISSUED_FILE
+    index = json.loads(index_path.read_text()) if index_path.exists() else []
+    index.append(
+        {
+            "name": name,
+            "role": role.value,
+            "serial": format(cert.serial_number, "x"),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "folder": str(folder),
+        }
+    )
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def organisation_of(cert: x509.Certificate) -> str:
+    """The certificate's organisation (empty if none), used by node access policies."""
+    names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return str(names[0].value) if names else ""
 
 
 def role_of(cert: x509.Certificate) -> Role:
@@ -276,14 +307,26 @@ class Peer:
     role: Role
 
 
-def peer_of(context: grpc.ServicerContext) -> Peer:
-    """Read the caller's identity and role from its verified TLS certificate."""
+def peer_of(
+    context: grpc.ServicerContext,
+    *,
+    is_revoked: Callable[[x509.Certificate], bool] | None = None,
+) -> Peer:
+    """Read the caller's identity and role from its verified TLS certificate.
+
+    gRPC has already checked the chain to the CA; revocation is checked here because gRPC's
+    Python API does not take a CRL.
+    """
     # gRPC returns a list of values per key (grpc-stubs types it as bytes).
     raw: object = context.auth_context().get("x509_pem_cert")
     pem = raw[0] if isinstance(raw, list | tuple) and raw else raw
     if not isinstance(pem, bytes):
         raise AuthenticationError("no client certificate; connect with mutual TLS")
     cert = x509.load_pem_x509_certificate(pem)
+    if is_revoked is not None and is_revoked(cert):
+        raise AuthenticationError(
+            f"the certificate of {common_name(cert)} has been revoked; ask for a new one"
+        )
     return Peer(name=common_name(cert), role=role_of(cert))
 
 
@@ -357,10 +400,30 @@ def sign_query(identity: Identity, query: bytes, *, ttl_ms: int = 10 * 60 * 1000
     )
 
 
-def verify_query(signed: SignedQuery, ca_pem: bytes, *, at_ms: int | None = None) -> str:
-    """Verify an envelope's certificate chain, role, validity window and signature.
+@dataclass(frozen=True)
+class VerifiedAnalyst:
+    """Who signed a query, as proven by a certificate from the federation CA."""
 
-    Returns the analyst's name. Nonce freshness is the caller's job (it needs state).
+    name: str
+    organisation: str
+    serial: int
+
+
+def verify_query(signed: SignedQuery, ca_pem: bytes, *, at_ms: int | None = None) -> str:
+    """Verify an envelope's chain, role, validity window and signature; the analyst's name."""
+    return verify_analyst(signed, ca_pem, at_ms=at_ms).name
+
+
+def verify_analyst(
+    signed: SignedQuery,
+    ca_pem: bytes,
+    *,
+    at_ms: int | None = None,
+    is_revoked: Callable[[x509.Certificate], bool] | None = None,
+) -> VerifiedAnalyst:
+    """Verify an envelope's certificate chain, revocation, role, validity window and signature.
+
+    Nonce freshness is the caller's job (it needs state).
     """
     now = now_ms() if at_ms is None else at_ms
     try:
@@ -377,6 +440,10 @@ def verify_query(signed: SignedQuery, ca_pem: bytes, *, at_ms: int | None = None
     now_dt = dt.datetime.fromtimestamp(now / 1000, dt.UTC)
     if not cert.not_valid_before_utc <= now_dt <= cert.not_valid_after_utc:
         raise AuthenticationError("the analyst certificate has expired or is not yet valid")
+    if is_revoked is not None and is_revoked(cert):
+        raise AuthenticationError(
+            "the analyst certificate has been revoked; ask the federation for a new one"
+        )
     if role_of(cert) is not Role.ANALYST:
         raise AuthenticationError("queries must be signed with an analyst certificate")
     if common_name(cert) != signed.analyst:
@@ -408,4 +475,6 @@ def verify_query(signed: SignedQuery, ca_pem: bytes, *, at_ms: int | None = None
         public_key.verify(signed.signature, payload, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
         raise AuthenticationError("the query's signature does not match its contents") from exc
-    return signed.analyst
+    return VerifiedAnalyst(
+        name=signed.analyst, organisation=organisation_of(cert), serial=cert.serial_number
+    )
