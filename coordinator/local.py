@@ -40,6 +40,8 @@ class NodeSetup:
     title: str = ""
     total_rho: float = 10.0
     max_rho_per_query: float = 1.0
+    # Extra node.toml tables (e.g. an [access] policy), appended verbatim.
+    extra_toml: str = ""
 
 
 def _toml_str(value: str) -> str:
@@ -165,6 +167,8 @@ class LocalFederation:
                     "[budget]",
                     f"total_rho = {setup.total_rho!r}",
                     f"max_rho_per_query = {setup.max_rho_per_query!r}",
+                    "",
+                    setup.extra_toml,
                     "",
                 ]
             )

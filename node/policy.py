@@ -139,7 +139,7 @@ def load_config(path: Path) -> NodeConfig:
     if unknown_budget:
         raise ConfigError(f"{path}: unknown [budget] key(s) {unknown_budget}")
     ref = data.get("reference_date", date(2025, 12, 31))
-    if not isinstance(ref, date):
+    if isinstance(ref, datetime) or not isinstance(ref, date):
         raise ConfigError(f"{path}: reference_date must be a TOML date such as 2025-12-31")
     pathways = data.get("pathways")
     if pathways is not None and not (

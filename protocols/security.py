@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import enum
+import fcntl
 import ipaddress
 import json
 import os
@@ -66,7 +67,8 @@ def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_symlink():
         raise ConfigError(f"{path} is a symbolic link; refusing to write a private key there")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # O_NOFOLLOW closes the gap between the check above and the open.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, data)
@@ -127,7 +129,11 @@ def create_ca(pki_dir: Path, *, common_name: str = "chc federation CA", days: in
 
 
 def _check_name(name: str) -> None:
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+    if (
+        not name
+        or len(name) > 64
+        or not all((c.isascii() and c.isalnum()) or c in "-_." for c in name)
+    ):
         raise ConfigError(
             f"identity name {name!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.'"
         )
@@ -211,7 +217,19 @@ def _record_issued(
 ) -> None:
     """Keep an index of issued certificates so that `chc pki revoke NAME` finds them."""
     index_path = pki_dir / ISSUED_FILE
-    index = json.loads(index_path.read_text()) if index_path.exists() else []
+    # An exclusive lock so that two concurrent `chc pki issue` runs cannot lose an entry.
+    with (pki_dir / ".issued.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = json.loads(index_path.read_text()) if index_path.exists() else []
+        _append_issued(index, name=name, role=role, cert=cert, folder=folder)
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=2))
+        tmp.replace(index_path)
+
+
+def _append_issued(
+    index: list[dict[str, str]], *, name: str, role: Role, cert: x509.Certificate, folder: Path
+) -> None:
     index.append(
         {
             "name": name,
@@ -221,7 +239,6 @@ def _record_issued(
             "folder": str(folder),
         }
     )
-    index_path.write_text(json.dumps(index, indent=2))
 
 
 def organisation_of(cert: x509.Certificate) -> str:

@@ -6,6 +6,8 @@ malformed message becomes a clear error rather than a crash deeper in.
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 
 from protocols.errors import DataError
@@ -110,15 +112,18 @@ def _column_from_proto(msg: node_pb2.ColumnInfo) -> ColumnSpec:
         kind = ColumnType(msg.type)
     except ValueError:
         raise DataError(f"column {msg.name!r} has unknown type {msg.type!r}") from None
-    return ColumnSpec(
-        name=msg.name,
-        type=kind,
-        description=msg.description,
-        domain=tuple(msg.domain),
-        person_level=msg.person_level,
-        lower=msg.lower if msg.HasField("lower") else None,
-        upper=msg.upper if msg.HasField("upper") else None,
-    )
+    try:
+        return ColumnSpec(
+            name=msg.name,
+            type=kind,
+            description=msg.description,
+            domain=tuple(msg.domain),
+            person_level=msg.person_level,
+            lower=msg.lower if msg.HasField("lower") else None,
+            upper=msg.upper if msg.HasField("upper") else None,
+        )
+    except ValueError as exc:
+        raise DataError(f"peer described an invalid column: {exc}") from None
 
 
 def description_to_proto(desc: NodeDescription) -> node_pb2.DescribeResponse:
@@ -169,7 +174,12 @@ def noise_to_proto(noise: NoiseInfo) -> node_pb2.NoiseInfo:
 
 
 def noise_from_proto(msg: node_pb2.NoiseInfo) -> NoiseInfo:
-    """Noise description from the wire."""
+    """Noise description from the wire; a negative or non-finite noise is refused."""
+    for field in ("scale", "variance", "sensitivity"):
+        value = getattr(msg, field)
+        if not math.isfinite(value) or value < 0:
+            # An impossible noise would turn into an interval that claims no error.
+            raise DataError(f"peer reported an impossible noise {field}: {value!r}")
     return NoiseInfo(
         mechanism=msg.mechanism,
         scale=msg.scale,

@@ -25,7 +25,7 @@ MAX_FILTER_VALUES = 1000
 
 def check_identifier(value: object, what: str) -> str:
     """Return value if it is a lower-case SQL identifier, else raise a QueryError naming it."""
-    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise QueryError(
             f"{what} {value!r} is not a valid name: use lower-case letters, digits and '_', "
             "starting with a letter"
@@ -62,9 +62,15 @@ MAX_BINS = 1000
 
 
 def _finite(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise QueryError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)  # a huge JSON integer overflows here
+    except OverflowError:
+        raise QueryError(f"{what} is too large") from None
+    if not math.isfinite(number):
+        raise QueryError(f"{what} must be a finite number, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -125,9 +131,13 @@ class Measure:
             hi = _finite(self.clamp[1], f"measure {self.name!r} clamp upper bound")
             if not lo < hi:
                 raise QueryError(f"measure {self.name!r}: clamp needs lower < upper")
+            object.__setattr__(self, "clamp", (lo, hi))
         weight = _finite(self.weight, f"measure {self.name!r} weight")
         if weight <= 0:
             raise QueryError(f"measure {self.name!r}: weight must be positive")
+        object.__setattr__(self, "weight", weight)
+        if self.quantile is not None:
+            object.__setattr__(self, "quantile", float(self.quantile))
 
     def to_dict(self) -> dict[str, Any]:
         """Only the fields that differ from the defaults, for a compact canonical form."""
@@ -174,10 +184,11 @@ class Query:
 
     def __post_init__(self) -> None:
         check_identifier(self.view, "view")
-        if isinstance(self.rho, bool) or not isinstance(self.rho, int | float):
-            raise QueryError(f"rho must be a number, got {self.rho!r}")
-        if not math.isfinite(self.rho) or self.rho <= 0:
+        rho = _finite(self.rho, "rho")
+        if rho <= 0:
             raise QueryError(f"rho must be a positive finite number, got {self.rho!r}")
+        # Store a float so that equal queries have equal canonical bytes (1 vs 1.0).
+        object.__setattr__(self, "rho", rho)
         if not self.measures:
             raise QueryError("the query has no measures; ask for at least one, e.g. count")
         names = [m.name for m in self.measures]
@@ -221,7 +232,7 @@ def from_dict(data: object) -> Query:
     if not isinstance(data, Mapping):
         raise QueryError("a query spec must be a mapping with at least 'view' and 'rho'")
     known = {"version", "view", "rho", "epsilon", "delta", "measures", "group_by", "where"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise QueryError(f"unknown field(s) {unknown} in query spec; known: {sorted(known)}")
     version = data.get("version", SPEC_VERSION)
@@ -229,6 +240,8 @@ def from_dict(data: object) -> Query:
         raise QueryError(f"unsupported spec version {version!r}; this node speaks {SPEC_VERSION}")
     if "view" not in data:
         raise QueryError("query spec has no 'view'; name the view to query")
+    if "delta" in data and "epsilon" not in data:
+        raise QueryError("'delta' only goes with 'epsilon'; with rho, give no delta")
     if "rho" in data and "epsilon" in data:
         raise QueryError("give either 'rho' or 'epsilon' (with 'delta'), not both")
     if "epsilon" in data:
@@ -248,10 +261,12 @@ def from_dict(data: object) -> Query:
         if not isinstance(f, Mapping) or "column" not in f or "values" not in f:
             raise QueryError(f"where[{i}] must be a mapping with 'column' and 'values'")
         values = f["values"]
-        if isinstance(values, str | int):
+        if isinstance(values, str | int) and not isinstance(values, bool):
             values = [values]
-        if not isinstance(values, list):
-            raise QueryError(f"where[{i}].values must be a list of values")
+        if not isinstance(values, list) or not all(
+            isinstance(v, str | int) and not isinstance(v, bool) for v in values
+        ):
+            raise QueryError(f"where[{i}].values must be a list of strings (or whole numbers)")
         where.append(Filter(column=f["column"], values=tuple(str(v) for v in values)))
     group_by = _expect(data, "group_by", list, [])
     return Query(
@@ -271,7 +286,7 @@ _MEASURE_KEYS = frozenset(
 def _measure_from_dict(m: object, i: int) -> Measure:
     if not isinstance(m, Mapping):
         raise QueryError(f"measures[{i}] must be a mapping like {{statistic: count}}")
-    unknown = sorted(set(m) - _MEASURE_KEYS)
+    unknown = sorted(map(str, set(m) - _MEASURE_KEYS))
     if unknown:
         raise QueryError(
             f"measures[{i}]: unknown field(s) {unknown}; known: {sorted(_MEASURE_KEYS)}"
@@ -329,4 +344,6 @@ def from_json(raw: bytes | str) -> Query:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise QueryError(f"query is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise QueryError("query JSON is nested too deeply") from None
     return from_dict(data)

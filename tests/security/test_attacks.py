@@ -1,0 +1,320 @@
+"""Attacks on a real federation (nodes and hub processes, mutual TLS on loopback).
+
+Each attack asserts the refusal (status code and a message that says what to fix) and that
+no node's budget moved. Threat model: docs/threat-model.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from coordinator import synth
+from coordinator.client import Federation, HubUnavailableError
+from coordinator.local import AUDITOR_NAME, HUB_NAME, LocalFederation, NodeSetup
+from protocols import revocation, security, serde
+from protocols.errors import ConfigError, PermissionDeniedError, QueryError
+from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2, node_pb2_grpc
+from queries.spec import Filter, Query, canonical_bytes
+from queries.sql import parse_sql
+
+pytestmark = pytest.mark.integration
+
+NODE = "nwc"
+# Only the demo analyst and "limited" may query; "limited" may only see copd.
+ACCESS = """
+[access]
+analysts = ["demo-analyst", "limited", "revoked-analyst"]
+[access.analyst_views]
+limited = ["copd"]
+"""
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    root = tmp_path_factory.mktemp("attacks")
+    folders = synth.generate_federation(4_000, root / "data", seed=3)
+    setups = tuple(
+        NodeSetup(name=r.slug, omop=folders[r.slug], extra_toml=ACCESS) for r in synth.REGIONS
+    )
+    federation = LocalFederation(workdir=root, nodes=setups, deadline_ms=5_000)
+    federation.create_pki()
+    for name in ("limited", "revoked-analyst", "outsider"):
+        security.issue(federation.pki, role=security.Role.ANALYST, name=name)
+    with federation:
+        yield federation
+
+
+def _identity(fed: LocalFederation, role: security.Role, name: str) -> security.Identity:
+    return security.load_identity(fed.identity_dir(role, name))
+
+
+def _analyst(fed: LocalFederation, name: str = "demo-analyst") -> security.Identity:
+    return _identity(fed, security.Role.ANALYST, name)
+
+
+def _node_stub(fed: LocalFederation, identity: security.Identity) -> node_pb2_grpc.NodeStub:
+    channel = security.secure_channel(
+        f"127.0.0.1:{fed.node_port(NODE)}", identity, server_name=NODE
+    )
+    return node_pb2_grpc.NodeStub(channel)
+
+
+def _spent(fed: LocalFederation) -> dict[str, float]:
+    auditor = _identity(fed, security.Role.AUDITOR, AUDITOR_NAME)
+    out = {}
+    for setup in fed.nodes:
+        channel = security.secure_channel(
+            f"127.0.0.1:{fed.node_port(setup.name)}", auditor, server_name=setup.name
+        )
+        out[setup.name] = (
+            node_pb2_grpc.NodeStub(channel)
+            .Describe(node_pb2.DescribeRequest(), timeout=10)
+            .budget.rho_spent
+        )
+        channel.close()
+    return out
+
+
+@pytest.fixture
+def unchanged_budget(fed: LocalFederation) -> Iterator[None]:
+    """Every attack must leave every node's budget exactly where it was."""
+    before = _spent(fed)
+    yield
+    assert _spent(fed) == before
+
+
+def _execute(stub: node_pb2_grpc.NodeStub, envelope: node_pb2.QueryEnvelope) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
+    return info.value
+
+
+QUERY = Query(view="persons", rho=0.05, group_by=("sex",))
+
+
+def _signed(fed: LocalFederation, query: Query = QUERY, **kw: int) -> security.SignedQuery:
+    return security.sign_query(_analyst(fed), canonical_bytes(query), **kw)
+
+
+def _refusal_logged(fed: LocalFederation, code: str) -> bool:
+    """True if the node's ledger holds a zero-cost refusal with this status code."""
+    stub = _node_stub(fed, _identity(fed, security.Role.AUDITOR, AUDITOR_NAME))
+    for entry in stub.StreamLedger(node_pb2.LedgerRequest(from_sequence=1), timeout=10):
+        body = json.loads(entry.body)
+        if body.get("outcome") == "refused" and body.get("code") == code:
+            assert body.get("rho", 0) == 0
+            return True
+    return False
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_no_client_certificate(fed: LocalFederation) -> None:
+    ca = (fed.pki / security.CA_FILE).read_bytes()
+    for address, name in ((f"127.0.0.1:{fed.node_port(NODE)}", NODE), (fed.hub_address, "hub")):
+        channel = grpc.secure_channel(
+            address,
+            grpc.ssl_channel_credentials(root_certificates=ca),
+            options=(("grpc.ssl_target_name_override", name),),
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            node_pb2_grpc.NodeStub(channel).Describe(node_pb2.DescribeRequest(), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        channel.close()
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_certificate_from_another_ca(fed: LocalFederation, tmp_path: Path) -> None:
+    security.create_ca(tmp_path)
+    rogue = security.load_identity(
+        security.issue(tmp_path, role=security.Role.ANALYST, name="demo-analyst")
+    )
+    forged = security.Identity(
+        rogue.name, rogue.role, rogue.cert_pem, rogue.key_pem, _analyst(fed).ca_pem
+    )
+    with Federation(fed.hub_address, forged) as client, pytest.raises(HubUnavailableError):
+        client.query(QUERY)
+    # And an envelope signed by the rogue CA's analyst, relayed by a genuine connection:
+    signed = security.sign_query(rogue, canonical_bytes(QUERY))
+    err = _execute(_node_stub(fed, _analyst(fed)), serde.signed_query_to_proto(signed))
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "not issued by this federation's CA" in (err.details() or "")
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_revoked_analyst(fed: LocalFederation) -> None:
+    revocation.revoke(fed.pki, "revoked-analyst", reason="left the project")
+    time.sleep(2.5)  # nodes and the hub re-read the CRL when it changes (checked every 2 s)
+    ident = _analyst(fed, "revoked-analyst")
+    with Federation(fed.hub_address, ident) as client:
+        with pytest.raises(security.AuthenticationError, match="revoked"):
+            client.query(QUERY)
+    err = _execute(
+        _node_stub(fed, _analyst(fed)),
+        serde.signed_query_to_proto(security.sign_query(ident, canonical_bytes(QUERY))),
+    )
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in (err.details() or "")
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_expired_envelope(fed: LocalFederation) -> None:
+    signed = _signed(fed, ttl_ms=1)
+    time.sleep(0.05)
+    err = _execute(_node_stub(fed, _analyst(fed)), serde.signed_query_to_proto(signed))
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in (err.details() or "")
+    assert _refusal_logged(fed, "UNAUTHENTICATED")
+
+
+def test_replayed_envelope(fed: LocalFederation) -> None:
+    stub = _node_stub(fed, _analyst(fed))
+    envelope = serde.signed_query_to_proto(_signed(fed))
+    stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
+    before = _spent(fed)
+    err = _execute(stub, envelope)
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "already used" in (err.details() or "")
+    assert _spent(fed) == before
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_tampered_query_under_a_valid_signature(fed: LocalFederation) -> None:
+    envelope = serde.signed_query_to_proto(_signed(fed))
+    bigger = Query(view="persons", rho=0.9, group_by=("sex", "age_band"))
+    envelope.query = canonical_bytes(bigger)
+    err = _execute(_node_stub(fed, _analyst(fed)), envelope)
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "signature does not match" in (err.details() or "")
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_hub_forging_an_analyst_query(fed: LocalFederation) -> None:
+    hub = _identity(fed, security.Role.HUB, HUB_NAME)
+    stub = _node_stub(fed, hub)
+    key = serialization.load_pem_private_key(hub.key_pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    now = security.now_ms()
+    fields = {
+        "query": canonical_bytes(QUERY),
+        "analyst": "demo-analyst",
+        "nonce": b"n" * 16,
+        "issued_at_ms": now,
+        "expires_at_ms": now + 60_000,
+    }
+    payload = security.signed_payload(**fields)  # type: ignore[arg-type]
+    signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    # 1. With its own certificate: not an analyst certificate.
+    own = node_pb2.QueryEnvelope(
+        **fields,  # type: ignore[arg-type]
+        analyst_certificate=hub.cert_pem,
+        signature_algorithm=security.SIGNATURE_ALGORITHM,
+        signature=signature,
+    )
+    err = _execute(stub, own)
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    # 2. With the analyst's (public) certificate but the hub's key: the signature fails.
+    borrowed = node_pb2.QueryEnvelope()
+    borrowed.CopyFrom(own)
+    borrowed.analyst_certificate = _analyst(fed).cert_pem
+    err = _execute(stub, borrowed)
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "signature does not match" in (err.details() or "")
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_analyst_calling_the_auditor_stream(fed: LocalFederation) -> None:
+    stub = _node_stub(fed, _analyst(fed))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamLedger(node_pb2.LedgerRequest(), timeout=10))
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "only auditors" in (info.value.details() or "")
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_auditor_submitting_a_query(fed: LocalFederation) -> None:
+    auditor = _identity(fed, security.Role.AUDITOR, AUDITOR_NAME)
+    envelope = serde.signed_query_to_proto(_signed(fed))
+    err = _execute(_node_stub(fed, auditor), envelope)
+    assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    channel = security.secure_channel(fed.hub_address, auditor, server_name="hub")
+    with pytest.raises(grpc.RpcError) as info:
+        hub_pb2_grpc.HubStub(channel).Submit(hub_pb2.SubmitRequest(envelope=envelope), timeout=10)
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_oversized_message(fed: LocalFederation) -> None:
+    ident = _analyst(fed)
+    creds = grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem)
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{fed.node_port(NODE)}",
+        creds,
+        options=(
+            ("grpc.ssl_target_name_override", NODE),
+            ("grpc.max_send_message_length", 80 * 1024 * 1024),
+        ),
+    )
+    envelope = serde.signed_query_to_proto(_signed(fed))
+    envelope.analyst_certificate = b"x" * (security.MAX_MESSAGE_BYTES + 1024)
+    err = _execute(node_pb2_grpc.NodeStub(channel), envelope)
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    channel.close()
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "SELECT sex, COUNT(*) FROM persons WHERE sex = 'x'' OR ''1''=''1' GROUP BY sex",
+        "SELECT COUNT(*) FROM persons WHERE sex IN ('female'); DROP TABLE persons; --')",
+        'SELECT COUNT(*) FROM "persons; DROP TABLE persons"',
+        "SELECT COUNT(*) FROM read_parquet('/etc/passwd')",
+        'SELECT COUNT(*) FROM persons GROUP BY "sex""; --"',
+    ],
+)
+def test_sql_injection_is_refused(fed: LocalFederation, attack: str) -> None:
+    with Federation(fed.hub_address, _analyst(fed)) as client, pytest.raises(QueryError):
+        client.query(parse_sql(attack, rho=0.05))
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_injection_in_a_spec_filter_value_is_refused_by_the_node(fed: LocalFederation) -> None:
+    query = Query(view="persons", rho=0.05, where=(Filter("sex", ("female' OR '1'='1",)),))
+    with Federation(fed.hub_address, _analyst(fed)) as client:
+        with pytest.raises(QueryError, match="not in its public domain"):
+            client.query(query)
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_node_access_policy(fed: LocalFederation) -> None:
+    with Federation(fed.hub_address, _analyst(fed, "outsider")) as client:
+        with pytest.raises(PermissionDeniedError, match="not on this node's access list"):
+            client.query(QUERY)
+    with Federation(fed.hub_address, _analyst(fed, "limited")) as client:
+        with pytest.raises(PermissionDeniedError, match="may not query view 'persons'"):
+            client.query(QUERY)
+
+
+def test_limited_analyst_may_query_their_view(fed: LocalFederation) -> None:
+    with Federation(fed.hub_address, _analyst(fed, "limited")) as client:
+        result = client.query(Query(view="copd", rho=0.01))
+    assert not result.partial
+
+
+def test_path_traversal_in_names_and_config(tmp_path: Path) -> None:
+    security.create_ca(tmp_path / "pki")
+    for bad in ("../../etc/x", "a/b", ".hidden", "x" * 65, ""):
+        with pytest.raises(ConfigError):
+            security.issue(tmp_path / "pki", role=security.Role.ANALYST, name=bad)
+    from queries.pathway import parse_pathway
+
+    with pytest.raises(Exception, match="pathway name|not a valid name"):  # noqa: PT011
+        parse_pathway("name: ../../etc\nconditions: [1]\n", "evil.yaml")
