@@ -45,8 +45,10 @@ check-protos: protos
 	git diff --exit-code -- protocols/v1 || \
 		(echo "generated stubs differ from protocols/v1/*.proto: run 'make protos' and commit"; exit 1)
 
+# Each script prints one JSON object; ARGS goes to the federated count benchmark.
 bench: $(STAMP)
 	$(BIN)/python bench/federated_count.py $(ARGS)
+	$(BIN)/python bench/signing.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

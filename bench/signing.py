@@ -1,0 +1,69 @@
+"""Added latency of analyst signing and node-side verification per query, as JSON.
+
+Signing happens once per query at the analyst; verification (certificate chain to the CA,
+revocation against the CRL, role, window, ECDSA signature) once per query at every node.
+Compared against the same federated query's end-to-end latency measured by
+bench/federated_count.py, these are the whole cost of end-to-end authorisation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from protocols import revocation, security
+from queries.spec import Query, canonical_bytes
+
+
+def _time(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    fn()
+    xs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        xs.append((time.perf_counter() - t) * 1e3)
+    xs.sort()
+    return {
+        "p50_ms": round(statistics.median(xs), 4),
+        "p99_ms": round(xs[int(0.99 * (len(xs) - 1))], 4),
+    }
+
+
+def main() -> None:
+    """Print the JSON figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = Path(tmp)
+        security.create_ca(pki)
+        analyst = security.load_identity(security.issue(pki, role=security.Role.ANALYST, name="a"))
+        for i in range(100):  # a CRL with 100 revoked certificates
+            security.issue(pki, role=security.Role.ANALYST, name=f"old{i}")
+            revocation.revoke(pki, f"old{i}")
+        crl = revocation.RevocationList(pki / revocation.CRL_FILE, analyst.ca_pem)
+        query = canonical_bytes(Query(view="copd", rho=0.1, group_by=("sex", "age_band")))
+        signed = security.sign_query(analyst, query)
+        repeats = 2000
+        sign = _time(lambda: security.sign_query(analyst, query), repeats)
+        verify = _time(
+            lambda: security.verify_analyst(signed, analyst.ca_pem, is_revoked=crl.is_revoked),
+            repeats,
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "signing",
+                "repeats": repeats,
+                "sign": sign,
+                "verify_with_crl_100": verify,
+                "added_per_query_p50_ms": round(sign["p50_ms"] + verify["p50_ms"], 4),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
