@@ -123,12 +123,19 @@ def _mean_like(m: Measure, c: Components, z: float) -> Figure:
 
 
 def _quantile_at(counts: list[float], edges: list[float], rank: float) -> float:
+    # On a grid of one bin per whole value (integer columns), the quantile is that value;
+    # on a continuous grid, interpolate linearly within the bin where the rank falls.
+    discrete = all(float(e).is_integer() for e in edges) and all(
+        edges[i + 1] - edges[i] == 1 for i in range(len(edges) - 1)
+    )
     total = 0.0
     for i, h in enumerate(counts):
         if total + h >= rank and h > 0:
+            if discrete:
+                return edges[i]
             return edges[i] + (edges[i + 1] - edges[i]) * (rank - total) / h
         total += h
-    return edges[-1]
+    return edges[-2] if discrete else edges[-1]
 
 
 def _quantile(m: Measure, c: Components, z: float) -> Figure:

@@ -1,0 +1,144 @@
+"""A six-statistic grouped query over 4 nodes, against the same aggregates in DuckDB; and the
+accuracy of pooled means and medians against averaging per-region estimates. Prints JSON.
+
+Latency: end to end as an analyst sees it (sign, hub fan-out over mutual TLS, 4 nodes plan,
+aggregate, charge the ledger, noise; hub combine and disclosure rules), against the exact
+aggregates run straight in DuckDB on the pooled persons table (all regions in one table).
+
+Accuracy at the given rho: relative error of the pooled mean and median of age against the
+exact pooled values, for chc's pooling (pooled sums and pooled DP histograms) and for the
+naive alternative of averaging the four regional estimates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from coordinator import synth
+from coordinator.client import Federation
+from coordinator.local import LocalFederation, NodeSetup
+from node.store import OmopStore
+from queries.combine import POOLED
+from queries.pathway import load_pathways
+from queries.sql import parse_sql
+
+REF = date(2025, 12, 31)
+SQL = (
+    "SELECT sex, imd_quintile, COUNT(*) AS n, SUM(age) AS total_age, AVG(age) AS mean_age, "
+    "STDDEV(age) AS sd_age, MEDIAN(age) AS median_age, QUANTILE(age, 0.9) AS p90_age "
+    "FROM persons GROUP BY sex, imd_quintile"
+)
+BASELINE = (
+    "SELECT sex, imd_quintile, COUNT(*), SUM(age), AVG(age), STDDEV_SAMP(age), "
+    "MEDIAN(age), QUANTILE_CONT(age, 0.9) FROM persons GROUP BY sex, imd_quintile"
+)
+ACCURACY_SQL = "SELECT AVG(age) AS mean_age, MEDIAN(age) AS median_age FROM persons"
+
+
+def _times(fn: Callable[[], object], repeats: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def main() -> None:
+    """Run and print JSON."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--persons-per-node", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rho", type=float, default=0.1)
+    ap.add_argument("--accuracy-runs", type=int, default=20)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="chc-bench-") as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        folders = {r.slug: root / "data" / r.slug for r in synth.REGIONS}
+        for i, r in enumerate(synth.REGIONS):
+            synth.generate_region(r, args.persons_per_node, folders[r.slug], seed=100 + i)
+        gen_s = time.perf_counter() - t
+        # The pooled truth and the DuckDB baseline, from the nodes' own persons views.
+        pathways = load_pathways(None)
+        tables = []
+        for slug, folder in folders.items():
+            store = OmopStore(folder, pathways, reference_date=REF)
+            part = store.query("SELECT sex, imd_quintile, age FROM persons")
+            tables.append(part.append_column("region", pa.array([slug] * part.num_rows)))
+            store.close()
+        con = duckdb.connect(config={"threads": 2})
+        con.register("pooled", pa.concat_tables(tables))
+        con.execute("CREATE TABLE persons AS SELECT * FROM pooled")
+        baseline = _times(lambda: con.sql(BASELINE).fetchall(), args.repeats)
+        ((true_mean, true_median),) = con.sql(
+            "SELECT AVG(age), MEDIAN(age) FROM persons"
+        ).fetchall()
+        setups = tuple(
+            NodeSetup(name=s, omop=f, total_rho=1e6, max_rho_per_query=10.0)
+            for s, f in folders.items()
+        )
+        t = time.perf_counter()
+        with LocalFederation(workdir=root, nodes=setups, startup_timeout_s=600) as fed:
+            startup_s = time.perf_counter() - t
+            with Federation(fed.hub_address, fed.analyst_identity) as client:
+                query = parse_sql(SQL, rho=args.rho)
+                federated = _times(lambda: client.query(query, deadline_s=120), args.repeats)
+                acc_query = parse_sql(ACCURACY_SQL, rho=args.rho)
+                errors: dict[str, list[float]] = {
+                    k: []
+                    for k in ("pooled_mean", "averaged_mean", "pooled_median", "averaged_median")
+                }
+                for _ in range(args.accuracy_runs):
+                    rows = client.query(acc_query).table.to_pylist()
+                    for stat, truth in (("mean", true_mean), ("median", true_median)):
+                        mine = [r for r in rows if r["measure"] == f"{stat}_age"]
+                        pooled = next(r["estimate"] for r in mine if r["region"] == POOLED)
+                        regional = [r["estimate"] for r in mine if r["region"] != POOLED]
+                        errors[f"pooled_{stat}"].append(abs(pooled - truth) / truth)
+                        errors[f"averaged_{stat}"].append(
+                            abs(statistics.fmean(regional) - truth) / truth
+                        )
+    fed_p50, base_p50 = statistics.median(federated), statistics.median(baseline)
+    print(
+        json.dumps(
+            {
+                "benchmark": "query_engine",
+                "persons_per_node": args.persons_per_node,
+                "nodes": 4,
+                "statistics": 6,
+                "groups": "sex x imd_quintile",
+                "synth_seconds": round(gen_s, 1),
+                "federation_startup_seconds": round(startup_s, 1),
+                "federated_p50_ms": round(fed_p50, 1),
+                "federated_p95_ms": round(_pct(federated, 95), 1),
+                "duckdb_pooled_p50_ms": round(base_p50, 1),
+                "ratio_p50": round(fed_p50 / base_p50, 2),
+                "rho": args.rho,
+                "true_mean_age": round(float(true_mean), 3),
+                "true_median_age": float(true_median),
+                "mean_relative_error": {k: f"{statistics.fmean(v):.2e}" for k, v in errors.items()},
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
