@@ -147,7 +147,7 @@ class LocalFederation:
                 )
             time.sleep(0.05)
 
-    def start_node(self, setup: NodeSetup) -> None:
+    def start_node(self, setup: NodeSetup, *, port: int = 0) -> None:
         """Write a node's config and start it (also used to restart a stopped node)."""
         conf_dir = self.workdir / "conf"
         conf_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ class LocalFederation:
                     f"omop = {_toml_str(str(setup.omop.resolve()))}",
                     "identity = "
                     + _toml_str(str(self.identity_dir(security.Role.NODE, setup.name).resolve())),
-                    'listen = "127.0.0.1:0"',
+                    f'listen = "127.0.0.1:{port}"',
                     f"reference_date = {self.reference_date.isoformat()}",
                     # The federation's own CRL, so `chc pki revoke` takes effect at once.
                     f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
@@ -201,6 +201,14 @@ class LocalFederation:
         hub = self._spawn(HUB_NAME, ["coordinator", "hub", "serve", "--config", str(hub_conf)])
         self._wait_ready([hub])
         self.hub_port = hub.port
+
+    def restart_node(self, name: str, *, sig: int = signal.SIGTERM) -> None:
+        """Stop a node (SIGKILL simulates a crash) and start it again on the same port."""
+        setup = next(n for n in self.nodes if n.name == name)
+        port = self._procs[name].port
+        self.stop_process(name, sig=sig)
+        self.start_node(setup, port=port)
+        self._wait_ready([self._procs[name]])
 
     def stop_process(
         self, name: str, *, sig: int = signal.SIGTERM, timeout_s: float = 10.0

@@ -8,18 +8,21 @@ is recorded at zero cost and answered with a precise status and message.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import DecodeError
 
 from node import engine
 from node.access import AccessPolicy
-from node.accounting import Accountant, Charge, Refusal
+from node.accounting import Accountant, Charge, Refusal, SignedEntry
 from node.store import OmopStore
 from protocols import serde
 from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError
@@ -64,6 +67,27 @@ class NonceStore:
                 raise AuthenticationError("this query envelope was already used; sign it again")
             self._seen[nonce] = expires_at_ms
 
+    def seed(self, entries: Iterable[SignedEntry]) -> int:
+        """Remember the nonces of released queries still within their validity window.
+
+        Without this a restarted node would accept a replay of an envelope it had already
+        answered; the ledger is the durable record of what was released.
+        """
+        now = now_ms()
+        seeded = 0
+        for entry in entries:
+            try:
+                body = json.loads(entry.body)
+                if body.get("outcome") != "released":
+                    continue
+                envelope = node_pb2.QueryEnvelope.FromString(base64.b64decode(body["envelope"]))
+            except (ValueError, KeyError, TypeError, DecodeError):
+                continue  # not a query entry (e.g. a signed head)
+            if envelope.expires_at_ms > now:
+                self._seen[envelope.nonce] = envelope.expires_at_ms
+                seeded += 1
+        return seeded
+
 
 class NodeService(node_pb2_grpc.NodeServicer):
     """Answers Describe, Explain, Execute and StreamLedger for one region's data."""
@@ -91,6 +115,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.access = access or AccessPolicy()
         self.revocations = revocations
         self.nonces = NonceStore()
+        seeded = self.nonces.seed(accountant.entries())
+        if seeded:
+            log.info("remembered %d unexpired nonce(s) from the ledger", seeded)
 
     def _is_revoked(self, cert: x509.Certificate) -> bool:
         return self.revocations is not None and self.revocations.is_revoked(cert)

@@ -326,3 +326,15 @@ def test_path_traversal_in_names_and_config(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"pathway name|not a valid name"):
         parse_pathway("name: ../../etc\nconditions: [1]\n", "evil.yaml")
+
+
+def test_replay_after_a_node_restart(fed: LocalFederation) -> None:
+    """Nonces of released queries survive a restart (they are re-read from the ledger)."""
+    envelope = serde.signed_query_to_proto(_signed(fed))
+    _node_stub(fed, _analyst(fed)).Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
+    fed.restart_node(NODE)
+    before = _spent(fed)
+    err = _execute(_node_stub(fed, _analyst(fed)), envelope)
+    assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "already used" in (err.details() or "")
+    assert _spent(fed) == before
