@@ -1,70 +1,27 @@
 """Seeded synthetic OMOP CDM v5.4 data for the four Connected Health Cities (CHC) regions.
 
-Writes person, observation_period, visit_occurrence, condition_occurrence and death as one
-Parquet file per table. Persons are generated in chunks with numpy (no per-person Python
-loops) and streamed through ``pyarrow.parquet.ParquetWriter`` so memory stays bounded at
-1M+ persons. This is synthetic test data, not privacy noise, so an ordinary seeded
-``numpy.random.Generator`` (PCG64) is used.
+Writes person, observation_period, visit_occurrence, condition_occurrence, death and location
+as one Parquet file per table, plus ``lsoa_imd.csv``: a (synthetic) national lookup from LSOA
+code to IMD 2019 decile and quintile, which a node reads as its ``imd_lookup`` (it is not an
+OMOP table; the node ignores it as an extra file). Persons are generated in chunks with numpy
+(no per-person Python loops) and streamed through ``pyarrow.parquet.ParquetWriter`` so memory
+stays bounded at 1M+ persons. This is synthetic test data, not privacy noise, so an ordinary
+seeded ``numpy.random.Generator`` (PCG64) is used.
 
-Assumptions and their sources (DOMAIN.md = /work/shared/docs/DOMAIN.md):
-
-* Regions and relative sizes: NENC ~3.6m, NWC ~4m, Y&H 5.5m (CUREd), GM ~2.8m (unverified)
-  -- DOMAIN.md section 1. Only the ratios are used, to split a total across regions.
-* Columns, types and NOT NULL flags follow the minimal OMOP v5.4 DDL -- DOMAIN.md section 4.
-  Ids, concepts and year/month/day of birth are int64, dates are date32, birth_datetime is
-  midnight of the birth date. race/ethnicity concepts are 0 and location_id is null because
-  nothing about them is modelled. All type concepts are 32817 ("EHR").
-* Concepts (DOMAIN.md section 4): 8507/8532 gender; 317009 asthma, 255573 COPD, 380378
-  epilepsy, 201612 alcoholic liver damage, 201826 type 2 diabetes; visits 9201 inpatient,
-  9202 outpatient, 9203 emergency room. condition_source_value holds the ICD-10 code that
-  English hospital data would carry (J45.9, J44.9, G40.9, K70.9, E11.9); that mapping is
-  ours, not from DOMAIN.md.
-* Age and sex (DOMAIN.md section 5, Census 2021): under 15 17.4%, 15-64 64.1%, 65+ 18.6%,
-  51% female. Ages are uniform within 0-14 and 15-64; the split of 65+ into five-year bands
-  (5.0, 4.9, 3.7, 2.5, 1.6, 0.7 and 0.2% for 95-100) is our approximation of ONS estimates
-  (unverified). Maximum age 100. Age is measured at ``reference_date``; sex has no effect on
-  any rate below.
-* Prevalences, "has at least one record" (DOMAIN.md section 5 and the project brief):
-  asthma 9% of under-18s and 8% of adults ("1 in 11" children); COPD 4% of over-40s, zero
-  under 35 and rising with age; epilepsy 1% overall with 1 in 220 children; alcohol-related
-  liver disease 0.5% of adults, peaking at 50-59; type 2 diabetes 7% of adults, rising with
-  age. The age shapes are ours; each is rescaled so its stated group hits the target exactly
-  in expectation. Conditions are independent given age.
-* Designed regional difference: North West Coast has COPD prevalence x1.5 at every age (a
-  nod to its COPD pathway, DOMAIN.md section 1) so that federated comparisons have a real
-  signal to find. Because COPD raises emergency attendance and death, NWC also has slightly
-  more of both. Every other rate is the same in all regions.
-* Emergency attendances: 0.36 per person-year on average (DOMAIN.md section 5, A&E,
-  "my calculation, unverified"), higher for under-5s and over-80s and multiplied by 1.5
-  (asthma), 2.5 (COPD), 2.0 (epilepsy), 3.0 (liver) and 1.3 (diabetes) -- multipliers are
-  ours. The base is rescaled so the population mean stays 0.36 (observed ~0.355 per
-  person-year at risk, as sicker and older people die sooner). Visits fall in the 3 years
-  (1,096 days) before ``reference_date``, never before 2015-01-01, birth or after death.
-* Admissions: on average about 20% of emergency attendances are followed by an inpatient
-  stay starting the same day (DOMAIN.md section 5: "20% admitted"); the rate rises with age
-  and is x1.5 with COPD or liver disease. Admissions point back with
-  preceding_visit_occurrence_id; admitted_from/discharged_to stay null because their place
-  of service concepts are not verified. Length of stay is geometric (0 days 30% of the
-  time, mean ~2.3), capped at 30 and at death or reference date. There are also elective
-  admissions (0.05 per person-year) and outpatient visits (1.0 per person-year), with the
-  same relative multipliers; both rates are ours, chosen to keep file sizes modest.
-* Condition records: 1 + Poisson(0.6) records per person and condition, dated uniformly in
-  the observation period; half of those for persons with an emergency or inpatient visit
-  are attached to one of those visits and take its date.
-* Deaths: about 1% of persons over the 3-year window (project brief), with Gompertz-shaped
-  risk doubling roughly every 8 years of age, an infant bump, and a hazard ratio of 2.5 for
-  COPD (ours). 30% of deaths of persons with COPD carry cause_concept_id 255573.
-* observation_period: one per person (id = person_id), from 2015-01-01 or birth, to
-  ``reference_date`` or death.
+What the data is meant to look like, every assumption, its source and the designed regional
+differences are in docs/synthetic-data.md; the constants below carry short notes only.
+DOMAIN.md means ../shared/docs/DOMAIN.md.
 
 Determinism: chunk ``k`` of a region is drawn from ``SeedSequence(seed, spawn_key=(region
 key, k))``, so the same seed, region, size, reference date and chunk size give identical
-rows. A different chunk size gives different rows with the same distribution.
+rows. A different chunk size gives different rows with the same distribution. The LSOA
+lookup and each region's LSOAs do not depend on the seed (like a published national file).
 """
 
 from __future__ import annotations
 
 import calendar
+import functools
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,6 +32,7 @@ from typing import Final
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
@@ -85,7 +43,7 @@ BoolArray = NDArray[np.bool_]
 
 @dataclass(frozen=True)
 class Region:
-    """A CHC region; ``population`` is used only for relative sizes."""
+    """A CHC region; ``population`` is used only for relative sizes and LSOA counts."""
 
     slug: str
     name: str
@@ -111,10 +69,26 @@ OUTPATIENT: Final = 9202
 EMERGENCY_ROOM: Final = 9203
 EHR_TYPE: Final = 32817
 
-# Relative multipliers on condition prevalence by region slug; see the module docstring.
+# Share of each region's residents in national IMD 2019 quintiles 1 (most deprived) to 5.
+# Nationally each quintile holds 20% (DOMAIN.md section 5); the North has more of its
+# neighbourhoods among the most deprived. Our approximation, see docs/synthetic-data.md.
+IMD_SHARES: Final[Mapping[str, tuple[float, float, float, float, float]]] = {
+    "nenc": (0.31, 0.21, 0.18, 0.16, 0.14),
+    "nwc": (0.33, 0.19, 0.17, 0.16, 0.15),
+    "yh": (0.29, 0.21, 0.18, 0.17, 0.15),
+    "gm": (0.36, 0.21, 0.16, 0.14, 0.13),
+}
+NO_LOCATION_SHARE: Final = 0.02  # persons without a usable address: IMD unknown
+PERSONS_PER_LSOA: Final = 1_500  # an LSOA holds about 1,500 residents
+LOOKUP_FILE: Final = "lsoa_imd.csv"
+
+# Designed regional differences (docs/synthetic-data.md), so comparisons have a signal:
+# relative multipliers on condition prevalence, and on 30-day readmission risk.
 REGIONAL_PREVALENCE_MULTIPLIERS: Final[Mapping[str, Mapping[int, float]]] = {
     "nwc": {COPD: 1.5},
+    "nenc": {ALCOHOLIC_LIVER: 1.6},
 }
+REGIONAL_READMISSION_MULTIPLIERS: Final[Mapping[str, float]] = {"gm": 1.5}
 
 TABLE_NAMES: Final[tuple[str, ...]] = (
     "person",
@@ -122,6 +96,7 @@ TABLE_NAMES: Final[tuple[str, ...]] = (
     "visit_occurrence",
     "condition_occurrence",
     "death",
+    "location",
 )
 
 
@@ -189,6 +164,15 @@ SCHEMAS: Final[Mapping[str, pa.Schema]] = {
             _field("cause_concept_id", _I64),
         ]
     ),
+    "location": pa.schema(
+        [
+            _field("location_id", _I64, required=True),
+            _field("city", pa.string()),
+            _field("county", pa.string()),
+            _field("location_source_value", pa.string()),
+            _field("country_source_value", pa.string()),
+        ]
+    ),
 }
 
 # --- Demography and rates -------------------------------------------------------------
@@ -198,7 +182,9 @@ _ADULT_AGE: Final = 18
 _FEMALE_SHARE: Final = 0.51
 _OBSERVATION_START: Final = date(2015, 1, 1)
 _WINDOW_DAYS: Final = 3 * 365 + 1
+_WINDOW_YEARS: Final = _WINDOW_DAYS / 365.25
 _EPOCH: Final = date(1970, 1, 1)
+_UNKNOWN_IMD: Final = 5  # index of "no quintile" in the gradient arrays below
 
 
 def _by_age(steps: tuple[tuple[int, float], ...]) -> FloatArray:
@@ -207,6 +193,17 @@ def _by_age(steps: tuple[tuple[int, float], ...]) -> FloatArray:
     for age, value in steps:
         out[age:] = value
     return out
+
+
+def _gradient(q1: float, q2: float, q3: float, q4: float, q5: float) -> FloatArray:
+    """Relative risk by IMD quintile (1 = most deprived), mean 1 over equal quintiles.
+
+    Normalised so that the national mean (20% in each quintile) is unchanged; a region
+    skewed towards deprivation then has higher rates than the nation, as the North does.
+    The sixth entry, for persons whose quintile is unknown, is 1.
+    """
+    values = np.array([q1, q2, q3, q4, q5], dtype=np.float64)
+    return np.append(values / values.mean(), 1.0)
 
 
 def _age_pmf() -> FloatArray:
@@ -251,12 +248,33 @@ def _epilepsy() -> FloatArray:
 class _Condition:
     concept_id: int
     source_value: str
-    prevalence: FloatArray  # by age at reference date
+    prevalence: FloatArray  # by age at reference date, national
+    deprivation: FloatArray  # relative prevalence by IMD quintile (_gradient)
     acute_multiplier: float  # on emergency, elective and outpatient visit rates
+    death_hazard: float  # relative risk of death
+    severe: bool  # raises admission risk and length of stay
+
+    @property
+    def link_probability(self) -> float:
+        """Chance the condition is recorded on one of the person's acute visits.
+
+        About the share of their excess acute visits the condition explains, (m - 1) / m,
+        plus a floor for coding as a comorbidity.
+        """
+        m = self.acute_multiplier
+        return 0.1 + 0.8 * (m - 1) / m
 
 
 _CONDITIONS: Final[tuple[_Condition, ...]] = (
-    _Condition(ASTHMA, "J45.9", _by_age(((0, 0.09), (_ADULT_AGE, 0.08))), 1.5),
+    _Condition(
+        ASTHMA,
+        "J45.9",
+        _by_age(((0, 0.09), (_ADULT_AGE, 0.08))),
+        _gradient(1.25, 1.1, 1.0, 0.9, 0.85),
+        1.5,
+        1.0,
+        False,
+    ),
     _Condition(
         COPD,
         "J44.9",
@@ -265,9 +283,20 @@ _CONDITIONS: Final[tuple[_Condition, ...]] = (
             0.04,
             40,
         ),
+        _gradient(2.0, 1.4, 1.0, 0.75, 0.6),
         2.5,
+        2.5,
+        True,
     ),
-    _Condition(EPILEPSY, "G40.9", _epilepsy(), 2.0),
+    _Condition(
+        EPILEPSY,
+        "G40.9",
+        _epilepsy(),
+        _gradient(1.4, 1.2, 1.0, 0.85, 0.75),
+        2.0,
+        1.6,
+        False,
+    ),
     _Condition(
         ALCOHOLIC_LIVER,
         "K70.9",
@@ -276,7 +305,10 @@ _CONDITIONS: Final[tuple[_Condition, ...]] = (
             0.005,
             _ADULT_AGE,
         ),
+        _gradient(2.5, 1.6, 1.0, 0.7, 0.5),
         3.0,
+        4.0,
+        True,
     ),
     _Condition(
         TYPE_2_DIABETES,
@@ -286,7 +318,10 @@ _CONDITIONS: Final[tuple[_Condition, ...]] = (
             0.07,
             _ADULT_AGE,
         ),
+        _gradient(1.5, 1.2, 1.0, 0.85, 0.7),
         1.3,
+        1.3,
+        False,
     ),
 )
 _COPD_INDEX: Final = 1
@@ -295,11 +330,14 @@ _LIVER_INDEX: Final = 3
 _ACUTE_AGE_MULTIPLIER: Final = _by_age(
     ((0, 1.6), (5, 0.7), (15, 1.0), (25, 0.9), (65, 1.2), (80, 2.0))
 )
+# A&E attendances, most against least deprived: 3.3m against 1.7m a year by decile (RCEM
+# 2023/24, DOMAIN.md section 5); our quintile gradient is a little flatter.
+_ACUTE_DEPRIVATION: Final = _gradient(1.3, 1.1, 0.95, 0.85, 0.8)
 
 
 def _acute_normaliser() -> float:
     # Expected multiplier over the population with base prevalences, so base rates stay
-    # population means (conditions are independent given age).
+    # national means (conditions independent given age; deprivation averages out).
     per_age = _ACUTE_AGE_MULTIPLIER.copy()
     for cond in _CONDITIONS:
         per_age *= 1 + (cond.acute_multiplier - 1) * cond.prevalence
@@ -311,30 +349,50 @@ _EMERGENCY_RATE: Final = 0.36
 _ELECTIVE_RATE: Final = 0.05
 _OUTPATIENT_RATE: Final = 1.0
 _ADMIT_BY_AGE: Final = _by_age(((0, 0.12), (_ADULT_AGE, 0.15), (65, 0.3), (80, 0.45)))
-_ADMIT_MULTIPLIER: Final = 1.5
-_LOS_GEOMETRIC_P: Final = 0.3
-_MAX_LOS: Final = 30
+_ADMIT_SEVERE: Final = 1.5
+_ADMIT_DEPRIVATION: Final = _gradient(1.1, 1.05, 1.0, 0.95, 0.9)
 
-_DEATH_SHARE: Final = 0.01
-_COPD_DEATH_HR: Final = 2.5
-_COPD_CAUSE_SHARE: Final = 0.3
+# Length of stay: same-day stays by age, then geometric with a mean that rises with age.
+_SAME_DAY_BY_AGE: Final = _by_age(((0, 0.45), (_ADULT_AGE, 0.3), (65, 0.2), (80, 0.15)))
+_LOS_MEAN_BY_AGE: Final = _by_age(((0, 1.8), (_ADULT_AGE, 3.5), (65, 6.0), (80, 8.5)))
+_LOS_SEVERE: Final = 1.3
+_LOS_ELECTIVE: Final = 0.6
+_LOS_DEPRIVATION: Final = _gradient(1.1, 1.05, 1.0, 0.95, 0.9)
+_MAX_LOS: Final = 90
+
+# 30-day emergency readmission after a stay, on top of what chance alone produces.
+_READMIT_EMERGENCY: Final = 0.07
+_READMIT_ELECTIVE: Final = 0.04
+_READMIT_BY_AGE: Final = _by_age(((0, 0.7), (_ADULT_AGE, 1.0), (65, 1.3), (80, 1.5)))
+_READMIT_SEVERE: Final = 1.6
+_READMIT_DEPRIVATION: Final = _gradient(1.2, 1.1, 1.0, 0.9, 0.85)
+_READMIT_MEAN_GAP: Final = 10.0  # days from discharge; at most 30
+_READMISSION_DAYS: Final = 30
+
+# Deaths: about 1% of the population a year (ONS deaths in England and Wales, ~580,000 a
+# year for ~60m people), Gompertz-shaped in age.
+_ANNUAL_DEATHS: Final = 0.01
+_DEATH_DEPRIVATION: Final = _gradient(1.5, 1.2, 1.0, 0.85, 0.7)
 _MAX_DEATH_P: Final = 0.9
+_CAUSE_SHARE: Final = 0.3
 
 
 def _death_probability() -> FloatArray:
+    """Probability of dying within the 3-year window, by age (before other risks)."""
     ages = np.arange(_MAX_AGE + 1, dtype=np.float64)
     shape = np.exp(0.09 * (ages - _MAX_AGE))
     # Infant mortality is roughly that of a 60-year-old.
     shape[0] += np.exp(0.09 * (60 - _MAX_AGE))
-    copd = _CONDITIONS[_COPD_INDEX].prevalence
-    mean = float(np.dot(_AGE_PMF, shape * (1 + (_COPD_DEATH_HR - 1) * copd)))
-    return shape * (_DEATH_SHARE / mean)
+    risk = np.ones(_MAX_AGE + 1, dtype=np.float64)
+    for cond in _CONDITIONS:
+        risk *= 1 + (cond.death_hazard - 1) * cond.prevalence
+    mean = float(np.dot(_AGE_PMF, shape * risk))
+    return shape * (_ANNUAL_DEATHS * _WINDOW_YEARS / mean)
 
 
 _DEATH_P: Final = _death_probability()
 
 _RECORDS_EXTRA_MEAN: Final = 0.6
-_LINK_TO_VISIT_P: Final = 0.5
 
 
 # --- Public helpers -------------------------------------------------------------------
@@ -383,6 +441,96 @@ def region_seed(seed: int, region: Region) -> int:
     return int(state[0])
 
 
+def imd_shares(region: Region) -> tuple[float, float, float, float, float]:
+    """The region's share of residents in IMD quintiles 1-5 (before unknown addresses)."""
+    return IMD_SHARES[region.slug]
+
+
+# --- Areas: LSOAs and the IMD lookup --------------------------------------------------
+
+_LOOKUP_SEED: Final = 20_190_926  # IoD2019 publication date; the lookup ignores the seed
+
+
+@dataclass(frozen=True)
+class _Areas:
+    """A region's LSOAs: location ids first_id.., their codes and IMD quintiles (1-5)."""
+
+    first_id: int
+    codes: tuple[str, ...]
+    quintile: IntArray
+    decile: IntArray
+
+
+@functools.cache
+def _areas(slug: str) -> _Areas:
+    first = 1
+    for region in REGIONS:
+        n = max(1, region.population // PERSONS_PER_LSOA)
+        if region.slug == slug:
+            break
+        first += n
+    else:  # pragma: no cover - callers pass known slugs
+        raise ValueError(slug)
+    shares = np.array(IMD_SHARES[slug])
+    quotas = shares * n
+    counts = np.floor(quotas).astype(np.int64)
+    for i in np.argsort(counts - quotas)[: n - int(counts.sum())]:
+        counts[i] += 1
+    quintile = np.repeat(np.arange(1, 6, dtype=np.int64), counts)
+    # Within a quintile, alternate its two deciles (quintile q holds deciles 2q-1 and 2q).
+    rank = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    decile = 2 * quintile - 1 + rank % 2
+    rng = np.random.Generator(
+        np.random.PCG64(
+            np.random.SeedSequence(_LOOKUP_SEED, spawn_key=(zlib.crc32(slug.encode("utf-8")),))
+        )
+    )
+    order = rng.permutation(n)
+    codes = tuple(f"Z01{first + i:06d}" for i in range(n))
+    return _Areas(first, codes, quintile[order], decile[order])
+
+
+def _location_table(region: Region) -> pa.Table:
+    areas = _areas(region.slug)
+    n = len(areas.codes)
+    return pa.Table.from_arrays(
+        [
+            _int_array(areas.first_id + np.arange(n, dtype=np.int64)),
+            pa.nulls(n, pa.string()),
+            pa.array([region.name] * n, pa.string()),
+            pa.array(areas.codes, pa.string()),
+            pa.array(["GB"] * n, pa.string()),
+        ],
+        schema=SCHEMAS["location"],
+    )
+
+
+def imd_lookup_table() -> pa.Table:
+    """The synthetic national LSOA -> IMD lookup, like File 1 of the IoD2019 (as CSV)."""
+    codes: list[str] = []
+    deciles: list[IntArray] = []
+    quintiles: list[IntArray] = []
+    for region in REGIONS:
+        areas = _areas(region.slug)
+        codes += areas.codes
+        deciles.append(areas.decile)
+        quintiles.append(areas.quintile)
+    return pa.table(
+        {
+            "lsoa_code": pa.array(codes, pa.string()),
+            "imd_decile": pa.array(np.concatenate(deciles), _I64),
+            "imd_quintile": pa.array(np.concatenate(quintiles), _I64),
+        }
+    )
+
+
+def write_imd_lookup(path: Path) -> Path:
+    """Write the synthetic LSOA -> IMD lookup as CSV (a node's `imd_lookup`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pacsv.write_csv(imd_lookup_table(), path)
+    return path
+
+
 # --- Generation -----------------------------------------------------------------------
 
 
@@ -408,6 +556,16 @@ class _Calendar:
     anniversaries: IntArray
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """Everything about a region that is not random."""
+
+    cal: _Calendar
+    areas: _Areas
+    prevalence: Mapping[int, float]
+    readmission: float
+
+
 def _uniform_days(rng: np.random.Generator, lo: IntArray, hi: IntArray) -> IntArray:
     """Uniform integer day in [lo, hi] elementwise (hi >= lo)."""
     span = hi - lo + 1
@@ -431,16 +589,26 @@ class _People:
     ages: IntArray
     birth: IntArray
     female: BoolArray
+    imd: IntArray  # 0-4 for quintiles 1-5, _UNKNOWN_IMD without a location
+    location_id: IntArray  # -1 for none
     flags: BoolArray  # shape (len(_CONDITIONS), n)
     died: BoolArray
     end: IntArray  # death date or reference date
     obs_start: IntArray
     window_lo: IntArray  # first day visits and deaths may fall on
 
+    @property
+    def severe(self) -> BoolArray:
+        """Persons with a condition that raises admission risk and length of stay."""
+        out = np.zeros(self.ages.shape[0], dtype=np.bool_)
+        for k, cond in enumerate(_CONDITIONS):
+            if cond.severe:
+                out |= self.flags[k]
+        return out
 
-def _draw_people(
-    rng: np.random.Generator, n: int, cal: _Calendar, multipliers: Mapping[int, float]
-) -> _People:
+
+def _draw_people(rng: np.random.Generator, n: int, s: _Settings) -> _People:
+    cal = s.cal
     ages = rng.choice(_MAX_AGE + 1, size=n, p=_AGE_PMF).astype(np.int64)
     # Birth in (anniversary a+1, anniversary a], so the age at the reference date is exactly a.
     latest = cal.anniversaries[ages]
@@ -448,23 +616,40 @@ def _draw_people(
     birth = _uniform_days(rng, earliest, latest)
     female = rng.random(n) < _FEMALE_SHARE
 
+    # Each person lives in one of the region's LSOAs (equal sizes), a few have no address.
+    lsoa = rng.integers(0, s.areas.quintile.shape[0], size=n)
+    located = rng.random(n) >= NO_LOCATION_SHARE
+    imd = np.where(located, s.areas.quintile[lsoa] - 1, _UNKNOWN_IMD)
+    location_id = np.where(located, s.areas.first_id + lsoa, -1)
+
     flags = np.empty((len(_CONDITIONS), n), dtype=np.bool_)
     for k, cond in enumerate(_CONDITIONS):
-        p = np.minimum(cond.prevalence[ages] * multipliers.get(cond.concept_id, 1.0), 1.0)
-        flags[k] = rng.random(n) < p
+        p = cond.prevalence[ages] * cond.deprivation[imd] * s.prevalence.get(cond.concept_id, 1.0)
+        flags[k] = rng.random(n) < np.minimum(p, 1.0)
 
-    copd = flags[_COPD_INDEX]
-    p_death = np.minimum(_DEATH_P[ages] * np.where(copd, _COPD_DEATH_HR, 1.0), _MAX_DEATH_P)
-    died = rng.random(n) < p_death
+    hazard = _DEATH_DEPRIVATION[imd]
+    for k, cond in enumerate(_CONDITIONS):
+        hazard = hazard * np.where(flags[k], cond.death_hazard, 1.0)
+    died = rng.random(n) < np.minimum(_DEATH_P[ages] * hazard, _MAX_DEATH_P)
     window_lo = np.maximum(birth, cal.window_start)
     death_day = _uniform_days(rng, window_lo, np.full(n, cal.reference, dtype=np.int64))
     end = np.where(died, death_day, cal.reference)
     obs_start = np.maximum(birth, cal.observation_start)
-    return _People(ages, birth, female, flags, died, end, obs_start, window_lo)
+    return _People(ages, birth, female, imd, location_id, flags, died, end, obs_start, window_lo)
 
 
-def _los(rng: np.random.Generator, n: int) -> IntArray:
-    return np.minimum(rng.geometric(_LOS_GEOMETRIC_P, size=n) - 1, _MAX_LOS).astype(np.int64)
+def _los(rng: np.random.Generator, people: _People, who: IntArray, scale: float = 1.0) -> IntArray:
+    """Length of stay in days for stays of persons `who`."""
+    ages = people.ages[who]
+    mean = (
+        _LOS_MEAN_BY_AGE[ages]
+        * np.where(people.severe[who], _LOS_SEVERE, 1.0)
+        * _LOS_DEPRIVATION[people.imd[who]]
+        * scale
+    )
+    stay = rng.geometric(1.0 / np.maximum(mean, 1.0)).astype(np.int64)
+    same_day = rng.random(who.shape[0]) < _SAME_DAY_BY_AGE[ages]
+    return np.minimum(np.where(same_day, 0, stay), _MAX_LOS)
 
 
 @dataclass(frozen=True)
@@ -477,9 +662,33 @@ class _Visits:
     ids: IntArray
 
 
-def _draw_visits(rng: np.random.Generator, people: _People, first_id: int) -> _Visits:
+def _readmissions(
+    rng: np.random.Generator,
+    people: _People,
+    s: _Settings,
+    who: IntArray,
+    discharge: IntArray,
+    emergency: BoolArray,
+) -> tuple[IntArray, IntArray]:
+    """Emergency readmissions within 30 days of the given stays: (person, day)."""
+    ages = people.ages[who]
+    p = (
+        np.where(emergency, _READMIT_EMERGENCY, _READMIT_ELECTIVE)
+        * _READMIT_BY_AGE[ages]
+        * np.where(people.severe[who], _READMIT_SEVERE, 1.0)
+        * _READMIT_DEPRIVATION[people.imd[who]]
+        * s.readmission
+    )
+    back = rng.random(who.shape[0]) < np.minimum(p, 1.0)
+    gap = np.minimum(rng.geometric(1.0 / _READMIT_MEAN_GAP, size=who.shape[0]), _READMISSION_DAYS)
+    day = discharge + gap
+    keep = back & (day <= people.end[who])
+    return who[keep], day[keep]
+
+
+def _draw_visits(rng: np.random.Generator, people: _People, s: _Settings, first_id: int) -> _Visits:
     n = people.ages.shape[0]
-    multiplier = _ACUTE_AGE_MULTIPLIER[people.ages]
+    multiplier = _ACUTE_AGE_MULTIPLIER[people.ages] * _ACUTE_DEPRIVATION[people.imd]
     for k, cond in enumerate(_CONDITIONS):
         multiplier = multiplier * np.where(people.flags[k], cond.acute_multiplier, 1.0)
     years_at_risk = (people.end - people.window_lo + 1) / 365.25
@@ -492,14 +701,35 @@ def _draw_visits(rng: np.random.Generator, people: _People, first_id: int) -> _V
     er_who, er_start = events(_EMERGENCY_RATE)
     op_who, op_start = events(_OUTPATIENT_RATE)
     el_who, el_start = events(_ELECTIVE_RATE)
-    el_end = np.minimum(el_start + _los(rng, el_who.shape[0]), people.end[el_who])
+    el_end = np.minimum(el_start + _los(rng, people, el_who, _LOS_ELECTIVE), people.end[el_who])
 
-    severe = people.flags[_COPD_INDEX] | people.flags[_LIVER_INDEX]
-    p_admit = np.minimum(_ADMIT_BY_AGE[people.ages] * np.where(severe, _ADMIT_MULTIPLIER, 1), 1)
-    admitted = np.flatnonzero(rng.random(er_who.shape[0]) < p_admit[er_who])
+    p_admit = (
+        _ADMIT_BY_AGE[people.ages]
+        * np.where(people.severe, _ADMIT_SEVERE, 1.0)
+        * _ADMIT_DEPRIVATION[people.imd]
+    )
+    admitted = np.flatnonzero(rng.random(er_who.shape[0]) < np.minimum(p_admit, 1.0)[er_who])
     ad_who = er_who[admitted]
     ad_start = er_start[admitted]
-    ad_end = np.minimum(ad_start + _los(rng, admitted.shape[0]), people.end[ad_who])
+    ad_end = np.minimum(ad_start + _los(rng, people, ad_who), people.end[ad_who])
+
+    # Readmissions: an emergency attendance and the admission it leads to, days after a
+    # discharge. They join the attendances and admissions above.
+    re_who, re_start = _readmissions(
+        rng,
+        people,
+        s,
+        np.concatenate([ad_who, el_who]),
+        np.concatenate([ad_end, el_end]),
+        np.repeat(np.array([True, False]), [ad_who.shape[0], el_who.shape[0]]),
+    )
+    re_end = np.minimum(re_start + _los(rng, people, re_who), people.end[re_who])
+    admitted = np.concatenate([admitted, er_who.shape[0] + np.arange(re_who.shape[0])])
+    er_who = np.concatenate([er_who, re_who])
+    er_start = np.concatenate([er_start, re_start])
+    ad_who = np.concatenate([ad_who, re_who])
+    ad_start = np.concatenate([ad_start, re_start])
+    ad_end = np.concatenate([ad_end, re_end])
 
     n_er, n_ad, n_el, n_op = er_who.shape[0], ad_who.shape[0], el_who.shape[0], op_who.shape[0]
     who = np.concatenate([er_who, ad_who, el_who, op_who])
@@ -541,33 +771,31 @@ class _Conditions:
 def _draw_conditions(
     rng: np.random.Generator, people: _People, visits: _Visits, first_id: int
 ) -> _Conditions:
-    n = people.ages.shape[0]
     who_parts: list[IntArray] = []
     kind_parts: list[IntArray] = []
-    for k in range(len(_CONDITIONS)):
+    start_parts: list[IntArray] = []
+    visit_parts: list[IntArray] = []
+    acute = np.flatnonzero(visits.concept != OUTPATIENT)
+    acute_person = visits.person_index[acute]
+    for k, cond in enumerate(_CONDITIONS):
+        # Records outside hospital (primary care, clinics), dated in the observation period.
         having = np.flatnonzero(people.flags[k]).astype(np.int64)
-        records = 1 + rng.poisson(_RECORDS_EXTRA_MEAN, size=having.shape[0])
-        who_parts.append(np.repeat(having, records))
-        kind_parts.append(np.full(int(records.sum()), k, dtype=np.int64))
+        who = np.repeat(having, 1 + rng.poisson(_RECORDS_EXTRA_MEAN, size=having.shape[0]))
+        who_parts.append(who)
+        start_parts.append(_uniform_days(rng, people.obs_start[who], people.end[who]))
+        visit_parts.append(np.full(who.shape[0], -1, dtype=np.int64))
+        # Records on acute visits (any diagnosis position), on the visit's first day.
+        link = people.flags[k][acute_person] & (rng.random(acute.shape[0]) < cond.link_probability)
+        on = acute[link]
+        who_parts.append(visits.person_index[on])
+        start_parts.append(visits.start[on])
+        visit_parts.append(visits.ids[on])
+        kind_parts.append(np.full(who.shape[0] + on.shape[0], k, dtype=np.int64))
     who = np.concatenate(who_parts)
     kind = np.concatenate(kind_parts)
-    start = _uniform_days(rng, people.obs_start[who], people.end[who])
-
-    # Acute visits stay grouped by person because visits are sorted by person first.
-    acute = visits.concept != OUTPATIENT
-    acute_person = visits.person_index[acute]
-    acute_ids = visits.ids[acute]
-    acute_start = visits.start[acute]
-    per_person = np.bincount(acute_person, minlength=n).astype(np.int64)
-    offset = np.cumsum(per_person) - per_person
-    available = per_person[who]
-    link = (available > 0) & (rng.random(who.shape[0]) < _LINK_TO_VISIT_P)
-    pick = offset[who] + (rng.random(who.shape[0]) * available).astype(np.int64)
-    visit_id = np.full(who.shape[0], -1, dtype=np.int64)
-    visit_id[link] = acute_ids[pick[link]]
-    start[link] = acute_start[pick[link]]
-
-    order = np.lexsort((kind, start, who))
+    start = np.concatenate(start_parts)
+    visit_id = np.concatenate(visit_parts)
+    order = np.lexsort((visit_id, kind, start, who))
     return _Conditions(
         person_index=who[order],
         kind=kind[order],
@@ -596,7 +824,7 @@ def _person_table(people: _People, person_id: IntArray) -> pa.Table:
             pa.array(birth.astype("datetime64[us]")),
             _const(0, n),
             _const(0, n),
-            pa.nulls(n, _I64),
+            _int_array(people.location_id, mask=people.location_id < 0),
             source,
         ],
         schema=SCHEMAS["person"],
@@ -659,28 +887,27 @@ def _condition_table(conds: _Conditions, first_person_id: int) -> pa.Table:
 def _death_table(rng: np.random.Generator, people: _People, person_id: IntArray) -> pa.Table:
     dead = np.flatnonzero(people.died)
     m = dead.shape[0]
-    copd = people.flags[_COPD_INDEX][dead]
-    has_cause = copd & (rng.random(m) < _COPD_CAUSE_SHARE)
+    # A share of deaths of persons with COPD or liver disease carry it as the cause.
+    cause = np.full(m, -1, dtype=np.int64)
+    for k in (_COPD_INDEX, _LIVER_INDEX):
+        carries = people.flags[k][dead] & (rng.random(m) < _CAUSE_SHARE) & (cause < 0)
+        cause[carries] = _CONDITIONS[k].concept_id
     return pa.Table.from_arrays(
         [
             _int_array(person_id[dead]),
             _date_array(people.end[dead]),
             _const(EHR_TYPE, m),
-            _int_array(np.full(m, COPD, dtype=np.int64), mask=~has_cause),
+            _int_array(cause, mask=cause < 0),
         ],
         schema=SCHEMAS["death"],
     )
 
 
 def _chunk_tables(
-    rng: np.random.Generator,
-    n: int,
-    cal: _Calendar,
-    multipliers: Mapping[int, float],
-    first_ids: Mapping[str, int],
+    rng: np.random.Generator, n: int, s: _Settings, first_ids: Mapping[str, int]
 ) -> dict[str, pa.Table]:
-    people = _draw_people(rng, n, cal, multipliers)
-    visits = _draw_visits(rng, people, first_ids["visit"])
+    people = _draw_people(rng, n, s)
+    visits = _draw_visits(rng, people, s, first_ids["visit"])
     conds = _draw_conditions(rng, people, visits, first_ids["condition"])
     first_person = first_ids["person"]
     person_id = first_person + np.arange(n, dtype=np.int64)
@@ -702,7 +929,10 @@ def generate_region(
     reference_date: date = date(2025, 12, 31),
     chunk_size: int = 200_000,
 ) -> dict[str, int]:
-    """Write one region's synthetic OMOP tables to out_dir/<table>.parquet; return row counts."""
+    """Write one region's synthetic OMOP tables to out_dir/<table>.parquet; return row counts.
+
+    Also writes out_dir/lsoa_imd.csv, the LSOA -> IMD lookup a node needs as `imd_lookup`.
+    """
     if persons < 1:
         raise ValueError(f"persons must be at least 1, got {persons}")
     if chunk_size < 1:
@@ -714,19 +944,26 @@ def generate_region(
 
     reference = _days(reference_date)
     observation_start = _days(_OBSERVATION_START)
-    cal = _Calendar(
-        reference=reference,
-        window_start=max(reference - _WINDOW_DAYS + 1, observation_start),
-        observation_start=observation_start,
-        anniversaries=_anniversaries(reference_date),
+    settings = _Settings(
+        cal=_Calendar(
+            reference=reference,
+            window_start=max(reference - _WINDOW_DAYS + 1, observation_start),
+            observation_start=observation_start,
+            anniversaries=_anniversaries(reference_date),
+        ),
+        areas=_areas(region.slug),
+        prevalence=REGIONAL_PREVALENCE_MULTIPLIERS.get(region.slug, {}),
+        readmission=REGIONAL_READMISSION_MULTIPLIERS.get(region.slug, 1.0),
     )
-    multipliers = REGIONAL_PREVALENCE_MULTIPLIERS.get(region.slug, {})
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = dict.fromkeys(TABLE_NAMES, 0)
     writers: dict[str, pq.ParquetWriter] = {}
     try:
         for name in TABLE_NAMES:
             writers[name] = pq.ParquetWriter(out_dir / f"{name}.parquet", SCHEMAS[name])
+        location = _location_table(region)
+        writers["location"].write_table(location)
+        counts["location"] = location.num_rows
         for index, first in enumerate(range(0, persons, chunk_size)):
             sequence = np.random.SeedSequence(seed, spawn_key=(_region_key(region), index))
             rng = np.random.Generator(np.random.PCG64(sequence))
@@ -736,12 +973,13 @@ def generate_region(
                 "condition": counts["condition_occurrence"] + 1,
             }
             n = min(chunk_size, persons - first)
-            for name, table in _chunk_tables(rng, n, cal, multipliers, first_ids).items():
+            for name, table in _chunk_tables(rng, n, settings, first_ids).items():
                 writers[name].write_table(table)
                 counts[name] += table.num_rows
     finally:
         for writer in writers.values():
             writer.close()
+    write_imd_lookup(out_dir / LOOKUP_FILE)
     return counts
 
 

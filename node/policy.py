@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from node.access import AccessPolicy, parse_access
+from node.consent import ConsentPolicy, parse_consent
 from protocols.errors import ConfigError
 from queries.results import ReleaseRules
 
@@ -102,6 +103,12 @@ class NodeConfig:
     # node.accounting.open_accountant) and its Ed25519 signing key (default: beside it).
     ledger: Path | None = None
     ledger_key: Path | None = None
+    # Data layer (docs/data.md): the schema of a DuckDB source, the LSOA -> IMD lookup, a
+    # folder of custodian pathway files, and opt-outs / children's consent ([consent]).
+    omop_schema: str | None = None
+    imd_lookup: Path | None = None
+    pathways_dir: Path | None = None
+    consent: ConsentPolicy = field(default_factory=ConsentPolicy)
 
 
 def _path(base: Path, raw: object, field: str) -> Path:
@@ -125,6 +132,7 @@ def load_config(path: Path) -> NodeConfig:
     known = {"name", "omop", "identity", "listen", "reference_date", "pathways", "budget"}
     known |= {"release", "access", "crl"}
     known |= {"ledger", "ledger_key"}
+    known |= {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -159,6 +167,12 @@ def load_config(path: Path) -> NodeConfig:
         crl=_path(base, data["crl"], "crl") if "crl" in data else None,
         ledger=_path(base, data["ledger"], "ledger") if "ledger" in data else None,
         ledger_key=_path(base, data["ledger_key"], "ledger_key") if "ledger_key" in data else None,
+        omop_schema=str(data["omop_schema"]) if "omop_schema" in data else None,
+        imd_lookup=_path(base, data["imd_lookup"], "imd_lookup") if "imd_lookup" in data else None,
+        pathways_dir=(
+            _path(base, data["pathways_dir"], "pathways_dir") if "pathways_dir" in data else None
+        ),
+        consent=parse_consent(data.get("consent", {}), base, str(path)),
     )
 
 
