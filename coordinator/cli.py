@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 
 from coordinator import report, synth
+from coordinator.audit_cli import audit_app, budget
 from coordinator.client import Federation
 from protocols import security
 from protocols.errors import ChcError, ConfigError
@@ -27,6 +28,8 @@ hub_app = typer.Typer(help="Run the hub (coordinator).", no_args_is_help=True)
 pki_app = typer.Typer(help="Federation PKI: CA and certificates.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(pki_app, name="pki")
+app.add_typer(audit_app, name="audit")
+app.command("budget")(budget)
 
 
 @app.command()

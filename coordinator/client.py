@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -18,7 +19,14 @@ from protocols.errors import (
 )
 from protocols.security import Identity, load_identity, secure_channel, sign_query
 from protocols.v1 import hub_pb2, hub_pb2_grpc
-from queries.results import FederatedResult, NodeDescription, NodeExplain, NodeOutcome
+from queries.results import (
+    BudgetStatus,
+    FederatedResult,
+    NodeDescription,
+    NodeExplain,
+    NodeOutcome,
+    NodeStatus,
+)
 from queries.spec import Query, canonical_bytes
 
 
@@ -44,6 +52,22 @@ def _raise_from(exc: grpc.RpcError, hub: str) -> ChcError:
     if code is grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach the hub at {hub}: {details}"
     return _ERRORS.get(code, ChcError)(details)
+
+
+@dataclass(frozen=True)
+class NodeBudget:
+    """A node's privacy budget, and what the calling analyst can still spend there."""
+
+    node: str
+    status: NodeStatus
+    message: str = ""
+    budget: BudgetStatus | None = None  # the node's total, spent and remaining
+    analyst: BudgetStatus | None = None  # this analyst's spent and remaining (see Accountant)
+
+
+# A query that every node can plan (its `persons` view), used only with Explain, which runs
+# nothing and spends nothing, to ask each node what the signing analyst may still spend.
+BUDGET_PROBE = Query(view="persons", rho=1e-6)
 
 
 class Federation:
@@ -92,6 +116,38 @@ class Federation:
             [serde.description_from_proto(n) for n in response.nodes],
             [serde.outcome_from_proto(o) for o in response.unavailable],
         )
+
+    def addresses(self, *, timeout_s: float = 30.0) -> dict[str, str]:
+        """Every configured node's address, by name (auditors connect to nodes directly)."""
+        try:
+            response = self._stub.ListNodes(hub_pb2.ListNodesRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return dict(response.addresses)
+
+    def budget(self, *, timeout_s: float = 30.0) -> list[NodeBudget]:
+        """Each node's remaining budget, overall and for this analyst (spends nothing).
+
+        The analyst's figure comes from each node's Explain of a signed probe query, so the
+        node itself says what this analyst may still spend under its per-analyst cap.
+        """
+        found, missing = self.nodes(timeout_s=timeout_s)
+        explained = {e.node: e for e in self.explain(BUDGET_PROBE, deadline_s=timeout_s)}
+        out: list[NodeBudget] = []
+        for d in found:
+            e = explained.get(d.node)
+            ok = e is not None and e.status is NodeStatus.OK
+            out.append(
+                NodeBudget(
+                    node=d.node,
+                    status=NodeStatus.OK,
+                    message="" if ok or e is None else f"{e.status.value}: {e.message}",
+                    budget=d.budget,
+                    analyst=e.budget if ok and e is not None else None,
+                )
+            )
+        out += [NodeBudget(node=o.node, status=o.status, message=o.message) for o in missing]
+        return out
 
     def close(self) -> None:
         """Close the connection."""

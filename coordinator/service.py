@@ -136,6 +136,9 @@ class HubService(hub_pb2_grpc.HubServicer):
                         NodeOutcome(node=r.node, status=r.status, message=r.message)
                     )
                 )
+        # Auditors read ledgers from each node directly, never through the hub.
+        for handle in self.registry.handles:
+            response.addresses[handle.entry.name] = handle.entry.address
         return response
 
 

@@ -1,0 +1,926 @@
+"""Auditing privacy ledgers: read them, verify them entry by entry, export them, report spend.
+
+A ledger can be read from a node's SQLite file, from an export (JSON Lines or Parquet), or
+from each node directly over mutual TLS with an auditor certificate. The hub only tells an
+auditor where the nodes are: it never relays ledgers, so it cannot trim what an auditor sees.
+
+`verify` checks everything the entry format (node/ledger.py, docs/ledger.md) promises: the
+hash chain, every signature against the node's public key, the sequence (gaps, repeats,
+reordering), the signed head (deletions at the end), every released query's envelope against
+the federation CA, and that recorded totals never exceeded the caps in force. It names the
+entry of every anomaly and keeps going, so one report shows everything that is wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, TextIO
+from xml.sax.saxutils import escape
+
+import grpc
+import pyarrow as pa
+import pyarrow.parquet as pq
+from google.protobuf.message import DecodeError
+
+from node.accounting import SignedEntry
+from node.ledger import (
+    ENTRY_RECORD,
+    FORMAT,
+    HEAD_RECORD,
+    REFUSED,
+    RELEASED,
+    ZERO_HASH,
+    canonical_json,
+    cap_exceeded,
+    decode_body,
+    default_key_path,
+    entry_hash,
+    is_sqlite_file,
+    load_public_key,
+    parse_time,
+    public_key_path,
+    query_text,
+    read_ledger_file,
+    read_meta,
+    signature_ok,
+)
+from node.policy import period_bounds
+from protocols import serde
+from protocols.errors import AuthenticationError, ChcError, ConfigError
+from protocols.security import CLOCK_SKEW_MS, Identity, secure_channel, verify_query
+from protocols.v1 import node_pb2, node_pb2_grpc
+from queries.mechanisms import rho_to_epsilon
+
+# A release is charged after the query ran, so its time may follow the envelope's expiry by
+# as long as a query may take; anything later means the node charged an expired envelope.
+EXPIRY_GRACE_MS = 10 * 60 * 1000
+EXPORT_MAGIC = "chc_ledger"
+PARQUET_MAGIC = b"PAR1"
+
+
+class AuditError(RuntimeError, ChcError):
+    """A ledger could not be read (the node, file or export is unavailable or malformed)."""
+
+
+# ---- sources ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerSource:
+    """One node's ledger as an auditor reads it: entries in stored order, then the head."""
+
+    label: str  # a path, or node@address
+    node: str  # "" when the source does not say
+    public_key: bytes | None
+    key_origin: str  # where the public key came from, for the report
+    read: Callable[[], Iterator[SignedEntry]]
+
+
+def _sqlite_source(path: Path, public_key: bytes | None, key_origin: str) -> LedgerSource:
+    meta = read_meta(path)
+    if public_key is None:
+        key_file = default_key_path(path)
+        for candidate in (public_key_path(key_file), key_file):
+            if candidate.is_file():
+                public_key, key_origin = load_public_key(candidate), str(candidate)
+                break
+    if public_key is None and "public_key" in meta:
+        public_key = bytes.fromhex(meta["public_key"])
+        key_origin = "the ledger's own meta table (proves self-consistency only; give --public-key)"
+    return LedgerSource(
+        label=str(path),
+        node=meta.get("node", ""),
+        public_key=public_key,
+        key_origin=key_origin,
+        read=lambda: read_ledger_file(path),
+    )
+
+
+def _entry_from_json(obj: dict[str, Any], *, head: bool = False) -> SignedEntry:
+    if "body_b64" in obj:
+        body = base64.b64decode(obj["body_b64"])
+    else:
+        body = str(obj["body"]).encode("utf-8")
+    return SignedEntry(
+        sequence=int(obj["sequence"]),
+        body=body,
+        signature=base64.b64decode(obj["signature"]),
+        head=head,
+    )
+
+
+def _jsonl_header(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        header = json.loads(first)[EXPORT_MAGIC]
+    except (ValueError, KeyError, TypeError):
+        raise AuditError(
+            f"{path} is neither a ledger (SQLite), a Parquet export nor a JSON Lines export "
+            "written by `chc audit export`"
+        ) from None
+    if not isinstance(header, dict):
+        raise AuditError(f"{path}: malformed export header")
+    return header
+
+
+def _read_jsonl(path: Path) -> Iterator[SignedEntry]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if number == 1 or not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if "head" in obj:
+                    yield _entry_from_json(obj["head"], head=True)
+                else:
+                    yield _entry_from_json(obj)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise AuditError(
+                    f"{path}, line {number}: not a ledger export line ({exc})"
+                ) from None
+
+
+def _parquet_header(path: Path) -> dict[str, Any]:
+    meta = pq.read_metadata(path).metadata or {}
+    raw = meta.get(EXPORT_MAGIC.encode())
+    if raw is None:
+        raise AuditError(f"{path} is a Parquet file but not a chc ledger export")
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise AuditError(f"{path}: malformed export metadata")
+    return header
+
+
+def _read_parquet(path: Path) -> Iterator[SignedEntry]:
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(columns=["sequence", "body", "signature"]):
+        for row in batch.to_pylist():
+            yield SignedEntry(
+                sequence=int(row["sequence"]),
+                body=bytes(row["body"]),
+                signature=bytes(row["signature"]),
+            )
+    head = _parquet_header(path).get("head")
+    if isinstance(head, dict):
+        yield _entry_from_json(head, head=True)
+
+
+def open_file(path: Path, *, public_key: bytes | None = None) -> LedgerSource:
+    """A ledger file (SQLite) or an export (JSON Lines or Parquet), recognised by content.
+
+    The key that checks signatures is, in order: the one given; for a ledger file, the
+    `.pub` (or `.key`) file beside it; for an export, the key recorded when it was made.
+    """
+    if not path.is_file():
+        raise AuditError(f"{path} does not exist or is not a file")
+    origin = "given" if public_key is not None else ""
+    if is_sqlite_file(path):
+        return _sqlite_source(path, public_key, origin)
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic == PARQUET_MAGIC:
+        header, reader = _parquet_header(path), _read_parquet
+    else:
+        header, reader = _jsonl_header(path), _read_jsonl
+    if public_key is None and header.get("public_key"):
+        public_key = bytes.fromhex(str(header["public_key"]))
+        origin = f"the export header ({header.get('key_origin', 'unknown origin')})"
+    return LedgerSource(
+        label=str(path),
+        node=str(header.get("node", "")),
+        public_key=public_key,
+        key_origin=origin,
+        read=lambda: reader(path),
+    )
+
+
+def _rpc_error(exc: grpc.RpcError, what: str) -> AuditError:
+    call = exc if isinstance(exc, grpc.Call) else None
+    code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
+    details = (call.details() if call is not None else None) or code.name
+    return AuditError(f"{what}: {code.name}: {details}")
+
+
+def open_remote(
+    node: str, address: str, identity: Identity, *, timeout_s: float = 600.0
+) -> LedgerSource:
+    """A node's ledger read from the node itself over mutual TLS (auditor certificate).
+
+    The node's TLS certificate must carry `node` as its name, so another party cannot answer
+    for it; its ledger key comes from its own Describe over the same authenticated channel.
+    """
+    channel = secure_channel(address, identity, server_name=node)
+    stub = node_pb2_grpc.NodeStub(channel)
+    try:
+        described = stub.Describe(node_pb2.DescribeRequest(), timeout=30.0)
+    except grpc.RpcError as exc:
+        channel.close()
+        raise _rpc_error(exc, f"cannot describe node {node} at {address}") from None
+    public_key = bytes(described.ledger_public_key) or None
+
+    def read() -> Iterator[SignedEntry]:
+        try:
+            for e in stub.StreamLedger(node_pb2.LedgerRequest(from_sequence=1), timeout=timeout_s):
+                yield SignedEntry(e.sequence, bytes(e.body), bytes(e.signature), head=e.head)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, f"cannot read the ledger of node {node} at {address}") from None
+
+    return LedgerSource(
+        label=f"{node}@{address}",
+        node=described.node or node,
+        public_key=public_key,
+        key_origin=f"node {node}'s Describe over mutual TLS",
+        read=read,
+    )
+
+
+def node_addresses(hub: str, identity: Identity, *, timeout_s: float = 30.0) -> dict[str, str]:
+    """Every node's address as the hub knows it (the auditor then connects to each)."""
+    from coordinator.client import Federation  # the analysts' client, also fine for auditors
+
+    with Federation(hub, identity) as fed:
+        return fed.addresses(timeout_s=timeout_s)
+
+
+# ---- verification -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """One thing wrong with a ledger, at an entry (its sequence number) or the whole."""
+
+    entry: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        return f"entry {self.entry}: {self.problem}" if self.entry is not None else self.problem
+
+
+@dataclass
+class Verification:
+    """What verifying one ledger found."""
+
+    source: str
+    node: str
+    key_origin: str
+    entries: int = 0
+    released: int = 0
+    refused: int = 0
+    rho_released: float = 0.0
+    anomalies: list[Anomaly] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No anomaly at all."""
+        return not self.anomalies
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        out["anomalies"] = [{"entry": a.entry, "problem": a.problem} for a in self.anomalies]
+        return out
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+class _Verifier:
+    """Checks entries one at a time (a ledger is never held in memory), then the head."""
+
+    def __init__(
+        self, result: Verification, public_key: bytes | None, ca_pem: bytes | None
+    ) -> None:
+        self.r = result
+        self.key = public_key
+        self.ca = ca_pem
+        self.expected = 1
+        self.prev_hash = ZERO_HASH
+        self.last_label: int | None = None
+        self.last_time: datetime | None = None
+        self.bad_signatures: list[int] = []
+        self.total: dict[str, float] = defaultdict(float)
+        self.by_analyst: dict[tuple[str, str], float] = defaultdict(float)
+        self.nonces: dict[bytes, int] = {}
+
+    def flag(self, entry: int | None, problem: str) -> None:
+        self.r.anomalies.append(Anomaly(entry, problem))
+
+    def entry(self, item: SignedEntry) -> None:
+        self.r.entries += 1
+        stored = item.sequence
+        this_hash = entry_hash(item.body, item.signature)
+        try:
+            body = decode_body(item.body)
+        except ValueError as exc:
+            self.flag(stored, f"its body is not a JSON object ({exc})")
+            self._advance(stored, stored, this_hash)
+            return
+        seq = body.get("sequence")
+        label = seq if isinstance(seq, int) and not isinstance(seq, bool) else stored
+        if self.key is not None and not signature_ok(self.key, item.body, item.signature):
+            self.bad_signatures.append(label)
+        if canonical_json(body) != item.body:
+            self.flag(label, "its body is not in canonical form (it was re-encoded or edited)")
+        if body.get("record") != ENTRY_RECORD or body.get("format") != FORMAT:
+            self.flag(label, f"is not a format-{FORMAT} ledger entry")
+        if label != stored:
+            self.flag(
+                stored,
+                f"is stored as entry {stored} but its signed body says it is entry {label} "
+                "(entries were reordered or renumbered)",
+            )
+        elif label > self.expected:
+            missing = (
+                f"entry {self.expected} is"
+                if label == self.expected + 1
+                else f"entries {self.expected} to {label - 1} are"
+            )
+            self.flag(label, f"{missing} missing before it (deleted)")
+        elif label < self.expected:
+            self.flag(label, f"comes after entry {self.last_label}: out of order or repeated")
+        if body.get("prev_hash") != self.prev_hash:
+            if self.last_label is None:
+                self.flag(
+                    label,
+                    "its prev_hash is not the first entry's zero hash: the ledger does not "
+                    "start here (entries were deleted from the start)",
+                )
+            else:
+                self.flag(
+                    label,
+                    f"its prev_hash does not match the entry before it (entry "
+                    f"{self.last_label}): an entry was edited, inserted, deleted or moved",
+                )
+        node = body.get("node")
+        if self.r.node and node != self.r.node:
+            self.flag(label, f"belongs to node {node!r}, not {self.r.node!r}")
+        elif not self.r.node and isinstance(node, str):
+            self.r.node = node
+        try:
+            when = parse_time(str(body.get("time")))
+        except ValueError:
+            self.flag(label, f"its time {body.get('time')!r} is not UTC ISO 8601 with ms")
+            when = None
+        if when is not None and self.last_time is not None and when < self.last_time:
+            self.flag(label, f"its time is earlier than entry {self.last_label}'s")
+        if when is not None:
+            self._content(label, body, when)
+            self.last_time = when
+        self._advance(label, label, this_hash)
+
+    def _advance(self, label: int, seq: int, this_hash: str) -> None:
+        self.expected = max(self.expected, seq + 1)
+        self.prev_hash = this_hash
+        self.last_label = label
+
+    def _envelope(self, label: int, body: dict[str, Any]) -> node_pb2.QueryEnvelope | None:
+        raw = body.get("envelope")
+        try:
+            data = base64.b64decode(str(raw), validate=True)
+            envelope = node_pb2.QueryEnvelope.FromString(data)
+        except (ValueError, DecodeError):
+            self.flag(label, "its envelope is not a base64 serialised QueryEnvelope")
+            return None
+        return envelope if data else None
+
+    def _content(self, label: int, body: dict[str, Any], when: datetime) -> None:
+        query = body.get("query")
+        envelope = self._envelope(label, body)
+        raw_query = envelope.query if envelope is not None else str(query).encode("utf-8")
+        if body.get("query_sha256") != hashlib.sha256(raw_query).hexdigest():
+            self.flag(label, "its query_sha256 is not the SHA-256 of the query it records")
+        if envelope is not None and query_text(envelope.query) != query:
+            self.flag(label, "its query is not the query in the analyst's envelope")
+        outcome = body.get("outcome")
+        rho, epsilon, delta = (_num(body.get(k)) for k in ("rho", "epsilon", "delta"))
+        caps = body.get("caps")
+        spent = body.get("spent")
+        if rho is None or epsilon is None or delta is None:
+            self.flag(label, "rho, epsilon and delta must be numbers")
+            return
+        if not isinstance(caps, dict) or not isinstance(spent, dict):
+            self.flag(label, "it records no caps or spend")
+            return
+        key = self._period(label, caps, when)
+        analyst = str(body.get("analyst"))
+        if outcome == RELEASED:
+            self.r.released += 1
+            self.r.rho_released += rho
+            self._release(label, body, envelope, when, rho, epsilon, delta, caps)
+            self.total[key] += rho
+            self.by_analyst[key, analyst] += rho
+            self._totals(label, key, analyst, caps, spent)
+        elif outcome == REFUSED:
+            self.r.refused += 1
+            if rho != 0 or epsilon != 0:
+                self.flag(label, f"a refusal must cost nothing but records rho {rho:g}")
+            if not body.get("reason"):
+                self.flag(label, "a refusal without a reason")
+            self._totals(label, key, analyst, caps, spent)
+        else:
+            self.flag(label, f"unknown outcome {outcome!r}")
+
+    def _period(self, label: int, caps: dict[str, Any], when: datetime) -> str:
+        start, end = caps.get("period_start"), caps.get("period_end")
+        try:
+            want = period_bounds(str(caps.get("period")), when)
+        except ConfigError:
+            self.flag(label, f"unknown budget period {caps.get('period')!r}")
+            return str(start or "")
+        expected = tuple(d.isoformat() if d is not None else None for d in want)
+        if (start, end) != expected:
+            self.flag(
+                label,
+                f"its budget period {start} to {end} does not contain its time "
+                f"(a {caps.get('period')} period would be {expected[0]} to {expected[1]})",
+            )
+        return str(start or "")
+
+    def _release(
+        self,
+        label: int,
+        body: dict[str, Any],
+        envelope: node_pb2.QueryEnvelope | None,
+        when: datetime,
+        rho: float,
+        epsilon: float,
+        delta: float,
+        caps: dict[str, Any],
+    ) -> None:
+        if not (math.isfinite(rho) and rho > 0):
+            self.flag(label, f"a release must cost a positive rho, records {rho!r}")
+            return
+        if 0 < delta < 1 and not _close(epsilon, rho_to_epsilon(rho, delta)):
+            self.flag(
+                label, f"epsilon {epsilon:g} is not the equivalent of rho {rho:g} at {delta:g}"
+            )
+        per_query = _num(caps.get("max_rho_per_query"))
+        if per_query is None or cap_exceeded(rho, per_query):
+            self.flag(label, f"rho {rho:g} is above the per-query cap {per_query} in force")
+        if envelope is None:
+            self.flag(label, "a release without the analyst's signed envelope")
+            return
+        if envelope.analyst != body.get("analyst"):
+            self.flag(
+                label,
+                f"is charged to {body.get('analyst')!r} but the envelope was signed by "
+                f"{envelope.analyst!r}",
+            )
+        earlier = self.nonces.get(envelope.nonce)
+        if earlier is not None:
+            self.flag(label, f"replays the envelope already released as entry {earlier}")
+        self.nonces[envelope.nonce] = label
+        when_ms = int(when.timestamp() * 1000)
+        if when_ms < envelope.issued_at_ms - CLOCK_SKEW_MS:
+            self.flag(label, "was charged before the analyst signed the query")
+        if when_ms > envelope.expires_at_ms + EXPIRY_GRACE_MS:
+            self.flag(label, "was charged long after the analyst's envelope expired")
+        if self.ca is not None:
+            signed = serde.signed_query_from_proto(envelope)
+            try:
+                verify_query(signed, self.ca, at_ms=envelope.issued_at_ms)
+            except (AuthenticationError, ValueError) as exc:
+                self.flag(
+                    label,
+                    f"the analyst's signature in its envelope does not verify against the "
+                    f"federation CA: {exc}",
+                )
+
+    def _totals(
+        self, label: int, key: str, analyst: str, caps: dict[str, Any], spent: dict[str, Any]
+    ) -> None:
+        total, mine = self.total[key], self.by_analyst[key, analyst]
+        total_cap, analyst_cap = _num(caps.get("total_rho")), _num(caps.get("analyst_rho"))
+        period = f"the period from {key}" if key else "the ledger"
+        if total_cap is None or cap_exceeded(total, total_cap):
+            self.flag(
+                label,
+                f"the node's spend in {period} reaches {total:.12g}, above the cap of "
+                f"{total_cap} in force",
+            )
+        if analyst_cap is not None and cap_exceeded(mine, analyst_cap):
+            self.flag(
+                label,
+                f"{analyst}'s spend in {period} reaches {mine:.12g}, above their cap of "
+                f"{analyst_cap:g} in force",
+            )
+        recorded_total, recorded_mine = (
+            _num(spent.get("period_rho")),
+            _num(spent.get("analyst_rho")),
+        )
+        if recorded_total is None or not _close(recorded_total, total):
+            self.flag(
+                label,
+                f"records a period spend of {recorded_total} but the ledger sums to {total:.12g}",
+            )
+        if recorded_mine is None or not _close(recorded_mine, mine):
+            self.flag(
+                label,
+                f"records {analyst}'s spend as {recorded_mine} but the ledger sums to {mine:.12g}",
+            )
+
+    def head(self, item: SignedEntry | None) -> None:
+        last = self.expected - 1
+        if item is None:
+            if self.r.entries:
+                self.flag(
+                    None,
+                    "there is no signed head, so entries deleted from the end could not be "
+                    "detected",
+                )
+            return
+        if self.key is not None and not signature_ok(self.key, item.body, item.signature):
+            self.flag(None, "the signed head's signature does not verify with the node's key")
+        try:
+            head = decode_body(item.body)
+            sequence = int(head["sequence"])
+        except (ValueError, KeyError, TypeError):
+            self.flag(None, "the signed head is not a ledger head")
+            return
+        if head.get("record") != HEAD_RECORD:
+            self.flag(None, "the signed head is not a ledger head")
+        if self.r.node and head.get("node") != self.r.node:
+            self.flag(None, f"the signed head belongs to node {head.get('node')!r}")
+        if sequence > last:
+            missing = (
+                f"entry {sequence} is"
+                if sequence == last + 1
+                else f"entries {last + 1} to {sequence} are"
+            )
+            self.flag(
+                last + 1,
+                f"{missing} missing at the end: the node's signed head says the ledger ends at "
+                f"entry {sequence}",
+            )
+        elif sequence < last:
+            self.flag(
+                sequence + 1,
+                f"entries {sequence + 1} to {last} are not covered by the node's signed head, "
+                f"which ends at entry {sequence} (appended without the node's key?)",
+            )
+        elif head.get("hash") != self.prev_hash:
+            self.flag(
+                last,
+                "is not the entry the node's signed head names (the hashes differ): the last "
+                "entry was replaced",
+            )
+
+    def finish(self) -> None:
+        bad = self.bad_signatures
+        if bad and len(bad) == self.r.entries and len(bad) > 1:
+            self.flag(
+                bad[0],
+                f"its signature does not verify with the node's public key, and neither does "
+                f"any other of the {len(bad)} entries: wrong key ({self.r.key_origin})",
+            )
+        else:
+            for label in bad:
+                self.flag(
+                    label,
+                    "its signature does not verify with the node's public key (the entry was "
+                    "edited, or signed by another key)",
+                )
+        self.r.anomalies.sort(key=lambda a: (a.entry is None, a.entry or 0))
+
+
+def verify(source: LedgerSource, *, ca_pem: bytes | None = None) -> Verification:
+    """Check one ledger completely; every anomaly is reported with its entry."""
+    result = Verification(source=source.label, node=source.node, key_origin=source.key_origin)
+    verifier = _Verifier(result, source.public_key, ca_pem)
+    if source.public_key is None:
+        result.anomalies.append(
+            Anomaly(None, "no public key to check signatures with; give --public-key")
+        )
+    if ca_pem is None:
+        result.notes.append("analyst signatures not checked: give --ca or --identity")
+    head: SignedEntry | None = None
+    for item in source.read():
+        if item.head:
+            head = item
+        elif head is not None:
+            verifier.flag(item.sequence, "comes after the signed head")
+        else:
+            verifier.entry(item)
+    verifier.head(head)
+    verifier.finish()
+    return result
+
+
+# ---- export -------------------------------------------------------------------------------
+
+
+def _export_header(source: LedgerSource) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "node": source.node,
+        "source": source.label,
+        "public_key": source.public_key.hex() if source.public_key else "",
+        "key_origin": source.key_origin,
+        "exported_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+    }
+
+
+def _entry_json(e: SignedEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"sequence": e.sequence}
+    try:
+        out["body"] = e.body.decode("ascii")
+    except UnicodeDecodeError:
+        out["body_b64"] = base64.b64encode(e.body).decode("ascii")
+    out["signature"] = base64.b64encode(e.signature).decode("ascii")
+    return out
+
+
+def export_jsonl(source: LedgerSource, out: TextIO) -> int:
+    """Header line, one line per entry (exact body, base64 signature), then the head."""
+    out.write(json.dumps({EXPORT_MAGIC: _export_header(source)}, sort_keys=True) + "\n")
+    count = 0
+    for e in source.read():
+        line = {"head": _entry_json(e)} if e.head else _entry_json(e)
+        out.write(json.dumps(line, sort_keys=True) + "\n")
+        count += 0 if e.head else 1
+    return count
+
+
+_PARQUET_SCHEMA = pa.schema(
+    [
+        ("sequence", pa.int64()),
+        ("time", pa.string()),
+        ("node", pa.string()),
+        ("analyst", pa.string()),
+        ("query_id", pa.string()),
+        ("outcome", pa.string()),
+        ("views", pa.list_(pa.string())),
+        ("rho", pa.float64()),
+        ("epsilon", pa.float64()),
+        ("delta", pa.float64()),
+        ("period_start", pa.string()),
+        ("code", pa.string()),
+        ("reason", pa.string()),
+        ("query", pa.string()),
+        ("query_sha256", pa.string()),
+        ("prev_hash", pa.string()),
+        ("body", pa.binary()),
+        ("signature", pa.binary()),
+    ]
+)
+
+
+def _parquet_row(e: SignedEntry) -> dict[str, Any]:
+    try:
+        b = decode_body(e.body)
+    except ValueError:
+        b = {}
+    caps = b.get("caps") if isinstance(b.get("caps"), dict) else {}
+    views = b.get("views")
+
+    def text(key: str) -> str | None:
+        value = b.get(key)
+        return value if isinstance(value, str) else None
+
+    return {
+        "sequence": e.sequence,
+        "time": text("time"),
+        "node": text("node"),
+        "analyst": text("analyst"),
+        "query_id": text("query_id"),
+        "outcome": text("outcome"),
+        "views": [str(v) for v in views] if isinstance(views, list) else None,
+        "rho": _num(b.get("rho")),
+        "epsilon": _num(b.get("epsilon")),
+        "delta": _num(b.get("delta")),
+        "period_start": caps.get("period_start") if isinstance(caps, dict) else None,
+        "code": text("code"),
+        "reason": text("reason"),
+        "query": text("query"),
+        "query_sha256": text("query_sha256"),
+        "prev_hash": text("prev_hash"),
+        "body": e.body,
+        "signature": e.signature,
+    }
+
+
+def export_parquet(source: LedgerSource, path: Path, *, batch: int = 10_000) -> int:
+    """One row per entry (parsed columns for analysis, exact body and signature to verify).
+
+    The head goes in the file's metadata, which is written last, so entries stream through.
+    """
+    header = _export_header(source)
+    rows: list[dict[str, Any]] = []
+    count = 0
+    head: SignedEntry | None = None
+    tmp = path.with_name(path.name + ".partial")
+    with pq.ParquetWriter(tmp, _PARQUET_SCHEMA) as writer:
+        for e in source.read():
+            if e.head:
+                head = e
+                continue
+            rows.append(_parquet_row(e))
+            count += 1
+            if len(rows) >= batch:
+                writer.write_table(pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA))
+                rows = []
+        if rows or not count:
+            writer.write_table(pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA))
+        if head is not None:
+            header["head"] = _entry_json(head)
+        writer.add_key_value_metadata({EXPORT_MAGIC: json.dumps(header, sort_keys=True)})
+    tmp.replace(path)
+    return count
+
+
+def export(source: LedgerSource, path: Path) -> int:
+    """Write an export, Parquet if the name ends in .parquet, else JSON Lines."""
+    if path.suffix.lower() == ".parquet":
+        return export_parquet(source, path)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as f:
+        count = export_jsonl(source, f)
+    tmp.replace(path)
+    return count
+
+
+# ---- spend report -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    """Spend by one analyst on one view at one node in one budget period."""
+
+    node: str
+    period: str
+    analyst: str
+    view: str
+    released: int
+    refused: int
+    rho: float
+    delta: float
+
+    @property
+    def epsilon(self) -> float:
+        """The (epsilon, delta) equivalent of the summed rho (zCDP composes by addition)."""
+        return rho_to_epsilon(self.rho, self.delta) if 0 < self.delta < 1 else 0.0
+
+
+DIMENSIONS = ("node", "analyst", "view", "period")
+
+
+def period_label(caps: object) -> str:
+    """A budget period's name for people: FY 2025/26, 2025, or all time."""
+    if not isinstance(caps, dict) or not caps.get("period_start"):
+        return "all time"
+    start = date.fromisoformat(str(caps["period_start"]))
+    if caps.get("period") == "financial-year":
+        return f"FY {start.year}/{(start.year + 1) % 100:02d}"
+    if caps.get("period") == "calendar-year":
+        return str(start.year)
+    return f"from {start.isoformat()}"
+
+
+def spend_rows(sources: Iterable[LedgerSource]) -> list[SpendRow]:
+    """Aggregate every ledger's entries by node, period, analyst and view."""
+    acc: dict[tuple[str, str, str, str], list[float]] = {}
+    for source in sources:
+        for e in source.read():
+            if e.head:
+                continue
+            try:
+                b = decode_body(e.body)
+            except ValueError:
+                continue
+            views = b.get("views")
+            view = "+".join(str(v) for v in views) if isinstance(views, list) and views else "?"
+            k = (
+                str(b.get("node") or source.node),
+                period_label(b.get("caps")),
+                str(b.get("analyst")),
+                view,
+            )
+            cell = acc.setdefault(k, [0, 0, 0.0, 0.0])
+            rho = _num(b.get("rho")) or 0.0
+            if b.get("outcome") == RELEASED:
+                cell[0] += 1
+                cell[2] += rho
+            else:
+                cell[1] += 1
+            cell[3] = max(cell[3], _num(b.get("delta")) or 0.0)
+    return [
+        SpendRow(node, period, analyst, view, int(c[0]), int(c[1]), c[2], c[3])
+        for (node, period, analyst, view), c in sorted(acc.items())
+    ]
+
+
+def summarise(rows: Iterable[SpendRow], by: str) -> list[SpendRow]:
+    """Rows summed over every dimension but `by` (and node, since budgets are per node)."""
+    if by not in DIMENSIONS:
+        raise ConfigError(f"--by must be one of {list(DIMENSIONS)}, got {by!r}")
+    acc: dict[tuple[str, str], SpendRow] = {}
+    for r in rows:
+        k = (r.node, getattr(r, by))
+        old = acc.get(k)
+        if old is None:
+            acc[k] = SpendRow(
+                node=r.node,
+                period=r.period if by == "period" else "",
+                analyst=r.analyst if by == "analyst" else "",
+                view=r.view if by == "view" else "",
+                released=r.released,
+                refused=r.refused,
+                rho=r.rho,
+                delta=r.delta,
+            )
+        else:
+            acc[k] = SpendRow(
+                node=old.node,
+                period=old.period,
+                analyst=old.analyst,
+                view=old.view,
+                released=old.released + r.released,
+                refused=old.refused + r.refused,
+                rho=old.rho + r.rho,
+                delta=max(old.delta, r.delta),
+            )
+    return [acc[k] for k in sorted(acc)]
+
+
+CSV_FIELDS = ("node", "period", "analyst", "view", "released", "refused", "rho", "epsilon", "delta")
+
+
+def write_csv(rows: Iterable[SpendRow], out: TextIO) -> None:
+    """One line per (node, period, analyst, view)."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for r in rows:
+        numbers = (r.released, r.refused, repr(r.rho), repr(r.epsilon), repr(r.delta))
+        writer.writerow([r.node, r.period, r.analyst, r.view, *numbers])
+
+
+# A colour-blind-safe palette (Okabe & Ito), one colour per node.
+_PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+
+
+def svg_chart(rows: Iterable[SpendRow], by: str, *, title: str = "") -> str:
+    """A horizontal stacked bar chart of rho spent per `by` value, one colour per node."""
+    rows = list(rows)
+    categories = sorted({str(getattr(r, by)) for r in rows})
+    nodes = sorted({r.node for r in rows})
+    colour = {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(nodes)}
+    spend: dict[tuple[str, str], float] = defaultdict(float)
+    for r in rows:
+        spend[str(getattr(r, by)), r.node] += r.rho
+    totals = {c: sum(spend[c, n] for n in nodes) for c in categories}
+    top = max(totals.values(), default=0.0) or 1.0
+    left, right, bar, gap, head = 190, 90, 22, 10, 50
+    width = 760
+    plot = width - left - right
+    legend_y = head + len(categories) * (bar + gap) + 10
+    height = legend_y + 30
+    title = title or f"Privacy budget spent (zCDP rho) by {by}"
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15" '
+        f'font-weight="bold">{escape(title)}</text>',
+    ]
+    for i, c in enumerate(categories):
+        y = head + i * (bar + gap)
+        out.append(
+            f'<text x="{left - 8}" y="{y + bar * 0.7:.1f}" text-anchor="end">'
+            f"{escape(c[:28] or '(none)')}</text>"
+        )
+        x = float(left)
+        for n in nodes:
+            w = spend[c, n] / top * plot
+            if w > 0:
+                out.append(
+                    f'<rect x="{x:.2f}" y="{y}" width="{w:.2f}" height="{bar}" '
+                    f'fill="{colour[n]}"><title>{escape(n)}: {spend[c, n]:.6g}</title></rect>'
+                )
+            x += w
+        out.append(f'<text x="{x + 6:.2f}" y="{y + bar * 0.7:.1f}">{totals[c]:.4g}</text>')
+    x = float(left)
+    for n in nodes:
+        out.append(f'<rect x="{x:.1f}" y="{legend_y}" width="12" height="12" fill="{colour[n]}"/>')
+        out.append(f'<text x="{x + 16:.1f}" y="{legend_y + 10}">{escape(n)}</text>')
+        x += 24 + 8 * len(n)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
