@@ -13,14 +13,13 @@ from node.accounting import default_ledger_path, open_accountant
 from node.catalog import build_catalog
 from node.policy import load_config
 from node.service import NodeService
-from node.store import OmopStore
+from node.store import OmopStore, node_pathways
 from protocols.errors import ChcError
 from protocols.process import serve_until_signalled, setup_logging, write_ready_file
 from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import INSECURE_WARNING, make_server
 from protocols.security import Role, load_identity
 from protocols.v1 import node_pb2_grpc
-from queries.pathway import load_pathways
 
 app = typer.Typer(help="Run a chc regional node beside an OMOP CDM.", no_args_is_help=True)
 log = logging.getLogger("chc.node")
@@ -36,9 +35,9 @@ def check(config: Annotated[Path, typer.Option("--config", "-c", help="node.toml
     """Validate node.toml, the identity and the OMOP data, and build the views once."""
     cfg = load_config(config)
     identity = load_identity(cfg.identity)
-    pathways = load_pathways(list(cfg.pathways) if cfg.pathways is not None else None)
-    store = OmopStore(cfg.omop, pathways, reference_date=cfg.reference_date)
-    for view in build_catalog(pathways).views:
+    store = OmopStore.from_config(cfg)  # refuses bad data with the validation report
+    typer.echo(store.report.render())
+    for view in build_catalog(store.pathways, reference_date=cfg.reference_date).views:
         typer.echo(f"view {view.name}: ok")
     typer.echo(
         f"node {cfg.name} ({identity.role.value} certificate {identity.name}) is ready: "
@@ -75,13 +74,13 @@ def serve(
         raise ChcError(f"{cfg.identity} holds a {identity.role.value} certificate, not a node one")
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
-    pathways = load_pathways(list(cfg.pathways) if cfg.pathways is not None else None)
+    node_pathways(cfg)  # a bad pathway list fails before the ledger is opened
     accountant = open_accountant(cfg, config_file=config)  # refuses a tampered ledger
-    store = OmopStore(cfg.omop, pathways, reference_date=cfg.reference_date)
+    store = OmopStore.from_config(cfg)
     service = NodeService(
         name=cfg.name,
         store=store,
-        catalog=build_catalog(pathways),
+        catalog=build_catalog(store.pathways, reference_date=cfg.reference_date),
         accountant=accountant,
         ca_pem=identity.ca_pem,
         require_tls=not insecure,
@@ -105,6 +104,71 @@ def serve(
     store.close()
     accountant.close()
     log.info("node %s stopped", cfg.name)
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="folder for node.toml (created if needed)")],
+    name: Annotated[str, typer.Option(help="the node's name (its certificate's name)")],
+    omop: Annotated[
+        Path, typer.Option(help="OMOP CDM: a DuckDB file, or a folder of Parquet/CSV files")
+    ],
+    imd_lookup: Annotated[
+        Path | None, typer.Option(help="CSV/Parquet LSOA code -> IMD quintile or decile")
+    ] = None,
+    opt_outs: Annotated[
+        list[Path] | None,
+        typer.Option("--opt-outs", help="opt-out / consent register (repeat for several)"),
+    ] = None,
+    reference_date: Annotated[
+        str, typer.Option(help="ages and outcome windows end on this date")
+    ] = "2025-12-31",
+    pathways: Annotated[
+        str | None, typer.Option(help="comma-separated pathways to serve (default: all)")
+    ] = None,
+    omop_schema: Annotated[
+        str | None, typer.Option(help="DuckDB file only: the schema of the OMOP tables")
+    ] = None,
+    listen: Annotated[str, typer.Option(help="address to serve on")] = "0.0.0.0:50051",
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing node.toml")] = False,
+) -> None:
+    """Write DIRECTORY/node.toml for an OMOP CDM and check the data (a validation report)."""
+    from datetime import date
+
+    from node.bootstrap import init_node
+
+    try:
+        ref = date.fromisoformat(reference_date)
+    except ValueError:
+        raise ChcError(
+            f"--reference-date {reference_date!r} is not a date like 2025-12-31"
+        ) from None
+    path, report = init_node(
+        directory,
+        name=name,
+        omop=omop,
+        imd_lookup=imd_lookup,
+        registers=tuple(opt_outs or ()),
+        reference_date=ref,
+        pathways=[p.strip() for p in pathways.split(",") if p.strip()] if pathways else None,
+        listen=listen,
+        omop_schema=omop_schema,
+        force=force,
+    )
+    typer.echo(report.render())
+    typer.echo(f"wrote {path}")
+    if not report.ok:
+        typer.secho(
+            "the node will refuse this data: fix the errors above, then run "
+            f"`chc-node check --config {path}`",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        raise typer.Exit(1)
+    typer.echo(
+        f"next: put the node's certificate in {path.parent / 'identity'} "
+        f"(chc pki issue --role node --name {name}), then `chc-node serve --config {path}`"
+    )
 
 
 def main() -> None:

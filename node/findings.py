@@ -34,7 +34,7 @@ class Finding:
 
     def render(self) -> str:
         """One line: level, where, how many, what."""
-        many = f" ({self.count:,} rows)" if self.count is not None else ""
+        many = f" [{self.count:,}]" if self.count is not None else ""
         return f"{self.level.value.upper():7} {self.where}{many}: {self.message}"
 
 

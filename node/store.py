@@ -24,11 +24,19 @@ from node.catalog import DEFAULT_REFERENCE_DATE
 from node.consent import ConsentPolicy
 from node.findings import ValidationReport
 from node.omop import ATTACHED
+from node.policy import NodeConfig
 from node.validate import DataSettings, prepare
 from protocols.errors import DataError
-from queries.pathway import Pathway
+from queries.pathway import Pathway, load_pathways
 
 log = logging.getLogger(__name__)
+
+
+def node_pathways(cfg: NodeConfig) -> list[Pathway]:
+    """The pathways a node serves: node.toml's list (default all) from the library and
+    the custodian's pathways_dir."""
+    names = list(cfg.pathways) if cfg.pathways is not None else None
+    return load_pathways(names, cfg.pathways_dir)
 
 
 class OmopStore:
@@ -71,6 +79,19 @@ class OmopStore:
             log.warning("data: %s", finding.render())
         self.build_seconds = time.perf_counter() - started
         log.info("analysis views built in %.2f s", self.build_seconds)
+
+    @classmethod
+    def from_config(cls, cfg: NodeConfig, *, threads: int = 2) -> OmopStore:
+        """The store node.toml describes (raises DataError with the report if refused)."""
+        return cls(
+            cfg.omop,
+            node_pathways(cfg),
+            reference_date=cfg.reference_date,
+            threads=threads,
+            imd_lookup=cfg.imd_lookup,
+            consent=cfg.consent,
+            omop_schema=cfg.omop_schema,
+        )
 
     def _seal(self) -> None:
         """Drop everything but the views, detach the source and forbid any file access."""

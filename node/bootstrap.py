@@ -1,0 +1,136 @@
+"""`chc-node init`: write a node.toml for a custodian's OMOP data and check the data.
+
+The node.toml written here is complete and commented: the custodian reviews it (pathways,
+budget, consent registers), puts the node's certificate in the identity folder (`chc pki
+issue --role node`) and starts the node with `chc-node serve --config DIR/node.toml`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+
+from node.catalog import DEFAULT_REFERENCE_DATE
+from node.consent import ConsentPolicy, consent_toml
+from node.findings import Level, ValidationReport
+from node.policy import load_config
+from node.validate import DataSettings, validate
+from protocols.errors import ConfigError
+from queries.pathway import builtin_pathways, load_pathways
+from queries.spec import check_identifier
+
+# The synthetic generator writes this lookup beside its tables; a custodian's own lookup is
+# given with --imd-lookup.
+SIDE_LOOKUP = "lsoa_imd.csv"
+CONFIG_FILE = "node.toml"
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def node_toml(
+    *,
+    name: str,
+    omop: Path,
+    identity: str,
+    listen: str,
+    reference_date: date,
+    pathways: Sequence[str],
+    imd_lookup: Path | None,
+    omop_schema: str | None,
+    consent: ConsentPolicy,
+) -> str:
+    """The text of a node.toml with these settings and the default budget."""
+    names = ", ".join(_toml_str(p) for p in pathways)
+    lines = [
+        f"# chc node configuration, written by `chc-node init` on {date.today().isoformat()}.",
+        "# Review it, then: chc-node check --config node.toml; chc-node serve --config node.toml",
+        f"name = {_toml_str(name)}                  # must match the node certificate's name",
+        f"omop = {_toml_str(str(omop))}   # read in place, never written",
+        f"identity = {_toml_str(identity)}           # cert.pem, key.pem (0600), ca.pem",
+        f"listen = {_toml_str(listen)}",
+        f"reference_date = {reference_date.isoformat()}        # ages and windows end here",
+        f"pathways = [{names}]",
+    ]
+    if imd_lookup is not None:
+        lines.append(f"imd_lookup = {_toml_str(str(imd_lookup))}  # LSOA code -> IMD quintile")
+    else:
+        lines.append('# imd_lookup = "lsoa_imd.csv"   # LSOA code -> IMD quintile (docs/data.md)')
+    if omop_schema is not None:
+        lines.append(f"omop_schema = {_toml_str(omop_schema)}")
+    lines += [
+        "",
+        "[budget]",
+        "total_rho = 10.0                   # the node's total zCDP budget per period",
+        "max_rho_per_query = 1.0",
+        "delta = 1e-6                       # for reporting (epsilon, delta) equivalents",
+        "",
+        consent_toml(consent),
+    ]
+    return "\n".join(lines)
+
+
+def init_node(
+    directory: Path,
+    *,
+    name: str,
+    omop: Path,
+    imd_lookup: Path | None = None,
+    registers: Sequence[Path] = (),
+    reference_date: date = DEFAULT_REFERENCE_DATE,
+    pathways: Sequence[str] | None = None,
+    listen: str = "0.0.0.0:50051",
+    omop_schema: str | None = None,
+    force: bool = False,
+) -> tuple[Path, ValidationReport]:
+    """Write directory/node.toml and check the data; the report says if it is refused."""
+    try:
+        check_identifier(name.replace("-", "_"), "node name")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    config = directory / CONFIG_FILE
+    if config.exists() and not force:
+        raise ConfigError(f"{config} exists; pass --force to overwrite it")
+    if not omop.exists():
+        raise ConfigError(f"--omop {omop} does not exist")
+    omop = omop.resolve()
+    notes: list[str] = []
+    if imd_lookup is None and omop.is_dir() and (omop / SIDE_LOOKUP).is_file():
+        imd_lookup = omop / SIDE_LOOKUP
+        notes.append(f"found {imd_lookup} beside the tables: used as imd_lookup")
+    if imd_lookup is not None:
+        imd_lookup = imd_lookup.resolve()
+    chosen = list(pathways) if pathways is not None else list(builtin_pathways())
+    served = load_pathways(chosen)
+    consent = ConsentPolicy(registers=tuple(r.resolve() for r in registers))
+    directory.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        node_toml(
+            name=name,
+            omop=omop,
+            identity="identity",
+            listen=listen,
+            reference_date=reference_date,
+            pathways=chosen,
+            imd_lookup=imd_lookup,
+            omop_schema=omop_schema,
+            consent=consent,
+        ),
+        encoding="utf-8",
+    )
+    cfg = load_config(config)  # what we wrote must read back
+    report = validate(
+        DataSettings(
+            omop=cfg.omop,
+            reference_date=cfg.reference_date,
+            imd_lookup=cfg.imd_lookup,
+            consent=cfg.consent,
+            omop_schema=cfg.omop_schema,
+        ),
+        served,
+    )
+    for note in notes:
+        report.add(Level.NOTE, "init", note)
+    return config, report
