@@ -42,11 +42,33 @@ class NodeSetup:
     max_rho_per_query: float = 1.0
     # Extra node.toml tables (e.g. an [access] policy), appended verbatim.
     extra_toml: str = ""
+    # Data settings (docs/data.md): LSOA -> IMD lookup, pathways served (None: all), the
+    # schema of a DuckDB source, and opt-out / consent registers.
+    imd_lookup: Path | None = None
+    pathways: tuple[str, ...] | None = None
+    omop_schema: str | None = None
+    consent_registers: tuple[Path, ...] = ()
 
 
 def _toml_str(value: str) -> str:
     # TOML basic strings: escape backslashes and quotes (paths may contain either).
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _data_toml(setup: NodeSetup) -> tuple[list[str], list[str]]:
+    """node.toml lines for a node's data settings: (top-level keys, tables)."""
+    keys: list[str] = []
+    if setup.imd_lookup is not None:
+        keys.append(f"imd_lookup = {_toml_str(str(setup.imd_lookup.resolve()))}")
+    if setup.pathways is not None:
+        keys.append(f"pathways = [{', '.join(_toml_str(p) for p in setup.pathways)}]")
+    if setup.omop_schema is not None:
+        keys.append(f"omop_schema = {_toml_str(setup.omop_schema)}")
+    tables: list[str] = []
+    if setup.consent_registers:
+        paths = ", ".join(_toml_str(str(p.resolve())) for p in setup.consent_registers)
+        tables = ["[consent]", f"registers = [{paths}]", ""]
+    return keys, tables
 
 
 @dataclass
@@ -152,6 +174,7 @@ class LocalFederation:
         conf_dir = self.workdir / "conf"
         conf_dir.mkdir(parents=True, exist_ok=True)
         config = conf_dir / f"{setup.name}.toml"
+        data_keys, data_tables = _data_toml(setup)
         config.write_text(
             "\n".join(
                 [
@@ -163,6 +186,7 @@ class LocalFederation:
                     f"reference_date = {self.reference_date.isoformat()}",
                     # The federation's own CRL, so `chc pki revoke` takes effect at once.
                     f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
+                    *data_keys,
                     "",
                     "[budget]",
                     f"total_rho = {setup.total_rho!r}",
@@ -170,6 +194,7 @@ class LocalFederation:
                     "",
                     setup.extra_toml,
                     "",
+                    *data_tables,
                 ]
             )
         )
