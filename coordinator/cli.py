@@ -34,7 +34,7 @@ app.command("budget")(budget)
 
 @app.command()
 def demo(
-    persons: Annotated[int, typer.Option(help="synthetic persons across all regions")] = 40_000,
+    persons: Annotated[int, typer.Option(help="synthetic persons across all regions")] = 100_000,
     seed: Annotated[int, typer.Option(help="seed of the synthetic data")] = 2015,
     rho: Annotated[float, typer.Option(help="zCDP budget per query at each node")] = 0.05,
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
@@ -43,6 +43,14 @@ def demo(
     ] = False,
     workdir: Annotated[
         Path | None, typer.Option(help="keep data, PKI and logs here (default: a temp folder)")
+    ] = None,
+    node: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node",
+            help="NAME=PATH: run a node on your own OMOP data (a DuckDB file, a Parquet/CSV "
+            "folder, or a node.toml from `chc-node init`) instead of synthetic regions; repeat",
+        ),
     ] = None,
 ) -> None:
     """Four synthetic regions, four nodes and the hub on loopback with mTLS, and a report."""
@@ -58,6 +66,7 @@ def demo(
             as_json=as_json,
             keep_running=keep_running,
             workdir=workdir,
+            nodes=tuple(node or ()),
         )
     )
 

@@ -8,7 +8,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from rich.console import Console
 from coordinator import report, synth
 from coordinator.client import Federation
 from coordinator.local import LocalFederation, NodeSetup
+from protocols.errors import ConfigError
 from queries.results import FederatedResult
 from queries.spec import Filter, Query
 
@@ -43,7 +44,65 @@ def demo_queries(rho: float) -> tuple[DemoQuery, ...]:
             "Adults with COPD, by region and age band",
             Query(view="copd", rho=rho, group_by=("age_band",)),
         ),
+        DemoQuery(
+            "People with an emergency department visit in the last year, by region and IMD "
+            "quintile (1 = most deprived)",
+            Query(
+                view="urgent_care",
+                rho=rho,
+                group_by=("imd_quintile",),
+                where=(Filter(column="imd_quintile", values=("1", "2", "3", "4", "5")),),
+            ),
+        ),
+        DemoQuery(
+            "Adults with COPD, by region and whether they had an emergency admission for "
+            "COPD in the last year",
+            Query(view="copd", rho=rho, group_by=("admitted",)),
+        ),
     )
+
+
+def custom_node_setups(specs: Sequence[str]) -> tuple[NodeSetup, ...]:
+    """NodeSetups from `--node NAME=PATH`: PATH is OMOP data or a `chc-node init` node.toml.
+
+    From a node.toml the demo takes the data settings (omop, imd_lookup, pathways, consent
+    registers, omop_schema); its own PKI, ports and budget replace the rest. For OMOP data
+    given directly, an lsoa_imd.csv beside the tables is used as the IMD lookup.
+    """
+    from node.bootstrap import SIDE_LOOKUP
+    from node.policy import load_config
+
+    setups: list[NodeSetup] = []
+    for spec in specs:
+        name, sep, raw = spec.partition("=")
+        if not sep or not name or not raw:
+            raise ConfigError(f"--node {spec!r}: expected NAME=PATH")
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--node {spec!r}: {path} does not exist")
+        if path.suffix == ".toml":
+            cfg = load_config(path)
+            setups.append(
+                NodeSetup(
+                    name=name,
+                    omop=cfg.omop,
+                    title=name,
+                    imd_lookup=cfg.imd_lookup,
+                    pathways=cfg.pathways,
+                    omop_schema=cfg.omop_schema,
+                    consent_registers=cfg.consent.registers,
+                )
+            )
+            continue
+        lookup = path / SIDE_LOOKUP
+        setups.append(
+            NodeSetup(
+                name=name, omop=path, title=name, imd_lookup=lookup if lookup.is_file() else None
+            )
+        )
+    if len({s.name for s in setups}) != len(setups):
+        raise ConfigError("--node names must differ")
+    return tuple(setups)
 
 
 def _sexes() -> Filter:
@@ -66,8 +125,14 @@ def run_demo(
     as_json: bool,
     keep_running: bool,
     workdir: Path | None,
+    nodes: Sequence[str] = (),
 ) -> int:
-    """Run the demo end to end; returns the process exit code."""
+    """Run the demo end to end; returns the process exit code.
+
+    With `nodes` (NAME=PATH, see custom_node_setups) the federation runs on custodian-provided
+    OMOP data instead of synthetic regions.
+    """
+    custom = custom_node_setups(nodes) if nodes else ()
     # Progress goes to stderr so that --json output on stdout stays machine-readable.
     console = Console(stderr=True)
     out = Console()
@@ -75,17 +140,29 @@ def run_demo(
     root = Path(tempfile.mkdtemp(prefix="chc-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     try:
+        if custom:
+            setups = custom
+        else:
+            with _step(
+                console,
+                f"Generating synthetic OMOP data for {len(synth.REGIONS)} regions "
+                f"({persons:,} persons)",
+            ):
+                folders = synth.generate_federation(persons, root / "data", seed=seed)
+            setups = tuple(
+                NodeSetup(
+                    name=r.slug,
+                    omop=folders[r.slug],
+                    title=r.name,
+                    imd_lookup=folders[r.slug] / synth.LOOKUP_FILE,
+                )
+                for r in synth.REGIONS
+            )
+        fed = LocalFederation(workdir=root, nodes=setups)
         with _step(
             console,
-            f"Generating synthetic OMOP data for {len(synth.REGIONS)} regions "
-            f"({persons:,} persons)",
+            f"Creating the federation PKI and starting {len(setups)} nodes and the hub (mTLS)",
         ):
-            folders = synth.generate_federation(persons, root / "data", seed=seed)
-        setups = tuple(
-            NodeSetup(name=r.slug, omop=folders[r.slug], title=r.name) for r in synth.REGIONS
-        )
-        fed = LocalFederation(workdir=root, nodes=setups)
-        with _step(console, "Creating the federation PKI and starting 4 nodes and the hub (mTLS)"):
             fed.start()
         try:
             results: list[tuple[DemoQuery, FederatedResult]] = []
@@ -93,7 +170,7 @@ def run_demo(
                 for dq in demo_queries(rho):
                     with _step(console, f"Query: {dq.title} (rho={rho:g} per node)"):
                         results.append((dq, client.query(dq.query)))
-            titles = {r.slug: r.name for r in synth.REGIONS}
+            titles = {s.name: s.title or s.name for s in setups}
             if as_json:
                 payload = {
                     "regions": titles,

@@ -199,6 +199,7 @@ def cohort_view(p: Pathway) -> ViewSpec:
             f"emergency admissions in {window} that began within {READMISSION_DAYS} days of "
             "an earlier discharge",
         ),
+        _category("readmitted", YES_NO, "yes if readmissions > 0"),
         _integer(
             "ed_attendances", 0, MAX_ED_ATTENDANCES, f"emergency department visits in {window}"
         ),

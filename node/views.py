@@ -265,6 +265,8 @@ def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: dat
                    AS admitted,
                least(coalesce(o.bed_days, 0), {cat.MAX_BED_DAYS}) AS bed_days,
                least(coalesce(o.readmissions, 0), {cat.MAX_READMISSIONS}) AS readmissions,
+               CASE WHEN coalesce(o.readmissions, 0) > 0 THEN 'yes' ELSE 'no' END
+                   AS readmitted,
                least(coalesce(o.ed_attendances, 0), {cat.MAX_ED_ATTENDANCES}) AS ed_attendances,
                CASE WHEN p.death_date >= {window_start} THEN 'yes' ELSE 'no' END
                    AS died_in_window
