@@ -635,6 +635,14 @@ class SqliteLedger(Accountant):
                         ("created", format_time(self.clock())),
                     ],
                 )
+                # An empty ledger has a signed head too (entry 0, the zero hash), so that an
+                # auditor can tell an empty ledger from one whose entries were all deleted.
+                head = LedgerBook(node=node, policy=self.policy, key=key).head()
+                con.execute(
+                    "INSERT OR REPLACE INTO head (id, sequence, body, signature)"
+                    " VALUES (1, ?, ?, ?)",
+                    (head.sequence, head.body, head.signature),
+                )
             elif meta["public_key"] != public:
                 raise LedgerIntegrityError(
                     f"ledger {self.path} was signed by key {meta['public_key'][:16]}... but "
