@@ -47,8 +47,8 @@ check-protos: protos
 
 # Each script prints one JSON object; ARGS goes to the federated count benchmark.
 bench: $(STAMP)
-	$(BIN)/python bench/federated_count.py $(ARGS)
-	$(BIN)/python bench/signing.py
+	$(BIN)/python -m bench.federated_count $(ARGS)
+	$(BIN)/python -m bench.signing
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -11,45 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import duckdb
 
+from bench.timing import summary, timings
 from coordinator import synth
 from coordinator.client import Federation
 from coordinator.local import LocalFederation, NodeSetup
 from queries.spec import Query
 
 REF = date(2025, 12, 31)
-
-
-def _percentile(xs: list[float], p: float) -> float:
-    ordered = sorted(xs)
-    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def _summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(statistics.median(xs), 3),
-        "p95_ms": round(_percentile(xs, 95), 3),
-        "mean_ms": round(statistics.fmean(xs), 3),
-    }
-
-
-def _time(fn: Callable[[], object], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
 
 
 def _pooled_cohort_sql(folders: dict[str, Path]) -> str:
@@ -91,19 +67,19 @@ def main() -> None:
             Federation(fed.hub_address, fed.analyst_identity) as client,
         ):
             client.query(query)  # warm-up: channels, caches
-            federated = _time(lambda: client.query(query), args.repeats)
+            federated = timings(lambda: client.query(query), args.repeats, warmup=False)
 
         con = duckdb.connect(config={"threads": 2})
         cohort_select = _pooled_cohort_sql(folders)
         raw_sql = f"SELECT sex, count(*) FROM ({cohort_select}) GROUP BY sex"  # noqa: S608
         con.sql(raw_sql).fetchall()
-        raw = _time(lambda: con.sql(raw_sql).fetchall(), args.repeats)
+        raw = timings(lambda: con.sql(raw_sql).fetchall(), args.repeats, warmup=False)
         con.execute(f"CREATE TABLE cohort AS {cohort_select}")
         cohort_sql = "SELECT sex, count(DISTINCT (region, person_id)) FROM cohort GROUP BY sex"
         con.sql(cohort_sql).fetchall()
-        cohort = _time(lambda: con.sql(cohort_sql).fetchall(), args.repeats)
+        cohort = timings(lambda: con.sql(cohort_sql).fetchall(), args.repeats, warmup=False)
 
-    fed_s, raw_s, cohort_s = _summary(federated), _summary(raw), _summary(cohort)
+    fed_s, raw_s, cohort_s = summary(federated), summary(raw), summary(cohort)
     print(
         json.dumps(
             {

@@ -17,13 +17,13 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
+from bench.timing import percentile, timings
 from coordinator import synth
 from coordinator.client import Federation
 from coordinator.local import LocalFederation, NodeSetup
@@ -44,21 +44,6 @@ BASELINE = (
 )
 # Accuracy on everyone and on a small cohort, where DP noise matters more.
 ACCURACY_VIEWS = ("persons", "asthma_children")
-
-
-def _times(fn: Callable[[], object], repeats: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
-
-
-def _pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def main() -> None:
@@ -93,7 +78,7 @@ def main() -> None:
             con.unregister("pooled")
             ((mean, median),) = con.sql(f"SELECT AVG(age), MEDIAN(age) FROM {view}").fetchall()  # noqa: S608
             truth[view] = (float(mean), float(median))
-        baseline = _times(lambda: con.sql(BASELINE).fetchall(), args.repeats)
+        baseline = timings(lambda: con.sql(BASELINE).fetchall(), args.repeats)
         setups = tuple(
             NodeSetup(name=s, omop=f, total_rho=1e6, max_rho_per_query=10.0)
             for s, f in folders.items()
@@ -103,7 +88,7 @@ def main() -> None:
             startup_s = time.perf_counter() - t
             with Federation(fed.hub_address, fed.analyst_identity) as client:
                 query = parse_sql(SQL, rho=args.rho)
-                federated = _times(lambda: client.query(query, deadline_s=120), args.repeats)
+                federated = timings(lambda: client.query(query, deadline_s=120), args.repeats)
                 errors: dict[str, list[float]] = {}
                 for view in ACCURACY_VIEWS:
                     acc_query = parse_sql(
@@ -135,7 +120,7 @@ def main() -> None:
                 "synth_seconds": round(gen_s, 1),
                 "federation_startup_seconds": round(startup_s, 1),
                 "federated_p50_ms": round(fed_p50, 1),
-                "federated_p95_ms": round(_pct(federated, 95), 1),
+                "federated_p95_ms": round(percentile(federated, 95), 1),
                 "duckdb_pooled_p50_ms": round(base_p50, 1),
                 "ratio_p50": round(fed_p50 / base_p50, 2),
                 "rho": args.rho,

@@ -9,28 +9,12 @@ bench/federated_count.py, these are the whole cost of end-to-end authorisation.
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from bench.timing import summary, timings
 from protocols import revocation, security
 from queries.spec import Query, canonical_bytes
-
-
-def _time(fn: Callable[[], object], repeats: int) -> dict[str, float]:
-    fn()
-    xs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        xs.append((time.perf_counter() - t) * 1e3)
-    xs.sort()
-    return {
-        "p50_ms": round(statistics.median(xs), 4),
-        "p99_ms": round(xs[int(0.99 * (len(xs) - 1))], 4),
-    }
 
 
 def main() -> None:
@@ -46,10 +30,13 @@ def main() -> None:
         query = canonical_bytes(Query(view="copd", rho=0.1, group_by=("sex", "age_band")))
         signed = security.sign_query(analyst, query)
         repeats = 2000
-        sign = _time(lambda: security.sign_query(analyst, query), repeats)
-        verify = _time(
-            lambda: security.verify_analyst(signed, analyst.ca_pem, is_revoked=crl.is_revoked),
-            repeats,
+        sign = summary(timings(lambda: security.sign_query(analyst, query), repeats), 4)
+        verify = summary(
+            timings(
+                lambda: security.verify_analyst(signed, analyst.ca_pem, is_revoked=crl.is_revoked),
+                repeats,
+            ),
+            4,
         )
     print(
         json.dumps(

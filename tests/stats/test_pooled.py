@@ -13,38 +13,20 @@ import random
 
 from node import engine
 from queries import combine, mechanisms, plan
-from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo
+from queries.results import NodeRelease
 from queries.spec import Measure, Query, Statistic
-from tests.unit.test_engine import CATALOG, Runner, _data
+from tests.unit.test_engine import CATALOG, Runner, _data, make_release
 
 R = 2_000
 BAND = 0.027
 
 
 def _release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeRelease:
-    releases = engine.calibrations(compiled)
     noisy = {
         r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
-        for r in releases
+        for r in engine.calibrations(compiled)
     }
-    info = NoiseInfo("discrete_gaussian", 1.0, 1.0, 1.0)
-    return NodeRelease(
-        query_id="q",
-        table=engine.release_table(compiled, releases, noisy),
-        noise=info,
-        rho_charged=1.0,
-        epsilon=1.0,
-        budget=BudgetStatus(10, 1, 1, 1e-6),
-        measures=tuple(
-            MeasureNoise(
-                r.component.key,
-                r.component.kind.value,
-                NoiseInfo("discrete_gaussian", 1.0, r.variance, 1.0),
-                r.calibration.rho,
-            )
-            for r in releases
-        ),
-    )
+    return make_release(compiled, noisy)
 
 
 def test_pooled_count_and_ratio_intervals_cover_95_percent() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from node import engine
 from queries import combine, plan
-from queries.results import BudgetStatus, NodeRelease, NoiseInfo
+from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Filter, Measure, Query, Statistic
 
@@ -154,16 +154,12 @@ def test_fixed_point_sums_keep_four_significant_digits() -> None:
     assert sums["sumsq"].unit == pytest.approx(0.001)
 
 
-def _exact_release(compiled: plan.Plan, runner: Runner) -> NodeRelease:
-    """A release carrying the exact values (variance as calibrated): for testing combine."""
+def make_release(compiled: plan.Plan, values: dict[str, tuple[int, ...]]) -> NodeRelease:
+    """A NodeRelease carrying the given integers with the plan's calibrated noise variances."""
     releases = engine.calibrations(compiled)
-    exact = engine.exact_values(compiled, runner)
-    table = engine.release_table(compiled, releases, {k: tuple(v) for k, v in exact.items()})
-    from queries.results import MeasureNoise
-
     return NodeRelease(
         query_id="t",
-        table=table,
+        table=engine.release_table(compiled, releases, values),
         noise=NoiseInfo("discrete_gaussian", 1.0, 1.0, 1.0),
         rho_charged=1.0,
         epsilon=1.0,
@@ -178,6 +174,12 @@ def _exact_release(compiled: plan.Plan, runner: Runner) -> NodeRelease:
             for r in releases
         ),
     )
+
+
+def _exact_release(compiled: plan.Plan, runner: Runner) -> NodeRelease:
+    """A release carrying the exact values: for testing combine without noise."""
+    exact = engine.exact_values(compiled, runner)
+    return make_release(compiled, {k: tuple(v) for k, v in exact.items()})
 
 
 def test_pooled_statistics_from_exact_components_equal_the_pooled_truth() -> None:
