@@ -65,6 +65,10 @@ def serve(
         bool, typer.Option("--insecure", help="DEV ONLY: plaintext, no authentication")
     ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    memory_ledger: Annotated[
+        bool,
+        typer.Option("--memory-ledger", help="DEV/BENCH ONLY: a ledger that a restart forgets"),
+    ] = False,
 ) -> None:
     """Serve the node's catalog and DP queries over gRPC with mutual TLS."""
     setup_logging(log_level)
@@ -75,7 +79,7 @@ def serve(
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
     node_pathways(cfg)  # a bad pathway list fails before the ledger is opened
-    accountant = open_accountant(cfg, config_file=config)  # refuses a tampered ledger
+    accountant = open_accountant(cfg, config_file=config, memory=memory_ledger)
     store = OmopStore.from_config(cfg)
     service = NodeService(
         name=cfg.name,
