@@ -625,6 +625,28 @@ def verify(source: LedgerSource, *, ca_pem: bytes | None = None) -> Verification
     return result
 
 
+def compare_with_earlier(current: LedgerSource, earlier: LedgerSource) -> list[Anomaly]:
+    """Whether a ledger still holds, unchanged, every entry an earlier copy of it held.
+
+    The chain alone cannot stop whoever holds the node's key from rewriting history and
+    re-signing it; an auditor who kept an earlier export can (the ledger is append-only).
+    """
+    kept = {e.sequence: entry_hash(e.body, e.signature) for e in earlier.read() if not e.head}
+    found: list[Anomaly] = []
+    for e in current.read():
+        if e.head or e.sequence not in kept:
+            continue
+        if entry_hash(e.body, e.signature) != kept.pop(e.sequence):
+            found.append(
+                Anomaly(e.sequence, f"differs from the earlier copy {earlier.label}: rewritten")
+            )
+    for sequence in sorted(kept):
+        found.append(
+            Anomaly(sequence, f"was in the earlier copy {earlier.label} but is gone: deleted")
+        )
+    return found
+
+
 # ---- export -------------------------------------------------------------------------------
 
 

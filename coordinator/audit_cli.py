@@ -125,6 +125,13 @@ def verify(
     ca: Annotated[
         Path | None, typer.Option(help="federation CA (ca.pem) to check analysts' signatures")
     ] = None,
+    previous: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="an earlier export of a ledger (repeatable): every entry it held must still "
+            "be there, unchanged"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Check each ledger's chain, signatures, sequence, head, caps and analysts' signatures.
@@ -134,6 +141,12 @@ def verify(
     sources = _sources(paths, hub, node, identity, public_key)
     ca_pem = _ca(ca, identity, hub is not None or bool(node))
     results = [audit.verify(s, ca_pem=ca_pem) for s in sources]
+    for earlier in (audit.open_file(p) for p in previous or []):
+        matches = [i for i, s in enumerate(sources) if s.node == earlier.node]
+        if len(matches) != 1:
+            raise ConfigError(f"--previous {earlier.label}: no single ledger of {earlier.node!r}")
+        found = audit.compare_with_earlier(sources[matches[0]], earlier)
+        results[matches[0]].anomalies.extend(found)
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:

@@ -472,3 +472,41 @@ def test_cli_export_and_verify(ledger_path: Path, tmp_path: Path) -> None:
     (report,) = json.loads(run.output)
     assert report["ok"]
     assert report["entries"] == ENTRIES
+
+
+def _rewrite_with_the_node_key(path: Path, from_sequence: int) -> None:
+    """What only the key holder can do: rewrite history, re-sign it and re-chain it."""
+    loaded = serialization.load_pem_private_key(default_key_path(path).read_bytes(), password=None)
+    assert isinstance(loaded, Ed25519PrivateKey)
+    entries = rows(path)
+    prev = entry_hash(entries[from_sequence - 2][1], entries[from_sequence - 2][2])
+    statements = []
+    for seq, body, _ in entries[from_sequence - 1 :]:
+        new_body = canonical_json({**json.loads(body), "query_id": "x", "prev_hash": prev})
+        sig = loaded.sign(new_body)
+        statements.append(
+            ("UPDATE entries SET body = ?, signature = ? WHERE sequence = ?", (new_body, sig, seq))
+        )
+        prev = entry_hash(new_body, sig)
+    head = json.loads(next(e for e in audit.open_file(path).read() if e.head).body)
+    head_body = canonical_json({**head, "hash": prev})
+    statements.append(
+        ("UPDATE head SET body = ?, signature = ?", (head_body, loaded.sign(head_body)))
+    )
+    tamper(path, *statements)
+
+
+def test_an_earlier_export_catches_a_rewrite_by_the_key_holder(
+    ledger_path: Path, tmp_path: Path
+) -> None:
+    earlier = tmp_path / "earlier.jsonl"
+    audit.export(audit.open_file(ledger_path), earlier)
+    _rewrite_with_the_node_key(ledger_path, 3)
+    # The chain and signatures hold: the key holder can do this undetected by verify alone...
+    assert audit.verify(audit.open_file(ledger_path)).ok
+    # ...but not against a copy an auditor kept.
+    found = audit.compare_with_earlier(audit.open_file(ledger_path), audit.open_file(earlier))
+    assert [a.entry for a in found] == list(range(3, ENTRIES + 1))
+    run = CliRunner().invoke(app, ["audit", "verify", str(ledger_path), "--previous", str(earlier)])
+    assert run.exit_code == 1
+    assert "entry 3: differs from the earlier copy" in run.output
