@@ -45,10 +45,12 @@ check-protos: protos
 	git diff --exit-code -- protocols/v1 || \
 		(echo "generated stubs differ from protocols/v1/*.proto: run 'make protos' and commit"; exit 1)
 
-# Each script prints one JSON object; ARGS goes to the federated count benchmark.
+# Each script prints one JSON object; ARGS goes to the federated count benchmark,
+# LEDGER_ARGS to the ledger one (e.g. LEDGER_ARGS="--dir /var/lib/chc" to time that disk).
 bench: $(STAMP)
 	$(BIN)/python -m bench.federated_count $(ARGS)
 	$(BIN)/python -m bench.signing
+	$(BIN)/python -m bench.ledger $(LEDGER_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
