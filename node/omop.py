@@ -119,6 +119,7 @@ _FILE_SUFFIXES: Final = {
 }
 _DUCKDB_SUFFIXES: Final = {".duckdb", ".db", ".ddb"}
 ATTACHED: Final = "omop_source"
+_RENAMED: Final = re.compile(r"^(.+)_(\d+)$")
 _INT_TYPES: Final = re.compile(r"^(U?(TINY|SMALL|BIG|HUGE)?INT(EGER)?|INT\d+|UHUGEINT)$")
 
 
@@ -267,13 +268,16 @@ def _columns(
     columns: dict[str, SourceColumn] = {}
     for col_name, col_type in described:
         key = col_name.lower()
-        if key in columns:
+        # DuckDB renames the second of two columns that differ only in case to NAME_1.
+        renamed = _RENAMED.match(key)
+        twin = renamed.group(1) if renamed else key
+        if key in columns or (renamed and twin in columns):
             findings.append(
                 Finding(
                     Level.ERROR,
-                    f"{name}.{key}",
-                    f"two columns differ only in case ({columns[key].name!r} and {col_name!r}); "
-                    "keep one",
+                    f"{name}.{twin}",
+                    f"two columns differ only in case ({columns[twin].name!r} and another, "
+                    f"read as {col_name!r}); keep one",
                 )
             )
             continue
