@@ -81,8 +81,12 @@ def _category(
     return ColumnSpec(name, ColumnType.CATEGORY, description, domain, person_level=person_level)
 
 
-def _integer(name: str, lower: int, upper: int, description: str) -> ColumnSpec:
-    return ColumnSpec(name, ColumnType.INTEGER, description, lower=lower, upper=upper)
+def _integer(
+    name: str, lower: int, upper: int, description: str, *, person_level: bool = True
+) -> ColumnSpec:
+    return ColumnSpec(
+        name, ColumnType.INTEGER, description, lower=lower, upper=upper, person_level=person_level
+    )
 
 
 def person_columns(age_min: int = 0, age_max: int = 200) -> tuple[ColumnSpec, ...]:
@@ -149,6 +153,7 @@ def visits_view(reference_date: date = DEFAULT_REFERENCE_DATE) -> ViewSpec:
                 0,
                 MAX_LENGTH_OF_STAY,
                 "visit_end_date - visit_start_date in days (0 for same-day visits)",
+                person_level=False,
             ),
             _category("age_band", age_bands(), "age band at the visit", person_level=False),
             _category(
