@@ -160,6 +160,8 @@ def _combine(
                     budget=release.budget,
                     latency_ms=r.latency_ms,
                     measures=release.measures,
+                    node_query_id=release.query_id,
+                    ledger_sequence=release.ledger_sequence,
                 )
             )
         else:

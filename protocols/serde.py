@@ -243,6 +243,7 @@ def release_from_proto(msg: node_pb2.ExecuteResponse) -> NodeRelease:
             if msg.HasField("release_rules")
             else None
         ),
+        ledger_sequence=msg.ledger_sequence,
     )
 
 
@@ -256,6 +257,8 @@ def outcome_to_proto(outcome: NodeOutcome) -> hub_pb2.NodeOutcome:
         noise_variance=outcome.noise_variance,
         latency_ms=outcome.latency_ms,
         measures=[measure_noise_to_proto(m) for m in outcome.measures],
+        node_query_id=outcome.node_query_id,
+        ledger_sequence=outcome.ledger_sequence,
     )
     if outcome.budget is not None:
         msg.budget.CopyFrom(budget_to_proto(outcome.budget))
@@ -277,6 +280,8 @@ def outcome_from_proto(msg: hub_pb2.NodeOutcome) -> NodeOutcome:
         budget=budget_from_proto(msg.budget) if msg.HasField("budget") else None,
         latency_ms=msg.latency_ms,
         measures=tuple(measure_noise_from_proto(m) for m in msg.measures),
+        node_query_id=msg.node_query_id,
+        ledger_sequence=msg.ledger_sequence,
     )
 
 

@@ -79,6 +79,7 @@ class NodeRelease:
     budget: BudgetStatus
     measures: tuple[MeasureNoise, ...] = ()
     rules: ReleaseRules | None = None
+    ledger_sequence: int = 0
 
     def variance(self, measure: str) -> float:
         """Noise variance of one measure's values (the first measure's if unlisted)."""
@@ -110,6 +111,9 @@ class NodeOutcome:
     budget: BudgetStatus | None = None
     latency_ms: float = 0.0
     measures: tuple[MeasureNoise, ...] = ()
+    # The node's receipt: its query id and the ledger entry of the charge.
+    node_query_id: str = ""
+    ledger_sequence: int = 0
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protocols.v1 import node_pb2 as protocols_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocols/v1/hub.proto\x12\x06\x63hc.v1\x1a\x17protocols/v1/node.proto\"M\n\rSubmitRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x03\"\xcb\x01\n\x0bNodeOutcome\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x16\n\x0enoise_variance\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12&\n\x08measures\x18\x08 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\"f\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12\x0f\n\x07partial\x18\x04 \x01(\x08\"\x12\n\x10ListNodesRequest\"\xd5\x01\n\x11ListNodesResponse\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.chc.v1.DescribeResponse\x12(\n\x0bunavailable\x18\x02 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12;\n\taddresses\x18\x03 \x03(\x0b\x32(.chc.v1.ListNodesResponse.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\rExplainResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x17.chc.v1.ExplainResponse\"@\n\x18\x45xplainFederatedResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.chc.v1.ExplainResult2\xc4\x01\n\x03Hub\x12\x42\n\x07\x45xplain\x12\x15.chc.v1.SubmitRequest\x1a .chc.v1.ExplainFederatedResponse\x12\x37\n\x06Submit\x12\x15.chc.v1.SubmitRequest\x1a\x16.chc.v1.SubmitResponse\x12@\n\tListNodes\x12\x18.chc.v1.ListNodesRequest\x1a\x19.chc.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocols/v1/hub.proto\x12\x06\x63hc.v1\x1a\x17protocols/v1/node.proto\"M\n\rSubmitRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x03\"\xfb\x01\n\x0bNodeOutcome\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x16\n\x0enoise_variance\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12&\n\x08measures\x18\x08 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x15\n\rnode_query_id\x18\t \x01(\t\x12\x17\n\x0fledger_sequence\x18\n \x01(\x03\"f\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12\x0f\n\x07partial\x18\x04 \x01(\x08\"\x12\n\x10ListNodesRequest\"\xd5\x01\n\x11ListNodesResponse\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.chc.v1.DescribeResponse\x12(\n\x0bunavailable\x18\x02 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12;\n\taddresses\x18\x03 \x03(\x0b\x32(.chc.v1.ListNodesResponse.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\rExplainResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x17.chc.v1.ExplainResponse\"@\n\x18\x45xplainFederatedResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.chc.v1.ExplainResult2\xc4\x01\n\x03Hub\x12\x42\n\x07\x45xplain\x12\x15.chc.v1.SubmitRequest\x1a .chc.v1.ExplainFederatedResponse\x12\x37\n\x06Submit\x12\x15.chc.v1.SubmitRequest\x1a\x16.chc.v1.SubmitResponse\x12@\n\tListNodes\x12\x18.chc.v1.ListNodesRequest\x1a\x19.chc.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST']._serialized_start=59
   _globals['_SUBMITREQUEST']._serialized_end=136
   _globals['_NODEOUTCOME']._serialized_start=139
-  _globals['_NODEOUTCOME']._serialized_end=342
-  _globals['_SUBMITRESPONSE']._serialized_start=344
-  _globals['_SUBMITRESPONSE']._serialized_end=446
-  _globals['_LISTNODESREQUEST']._serialized_start=448
-  _globals['_LISTNODESREQUEST']._serialized_end=466
-  _globals['_LISTNODESRESPONSE']._serialized_start=469
-  _globals['_LISTNODESRESPONSE']._serialized_end=682
-  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_start=634
-  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_end=682
-  _globals['_EXPLAINRESULT']._serialized_start=684
-  _globals['_EXPLAINRESULT']._serialized_end=788
-  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_start=790
-  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_end=854
-  _globals['_HUB']._serialized_start=857
-  _globals['_HUB']._serialized_end=1053
+  _globals['_NODEOUTCOME']._serialized_end=390
+  _globals['_SUBMITRESPONSE']._serialized_start=392
+  _globals['_SUBMITRESPONSE']._serialized_end=494
+  _globals['_LISTNODESREQUEST']._serialized_start=496
+  _globals['_LISTNODESREQUEST']._serialized_end=514
+  _globals['_LISTNODESRESPONSE']._serialized_start=517
+  _globals['_LISTNODESRESPONSE']._serialized_end=730
+  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_start=682
+  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_end=730
+  _globals['_EXPLAINRESULT']._serialized_start=732
+  _globals['_EXPLAINRESULT']._serialized_end=836
+  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_start=838
+  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_end=902
+  _globals['_HUB']._serialized_start=905
+  _globals['_HUB']._serialized_end=1101
 # @@protoc_insertion_point(module_scope)

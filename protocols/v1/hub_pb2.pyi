@@ -57,6 +57,8 @@ class NodeOutcome(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     MEASURES_FIELD_NUMBER: _builtins.int
+    NODE_QUERY_ID_FIELD_NUMBER: _builtins.int
+    LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     status: _builtins.str
     """"ok" | "refused" | "unreachable" | "timed_out" | "error" """
@@ -65,6 +67,9 @@ class NodeOutcome(_message.Message):
     rho_charged: _builtins.float
     noise_variance: _builtins.float
     latency_ms: _builtins.float
+    node_query_id: _builtins.str
+    """The node's receipt: its query id and the ledger entry that recorded the charge."""
+    ledger_sequence: _builtins.int
     @_builtins.property
     def budget(self) -> _node_pb2.BudgetStatus: ...
     @_builtins.property
@@ -80,10 +85,12 @@ class NodeOutcome(_message.Message):
         budget: _node_pb2.BudgetStatus | None = ...,
         latency_ms: _builtins.float = ...,
         measures: _abc.Iterable[_node_pb2.MeasureNoise] | None = ...,
+        node_query_id: _builtins.str = ...,
+        ledger_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "latency_ms", b"latency_ms", "measures", b"measures", "message", b"message", "node", b"node", "noise_variance", b"noise_variance", "rho_charged", b"rho_charged", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "latency_ms", b"latency_ms", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "message", b"message", "node", b"node", "node_query_id", b"node_query_id", "noise_variance", b"noise_variance", "rho_charged", b"rho_charged", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

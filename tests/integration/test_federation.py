@@ -86,6 +86,9 @@ def test_federated_count_matches_exact_within_interval(federation: LocalFederati
         assert r["std_error"] == pytest.approx(2 * sigma)
         assert r["ci_low"] <= r["estimate"] <= r["ci_high"]
     for o in result.nodes:
+        # Each node's receipt reaches the analyst through the hub.
+        assert o.ledger_sequence > 0
+        assert len(o.node_query_id) == 32
         assert o.rho_charged == pytest.approx(0.05, rel=1e-6)
         assert o.budget is not None
         assert o.budget.rho_spent >= o.rho_charged
