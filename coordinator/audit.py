@@ -14,17 +14,15 @@ entry of every anomaly and keeps going, so one report shows everything that is w
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
-from xml.sax.saxutils import escape
 
 import grpc
 import pyarrow as pa
@@ -297,7 +295,7 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
-def _num(value: object) -> float | None:
+def number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -411,7 +409,7 @@ class _Verifier:
         if envelope is not None and query_text(envelope.query) != query:
             self.flag(label, "its query is not the query in the analyst's envelope")
         outcome = body.get("outcome")
-        rho, epsilon, delta = (_num(body.get(k)) for k in ("rho", "epsilon", "delta"))
+        rho, epsilon, delta = (number(body.get(k)) for k in ("rho", "epsilon", "delta"))
         caps = body.get("caps")
         spent = body.get("spent")
         if rho is None or epsilon is None or delta is None:
@@ -473,7 +471,7 @@ class _Verifier:
             self.flag(
                 label, f"epsilon {epsilon:g} is not the equivalent of rho {rho:g} at {delta:g}"
             )
-        per_query = _num(caps.get("max_rho_per_query"))
+        per_query = number(caps.get("max_rho_per_query"))
         if per_query is None or cap_exceeded(rho, per_query):
             self.flag(label, f"rho {rho:g} is above the per-query cap {per_query} in force")
         if envelope is None:
@@ -509,7 +507,7 @@ class _Verifier:
         self, label: int, key: str, analyst: str, caps: dict[str, Any], spent: dict[str, Any]
     ) -> None:
         total, mine = self.total[key], self.by_analyst[key, analyst]
-        total_cap, analyst_cap = _num(caps.get("total_rho")), _num(caps.get("analyst_rho"))
+        total_cap, analyst_cap = number(caps.get("total_rho")), number(caps.get("analyst_rho"))
         period = f"the period from {key}" if key else "the ledger"
         if total_cap is None or cap_exceeded(total, total_cap):
             self.flag(
@@ -524,8 +522,8 @@ class _Verifier:
                 f"{analyst_cap:g} in force",
             )
         recorded_total, recorded_mine = (
-            _num(spent.get("period_rho")),
-            _num(spent.get("analyst_rho")),
+            number(spent.get("period_rho")),
+            number(spent.get("analyst_rho")),
         )
         if recorded_total is None or not _close(recorded_total, total):
             self.flag(
@@ -726,9 +724,9 @@ def _parquet_row(e: SignedEntry) -> dict[str, Any]:
         "query_id": text("query_id"),
         "outcome": text("outcome"),
         "views": [str(v) for v in views] if isinstance(views, list) else None,
-        "rho": _num(b.get("rho")),
-        "epsilon": _num(b.get("epsilon")),
-        "delta": _num(b.get("delta")),
+        "rho": number(b.get("rho")),
+        "epsilon": number(b.get("epsilon")),
+        "delta": number(b.get("delta")),
         "period_start": caps.get("period_start") if isinstance(caps, dict) else None,
         "code": text("code"),
         "reason": text("reason"),
@@ -778,171 +776,3 @@ def export(source: LedgerSource, path: Path) -> int:
         count = export_jsonl(source, f)
     tmp.replace(path)
     return count
-
-
-# ---- spend report -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpendRow:
-    """Spend by one analyst on one view at one node in one budget period."""
-
-    node: str
-    period: str
-    analyst: str
-    view: str
-    released: int
-    refused: int
-    rho: float
-    delta: float
-
-    @property
-    def epsilon(self) -> float:
-        """The (epsilon, delta) equivalent of the summed rho (zCDP composes by addition)."""
-        return rho_to_epsilon(self.rho, self.delta) if 0 < self.delta < 1 else 0.0
-
-
-DIMENSIONS = ("node", "analyst", "view", "period")
-
-
-def period_label(caps: object) -> str:
-    """A budget period's name for people: FY 2025/26, 2025, or all time."""
-    if not isinstance(caps, dict) or not caps.get("period_start"):
-        return "all time"
-    start = date.fromisoformat(str(caps["period_start"]))
-    if caps.get("period") == "financial-year":
-        return f"FY {start.year}/{(start.year + 1) % 100:02d}"
-    if caps.get("period") == "calendar-year":
-        return str(start.year)
-    return f"from {start.isoformat()}"
-
-
-def spend_rows(sources: Iterable[LedgerSource]) -> list[SpendRow]:
-    """Aggregate every ledger's entries by node, period, analyst and view."""
-    acc: dict[tuple[str, str, str, str], list[float]] = {}
-    for source in sources:
-        for e in source.read():
-            if e.head:
-                continue
-            try:
-                b = decode_body(e.body)
-            except ValueError:
-                continue
-            views = b.get("views")
-            view = "+".join(str(v) for v in views) if isinstance(views, list) and views else "?"
-            k = (
-                str(b.get("node") or source.node),
-                period_label(b.get("caps")),
-                str(b.get("analyst")),
-                view,
-            )
-            cell = acc.setdefault(k, [0, 0, 0.0, 0.0])
-            rho = _num(b.get("rho")) or 0.0
-            if b.get("outcome") == RELEASED:
-                cell[0] += 1
-                cell[2] += rho
-            else:
-                cell[1] += 1
-            cell[3] = max(cell[3], _num(b.get("delta")) or 0.0)
-    return [
-        SpendRow(node, period, analyst, view, int(c[0]), int(c[1]), c[2], c[3])
-        for (node, period, analyst, view), c in sorted(acc.items())
-    ]
-
-
-def summarise(rows: Iterable[SpendRow], by: str) -> list[SpendRow]:
-    """Rows summed over every dimension but `by` (and node, since budgets are per node)."""
-    if by not in DIMENSIONS:
-        raise ConfigError(f"--by must be one of {list(DIMENSIONS)}, got {by!r}")
-    acc: dict[tuple[str, str], SpendRow] = {}
-    for r in rows:
-        k = (r.node, getattr(r, by))
-        old = acc.get(k)
-        if old is None:
-            acc[k] = SpendRow(
-                node=r.node,
-                period=r.period if by == "period" else "",
-                analyst=r.analyst if by == "analyst" else "",
-                view=r.view if by == "view" else "",
-                released=r.released,
-                refused=r.refused,
-                rho=r.rho,
-                delta=r.delta,
-            )
-        else:
-            acc[k] = SpendRow(
-                node=old.node,
-                period=old.period,
-                analyst=old.analyst,
-                view=old.view,
-                released=old.released + r.released,
-                refused=old.refused + r.refused,
-                rho=old.rho + r.rho,
-                delta=max(old.delta, r.delta),
-            )
-    return [acc[k] for k in sorted(acc)]
-
-
-CSV_FIELDS = ("node", "period", "analyst", "view", "released", "refused", "rho", "epsilon", "delta")
-
-
-def write_csv(rows: Iterable[SpendRow], out: TextIO) -> None:
-    """One line per (node, period, analyst, view)."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
-    for r in rows:
-        numbers = (r.released, r.refused, repr(r.rho), repr(r.epsilon), repr(r.delta))
-        writer.writerow([r.node, r.period, r.analyst, r.view, *numbers])
-
-
-# A colour-blind-safe palette (Okabe & Ito), one colour per node.
-_PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
-
-
-def svg_chart(rows: Iterable[SpendRow], by: str, *, title: str = "") -> str:
-    """A horizontal stacked bar chart of rho spent per `by` value, one colour per node."""
-    rows = list(rows)
-    categories = sorted({str(getattr(r, by)) for r in rows})
-    nodes = sorted({r.node for r in rows})
-    colour = {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(nodes)}
-    spend: dict[tuple[str, str], float] = defaultdict(float)
-    for r in rows:
-        spend[str(getattr(r, by)), r.node] += r.rho
-    totals = {c: sum(spend[c, n] for n in nodes) for c in categories}
-    top = max(totals.values(), default=0.0) or 1.0
-    left, right, bar, gap, head = 190, 90, 22, 10, 50
-    width = 760
-    plot = width - left - right
-    legend_y = head + len(categories) * (bar + gap) + 10
-    height = legend_y + 30
-    title = title or f"Privacy budget spent (zCDP rho) by {by}"
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15" '
-        f'font-weight="bold">{escape(title)}</text>',
-    ]
-    for i, c in enumerate(categories):
-        y = head + i * (bar + gap)
-        out.append(
-            f'<text x="{left - 8}" y="{y + bar * 0.7:.1f}" text-anchor="end">'
-            f"{escape(c[:28] or '(none)')}</text>"
-        )
-        x = float(left)
-        for n in nodes:
-            w = spend[c, n] / top * plot
-            if w > 0:
-                out.append(
-                    f'<rect x="{x:.2f}" y="{y}" width="{w:.2f}" height="{bar}" '
-                    f'fill="{colour[n]}"><title>{escape(n)}: {spend[c, n]:.6g}</title></rect>'
-                )
-            x += w
-        out.append(f'<text x="{x + 6:.2f}" y="{y + bar * 0.7:.1f}">{totals[c]:.4g}</text>')
-    x = float(left)
-    for n in nodes:
-        out.append(f'<rect x="{x:.1f}" y="{legend_y}" width="12" height="12" fill="{colour[n]}"/>')
-        out.append(f'<text x="{x + 16:.1f}" y="{legend_y + 10}">{escape(n)}</text>')
-        x += 24 + 8 * len(n)
-    out.append("</svg>")
-    return "\n".join(out) + "\n"

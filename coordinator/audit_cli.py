@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator import audit
+from coordinator import audit, audit_report
 from node.ledger import load_public_key
 from protocols.errors import ConfigError
 from protocols.security import Identity, Role, load_identity
@@ -213,15 +213,15 @@ def report(
 ) -> None:
     """Spend by node, analyst, view (pathway) and budget period: table, CSV and chart."""
     sources = _sources(paths, hub, node, identity, None)
-    rows = audit.spend_rows(sources)
-    summary = audit.summarise(rows, by)
+    rows = audit_report.spend_rows(sources)
+    summary = audit_report.summarise(rows, by)
     if csv_out is not None:
         with csv_out.open("w", encoding="utf-8", newline="") as f:
-            audit.write_csv(rows, f)
+            audit_report.write_csv(rows, f)
     if chart is not None:
         if chart.suffix.lower() != ".svg":
             raise ConfigError("--chart writes SVG: give a file name ending in .svg")
-        chart.write_text(audit.svg_chart(rows, by), encoding="utf-8")
+        chart.write_text(audit_report.svg_chart(rows, by), encoding="utf-8")
     if as_json:
         print(
             json.dumps(

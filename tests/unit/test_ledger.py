@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from coordinator import audit
+from coordinator import audit, audit_report
 from coordinator.cli import app
 from node.accounting import MemoryAccountant, open_accountant
 from node.ledger import (
@@ -437,13 +437,13 @@ def test_a_tampered_export_is_named(exports: dict[str, Path]) -> None:
 
 
 def test_report_table_csv_and_chart(ledger_path: Path, tmp_path: Path) -> None:
-    rows_ = audit.spend_rows([audit.open_file(ledger_path)])
+    rows_ = audit_report.spend_rows([audit.open_file(ledger_path)])
     assert {r.analyst for r in rows_} == {"alice", "bob"}
     assert sum(r.released for r in rows_) == ENTRIES - 1
     assert sum(r.rho for r in rows_) == pytest.approx(
         sum(0.1 * (1 + i % 3) for i in range(ENTRIES) if i != 3)
     )
-    by_analyst = audit.summarise(rows_, "analyst")
+    by_analyst = audit_report.summarise(rows_, "analyst")
     assert [r.analyst for r in by_analyst] == ["alice", "bob"]
     csv_path, svg_path = tmp_path / "spend.csv", tmp_path / "spend.svg"
     run = CliRunner().invoke(
