@@ -88,7 +88,7 @@ REGIONAL_PREVALENCE_MULTIPLIERS: Final[Mapping[str, Mapping[int, float]]] = {
     "nwc": {COPD: 1.5},
     "nenc": {ALCOHOLIC_LIVER: 1.6},
 }
-REGIONAL_READMISSION_MULTIPLIERS: Final[Mapping[str, float]] = {"gm": 1.5}
+REGIONAL_READMISSION_MULTIPLIERS: Final[Mapping[str, float]] = {"gm": 1.6}
 
 TABLE_NAMES: Final[tuple[str, ...]] = (
     "person",
@@ -361,7 +361,7 @@ _LOS_DEPRIVATION: Final = _gradient(1.1, 1.05, 1.0, 0.95, 0.9)
 _MAX_LOS: Final = 90
 
 # 30-day emergency readmission after a stay, on top of what chance alone produces.
-_READMIT_EMERGENCY: Final = 0.07
+_READMIT_EMERGENCY: Final = 0.08
 _READMIT_ELECTIVE: Final = 0.04
 _READMIT_BY_AGE: Final = _by_age(((0, 0.7), (_ADULT_AGE, 1.0), (65, 1.3), (80, 1.5)))
 _READMIT_SEVERE: Final = 1.6
