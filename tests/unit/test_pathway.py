@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from protocols.errors import ConfigError
-from queries.pathway import Pathway, builtin_pathways, load_pathways, parse_pathway
+from queries.pathway import Entry, Pathway, builtin_pathways, load_pathways, parse_pathway
 
 CLASSIC = {"asthma_children", "copd", "epilepsy", "alcohol_liver"}
 
@@ -125,3 +125,64 @@ def test_errors_in_an_extra_folder_name_the_file(tmp_path: Path) -> None:
     bad.write_text("name: x\n")
     with pytest.raises(ConfigError, match=re.escape(str(bad))):
         load_pathways(None, tmp_path)
+
+
+# ---- entry events, windows and descendants ---------------------------------------------------
+
+
+def test_the_library_covers_the_chc_pathways() -> None:
+    library = builtin_pathways()
+    assert set(library) == CLASSIC | {"urgent_care"}
+    urgent = library["urgent_care"]
+    assert urgent.entry is Entry.EMERGENCY_VISIT
+    assert urgent.conditions == ()
+    for pathway in library.values():
+        assert pathway.window_days == 365
+        assert pathway.descendants
+
+
+def test_entry_window_and_descendants_parse() -> None:
+    pathway = parse_pathway(
+        "name: seizures\nconditions: [380378]\nentry: emergency_admission\n"
+        "window_days: 90\ndescendants: false\n",
+        "s.yaml",
+    )
+    assert pathway.entry is Entry.EMERGENCY_ADMISSION
+    assert pathway.window_days == 90
+    assert not pathway.descendants
+    assert parse_pathway("name: x\nconditions: [1]\n", "x.yaml").entry is Entry.CONDITION
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("name: x\nconditions: [1]\nentry: admission\n", "entry"),
+        ("name: x\nconditions: [1]\nwindow_days: 0\n", "window_days"),
+        ("name: x\nconditions: [1]\nwindow_days: 1.5\n", "window_days"),
+        ("name: x\nconditions: [1]\ndescendants: maybe\n", "descendants"),
+        ("name: x\nconditions: [1]\nage_max: 130\n", "age_max"),
+        ("name: x\nconditions: [1, 1]\n", "twice"),
+        ("name: x\nconditions: [0]\n", "positive"),
+        ("name: x\nconditions: []\nentry: emergency_admission\n", "conditions"),
+        ("name: x\nconditions: [1]\nwindow: 365\n", "unknown key"),
+        ("name: visits\nconditions: [1]\n", "built-in view"),
+        ("name: persons\nconditions: [1]\n", "built-in view"),
+    ],
+)
+def test_more_parse_errors(text: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=r"^p\.yaml") as info:
+        parse_pathway(text, "p.yaml")
+    assert field in str(info.value)
+
+
+def test_an_emergency_visit_pathway_may_have_no_concepts() -> None:
+    pathway = parse_pathway("name: ed\nconditions: []\nentry: emergency_visit\n", "ed.yaml")
+    assert pathway.conditions == ()
+    assert parse_pathway("name: ed\nentry: emergency_visit\n", "ed.yaml").conditions == ()
+
+
+def test_a_missing_extra_folder_and_repeated_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_pathways(None, tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="twice"):
+        load_pathways(["copd", "copd"])
