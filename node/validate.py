@@ -451,6 +451,8 @@ def prepare(
     """Check the data and stage it in temporary tables; problems go into the report."""
     report = ValidationReport(str(settings.omop))
     con.execute("SET enable_progress_bar = false")
+    con.execute("SET allocator_flush_threshold = '32MB'")
+    con.execute("SET allocator_bulk_deallocation_flush_threshold = '64MB'")
     try:
         source = open_source(con, settings.omop, schema=settings.omop_schema)
     except DataError as exc:

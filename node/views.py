@@ -80,6 +80,7 @@ def build_base(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
         WHERE v.visit_start_date BETWEEN p.birth_date AND {ref}
         """  # noqa: S608 - generated constants
     )
+    con.execute("DROP TABLE s_visit")  # checked already; free the memory early
     emergency = _ints(cat.EMERGENCY_CONCEPTS)
     inpatient = _ints(cat.INPATIENT_CONCEPTS)
     # A stay is an emergency admission if it is an ER-and-inpatient visit (262), if its
@@ -138,7 +139,10 @@ def build_persons(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         f"""
         CREATE TABLE persons AS
-        SELECT person_id, sex, age, {_age_band("age")} AS age_band, imd_quintile, deceased
+        SELECT person_id, CAST(sex AS chc_sex) AS sex, age,
+               CAST({_age_band("age")} AS chc_age_band) AS age_band,
+               CAST(imd_quintile AS chc_imd) AS imd_quintile,
+               CAST(deceased AS chc_yes_no) AS deceased
         FROM b_person
         """  # noqa: S608 - generated
     )
@@ -171,14 +175,14 @@ def build_visits(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
         f"""
         CREATE TABLE visits AS
         SELECT a.person_id,
-               CASE a.concept {kinds} ELSE 'other' END AS visit_type,
-               a.admission,
-               CAST(year(a.start) AS VARCHAR) AS year,
+               CAST(CASE a.concept {kinds} ELSE 'other' END AS chc_visit_type) AS visit_type,
+               CAST(a.admission AS chc_admission) AS admission,
+               CAST(CAST(year(a.start) AS VARCHAR) AS chc_year) AS year,
                least(a.stop - a.start, {cat.MAX_LENGTH_OF_STAY}) AS length_of_stay,
-               {_age_band(age)} AS age_band,
-               coalesce(s.readmitted_30d, 'n/a') AS readmitted_30d,
-               p.sex,
-               p.imd_quintile
+               CAST({_age_band(age)} AS chc_age_band) AS age_band,
+               CAST(coalesce(s.readmitted_30d, 'n/a') AS chc_readmitted) AS readmitted_30d,
+               CAST(p.sex AS chc_sex) AS sex,
+               CAST(p.imd_quintile AS chc_imd) AS imd_quintile
         FROM b_acute AS a
         JOIN b_person AS p ON p.person_id = a.person_id
         LEFT JOIN b_stay AS s ON s.id = a.id
@@ -256,20 +260,22 @@ def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: dat
                    count(*) FILTER (WHERE concept IN ({emergency})) AS ed_attendances
             FROM w GROUP BY person_id
         )
-        SELECT p.person_id, p.sex, p.age, {_age_band("p.age")} AS age_band, p.imd_quintile,
-               p.deceased,
+        SELECT p.person_id, CAST(p.sex AS chc_sex) AS sex, p.age,
+               CAST({_age_band("p.age")} AS chc_age_band) AS age_band,
+               CAST(p.imd_quintile AS chc_imd) AS imd_quintile,
+               CAST(p.deceased AS chc_yes_no) AS deceased,
                least(coalesce(o.admissions, 0), {cat.MAX_ADMISSIONS}) AS admissions,
                least(coalesce(o.related_admissions, 0), {cat.MAX_ADMISSIONS})
                    AS related_admissions,
-               CASE WHEN coalesce(o.related_admissions, 0) > 0 THEN 'yes' ELSE 'no' END
-                   AS admitted,
+               CAST(CASE WHEN coalesce(o.related_admissions, 0) > 0 THEN 'yes' ELSE 'no' END
+                   AS chc_yes_no) AS admitted,
                least(coalesce(o.bed_days, 0), {cat.MAX_BED_DAYS}) AS bed_days,
                least(coalesce(o.readmissions, 0), {cat.MAX_READMISSIONS}) AS readmissions,
-               CASE WHEN coalesce(o.readmissions, 0) > 0 THEN 'yes' ELSE 'no' END
-                   AS readmitted,
+               CAST(CASE WHEN coalesce(o.readmissions, 0) > 0 THEN 'yes' ELSE 'no' END
+                   AS chc_yes_no) AS readmitted,
                least(coalesce(o.ed_attendances, 0), {cat.MAX_ED_ATTENDANCES}) AS ed_attendances,
-               CASE WHEN p.death_date >= {window_start} THEN 'yes' ELSE 'no' END
-                   AS died_in_window
+               CAST(CASE WHEN p.death_date >= {window_start} THEN 'yes' ELSE 'no' END
+                   AS chc_yes_no) AS died_in_window
         FROM b_person AS p
         JOIN members AS m ON m.person_id = p.person_id
         LEFT JOIN o ON o.person_id = p.person_id
@@ -279,10 +285,28 @@ def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: dat
     )
 
 
+def create_types(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
+    """ENUM types for the public domains: a byte per value instead of a string, so the
+    views take a fraction of the memory (queries compare them with strings as before)."""
+    domains = {
+        "chc_sex": cat.SEXES,
+        "chc_age_band": cat.age_bands(),
+        "chc_imd": cat.IMD_QUINTILES,
+        "chc_yes_no": cat.YES_NO,
+        "chc_visit_type": cat.VISIT_TYPES,
+        "chc_admission": cat.ADMISSIONS,
+        "chc_readmitted": cat.READMITTED,
+        "chc_year": cat.visit_years(reference_date),
+    }
+    for name, values in domains.items():
+        con.execute(f"CREATE TYPE {name} AS ENUM ({', '.join(sql_string(v) for v in values)})")
+
+
 def build_views(
     con: duckdb.DuckDBPyConnection, pathways: Sequence[Pathway], reference_date: date
 ) -> None:
     """Every analysis view, from the staged tables; the working tables are dropped after."""
+    create_types(con, reference_date)
     build_base(con, reference_date)
     build_persons(con)
     build_visits(con, reference_date)
