@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.federated_count $(ARGS)
 	$(BIN)/python -m bench.signing
 	$(BIN)/python -m bench.ledger $(LEDGER_ARGS)
+	$(BIN)/python -m bench.synth
+	$(BIN)/python -m bench.node_startup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
