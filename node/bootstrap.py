@@ -11,9 +11,12 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+import duckdb
+
 from node.catalog import DEFAULT_REFERENCE_DATE
 from node.consent import ConsentPolicy, consent_toml
 from node.findings import Level, ValidationReport
+from node.omop import OMOP_TABLES, open_source, sql_string
 from node.policy import load_config
 from node.validate import DataSettings, validate
 from protocols.errors import ConfigError
@@ -72,6 +75,35 @@ def node_toml(
     return "\n".join(lines)
 
 
+def copy_source(source: Path, target: Path, *, omop_schema: str | None = None) -> dict[str, int]:
+    """Typed Parquet copies of the OMOP columns the node reads; returns rows per table."""
+    con = duckdb.connect(":memory:", config={"threads": 2})
+    try:
+        found = open_source(con, source, schema=omop_schema)
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        counts: dict[str, int] = {}
+        for req in OMOP_TABLES:
+            table = found.table(req.name)
+            if table is None:
+                continue
+            select = ", ".join(
+                f"{table.typed(c)} AS {c.name}" for c in req.columns if table.has(c.name)
+            )
+            out = target / f"{req.name}.parquet"
+            con.execute(
+                f"COPY (SELECT {select} FROM {table.relation}) "  # noqa: S608 - quoted
+                f"TO {sql_string(str(out))} (FORMAT parquet)"
+            )
+            counts[req.name] = int(
+                con.execute(
+                    f"SELECT count(*) FROM read_parquet({sql_string(str(out))})"  # noqa: S608
+                ).fetchall()[0][0]
+            )
+        return counts
+    finally:
+        con.close()
+
+
 def init_node(
     directory: Path,
     *,
@@ -84,8 +116,14 @@ def init_node(
     listen: str = "0.0.0.0:50051",
     omop_schema: str | None = None,
     force: bool = False,
+    copy: bool = False,
 ) -> tuple[Path, ValidationReport]:
-    """Write directory/node.toml and check the data; the report says if it is refused."""
+    """Write directory/node.toml and check the data; the report says if it is refused.
+
+    The node reads the data in place. With copy=True, if the data is accepted, the columns
+    the node reads are first copied, typed, to directory/omop/*.parquet and node.toml points
+    there (faster start-up from CSV exports; the copy holds patient data like the source).
+    """
     try:
         check_identifier(name.replace("-", "_"), "node name")
     except ValueError as exc:
@@ -106,6 +144,26 @@ def init_node(
     served = load_pathways(chosen)
     consent = ConsentPolicy(registers=tuple(r.resolve() for r in registers))
     directory.mkdir(parents=True, exist_ok=True)
+    if copy:
+        first = validate(
+            DataSettings(
+                omop=omop,
+                reference_date=reference_date,
+                imd_lookup=imd_lookup,
+                consent=consent,
+                omop_schema=omop_schema,
+            ),
+            served,
+        )
+        if not first.ok:
+            return config, first  # nothing copied, no node.toml: fix the data first
+        target = directory / "omop"
+        counts = copy_source(omop, target, omop_schema=omop_schema)
+        notes.append(
+            f"copied {', '.join(f'{t} ({n:,} rows)' for t, n in counts.items())} from {omop} "
+            f"to {target}: node.toml reads the copy; protect it like the source"
+        )
+        omop, omop_schema = target.resolve(), None
     config.write_text(
         node_toml(
             name=name,

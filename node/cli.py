@@ -135,6 +135,10 @@ def init(
     ] = None,
     listen: Annotated[str, typer.Option(help="address to serve on")] = "0.0.0.0:50051",
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing node.toml")] = False,
+    copy: Annotated[
+        bool,
+        typer.Option("--copy", help="copy the columns the node reads to DIRECTORY/omop (Parquet)"),
+    ] = False,
 ) -> None:
     """Write DIRECTORY/node.toml for an OMOP CDM and check the data (a validation report)."""
     from datetime import date
@@ -158,9 +162,11 @@ def init(
         listen=listen,
         omop_schema=omop_schema,
         force=force,
+        copy=copy,
     )
     typer.echo(report.render())
-    typer.echo(f"wrote {path}")
+    if report.ok or not copy:  # a refused --copy writes nothing
+        typer.echo(f"wrote {path}")
     if not report.ok:
         typer.secho(
             "the node will refuse this data: fix the errors above, then run "
