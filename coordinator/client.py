@@ -79,14 +79,19 @@ class Federation:
         self._channel = secure_channel(hub, self.identity, server_name=server_name)
         self._stub = hub_pb2_grpc.HubStub(self._channel)
 
+    def _signed_request(
+        self, query: Query, *, deadline_s: float, ttl_s: float = 600.0
+    ) -> hub_pb2.SubmitRequest:
+        signed = sign_query(self.identity, canonical_bytes(query), ttl_ms=int(ttl_s * 1000))
+        return hub_pb2.SubmitRequest(
+            envelope=serde.signed_query_to_proto(signed), deadline_ms=int(deadline_s * 1000)
+        )
+
     def query(
         self, query: Query, *, deadline_s: float = 30.0, ttl_s: float = 600.0
     ) -> FederatedResult:
         """Sign a query, run it at every node, and return per-region and pooled estimates."""
-        signed = sign_query(self.identity, canonical_bytes(query), ttl_ms=int(ttl_s * 1000))
-        request = hub_pb2.SubmitRequest(
-            envelope=serde.signed_query_to_proto(signed), deadline_ms=int(deadline_s * 1000)
-        )
+        request = self._signed_request(query, deadline_s=deadline_s, ttl_s=ttl_s)
         try:
             # Give the hub a little longer than the nodes, so node timeouts are reported.
             response = self._stub.Submit(request, timeout=deadline_s + 5.0)
@@ -96,10 +101,7 @@ class Federation:
 
     def explain(self, query: Query, *, deadline_s: float = 30.0) -> list[NodeExplain]:
         """Each node's plan, cost and expected noise for a query; runs nothing, spends nothing."""
-        signed = sign_query(self.identity, canonical_bytes(query))
-        request = hub_pb2.SubmitRequest(
-            envelope=serde.signed_query_to_proto(signed), deadline_ms=int(deadline_s * 1000)
-        )
+        request = self._signed_request(query, deadline_s=deadline_s)
         try:
             response = self._stub.Explain(request, timeout=deadline_s + 5.0)
         except grpc.RpcError as exc:
