@@ -56,6 +56,10 @@ class HubService(hub_pb2_grpc.HubServicer):
     def _is_revoked(self, cert: x509.Certificate) -> bool:
         return self.revocations is not None and self.revocations.is_revoked(cert)
 
+    def _deadline_s(self, request: hub_pb2.SubmitRequest) -> float:
+        """The analyst's deadline if given (capped), else the hub's default."""
+        return min(request.deadline_ms or self.deadline_ms, MAX_DEADLINE_MS) / 1000
+
     def _check_analyst(self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext) -> None:
         if not self.require_tls:
             return
@@ -75,8 +79,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         self._check_analyst(request, context)
         # Parse for combining only; every node validates and verifies the envelope itself.
         query = spec.from_json(request.envelope.query)
-        deadline_ms = request.deadline_ms or self.deadline_ms
-        deadline_s = min(deadline_ms, MAX_DEADLINE_MS) / 1000
+        deadline_s = self._deadline_s(request)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
 
         def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
@@ -104,7 +107,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
             return handle.stub.Explain.future(node_request, timeout=timeout)
 
-        replies = fan_out(self.registry.handles, start, deadline_s=self.deadline_ms / 1000)
+        replies = fan_out(self.registry.handles, start, deadline_s=self._deadline_s(request))
         response = hub_pb2.ExplainFederatedResponse()
         for r in replies:
             item = hub_pb2.ExplainResult(node=r.node, status=r.status.value, message=r.message)
