@@ -20,7 +20,7 @@ from coordinator.client import Federation
 from coordinator.local import LocalFederation, NodeSetup
 from protocols.errors import ConfigError
 from queries.results import FederatedResult
-from queries.spec import Filter, Query
+from queries.spec import Filter, Measure, Query, Statistic
 
 DEMO_STATE = Path.home() / ".chc" / "demo.json"
 
@@ -45,11 +45,20 @@ def demo_queries(rho: float) -> tuple[DemoQuery, ...]:
             Query(view="copd", rho=rho, group_by=("age_band",)),
         ),
         DemoQuery(
-            "People with an emergency department visit in the last year, by region and IMD "
-            "quintile (1 = most deprived)",
+            "People with an emergency department visit in the last year, and their mean "
+            "number of attendances, by region and IMD quintile (1 = most deprived)",
             Query(
                 view="urgent_care",
                 rho=rho,
+                measures=(
+                    Measure(Statistic.COUNT, "people"),
+                    Measure(
+                        Statistic.MEAN,
+                        "mean_attendances",
+                        column="ed_attendances",
+                        clamp=(0.0, 10.0),
+                    ),
+                ),
                 group_by=("imd_quintile",),
                 where=(Filter(column="imd_quintile", values=("1", "2", "3", "4", "5")),),
             ),

@@ -87,6 +87,18 @@ def _fmt(x: float | None, stat: Statistic) -> str:
     return f"{x:.3g}" if abs(x) < 1 else f"{x:,.2f}"
 
 
+def _figure_cells(r: dict[str, Any]) -> tuple[str, str, bool]:
+    """Estimate and interval text of one figure, and whether it is approximate."""
+    stat = Statistic(r["statistic"])
+    if r["suppressed"]:
+        return "*", "suppressed", False
+    estimate = _fmt(r["estimate"], stat)
+    approximate = bool(r["approximate"]) and r["estimate"] is not None
+    if approximate:
+        estimate += " ~"
+    return estimate, f"{_fmt(r['ci_low'], stat)} to {_fmt(r['ci_high'], stat)}", approximate
+
+
 def print_result(
     console: Console,
     result: FederatedResult,
@@ -95,43 +107,49 @@ def print_result(
     title: str = "",
     labels: Mapping[str, str] | None = None,
 ) -> None:
-    """A table of per-region and pooled estimates with 95% intervals, then node statuses."""
+    """A table of per-region and pooled estimates with 95% intervals, then node statuses.
+
+    One row per region and group with an estimate and interval column per measure; a query
+    with a histogram is shown one figure per row instead, since bins vary in number.
+    """
+    rows = result.table.to_pylist()
+    wide = not any(m.statistic is Statistic.HISTOGRAM for m in query.measures)
     table = Table(title=title or None, title_justify="left", show_lines=False)
     table.add_column("Region")
     for c in query.group_by:
         table.add_column(c.replace("_", " ").capitalize())
-    many = len(query.measures) > 1 or any(
-        m.statistic is not Statistic.COUNT for m in query.measures
-    )
-    if many:
+    single = len(query.measures) == 1
+    if wide:
+        for m in query.measures:
+            label = "" if single else f"{m.name.replace('_', ' ')}: "
+            table.add_column(f"{label}estimate".capitalize(), justify="right")
+            table.add_column(f"{label}95% interval".capitalize(), justify="right")
+    else:
         table.add_column("Measure")
-    table.add_column("Estimate", justify="right")
-    table.add_column("95% interval", justify="right")
+        table.add_column("Estimate", justify="right")
+        table.add_column("95% interval", justify="right")
     flagged = False
-    last_region = None
-    for r in result.table.to_pylist():
-        if last_region is not None and r["region"] != last_region:
-            table.add_section()
-        last_region = r["region"]
-        stat = Statistic(r["statistic"])
+    cells: dict[tuple[object, ...], list[str]] = {}
+    for r in rows:
         region = (labels or {}).get(r["region"], r["region"])
-        cells = [region, *(str(r[c]) for c in query.group_by)]
-        if many:
+        key = (r["region"], *(r[c] for c in query.group_by))
+        if not wide:
+            key = (*key, r["measure"], r["bin_lower"])
+        row = cells.setdefault(key, [region, *(str(r[c]) for c in query.group_by)])
+        if not wide:
             label = r["measure"]
             if r["bin_lower"] is not None:
                 label += f" [{r['bin_lower']:g}, {r['bin_upper']:g})"
-            cells.append(label)
-        estimate = _fmt(r["estimate"], stat)
-        if r["approximate"] and r["estimate"] is not None:
-            estimate += " ~"
-            flagged = True
-        interval = (
-            "suppressed"
-            if r["suppressed"]
-            else f"{_fmt(r['ci_low'], stat)} to {_fmt(r['ci_high'], stat)}"
-        )
-        style = "bold" if r["region"] == POOLED else None
-        table.add_row(*cells, estimate, interval, style=style)
+            row.append(label)
+        estimate, interval, approximate = _figure_cells(r)
+        flagged = flagged or approximate
+        row += [estimate, interval]
+    last_region = None
+    for key, row in cells.items():
+        if last_region is not None and key[0] != last_region:
+            table.add_section()
+        last_region = key[0]
+        table.add_row(*row, style="bold" if key[0] == POOLED else None)
     console.print(table)
     if flagged:
         console.print("[dim]~ interval from the delta method or a DP histogram (approximate)[/]")
