@@ -5,8 +5,7 @@ Privacy accounting is in zero-concentrated DP (rho). Facts used, cited as in DES
   rho = D^2 / (2 sigma^2)-zCDP (Canonne, Kamath & Steinke 2020), and its variance is at most
   sigma^2 (same paper, Proposition 19), so sigma^2 is a safe variance for intervals.
 - rho-zCDP implies (eps, delta)-DP with eps = rho + 2 sqrt(rho ln(1/delta)) (Bun & Steinke 2016).
-- A histogram over disjoint public keys where one person touches at most m keys, each by at
-  most c rows, has L2 sensitivity c sqrt(m).
+Sensitivities themselves are computed in queries/sensitivity.py.
 """
 
 from __future__ import annotations
@@ -24,13 +23,6 @@ MECHANISM = "discrete_gaussian"
 # OpenDP rounds privacy maps up; widening sigma by this factor keeps the charge within the
 # rho the analyst asked for, at a cost in noise of one part in a billion.
 _SCALE_SLACK = 1.0 + 1e-9
-
-
-def histogram_sensitivity(*, max_groups_per_person: int, max_rows_per_group: int = 1) -> float:
-    """L2 sensitivity of a grouped count where one person adds c rows to each of m groups."""
-    if max_groups_per_person < 1 or max_rows_per_group < 1:
-        raise ValueError("contribution bounds must be at least 1")
-    return max_rows_per_group * math.sqrt(max_groups_per_person)
 
 
 def scale_for_rho(rho: float, sensitivity: float) -> float:

@@ -30,6 +30,13 @@ class Kind(enum.StrEnum):
     BINS = "bins"  # rows per (group, bin)
 
 
+def histogram_sensitivity(*, max_groups_per_person: int, max_rows_per_group: int = 1) -> float:
+    """L2 sensitivity of a grouped count where one person adds c rows to each of m groups."""
+    if max_groups_per_person < 1 or max_rows_per_group < 1:
+        raise ValueError("contribution bounds must be at least 1")
+    return max_rows_per_group * math.sqrt(max_groups_per_person)
+
+
 def groups_per_person(view: ViewSpec, group_by: tuple[str, ...], n_groups: int) -> int:
     """How many output groups one person can fall into."""
     if all(view.column(c).person_level for c in group_by):
@@ -50,7 +57,9 @@ def sensitivity(
     if c < 1:
         raise ValueError(f"view {view.name!r} declares max_rows_per_person < 1")
     if kind is Kind.PERSONS:
-        return math.sqrt(groups_per_person(view, group_by, n_groups))
+        return histogram_sensitivity(
+            max_groups_per_person=groups_per_person(view, group_by, n_groups)
+        )
     if kind in {Kind.ROWS, Kind.BINS}:
         return float(c)
     if max_abs_units < 0:

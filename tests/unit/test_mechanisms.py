@@ -7,6 +7,7 @@ import math
 import pytest
 
 from queries import mechanisms
+from queries.sensitivity import histogram_sensitivity
 
 
 def test_scale_spends_the_requested_rho() -> None:
@@ -27,13 +28,13 @@ def test_more_sensitivity_means_more_noise() -> None:
 
 
 def test_histogram_sensitivity() -> None:
-    assert mechanisms.histogram_sensitivity(max_groups_per_person=1) == 1.0
-    assert mechanisms.histogram_sensitivity(max_groups_per_person=4) == 2.0
-    assert mechanisms.histogram_sensitivity(
-        max_groups_per_person=4, max_rows_per_group=3
-    ) == pytest.approx(6.0)
+    assert histogram_sensitivity(max_groups_per_person=1) == 1.0
+    assert histogram_sensitivity(max_groups_per_person=4) == 2.0
+    assert histogram_sensitivity(max_groups_per_person=4, max_rows_per_group=3) == pytest.approx(
+        6.0
+    )
     with pytest.raises(ValueError, match="at least 1"):
-        mechanisms.histogram_sensitivity(max_groups_per_person=0)
+        histogram_sensitivity(max_groups_per_person=0)
 
 
 @pytest.mark.parametrize("rho", [0.0, -1.0, math.inf, math.nan])
