@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator import audit, audit_report
+from coordinator.demo import read_demo_state
 from node.ledger import load_public_key
 from protocols.errors import ConfigError
 from protocols.security import Identity, Role, load_identity
@@ -42,22 +43,12 @@ KeyOpt = Annotated[
 ]
 
 
-def _demo_state() -> dict[str, str]:
-    from coordinator.demo import DEMO_STATE
-
-    try:
-        data = json.loads(DEMO_STATE.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
 def _identity(identity: Path | None, role: Role) -> Identity:
     """The given identity, or while `chc demo --keep-running` runs, the demo's one for role."""
     if identity is None:
         from coordinator.local import AUDITOR_NAME
 
-        demo = _demo_state().get("identity")
+        demo = read_demo_state().get("identity")
         if demo is None:
             raise ConfigError("give --identity DIR (your certificate folder)")
         identity = Path(demo)
@@ -81,7 +72,7 @@ def _sources(
     key = load_public_key(public_key) if public_key is not None else None
     sources = [audit.open_file(p, public_key=key) for p in paths or []]
     if not sources and hub is None and not nodes:
-        hub = _demo_state().get("hub")
+        hub = read_demo_state().get("hub")
         if hub is None:
             raise ConfigError("give ledger files, --hub ADDRESS or --node NAME=ADDRESS")
     if hub is not None or nodes:
@@ -107,7 +98,7 @@ def _ca(ca: Path | None, identity: Path | None, remote: bool) -> bytes | None:
         return ca.read_bytes()
     if identity is not None:
         return load_identity(identity).ca_pem
-    if remote or _demo_state():
+    if remote or read_demo_state():
         try:
             return _identity(None, Role.AUDITOR).ca_pem
         except ConfigError:
@@ -288,7 +279,7 @@ def budget(
     """Remaining privacy budget at every node, overall and for you (spends nothing)."""
     from coordinator.client import Federation
 
-    hub = hub or _demo_state().get("hub")
+    hub = hub or read_demo_state().get("hub")
     if hub is None:
         raise ConfigError("give --hub ADDRESS (or start `chc demo --keep-running`)")
     with Federation(hub, _identity(identity, Role.ANALYST)) as fed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +13,7 @@ from rich.console import Console
 from coordinator import report, synth
 from coordinator.audit_cli import audit_app, budget
 from coordinator.client import Federation
+from coordinator.demo import read_demo_state, run_demo
 from protocols import security
 from protocols.errors import ChcError, ConfigError
 from protocols.process import setup_logging
@@ -54,8 +54,6 @@ def demo(
     ] = None,
 ) -> None:
     """Four synthetic regions, four nodes and the hub on loopback with mTLS, and a report."""
-    from coordinator.demo import run_demo
-
     if persons < 4:
         raise ConfigError("--persons must be at least 4 (one per region)")
     raise typer.Exit(
@@ -85,18 +83,8 @@ def synth_cmd(
     )
 
 
-def _demo_defaults() -> dict[str, str]:
-    from coordinator.demo import DEMO_STATE
-
-    try:
-        data = json.loads(DEMO_STATE.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
 def _connect(hub: str | None, identity: Path | None) -> Federation:
-    defaults = _demo_defaults()
+    defaults = read_demo_state()
     hub = hub or defaults.get("hub")
     ident = identity or (Path(defaults["identity"]) if "identity" in defaults else None)
     if hub is None or ident is None:

@@ -25,6 +25,15 @@ from queries.spec import Filter, Measure, Query, Statistic
 DEMO_STATE = Path.home() / ".chc" / "demo.json"
 
 
+def read_demo_state() -> dict[str, str]:
+    """The running `chc demo --keep-running`'s hub address and identity, or {} if none."""
+    try:
+        data = json.loads(DEMO_STATE.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
 @dataclass(frozen=True)
 class DemoQuery:
     """One question the demo asks."""

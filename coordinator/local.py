@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -277,8 +276,3 @@ def _tail(path: Path, lines: int = 20) -> str:
     except FileNotFoundError:
         return f"(no log at {path})"
     return "\n".join(f"  | {line}" for line in text[-lines:])
-
-
-def node_setups(folders: Mapping[str, Path], titles: Mapping[str, str]) -> tuple[NodeSetup, ...]:
-    """One NodeSetup per region folder."""
-    return tuple(NodeSetup(name=k, omop=v, title=titles.get(k, k)) for k, v in folders.items())
