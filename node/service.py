@@ -142,6 +142,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
             raise AuthenticationError("an analyst may only submit envelopes it signed itself")
         return signed, analyst
 
+    def _price(
+        self, signed: SignedQuery, analyst: VerifiedAnalyst
+    ) -> tuple[spec.Query, plan.Plan, tuple[engine.ComponentRelease, ...], float]:
+        """Parse, authorise against the access policy, plan and calibrate; touches no data."""
+        query = spec.from_json(signed.query)
+        self.access.check(analyst=analyst.name, organisation=analyst.organisation, view=query.view)
+        compiled = plan.compile_query(query, self.catalog)
+        releases = engine.calibrations(compiled)
+        return query, compiled, releases, sum(r.calibration.rho for r in releases)
+
     @guarded
     def Describe(  # noqa: N802 - gRPC method name
         self, request: node_pb2.DescribeRequest, context: grpc.ServicerContext
@@ -166,11 +176,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
     ) -> node_pb2.ExplainResponse:
         """Plan and price a signed query; touches no data and spends nothing."""
         signed, analyst = self._authorise(request.envelope, context)
-        query = spec.from_json(signed.query)
-        self.access.check(analyst=analyst.name, organisation=analyst.organisation, view=query.view)
-        compiled = plan.compile_query(query, self.catalog)
-        releases = engine.calibrations(compiled)
-        rho = sum(r.calibration.rho for r in releases)
+        _, compiled, releases, rho = self._price(signed, analyst)
         status = self.accountant.status(analyst.name)
         return node_pb2.ExplainResponse(
             plan=compiled.describe(),
@@ -202,11 +208,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self, signed: SignedQuery, verified: VerifiedAnalyst, envelope: node_pb2.QueryEnvelope
     ) -> node_pb2.ExecuteResponse:
         analyst = verified.name
-        query = spec.from_json(signed.query)
-        self.access.check(analyst=analyst, organisation=verified.organisation, view=query.view)
-        compiled = plan.compile_query(query, self.catalog)
-        releases = engine.calibrations(compiled)
-        rho = sum(r.calibration.rho for r in releases)
+        query, compiled, releases, rho = self._price(signed, verified)
         self.accountant.check(analyst, rho)
         # Claimed only once the query is known to be acceptable, so that a refused query can
         # be fixed and re-signed; a replay of an accepted envelope is refused here.
