@@ -285,7 +285,7 @@ def _components(
     if stat is Statistic.SUM:
         return [total(Kind.SUM, column)]
     if stat in {Statistic.MEAN, Statistic.VARIANCE, Statistic.STDDEV}:
-        _numeric(view, column, m)
+        # total() checks that the column is numeric and bounded.
         return [
             count(Kind.ROWS, column),
             total(Kind.SUM, column),
