@@ -6,6 +6,7 @@ internal path tests use to compare releases with the truth, and is never reachab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,8 +103,13 @@ def release_table(
                 rows["bin_lower"].append(c.edges[b] if c.bins else None)
                 rows["bin_upper"].append(c.edges[b + 1] if c.bins else None)
                 rows["value"].append(values[g * per_group + b] * c.unit)
-    schema = pa.schema(
-        [(col, pa.string()) for col in compiled.group_by]
+    return pa.table(rows, schema=release_schema(compiled.group_by))
+
+
+def release_schema(group_by: Sequence[str]) -> pa.Schema:
+    """Schema of the long release table a node sends: groups, then RELEASE_COLUMNS."""
+    return pa.schema(
+        [(col, pa.string()) for col in group_by]
         + [
             ("component", pa.string()),
             ("bin", pa.int32()),
@@ -112,4 +118,3 @@ def release_table(
             ("value", pa.float64()),
         ]
     )
-    return pa.table(rows, schema=schema)

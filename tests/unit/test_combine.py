@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pytest
 
+from node import engine
 from queries.combine import OUTPUT_SCHEMA_TAIL, POOLED, Z95, combine
 from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo
 from queries.spec import Measure, Query, Statistic
@@ -40,16 +41,7 @@ def node_release(
         columns["bin_lower"].append(None)
         columns["bin_upper"].append(None)
         columns["value"].append(float(value))
-    schema = pa.schema(
-        [(c, pa.string()) for c in group_by]
-        + [
-            ("component", pa.string()),
-            ("bin", pa.int32()),
-            ("bin_lower", pa.float64()),
-            ("bin_upper", pa.float64()),
-            ("value", pa.float64()),
-        ]
-    )
+    schema = engine.release_schema(group_by)
     first = next(iter(variances.values()))
     return NodeRelease(
         query_id="q",
