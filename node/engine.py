@@ -6,16 +6,24 @@ internal path tests use to compare releases with the truth, and is never reachab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
+import sqlglot
+from sqlglot import exp
 
+from protocols.errors import ConfigError
 from queries import mechanisms, plan
+from queries.results import ReleaseRules
+from queries.schema import Catalog, ColumnType
 from queries.sensitivity import Kind
 
-RELEASE_COLUMNS = ("component", "bin", "bin_lower", "bin_upper", "value")
+RELEASE_COLUMNS = ("component", "bin", "bin_lower", "bin_upper", "lower", "upper", "value")
+# Components whose values are counts of persons or rows: the node's disclosure rules apply.
+COUNT_KINDS = frozenset({Kind.PERSONS, Kind.ROWS, Kind.BINS})
 
 
 class SqlRunner(Protocol):
@@ -85,25 +93,113 @@ def _keys(table: pa.Table, group_by: tuple[str, ...]) -> list[tuple[str, ...]]:
     return [tuple(str(col[i]) for col in columns) for i in range(table.num_rows)]
 
 
-def release_table(
-    compiled: plan.Plan, releases: tuple[ComponentRelease, ...], noisy: dict[str, tuple[int, ...]]
-) -> pa.Table:
-    """Long table: group columns, component, bin, bin edges, value (in natural units)."""
-    rows: dict[str, list[object]] = {c: [] for c in (*compiled.group_by, *RELEASE_COLUMNS)}
-    for r in releases:
-        c = r.component
+def check_row_bounds(catalog: Catalog, store: SqlRunner) -> None:
+    """Refuse to serve views holding more persons than their public bound (start-up only).
+
+    Plans rule out 64-bit overflow from the declared bounds; this makes the declaration true.
+    """
+    for view in catalog.views:
+        if not any(c.type is ColumnType.IDENTIFIER and c.name == "person_id" for c in view.columns):
+            continue
+        sql = (
+            sqlglot.select(exp.Count(this=exp.Distinct(expressions=[exp.column("person_id")])))
+            .from_(exp.to_table(view.name, quoted=True))
+            .sql(dialect="duckdb")
+        )
+        n = store.query(sql).column(0)
+        persons = int(n[0].as_py() or 0)
+        if persons > view.max_persons:
+            raise ConfigError(
+                f"view {view.name!r} holds {persons} persons, more than its public bound of "
+                f"{view.max_persons}; this node's data is larger than chc supports"
+            )
+
+
+def withhold_small_cells(
+    compiled: plan.Plan, noisy: dict[str, tuple[int, ...]], rules: ReleaseRules
+) -> dict[str, list[int | None]]:
+    """The node's own disclosure rules, applied to its noisy release (post-processing).
+
+    A group whose noisy count is below rules.suppress_below (the smallest of its person and
+    row counts, and of the totals of its histograms) is withheld whole: every component of
+    that group is released as null. Count components (persons, rows, bins) of the other groups
+    are rounded to a multiple of rules.round_to. Sums are not rounded: they are not counts.
+    Bins are rounded but not withheld one by one: they feed pooled quantiles, and withholding
+    the small ones would bias every quantile; the hub suppresses small published bins. All of
+    this reads noisy values only, so it costs no budget.
+    """
+    n = len(compiled.domain)
+    small = np.zeros(n, dtype=bool)
+    for c in compiled.components:
+        if c.kind not in COUNT_KINDS:
+            continue
+        flat = np.asarray(noisy[c.key], dtype=np.float64)
+        totals = flat.reshape(n, c.bins).sum(axis=1) if c.bins else flat
+        small |= totals < rules.suppress_below
+    out: dict[str, list[int | None]] = {}
+    for c in compiled.components:
         values = noisy[c.key]
         per_group = c.bins or 1
-        for g, group in enumerate(compiled.domain):
-            for b in range(per_group):
-                for j, col in enumerate(compiled.group_by):
-                    rows[col].append(group[j])
-                rows["component"].append(c.key)
-                rows["bin"].append(b if c.bins else -1)
-                rows["bin_lower"].append(c.edges[b] if c.bins else None)
-                rows["bin_upper"].append(c.edges[b + 1] if c.bins else None)
-                rows["value"].append(values[g * per_group + b] * c.unit)
-    return pa.table(rows, schema=release_schema(compiled.group_by))
+        base = rules.round_to if c.kind in COUNT_KINDS else 1
+        out[c.key] = [
+            None if small[i // per_group] else _round(v, base) for i, v in enumerate(values)
+        ]
+    return out
+
+
+def _round(value: int, base: int) -> int:
+    if base <= 1:
+        return value
+    # Integer arithmetic: values may exceed 2^53, where a float division would round.
+    return (2 * value + base) // (2 * base) * base
+
+
+def release_table(
+    compiled: plan.Plan,
+    releases: tuple[ComponentRelease, ...],
+    noisy: Mapping[str, Sequence[int | None]],
+) -> pa.Table:
+    """Long table: group columns, component, bin, bin edges, clamp bounds, value (natural units).
+
+    A null value is a cell the node withheld under its disclosure rules.
+    """
+    n = len(compiled.domain)
+    columns: dict[str, list[pa.Array]] = {c: [] for c in (*compiled.group_by, *RELEASE_COLUMNS)}
+    groups = [
+        pa.array([g[j] for g in compiled.domain], pa.string())
+        for j in range(len(compiled.group_by))
+    ]
+    for r in releases:
+        c = r.component
+        per_group = c.bins or 1
+        size = n * per_group
+        index = pa.array(np.repeat(np.arange(n), per_group))
+        for j, col in enumerate(compiled.group_by):
+            columns[col].append(groups[j].take(index))
+        columns["component"].append(pa.array([c.key] * size, pa.string()))
+        if c.bins:
+            edges = np.asarray(c.edges, dtype=np.float64)
+            columns["bin"].append(pa.array(np.tile(np.arange(c.bins, dtype=np.int32), n)))
+            columns["bin_lower"].append(pa.array(np.tile(edges[:-1], n)))
+            columns["bin_upper"].append(pa.array(np.tile(edges[1:], n)))
+        else:
+            columns["bin"].append(pa.array(np.full(size, -1, dtype=np.int32)))
+            columns["bin_lower"].append(pa.nulls(size, pa.float64()))
+            columns["bin_upper"].append(pa.nulls(size, pa.float64()))
+        columns["lower"].append(pa.array([c.lower] * size, pa.float64()))
+        columns["upper"].append(pa.array([c.upper] * size, pa.float64()))
+        values = noisy[c.key]
+        columns["value"].append(
+            pa.array([None if v is None else v * c.unit for v in values], pa.float64())
+        )
+    schema = release_schema(compiled.group_by)
+    return pa.table(
+        [
+            pa.concat_arrays(columns[f.name]) if columns[f.name] else pa.array([], f.type)
+            for f in schema
+        ],
+        schema=schema,
+    )
 
 
 def release_schema(group_by: Sequence[str]) -> pa.Schema:
@@ -115,6 +211,8 @@ def release_schema(group_by: Sequence[str]) -> pa.Schema:
             ("bin", pa.int32()),
             ("bin_lower", pa.float64()),
             ("bin_upper", pa.float64()),
+            ("lower", pa.float64()),  # the component's public clamp bounds (null for counts)
+            ("upper", pa.float64()),
             ("value", pa.float64()),
         ]
     )

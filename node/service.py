@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 
 import grpc
+import pyarrow as pa
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
@@ -114,6 +115,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.rules = rules or ReleaseRules()
         self.access = access or AccessPolicy()
         self.revocations = revocations
+        # Plans assume the views hold at most their declared persons; make sure they do.
+        engine.check_row_bounds(catalog, store)
         self.nonces = NonceStore()
         seeded = self.nonces.seed(accountant.entries())
         if seeded:
@@ -215,10 +218,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.nonces.claim(signed.nonce, signed.expires_at_ms)
         query_id = uuid.uuid4().hex
         started = time.perf_counter()
-        exact = engine.exact_values(compiled, self.store)
+        table = self._release(compiled, releases)
         epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
-        # Charge before release (principle 2): from here a failure loses the result, never
-        # the charge.
+        # Charge before release (principle 2): the noisy table is ready but leaves only once
+        # the charge is durable; from here a failure loses the result, never the charge.
         budget, sequence = self.accountant.charge(
             Charge(
                 query_id=query_id,
@@ -230,11 +233,6 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 epsilon=epsilon,
             )
         )
-        noisy = {
-            r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
-            for r in releases
-        }
-        table = engine.release_table(compiled, releases, noisy)
         log.info(
             "query %s from %s: view=%s cells=%d rho=%.6g in %.1f ms (ledger #%d)",
             query_id,
@@ -259,6 +257,33 @@ class NodeService(node_pb2_grpc.NodeServicer):
         )
         msg.ledger_sequence = sequence
         return msg
+
+    def _release(
+        self, compiled: plan.Plan, releases: tuple[engine.ComponentRelease, ...]
+    ) -> pa.Table:
+        """Exact aggregate, noise and the node's disclosure rules, before any charge.
+
+        Planning has ruled out every data-dependent failure (overflow, cells, grids); should
+        something still fail here, nothing is charged and nothing about the data is logged:
+        an exception's message could carry an exact value, so only its type is recorded.
+        """
+        try:
+            exact = engine.exact_values(compiled, self.store)
+            noisy = {
+                r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
+                for r in releases
+            }
+            del exact  # nothing exact outlives this function
+            shown = engine.withhold_small_cells(compiled, noisy, self.rules)
+            return engine.release_table(compiled, releases, shown)
+        except ChcError:
+            raise
+        except Exception as exc:
+            ref = uuid.uuid4().hex[:12]
+            log.error("release failed (ref %s): %s; nothing was charged", ref, type(exc).__name__)
+            raise ChcError(
+                f"internal error computing the release (ref {ref}); nothing was charged"
+            ) from None
 
     def _record_refusal(
         self, envelope: node_pb2.QueryEnvelope, analyst: str, exc: ChcError

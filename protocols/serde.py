@@ -25,7 +25,7 @@ from queries.results import (
     NoiseInfo,
     ReleaseRules,
 )
-from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
+from queries.schema import MAX_PERSONS, Catalog, ColumnSpec, ColumnType, ViewSpec
 
 PROTOCOL_VERSION = "chc.v1"
 
@@ -137,6 +137,7 @@ def description_to_proto(desc: NodeDescription) -> node_pb2.DescribeResponse:
                 description=v.description,
                 columns=[_column_to_proto(c) for c in v.columns],
                 max_rows_per_person=v.max_rows_per_person,
+                max_persons=v.max_persons,
             )
             for v in desc.catalog.views
         ],
@@ -152,6 +153,7 @@ def description_from_proto(msg: node_pb2.DescribeResponse) -> NodeDescription:
             description=v.description,
             columns=tuple(_column_from_proto(c) for c in v.columns),
             max_rows_per_person=v.max_rows_per_person,
+            max_persons=v.max_persons or MAX_PERSONS,
         )
         for v in msg.views
     )

@@ -3,211 +3,227 @@
 Everything here is post-processing of DP releases, so it costs no budget. Nodes add
 independent noise, so a pooled component's noise variance is the sum of the nodes'. Pooled
 figures are computed from pooled components (sums of counts, sums, sums of squares and
-histograms over the shared public grid), never by averaging regional estimates. Standard
-errors use the delta method over the components' DP noise variances, plus the sampling
-variance where the statistic has one (means, variances, quantiles).
+histograms over the shared public grid), never by averaging regional estimates. The
+estimators and what their intervals cover are in queries/estimators.py.
+
+Pooling adds values position by position, which is only right if every node released the
+same public structure (groups, components, grids, clamp bounds). That is checked first: nodes
+whose catalogs differ are refused clearly rather than pooled wrongly.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
-from queries import plan as plan_mod
+from protocols.errors import ConfigError
+from queries import estimators
+from queries.estimators import Z95, Figure
+from queries.plan import role_keys
 from queries.results import NodeRelease
 from queries.spec import Measure, Query, Statistic
 
-POOLED = "All regions"
-Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+__all__ = ["COUNT_LIKE", "OUTPUT_SCHEMA_TAIL", "POOLED", "Z95", "CatalogMismatchError", "combine"]
 
+POOLED = "All regions"
 COUNT_LIKE = frozenset({Statistic.COUNT, Statistic.COUNT_ROWS, Statistic.HISTOGRAM})
+# Component kinds that count persons or rows (the ones a node rounds).
+_COUNT_KINDS = ("persons", "rows", "bins")
+_STRUCTURE = ("component", "bin", "bin_lower", "bin_upper", "lower", "upper")
+
+
+class CatalogMismatchError(ConfigError):
+    """Nodes released different public structures, so their figures cannot be pooled."""
 
 
 @dataclass
 class _Vector:
-    """A component's values for one group, pooled or not, with its noise variance."""
+    """A component's values for one group (one per bin), with its per-value noise variance."""
 
-    values: list[float]
+    values: np.ndarray
     variance: float
-    lower: list[float | None]
-    upper: list[float | None]
-
-    def add(self, other: _Vector) -> None:
-        for i, v in enumerate(other.values):
-            self.values[i] += v
-        self.variance += other.variance
-
-
-@dataclass(frozen=True)
-class Figure:
-    """One output value with its uncertainty and flags."""
-
-    estimate: float | None
-    std_error: float | None
-    ci_low: float | None
-    ci_high: float | None
-    approximate: bool = False
-    bin_lower: float | None = None
-    bin_upper: float | None = None
+    lower: float | None  # clamp bounds of the component's column (None for counts)
+    upper: float | None
+    edges: np.ndarray  # bin edges (bins + 1) for histograms, empty otherwise
 
 
 Components = dict[str, _Vector]
 
 
-def _collect(
-    query: Query, releases: Sequence[tuple[str, NodeRelease]]
-) -> dict[tuple[str, tuple[str, ...]], Components]:
-    out: dict[tuple[str, tuple[str, ...]], Components] = {}
-    for region, release in releases:
-        t = release.table
-        groups = list(zip(*(t.column(c).to_pylist() for c in query.group_by), strict=True))
-        if not query.group_by:
-            groups = [()] * t.num_rows
-        comps = t.column("component").to_pylist()
-        values = t.column("value").to_pylist()
-        lows = t.column("bin_lower").to_pylist()
-        highs = t.column("bin_upper").to_pylist()
-        for group, comp, value, lo, hi in zip(groups, comps, values, lows, highs, strict=True):
-            key = (region, tuple(str(g) for g in group))
-            vec = out.setdefault(key, {}).get(comp)
-            if vec is None:
-                vec = _Vector([], release.variance(comp), [], [])
-                out[key][comp] = vec
-            vec.values.append(float(value))
-            vec.lower.append(lo)
-            vec.upper.append(hi)
+def _kind(key: str) -> str:
+    return key.split(":", 1)[0]
+
+
+def _variance(release: NodeRelease, key: str) -> float:
+    """Noise variance of one value, plus the node's rounding of counts (uniform error)."""
+    var = release.variance(key)
+    if release.rules is not None and release.rules.round_to > 1 and _kind(key) in _COUNT_KINDS:
+        var += release.rules.round_to**2 / 12.0
+    return var
+
+
+@dataclass
+class _Layout:
+    """Where each (group, component) sits in the rows every node released."""
+
+    groups: list[tuple[str, ...]]
+    slices: dict[tuple[str, ...], dict[str, np.ndarray]]
+    table: pa.Table  # the structure columns (no values)
+
+
+def _layout(query: Query, table: pa.Table) -> _Layout:
+    cols = [table.column(c).to_pylist() for c in query.group_by]
+    comps = table.column("component").to_pylist()
+    index: dict[tuple[str, ...], dict[str, list[int]]] = {}
+    order: list[tuple[str, ...]] = []
+    for i, comp in enumerate(comps):
+        group = tuple(str(c[i]) for c in cols)
+        if group not in index:
+            index[group] = {}
+            order.append(group)
+        index[group].setdefault(comp, []).append(i)
+    slices = {g: {k: np.asarray(v) for k, v in d.items()} for g, d in index.items()}
+    return _Layout(order, slices, table.select([*query.group_by, *_STRUCTURE]))
+
+
+def _check_same(query: Query, layout: _Layout, releases: Sequence[tuple[str, NodeRelease]]) -> None:
+    first_region = releases[0][0]
+    for region, release in releases[1:]:
+        other = release.table.select([*query.group_by, *_STRUCTURE])
+        if not other.equals(layout.table):
+            raise CatalogMismatchError(
+                f"nodes {first_region!r} and {region!r} answered with different public "
+                "structures (groups, grids or clamp bounds), so their figures cannot be pooled; "
+                "their catalogs differ: compare `chc nodes` for the two nodes and align their "
+                "configuration (reference_date, pathways, chc version)"
+            )
+
+
+def _vectors(
+    layout: _Layout, values: np.ndarray, release: NodeRelease
+) -> dict[tuple[str, ...], Components]:
+    lower = layout.table.column("lower").to_numpy(zero_copy_only=False)
+    upper = layout.table.column("upper").to_numpy(zero_copy_only=False)
+    bin_lo = layout.table.column("bin_lower").to_numpy(zero_copy_only=False)
+    bin_hi = layout.table.column("bin_upper").to_numpy(zero_copy_only=False)
+    out: dict[tuple[str, ...], Components] = {}
+    for group, comps in layout.slices.items():
+        out[group] = {}
+        for key, rows in comps.items():
+            first = rows[0]
+            edges = np.empty(0)
+            if _kind(key) == "bins":
+                edges = np.concatenate((bin_lo[rows].astype(np.float64), [float(bin_hi[rows[-1]])]))
+            out[group][key] = _Vector(
+                values=values[rows],
+                variance=_variance(release, key),
+                lower=None if np.isnan(lower[first]) else float(lower[first]),
+                upper=None if np.isnan(upper[first]) else float(upper[first]),
+                edges=edges,
+            )
     return out
 
 
-def _interval(est: float, var: float, z: float, *, nonneg: bool) -> tuple[float, float, float]:
-    se = math.sqrt(max(var, 0.0))
-    lo, hi = est - z * se, est + z * se
-    if nonneg:
-        # A count is never negative, so truncating the interval at 0 keeps its coverage.
-        lo, hi = max(0.0, lo), max(0.0, hi)
-    return se, lo, hi
+def _sum_range(c: _Vector) -> tuple[float | None, float | None]:
+    lo = 0.0 if c.lower is not None and c.lower >= 0 else None
+    hi = 0.0 if c.upper is not None and c.upper <= 0 else None
+    return lo, hi
 
 
-def _scalar(c: Components, key: str) -> tuple[float, float]:
-    vec = c[key]
-    return vec.values[0], vec.variance
+def _row_range(c: _Vector) -> tuple[float, float]:
+    """Bounds on one row's value: the clamp range, or exactly 1 for a row count."""
+    if c.lower is None or c.upper is None:
+        return 1.0, 1.0
+    return c.lower, c.upper
 
 
-def _mean_like(m: Measure, c: Components, z: float) -> Figure:
-    n, var_n = _scalar(c, f"{m.name}:rows")
-    s, var_s = _scalar(c, f"{m.name}:sum")
-    ss, var_ss = _scalar(c, f"{m.name}:sumsq")
-    if n < 2:
-        return Figure(None, None, None, None, approximate=True)
-    sample_var = max(0.0, (ss - s * s / n) / (n - 1))
-    if m.statistic is Statistic.MEAN:
-        est = s / n
-        # Delta method on s / n, plus the sampling variance of a mean.
-        var = var_s / n**2 + s**2 * var_n / n**4 + sample_var / n
-        se, lo, hi = _interval(est, var, z, nonneg=False)
-        return Figure(est, se, lo, hi, approximate=True)
-    # Sample variance v = (ss - s^2/n) / (n - 1): gradient over (n, s, ss).
-    d_n = (s * s / (n * n) - sample_var) / (n - 1)
-    d_s = -2 * s / (n * (n - 1))
-    d_ss = 1 / (n - 1)
-    var_v = d_n**2 * var_n + d_s**2 * var_s + d_ss**2 * var_ss + 2 * sample_var**2 / (n - 1)
-    if m.statistic is Statistic.VARIANCE:
-        se, lo, hi = _interval(sample_var, var_v, z, nonneg=True)
-        return Figure(sample_var, se, lo, hi, approximate=True)
-    sd = math.sqrt(sample_var)
-    se_sd = math.sqrt(var_v) / (2 * sd) if sd > 0 else math.sqrt(math.sqrt(var_v))
-    return Figure(sd, se_sd, max(0.0, sd - z * se_sd), sd + z * se_sd, approximate=True)
-
-
-def _quantile_at(counts: list[float], edges: list[float], rank: float) -> float:
-    # On a grid of one bin per whole value (integer columns), the quantile is that value;
-    # on a continuous grid, interpolate linearly within the bin where the rank falls.
-    discrete = all(float(e).is_integer() for e in edges) and all(
-        edges[i + 1] - edges[i] == 1 for i in range(len(edges) - 1)
-    )
-    total = 0.0
-    for i, h in enumerate(counts):
-        if total + h >= rank and h > 0:
-            if discrete:
-                return edges[i]
-            return edges[i] + (edges[i + 1] - edges[i]) * (rank - total) / h
-        total += h
-    return edges[-2] if discrete else edges[-1]
-
-
-def _quantile(m: Measure, c: Components, z: float) -> Figure:
-    vec = c[f"{m.name}:bins"]
-    # Negative noisy counts are clipped to 0 so the CDF is monotone (post-processing).
-    counts = [max(0.0, v) for v in vec.values]
-    edges = [float(x or 0.0) for x in vec.lower] + [float(vec.upper[-1] or 0.0)]
-    n = sum(counts)
-    q = m.quantile or 0.5
-    if n < 2:
-        return Figure(None, None, None, None, approximate=True)
-    est = _quantile_at(counts, edges, q * n)
-    # Rank uncertainty: DP noise on the cumulative count up to the quantile's bin (each bin
-    # adds its variance) and the binomial sampling variance of an order statistic.
-    below = 0
-    running = 0.0
-    for h in counts:
-        if running + h >= q * n:
-            break
-        running += h
-        below += 1
-    var_rank = (below + 1) * vec.variance + q * (1 - q) * n
-    se_rank = math.sqrt(var_rank)
-    lo = _quantile_at(counts, edges, max(0.0, q * n - z * se_rank))
-    hi = _quantile_at(counts, edges, min(n, q * n + z * se_rank))
-    return Figure(est, (hi - lo) / (2 * z), lo, hi, approximate=True)
-
-
-def _ratio(m: Measure, c: Components, z: float) -> Figure:
-    num_key = next(k for k in c if k.startswith(f"{m.name}.num:"))
-    den_key = next(k for k in c if k.startswith(f"{m.name}.den:"))
-    a, var_a = _scalar(c, num_key)
-    b, var_b = _scalar(c, den_key)
-    if b <= 0:
-        return Figure(None, None, None, None, approximate=True)
-    est = a / b
-    var = var_a / b**2 + a**2 * var_b / b**4
-    se, lo, hi = _interval(est, var, z, nonneg=False)
-    return Figure(est, se, lo, hi, approximate=True)
+def _ratio_range(num: _Vector, den: _Vector) -> tuple[float | None, float | None]:
+    """Public bounds on sum(a)/sum(b) from each row's bounds (a weighted mean of a_i/b_i)."""
+    la, ha = _row_range(num)
+    lb, hb = _row_range(den)
+    if num.lower is not None and den.lower is None:
+        # sum(a) / COUNT(*): rows where a is NULL add 1 below and 0 above.
+        la, ha = min(la, 0.0), max(ha, 0.0)
+    if lb > 0:
+        ends = [la / lb, la / hb, ha / lb, ha / hb]
+        return min(ends), max(ends)
+    if lb >= 0 and la >= 0:
+        return 0.0, None
+    return None, None
 
 
 def figures(m: Measure, c: Components, z: float = Z95) -> list[Figure]:
     """The output figures of one measure from its components (one per bin for histograms)."""
+    keys = role_keys(m)
     stat = m.statistic
     if stat in {Statistic.COUNT, Statistic.COUNT_ROWS, Statistic.SUM}:
-        key = next(k for k in c if plan_mod.component_measure(k) == m.name)
-        est, var = _scalar(c, key)
-        se, lo, hi = _interval(est, var, z, nonneg=stat is not Statistic.SUM)
-        return [Figure(est, se, lo, hi)]
-    if stat in {Statistic.MEAN, Statistic.VARIANCE, Statistic.STDDEV}:
-        return [_mean_like(m, c, z)]
+        vec = c[keys["n" if "n" in keys else "s"]]
+        lo, hi = _sum_range(vec) if stat is Statistic.SUM else (0.0, None)
+        return [estimators.total(float(vec.values[0]), vec.variance, lo, hi, z)]
+    if stat is Statistic.MEAN:
+        n, s = c[keys["n"]], c[keys["s"]]
+        return [
+            estimators.ratio(
+                float(s.values[0]), s.variance, float(n.values[0]), n.variance, s.lower, s.upper, z
+            )
+        ]
+    if stat in {Statistic.VARIANCE, Statistic.STDDEV}:
+        n, s, ss = c[keys["n"]], c[keys["s"]], c[keys["ss"]]
+        return [
+            estimators.variance(
+                float(n.values[0]),
+                n.variance,
+                float(s.values[0]),
+                s.variance,
+                float(ss.values[0]),
+                ss.variance,
+                s.lower or 0.0,
+                s.upper or 0.0,
+                sd=stat is Statistic.STDDEV,
+                z=z,
+            )
+        ]
     if stat is Statistic.QUANTILE:
-        return [_quantile(m, c, z)]
+        h = c[keys["h"]]
+        return [estimators.quantile(h.values, h.variance, h.edges, m.quantile or 0.5, z)]
     if stat is Statistic.HISTOGRAM:
-        vec = c[f"{m.name}:bins"]
+        h = c[keys["h"]]
         out = []
-        for v, lo_edge, hi_edge in zip(vec.values, vec.lower, vec.upper, strict=True):
-            se, lo, hi = _interval(v, vec.variance, z, nonneg=True)
-            out.append(Figure(v, se, lo, hi, bin_lower=lo_edge, bin_upper=hi_edge))
+        for i, v in enumerate(h.values.tolist()):
+            f = estimators.total(v, h.variance, 0.0, None, z)
+            out.append(
+                Figure(
+                    f.estimate,
+                    f.std_error,
+                    f.ci_low,
+                    f.ci_high,
+                    bin_lower=float(h.edges[i]),
+                    bin_upper=float(h.edges[i + 1]),
+                )
+            )
         return out
-    return [_ratio(m, c, z)]
+    num, den = c[keys["num"]], c[keys["den"]]
+    lo, hi = _ratio_range(num, den)
+    return [
+        estimators.ratio(
+            float(num.values[0]), num.variance, float(den.values[0]), den.variance, lo, hi, z
+        )
+    ]
 
 
 def sample_size(m: Measure, c: Components) -> float | None:
     """The noisy number of rows behind a derived figure (None for plain counts and sums)."""
+    keys = role_keys(m)
     if m.statistic in {Statistic.MEAN, Statistic.VARIANCE, Statistic.STDDEV}:
-        return c[f"{m.name}:rows"].values[0]
+        return float(c[keys["n"]].values[0])
     if m.statistic is Statistic.QUANTILE:
-        return sum(max(0.0, v) for v in c[f"{m.name}:bins"].values)
+        return float(c[keys["h"]].values.sum())
     if m.statistic is Statistic.RATIO:
-        den = next(k for k in c if k.startswith(f"{m.name}.den:"))
-        return c[den].values[0] if den.endswith(":rows") else None
+        den = keys["den"]
+        return float(c[den].values[0]) if _kind(den) == "rows" else None
     return None
 
 
@@ -227,6 +243,12 @@ OUTPUT_SCHEMA_TAIL = [
 ]
 
 
+def _values(release: NodeRelease) -> np.ndarray:
+    # Null values are cells the node withheld under its disclosure rules.
+    values: np.ndarray = release.table.column("value").to_numpy(zero_copy_only=False)
+    return values.astype(np.float64)
+
+
 def combine(
     query: Query,
     releases: Sequence[tuple[str, NodeRelease]],
@@ -238,28 +260,29 @@ def combine(
 
     Columns: region, group columns, measure, statistic, bin_lower, bin_upper, estimate,
     std_error, ci_low, ci_high, n (noisy rows behind a derived figure), approximate,
-    partial (pooled rows when a node is missing), suppressed (set by release rules).
+    partial (pooled rows when a node is missing or withheld the cell), suppressed (set by
+    release rules, and for cells a node withheld).
     """
-    per_region = _collect(query, releases)
-    pooled: dict[tuple[str, ...], Components] = {}
-    order: list[tuple[str, ...]] = []
-    for (_, group), comps in per_region.items():
-        if group not in pooled:
-            order.append(group)
-            pooled[group] = {
-                k: _Vector([0.0] * len(v.values), 0.0, list(v.lower), list(v.upper))
-                for k, v in comps.items()
-            }
-        for k, v in comps.items():
-            pooled[group][k].add(v)
     rows: dict[str, list[object]] = {
         name: [] for name in ("region", *query.group_by, *(n for n, _ in OUTPUT_SCHEMA_TAIL))
     }
+    schema = pa.schema(
+        [("region", pa.string())] + [(c, pa.string()) for c in query.group_by] + OUTPUT_SCHEMA_TAIL
+    )
+    if not releases:
+        return pa.table(rows, schema=schema)
+    layout = _layout(query, releases[0][1].table)
+    _check_same(query, layout, releases)
+    per_region = [(region, _vectors(layout, _values(r), r)) for region, r in releases]
 
-    def emit(region: str, group: tuple[str, ...], comps: Components, is_partial: bool) -> None:
+    def emit(
+        region: str, group: tuple[str, ...], comps: Components | None, *, is_partial: bool
+    ) -> None:
+        withheld = comps is None
         for m in query.measures:
-            n = sample_size(m, comps)
-            for f in figures(m, comps, z):
+            found = [] if comps is None else figures(m, comps, z)
+            n = None if comps is None else sample_size(m, comps)
+            for f in found or [estimators.NONE]:
                 rows["region"].append(region)
                 for col, value in zip(query.group_by, group, strict=True):
                     rows[col].append(value)
@@ -274,13 +297,29 @@ def combine(
                 rows["n"].append(n)
                 rows["approximate"].append(f.approximate)
                 rows["partial"].append(is_partial)
-                rows["suppressed"].append(False)
+                rows["suppressed"].append(withheld)
 
-    for (region, group), comps in per_region.items():
-        emit(region, group, comps, False)
-    for group in order:
-        emit(POOLED, group, pooled[group], partial)
-    schema = pa.schema(
-        [("region", pa.string())] + [(c, pa.string()) for c in query.group_by] + OUTPUT_SCHEMA_TAIL
-    )
+    for region, vectors in per_region:
+        for group in layout.groups:
+            comps = vectors[group]
+            emit(region, group, None if _withheld(comps) else comps, is_partial=False)
+    for group in layout.groups:
+        pooled: Components = {}
+        missing = False
+        for _, vectors in per_region:
+            comps = vectors[group]
+            if _withheld(comps):
+                missing = True  # this node withheld the cell: pool the others, flag partial
+                continue
+            for key, v in comps.items():
+                if key not in pooled:
+                    pooled[key] = _Vector(v.values.copy(), v.variance, v.lower, v.upper, v.edges)
+                else:
+                    pooled[key].values = pooled[key].values + v.values
+                    pooled[key].variance += v.variance
+        emit(POOLED, group, pooled or None, is_partial=partial or missing)
     return pa.table(rows, schema=schema)
+
+
+def _withheld(comps: Components) -> bool:
+    return any(bool(np.isnan(v.values).any()) for v in comps.values())

@@ -20,6 +20,14 @@ import opendp.prelude as dp
 dp.enable_features("contrib")
 
 MECHANISM = "discrete_gaussian"
+# OpenDP's atom_domain(T=int) is i32: exact values from 2^31 on would raise after the charge.
+# Every release is on i64, and plan time refuses whatever could leave this range.
+INTEGER_TYPE = "i64"
+INT64_MAX = 2**63 - 1
+# OpenDP adds integer noise with saturating arithmetic, so a value near the end of the range
+# would be clipped silently. Plans keep |exact| + NOISE_TAIL_SIGMAS * sigma inside the range:
+# a discrete Gaussian exceeds 40 sigma with probability below exp(-800).
+NOISE_TAIL_SIGMAS = 40.0
 # OpenDP rounds privacy maps up; widening sigma by this factor keeps the charge within the
 # rho the analyst asked for, at a cost in noise of one part in a billion.
 _SCALE_SLACK = 1.0 + 1e-9
@@ -30,6 +38,12 @@ def scale_for_rho(rho: float, sensitivity: float) -> float:
     if rho <= 0 or not math.isfinite(rho):
         raise ValueError(f"rho must be positive and finite, got {rho}")
     return sensitivity / math.sqrt(2.0 * rho) * _SCALE_SLACK
+
+
+def fits_int64(max_abs_exact: float, scale: float) -> bool:
+    """True if exact values up to max_abs_exact plus any plausible noise stay within i64."""
+    reach = max_abs_exact + NOISE_TAIL_SIGMAS * scale
+    return math.isfinite(reach) and reach < INT64_MAX / 2
 
 
 def rho_to_epsilon(rho: float, delta: float) -> float:
@@ -64,11 +78,14 @@ def _d_in(sensitivity: float) -> int | float:
 @functools.lru_cache(maxsize=256)
 def _measurement(scale: float, sensitivity: float) -> dp.Measurement:
     if float(sensitivity).is_integer():
-        space = (dp.vector_domain(dp.atom_domain(T=int)), dp.l2_distance(T=int))
+        space = (
+            dp.vector_domain(dp.atom_domain(T=INTEGER_TYPE)),
+            dp.l2_distance(T=INTEGER_TYPE),
+        )
         return dp.m.make_gaussian(*space, scale=scale)
     # A sensitivity of c * sqrt(m) is not whole, so use OpenDP's float-valued L2 metric over
     # the same integer domain; the noise is still the discrete Gaussian.
-    space_f = (dp.vector_domain(dp.atom_domain(T=int)), dp.l2_distance(T=float))
+    space_f = (dp.vector_domain(dp.atom_domain(T=INTEGER_TYPE)), dp.l2_distance(T=float))
     return dp.m.make_gaussian(*space_f, scale=scale)
 
 
@@ -87,4 +104,8 @@ def add_noise(calibration: Calibration, exact: Sequence[int]) -> tuple[int, ...]
     if not exact:
         return ()
     meas = _measurement(calibration.scale, calibration.sensitivity)
-    return tuple(int(v) for v in meas([int(v) for v in exact]))
+    noisy = tuple(int(v) for v in meas([int(v) for v in exact]))
+    if any(abs(v) >= INT64_MAX for v in noisy):
+        # Plans rule this out (fits_int64); a saturated value must never pass as a release.
+        raise ArithmeticError("a noisy value saturated the 64-bit range")
+    return noisy

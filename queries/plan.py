@@ -1,14 +1,25 @@
 """Compile a validated Query against a node's catalog into what the node computes.
 
 A plan lists the integer vectors ("components") the node will release, each with its
-sensitivity, fixed-point unit and share of rho, and the SQL that computes them exactly
-(built with sqlglot, so identifiers and literals are quoted by a parser, never by string
-formatting). Building a plan touches no data and spends no budget, so it is also the
-"explain" step. Measures map to components:
+sensitivity, fixed-point unit and rho, and the SQL that computes them exactly (built with
+sqlglot, so identifiers and literals are quoted by a parser, never by string formatting).
+Building a plan touches no data and spends no budget, so it is also the "explain" step.
+Measures map to components by role:
 
-    count       -> persons                     mean/variance/stddev -> rows, sum, sumsq
-    count_rows  -> rows                        quantile/histogram   -> bins over a public grid
-    sum         -> sum                         ratio                -> sum (or rows) twice
+    count       -> n: persons                  mean            -> n: rows, s: sum
+    count_rows  -> n: rows                     variance/stddev -> n: rows, s: sum, ss: sumsq
+    sum         -> s: sum                      quantile/histogram -> h: bins over a public grid
+    ratio       -> num, den: sum (or rows)
+
+A component is named by what it computes (`sum:age`, `bins:los/61`...), not by the measure
+that asked for it, so measures that need the same vector share one release and pay for it
+once. Each measure's share of rho (by weight) is split over its components to minimise the
+noise variance of the figure it produces (see `_split`), and a shared component receives the
+sum of what its measures give it.
+
+Everything that could fail later is refused here, from public bounds only: a plan whose exact
+integers plus noise could leave the 64-bit range, too many cells, a grid that is too fine.
+After a query has planned, nothing about the data can change its status or message.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import sqlglot
 from sqlglot import exp
 
 from protocols.errors import QueryError
+from queries import mechanisms
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.sensitivity import Kind, sensitivity
 from queries.spec import Measure, Query, Statistic
@@ -38,20 +50,15 @@ FIXED_POINT_DIGITS = 4
 class Component:
     """One integer vector the node releases (one value per group, or per group and bin)."""
 
-    measure: str
+    key: str  # what it computes, e.g. 'sum:age' or 'bins:los/61'; its name on the wire
     kind: Kind
     column: str | None
     lower: float | None  # clamping bounds (None for counts)
     upper: float | None
     exponent: int  # fixed-point unit is 10**exponent (0 for counts)
     sensitivity: float  # L2, in units
-    weight: float  # share of the query's rho (relative)
+    max_abs: int  # public bound on |exact value| of one cell, in units
     edges: tuple[float, ...] = ()  # bin edges for BINS (len = bins + 1)
-
-    @property
-    def key(self) -> str:
-        """Name of the component on the wire, e.g. 'mean_los:sum'."""
-        return f"{self.measure}:{self.kind.value}"
 
     @property
     def unit(self) -> float:
@@ -65,6 +72,19 @@ class Component:
 
 
 @dataclass(frozen=True)
+class MeasurePlan:
+    """Which component plays which role in one measure, and its share of rho."""
+
+    measure: Measure
+    roles: tuple[tuple[str, str], ...]  # (role, component key), e.g. ("n", "rows:age")
+    rho: float
+
+    def key(self, role: str) -> str:
+        """The component key of one role."""
+        return dict(self.roles)[role]
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a node runs for one query, and what it will cost."""
 
@@ -75,29 +95,23 @@ class Plan:
     # absent groups are released as noisy zeros (their absence would leak).
     domain: tuple[tuple[str, ...], ...]
     components: tuple[Component, ...]
+    measures: tuple[MeasurePlan, ...]
+    rho: tuple[tuple[str, float], ...]  # (component key, rho), summing to query.rho
     scalar_sql: str | None  # one row per group, one column per non-binned component
     binned_sql: tuple[tuple[str, str], ...]  # (component key, SQL giving group, bin, n)
 
     @property
     def cells(self) -> int:
         """Number of released values."""
-        n = len(self.domain)
-        return sum(n * (c.bins or 1) for c in self.components)
+        return _cells(len(self.domain), self.components)
 
     def rho_shares(self) -> dict[str, float]:
-        """Each component's share of the query's rho (measure weights, then even split)."""
-        total_weight = sum(m.weight for m in self.query.measures)
-        per_measure = {
-            m.name: self.query.rho * m.weight / total_weight for m in self.query.measures
-        }
-        counts: dict[str, int] = {}
-        for c in self.components:
-            owner = component_measure(c.key)
-            counts[owner] = counts.get(owner, 0) + 1
-        return {
-            c.key: per_measure[component_measure(c.key)] / counts[component_measure(c.key)]
-            for c in self.components
-        }
+        """Each component's rho (what its measures give it, summing to the query's rho)."""
+        return dict(self.rho)
+
+    def users(self, key: str) -> list[str]:
+        """Names of the measures that use a component."""
+        return [mp.measure.name for mp in self.measures if key in dict(mp.roles).values()]
 
     def describe(self) -> str:
         """A readable account of what the node will compute (no data involved)."""
@@ -106,6 +120,7 @@ class Plan:
             f"view {self.view.name} (at most {self.view.max_rows_per_person} row(s) per "
             f"person); group by {groups}: {len(self.domain)} public group(s)",
         ]
+        shares = self.rho_shares()
         for c in self.components:
             detail = f"column {c.column}" if c.column else ""
             if c.lower is not None and c.upper is not None:
@@ -114,8 +129,17 @@ class Plan:
                 detail += f", {c.bins} bins"
             if c.exponent:
                 detail += f", fixed-point unit {c.unit:g}"
-            lines.append(f"  {c.key}: {c.kind.value} {detail}; L2 sensitivity {c.sensitivity:g}")
+            rho = shares[c.key]
+            lines.append(
+                f"  {c.key}: {c.kind.value} {detail}; L2 sensitivity {c.sensitivity:g}; "
+                f"rho {rho:.4g} ({100 * rho / self.query.rho:.0f}%) for "
+                + ", ".join(self.users(c.key))
+            )
         return "\n".join(lines)
+
+
+def _cells(n_groups: int, components: tuple[Component, ...] | list[Component]) -> int:
+    return sum(n_groups * (c.bins or 1) for c in components)
 
 
 def compile_query(query: Query, catalog: Catalog) -> Plan:
@@ -137,15 +161,46 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
             )
         domains.append(filters.get(name, col.domain))
     n_groups = math.prod(len(d) for d in domains)
-    components: list[Component] = []
+    unique: dict[str, Component] = {}
+    measure_roles: list[tuple[Measure, dict[str, Component]]] = []
     for m in query.measures:
-        components.extend(_components(m, view, query.group_by, n_groups))
-    plan = Plan(
+        roles = _components(m, view, query.group_by, n_groups)
+        for c in roles.values():
+            unique.setdefault(c.key, c)
+        measure_roles.append((m, roles))
+    components = tuple(unique.values())
+    cells = _cells(n_groups, components)
+    if cells > MAX_CELLS:
+        raise QueryError(
+            f"the query would release {cells} values, more than the limit of "
+            f"{MAX_CELLS}; group by fewer columns, filter them, or use fewer bins"
+        )
+    total_weight = sum(m.weight for m in query.measures)
+    rho: dict[str, float] = {c.key: 0.0 for c in components}
+    measures: list[MeasurePlan] = []
+    for m, roles in measure_roles:
+        measure_rho = query.rho * m.weight / total_weight
+        for key, fraction in _split(m, roles).items():
+            rho[key] += measure_rho * fraction
+        measures.append(
+            MeasurePlan(
+                measure=m,
+                roles=tuple((role, c.key) for role, c in roles.items()),
+                rho=measure_rho,
+            )
+        )
+    for c in components:
+        _check_range(
+            c, rho[c.key], [mp.measure.name for mp in measures if c.key in dict(mp.roles).values()]
+        )
+    return Plan(
         query=query,
         view=view,
         group_by=query.group_by,
         domain=tuple(itertools.product(*domains)),
-        components=tuple(components),
+        components=components,
+        measures=tuple(measures),
+        rho=tuple(rho.items()),
         scalar_sql=_scalar_sql(view.name, query.group_by, components, filters),
         binned_sql=tuple(
             (c.key, _binned_sql(view.name, query.group_by, c, filters))
@@ -153,12 +208,62 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
             if c.kind is Kind.BINS
         ),
     )
-    if plan.cells > MAX_CELLS:
+
+
+def _check_range(c: Component, rho: float, users: list[str]) -> None:
+    """Refuse a component whose exact value plus noise could leave the 64-bit range."""
+    try:
+        scale = mechanisms.scale_for_rho(rho, c.sensitivity)
+    except (ValueError, OverflowError):
+        scale = math.inf
+    if not mechanisms.fits_int64(c.max_abs, scale):
         raise QueryError(
-            f"the query would release {plan.cells} values, more than the limit of "
-            f"{MAX_CELLS}; group by fewer columns, filter them, or use fewer bins"
+            f"measure(s) {', '.join(repr(u) for u in users)}: {c.key} would get rho {rho:.3g}, "
+            f"whose noise (sigma {scale:.3g} units) on values up to {c.max_abs:.3g} units could "
+            "overflow a 64-bit integer; give the measure more rho (a larger weight or query "
+            "rho) or narrower CLAMP bounds"
         )
-    return plan
+
+
+def _split(m: Measure, roles: dict[str, Component]) -> dict[str, float]:
+    """Fractions of one measure's rho per component, minimising its figure's noise variance.
+
+    The figure's noise variance is about sum_k g_k^2 sigma_k^2 with sigma_k^2 = D_k^2 /
+    (2 rho_k) (D_k the L2 sensitivity in natural units, g_k the figure's gradient in
+    component k); minimising it subject to sum_k rho_k = rho gives rho_k proportional to
+    g_k D_k (Lagrange). The gradients depend on the data, so they are taken at a public
+    guess from the column's bounds: a mean of about the middle of the clamp range.
+    """
+    scale = {role: c.sensitivity * c.unit for role, c in roles.items()}
+    guess = _typical(roles["s"]) if "s" in roles else 1.0
+    stat = m.statistic
+    if stat is Statistic.MEAN:
+        # mean = s / n: d/ds = 1/n, d/dn = -mean/n.
+        gradient = {"s": 1.0, "n": abs(guess)}
+    elif stat in {Statistic.VARIANCE, Statistic.STDDEV}:
+        # v = (ss - s^2/n)/(n - 1): d/dss ~ 1/n, d/ds ~ -2 mean/n, d/dn ~ (mean^2 - v)/n.
+        gradient = {"ss": 1.0, "s": 2 * abs(guess), "n": guess * guess}
+    elif stat is Statistic.RATIO:
+        # r = num / den: d/dnum = 1/den, d/dden = -r/den.
+        ratio = abs(_typical(roles["num"])) / max(abs(_typical(roles["den"])), 1e-12)
+        gradient = {"num": 1.0, "den": ratio}
+    else:
+        gradient = dict.fromkeys(roles, 1.0)
+    weights = {role: max(gradient[role] * scale[role], 1e-12) for role in roles}
+    total = sum(weights.values())
+    out: dict[str, float] = {}
+    for role, c in roles.items():
+        out[c.key] = out.get(c.key, 0.0) + weights[role] / total
+    return out
+
+
+def _typical(c: Component) -> float:
+    """A public guess of a row's value: the middle of the clamp range (1 for a row count)."""
+    if c.lower is None or c.upper is None:
+        return 1.0
+    if c.lower < 0 < c.upper:
+        return max(abs(c.lower), abs(c.upper)) / 2
+    return (c.lower + c.upper) / 2
 
 
 def _filters(query: Query, view: ViewSpec) -> dict[str, tuple[str, ...]]:
@@ -217,22 +322,52 @@ def _units(value: float, exponent: int) -> int:
     return int(math.copysign(math.floor(abs(scaled) + 0.5), scaled))
 
 
+def _clamp_tag(m: Measure) -> str:
+    return "" if m.clamp is None else f"@{m.clamp[0]!r},{m.clamp[1]!r}"
+
+
+def role_keys(m: Measure) -> dict[str, str]:
+    """The component key of each role of a measure (derivable from the query alone, so the
+    hub finds a measure's components without the node's catalog)."""
+    col, tag = m.column or "", _clamp_tag(m)
+    stat = m.statistic
+    if stat is Statistic.COUNT:
+        return {"n": "persons"}
+    if stat is Statistic.COUNT_ROWS:
+        return {"n": "rows"}
+    if stat is Statistic.SUM:
+        return {"s": f"sum:{col}{tag}"}
+    if stat is Statistic.MEAN:
+        return {"n": f"rows:{col}", "s": f"sum:{col}{tag}"}
+    if stat in {Statistic.VARIANCE, Statistic.STDDEV}:
+        return {"n": f"rows:{col}", "s": f"sum:{col}{tag}", "ss": f"sumsq:{col}{tag}"}
+    if stat in {Statistic.QUANTILE, Statistic.HISTOGRAM}:
+        # The default grid follows from the column and clamp; an explicit one is named.
+        return {"h": f"bins:{col}{tag}" + ("" if m.bins is None else f"/{m.bins}")}
+    return {
+        "num": "rows" if m.column is None else f"sum:{m.column}{tag}",
+        "den": "rows" if m.denominator is None else f"sum:{m.denominator}{tag}",
+    }
+
+
 def _components(
     m: Measure, view: ViewSpec, group_by: tuple[str, ...], n_groups: int
-) -> list[Component]:
-    def count(kind: Kind, column: str | None = None) -> Component:
+) -> dict[str, Component]:
+    keys = role_keys(m)
+
+    def count(role: str, kind: Kind, column: str | None = None) -> Component:
         return Component(
-            measure=m.name,
+            key=keys[role],
             kind=kind,
             column=column,
             lower=None,
             upper=None,
             exponent=0,
             sensitivity=sensitivity(kind, view, group_by, n_groups),
-            weight=m.weight,
+            max_abs=view.max_persons if kind is Kind.PERSONS else view.max_rows,
         )
 
-    def total(kind: Kind, column: str) -> Component:
+    def total(role: str, kind: Kind, column: str) -> Component:
         col, lo, hi = _numeric(view, column, m)
         largest = max(lo * lo, hi * hi) if kind is Kind.SUMSQ else max(abs(lo), abs(hi))
         e = fixed_point_exponent(largest, integer=col.type is ColumnType.INTEGER)
@@ -241,14 +376,14 @@ def _components(
         else:
             bound = max(abs(_units(lo, e)), abs(_units(hi, e)))
         return Component(
-            measure=m.name,
+            key=keys[role],
             kind=kind,
             column=column,
             lower=lo,
             upper=hi,
             exponent=e,
             sensitivity=sensitivity(kind, view, group_by, n_groups, max_abs_units=bound),
-            weight=m.weight,
+            max_abs=view.max_rows * max(1, bound),
         )
 
     def binned(column: str) -> Component:
@@ -265,59 +400,45 @@ def _components(
             width = (hi - lo) / bins
             edges = (*(lo + i * width for i in range(bins)), hi)
         return Component(
-            measure=m.name,
+            key=keys["h"],
             kind=Kind.BINS,
             column=column,
             lower=lo,
             upper=hi,
             exponent=0,
             sensitivity=sensitivity(Kind.BINS, view, group_by, n_groups),
-            weight=m.weight,
+            max_abs=view.max_rows,
             edges=edges,
         )
 
     stat = m.statistic
     if stat is Statistic.COUNT:
-        return [count(Kind.PERSONS)]
+        return {"n": count("n", Kind.PERSONS)}
     if stat is Statistic.COUNT_ROWS:
-        return [count(Kind.ROWS)]
+        return {"n": count("n", Kind.ROWS)}
     column = m.column or ""
     if stat is Statistic.SUM:
-        return [total(Kind.SUM, column)]
-    if stat in {Statistic.MEAN, Statistic.VARIANCE, Statistic.STDDEV}:
+        return {"s": total("s", Kind.SUM, column)}
+    if stat is Statistic.MEAN:
         # total() checks that the column is numeric and bounded.
-        return [
-            count(Kind.ROWS, column),
-            total(Kind.SUM, column),
-            total(Kind.SUMSQ, column),
-        ]
+        return {"n": count("n", Kind.ROWS, column), "s": total("s", Kind.SUM, column)}
+    if stat in {Statistic.VARIANCE, Statistic.STDDEV}:
+        return {
+            "n": count("n", Kind.ROWS, column),
+            "s": total("s", Kind.SUM, column),
+            "ss": total("ss", Kind.SUMSQ, column),
+        }
     if stat in {Statistic.QUANTILE, Statistic.HISTOGRAM}:
-        return [binned(column)]
+        return {"h": binned(column)}
     # RATIO: numerator and denominator are clamped sums, or row counts where a side is None.
-    parts = []
-    for side, name in (("num", m.column), ("den", m.denominator)):
-        part = count(Kind.ROWS) if name is None else total(Kind.SUM, name)
-        parts.append(_renamed(part, f"{m.name}.{side}"))
-    return parts
-
-
-def _renamed(c: Component, measure: str) -> Component:
-    return Component(
-        measure=measure,
-        kind=c.kind,
-        column=c.column,
-        lower=c.lower,
-        upper=c.upper,
-        exponent=c.exponent,
-        sensitivity=c.sensitivity,
-        weight=c.weight,
-        edges=c.edges,
-    )
-
-
-def component_measure(key: str) -> str:
-    """The query measure a component key belongs to ('r.num:sum' -> 'r')."""
-    return key.split(":", 1)[0].split(".", 1)[0]
+    return {
+        "num": count("num", Kind.ROWS) if m.column is None else total("num", Kind.SUM, m.column),
+        "den": (
+            count("den", Kind.ROWS)
+            if m.denominator is None
+            else total("den", Kind.SUM, m.denominator)
+        ),
+    }
 
 
 def _col(name: str) -> exp.Column:
@@ -332,8 +453,13 @@ def _num(value: float) -> exp.Expr:
 def _clamped(c: Component) -> exp.Expr:
     lower = c.lower if c.lower is not None else 0.0
     upper = c.upper if c.upper is not None else 0.0
-    inner = exp.func("GREATEST", exp.cast(_col(c.column or ""), "DOUBLE"), _num(lower))
-    return exp.func("LEAST", inner, _num(upper))
+    value = exp.cast(_col(c.column or ""), "DOUBLE")
+    clamped = exp.func("LEAST", exp.func("GREATEST", value, _num(lower)), _num(upper))
+    # GREATEST skips NULLs, so a missing value would become the lower bound and be summed;
+    # keep it NULL so that SUM ignores it, as the row count of the column does.
+    return exp.If(
+        this=exp.Is(this=value.copy(), expression=exp.Null()), true=exp.Null(), false=clamped
+    )
 
 
 def _component_expr(c: Component) -> exp.Expr:
@@ -358,7 +484,7 @@ def _where(stmt: exp.Select, filters: dict[str, tuple[str, ...]]) -> exp.Select:
 def _scalar_sql(
     view: str,
     group_by: tuple[str, ...],
-    components: list[Component],
+    components: tuple[Component, ...],
     filters: dict[str, tuple[str, ...]],
 ) -> str | None:
     scalar = [c for c in components if c.kind is not Kind.BINS]

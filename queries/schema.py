@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 from protocols.errors import QueryError
 
+# Public upper bound on the persons in any view (the UK has about 69 million people). The
+# engine refuses, at plan time, any query whose exact integers could overflow 64 bits under
+# this bound, and a node refuses to start on data with more persons than its views declare.
+MAX_PERSONS = 100_000_000
+
 
 class ColumnType(enum.StrEnum):
     """How a column may be used in a query."""
@@ -58,6 +63,14 @@ class ViewSpec:
     description: str
     columns: tuple[ColumnSpec, ...]
     max_rows_per_person: int = 1
+    # Public bound on distinct persons in the view; with max_rows_per_person it bounds every
+    # exact aggregate, which is what lets overflow be ruled out before any data is read.
+    max_persons: int = MAX_PERSONS
+
+    @property
+    def max_rows(self) -> int:
+        """Public upper bound on the rows of the view."""
+        return self.max_persons * self.max_rows_per_person
 
     def column(self, name: str) -> ColumnSpec:
         """The named column, or a QueryError suggesting the closest names."""

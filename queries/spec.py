@@ -21,6 +21,8 @@ SPEC_VERSION = "chc.query/1"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # A spec with more than this many filter values is almost certainly a mistake or an attack.
 MAX_FILTER_VALUES = 1000
+# Every measure costs noise, SQL and transfer; more than this in one query is refused.
+MAX_MEASURES = 50
 
 
 def check_identifier(value: object, what: str) -> str:
@@ -191,6 +193,11 @@ class Query:
         object.__setattr__(self, "rho", rho)
         if not self.measures:
             raise QueryError("the query has no measures; ask for at least one, e.g. count")
+        if len(self.measures) > MAX_MEASURES:
+            raise QueryError(
+                f"the query has {len(self.measures)} measures, more than the limit of "
+                f"{MAX_MEASURES}; split it into several queries"
+            )
         names = [m.name for m in self.measures]
         if len(set(names)) != len(names):
             raise QueryError(f"measure names must be unique, got {names}")

@@ -1,7 +1,7 @@
 """Pooling node releases (queries.combine): sums, variances and truncated 95% intervals.
 
 Releases are built by hand in the node's wire format (group columns, component, bin,
-bin_lower, bin_upper, value), so no noise is drawn here.
+bin_lower, bin_upper, lower, upper, value), so no noise is drawn here.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import pyarrow as pa
 import pytest
 
 from node import engine
-from queries.combine import OUTPUT_SCHEMA_TAIL, POOLED, Z95, combine
+from queries.combine import OUTPUT_SCHEMA_TAIL, POOLED, Z95, CatalogMismatchError, combine
 from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo
 from queries.spec import Measure, Query, Statistic
 
 BUDGET = BudgetStatus(rho_total=10.0, rho_spent=1.0, max_rho_per_query=1.0, delta=1e-6)
 
 # One released value: group values, component key, value.
-Cell = tuple[tuple[str, ...], str, float]
+Cell = tuple[tuple[str, ...], str, float | None]
+# Public clamp bounds of the sum components used below.
+BOUNDS = {"sum:cost": (-100.0, 100.0), "sum:los": (0.0, 30.0), "sumsq:los": (0.0, 30.0)}
 
 
 def noise(variance: float) -> NoiseInfo:
@@ -32,15 +34,19 @@ def node_release(
 ) -> NodeRelease:
     """A release as a node sends it: one row per group and component, unbinned."""
     columns: dict[str, list[object]] = {c: [] for c in group_by}
-    columns.update({"component": [], "bin": [], "bin_lower": [], "bin_upper": [], "value": []})
+    for name in engine.RELEASE_COLUMNS:
+        columns[name] = []
     for group, component, value in cells:
         for col, g in zip(group_by, group, strict=True):
             columns[col].append(g)
+        lower, upper = BOUNDS.get(component, (None, None))
         columns["component"].append(component)
         columns["bin"].append(-1)
         columns["bin_lower"].append(None)
         columns["bin_upper"].append(None)
-        columns["value"].append(float(value))
+        columns["lower"].append(lower)
+        columns["upper"].append(upper)
+        columns["value"].append(None if value is None else float(value))
     schema = engine.release_schema(group_by)
     first = next(iter(variances.values()))
     return NodeRelease(
@@ -51,7 +57,7 @@ def node_release(
         epsilon=1.0,
         budget=BUDGET,
         measures=tuple(
-            MeasureNoise(measure=k, statistic=k.split(":")[1], noise=noise(v), rho=0.05)
+            MeasureNoise(measure=k, statistic=k.split(":")[0], noise=noise(v), rho=0.05)
             for k, v in variances.items()
         ),
     )
@@ -61,8 +67,8 @@ def count_release(
     groups: Sequence[tuple[str, ...]], values: Sequence[float], variance: float
 ) -> NodeRelease:
     group_by = ["sex"] if groups and groups[0] else []
-    cells = [(g, "count:persons", v) for g, v in zip(groups, values, strict=True)]
-    return node_release(group_by, cells, {"count:persons": variance})
+    cells: list[Cell] = [(g, "persons", v) for g, v in zip(groups, values, strict=True)]
+    return node_release(group_by, cells, {"persons": variance})
 
 
 def rows(table: pa.Table) -> list[dict[str, object]]:
@@ -126,11 +132,11 @@ def test_count_intervals_are_truncated_at_zero() -> None:
     out = rows(combine(query, [("a", small), ("b", negative)]))
     assert out[0]["ci_low"] == 0.0
     assert out[0]["ci_high"] == pytest.approx(3 + Z95 * 10)
-    assert out[1]["estimate"] == -4.0  # the noisy value itself is released as is
+    assert out[1]["estimate"] == 0.0  # a count is never shown below zero
     assert out[1]["ci_low"] == 0.0
     assert out[1]["ci_high"] == pytest.approx(-4 + Z95 * 10)
     assert out[2]["region"] == POOLED
-    assert out[2]["estimate"] == -1.0
+    assert out[2]["estimate"] == 0.0  # pooled from the raw -4 and 3: -1, shown as 0
     assert out[2]["ci_low"] == 0.0
     assert out[2]["ci_high"] == pytest.approx(-1 + Z95 * math.sqrt(200))
     (row, _) = rows(combine(query, [("c", count_release([()], [-50], variance=1.0))]))
@@ -139,7 +145,7 @@ def test_count_intervals_are_truncated_at_zero() -> None:
 
 def test_sum_intervals_are_not_truncated() -> None:
     query = Query(view="visits", rho=0.1, measures=(Measure(Statistic.SUM, "net", column="cost"),))
-    release = node_release([], [((), "net:sum", -10.0)], {"net:sum": 4.0})
+    release = node_release([], [((), "sum:cost", -10.0)], {"sum:cost": 4.0})
     (row, pooled) = rows(combine(query, [("a", release)]))
     assert row["ci_low"] == pytest.approx(-10 - 2 * Z95)
     assert row["ci_high"] == pytest.approx(-10 + 2 * Z95)
@@ -163,13 +169,13 @@ def test_each_measure_uses_its_own_variance() -> None:
         view="persons",
         rho=0.1,
         group_by=("sex",),
-        measures=(Measure(name="a"), Measure(name="b")),
+        measures=(Measure(name="a"), Measure(Statistic.COUNT_ROWS, name="b")),
     )
 
     def release(a: list[float], b: list[float], var_a: float, var_b: float) -> NodeRelease:
-        cells = [((s,), "a:persons", v) for s, v in zip(("female", "male"), a, strict=True)]
-        cells += [((s,), "b:persons", v) for s, v in zip(("female", "male"), b, strict=True)]
-        return node_release(["sex"], cells, {"a:persons": var_a, "b:persons": var_b})
+        cells: list[Cell] = [((s,), "persons", v) for s, v in zip(("female", "male"), a)]
+        cells += [((s,), "rows", v) for s, v in zip(("female", "male"), b, strict=True)]
+        return node_release(["sex"], cells, {"persons": var_a, "rows": var_b})
 
     one = release([1, 2], [10, 20], 1.0, 4.0)
     two = release([3, 4], [30, 40], 9.0, 16.0)
@@ -188,14 +194,13 @@ def test_each_measure_uses_its_own_variance() -> None:
 def test_a_pooled_mean_comes_from_pooled_components() -> None:
     """The pooled mean is pooled sum / pooled n, not an average of regional means."""
     query = Query(view="visits", rho=0.1, measures=(Measure(Statistic.MEAN, "los", column="los"),))
-    var = {"los:rows": 1.0, "los:sum": 25.0, "los:sumsq": 400.0}
+    var = {"rows:los": 1.0, "sum:los": 25.0}
 
-    def release(n: float, s: float, ss: float) -> NodeRelease:
-        cells = [((), "los:rows", n), ((), "los:sum", s), ((), "los:sumsq", ss)]
-        return node_release([], cells, var)
+    def release(n: float, s: float) -> NodeRelease:
+        return node_release([], [((), "rows:los", n), ((), "sum:los", s)], var)
 
-    small = release(10, 100, 1200)  # mean 10
-    large = release(90, 180, 900)  # mean 2
+    small = release(10, 100)  # mean 10
+    large = release(90, 180)  # mean 2
     out = rows(combine(query, [("small", small), ("large", large)]))
     assert [r["region"] for r in out] == ["small", "large", POOLED]
     assert out[0]["estimate"] == pytest.approx(10.0)
@@ -204,11 +209,76 @@ def test_a_pooled_mean_comes_from_pooled_components() -> None:
     assert pooled["estimate"] == pytest.approx(280 / 100)  # not (10 + 2) / 2
     assert pooled["n"] == 100.0
     assert pooled["approximate"] is True
-    n, s, ss = 100.0, 280.0, 2100.0
-    sample_var = (ss - s * s / n) / (n - 1)
-    # Delta method over the DP noise of (n, s), plus the sampling variance of a mean.
-    variance = 2 * var["los:sum"] / n**2 + s**2 * 2 * var["los:rows"] / n**4 + sample_var / n
-    assert pooled["std_error"] == pytest.approx(math.sqrt(variance))
+    # Fieller: the r with (s - r n)^2 = z^2 (var_s + r^2 var_n), pooled variances 50 and 2.
+    for r in (pooled["ci_low"], pooled["ci_high"]):
+        assert (280 - r * 100) ** 2 == pytest.approx(Z95**2 * (50 + r * r * 2))
+    assert pooled["ci_low"] < 2.8 < pooled["ci_high"]
+
+
+def test_means_stay_inside_the_public_range() -> None:
+    """A noisy sum can make s / n leave [lower, upper]; the estimate and interval never do."""
+    query = Query(view="visits", rho=0.1, measures=(Measure(Statistic.MEAN, "los", column="los"),))
+    negative = node_release(
+        [], [((), "rows:los", 20.0), ((), "sum:los", -650.0)], {"rows:los": 1.0, "sum:los": 1e4}
+    )
+    huge = node_release(
+        [], [((), "rows:los", 3.0), ((), "sum:los", 500.0)], {"rows:los": 1.0, "sum:los": 1e4}
+    )
+    for r in rows(combine(query, [("neg", negative), ("huge", huge)])):
+        assert 0.0 <= r["ci_low"] <= r["estimate"] <= r["ci_high"] <= 30.0
+    (neg, big, _) = rows(combine(query, [("neg", negative), ("huge", huge)]))
+    assert neg["estimate"] == 0.0
+    assert big["estimate"] == 30.0
+
+
+def test_a_ratio_whose_denominator_is_within_noise_of_zero_shows_the_public_range() -> None:
+    query = Query(view="visits", rho=0.1, measures=(Measure(Statistic.RATIO, "r", column="los"),))
+    release = node_release(
+        [], [((), "sum:los", 40.0), ((), "rows", 2.0)], {"sum:los": 100.0, "rows": 25.0}
+    )
+    (row, _) = rows(combine(query, [("a", release)]))
+    # sum(los) / COUNT(*) is a mean of values in [0, 30]: Fieller is unbounded here.
+    assert (row["ci_low"], row["ci_high"]) == (0.0, 30.0)
+    assert row["estimate"] == 20.0
+
+
+def test_mean_and_ratio_of_the_same_sums_get_the_same_interval() -> None:
+    mean = Measure(Statistic.MEAN, "m", column="los")
+    ratio = Measure(Statistic.RATIO, "r", column="los", denominator=None)
+    var = {"rows:los": 4.0, "sum:los": 900.0, "rows": 4.0}
+    cells: list[Cell] = [((), "rows:los", 50.0), ((), "sum:los", 400.0), ((), "rows", 50.0)]
+    out = rows(
+        combine(
+            Query(view="visits", rho=0.1, measures=(mean, ratio)),
+            [("a", node_release([], cells, var))],
+        )
+    )
+    m, r = out[0], out[1]
+    assert (m["estimate"], m["ci_low"], m["ci_high"]) == pytest.approx(
+        (r["estimate"], r["ci_low"], r["ci_high"])
+    )
+
+
+def test_a_withheld_cell_is_suppressed_and_the_pooled_row_is_partial() -> None:
+    query = Query(view="persons", rho=0.1, group_by=("sex",))
+    groups = [("female",), ("male",)]
+    a = count_release(groups, [100, 50], variance=4.0)
+    b = count_release(groups, [None, 60], variance=4.0)  # type: ignore[list-item]
+    out = {(r["region"], r["sex"]): r for r in rows(combine(query, [("a", a), ("b", b)]))}
+    assert out[("b", "female")]["suppressed"] is True
+    assert out[("b", "female")]["estimate"] is None
+    assert out[(POOLED, "female")]["estimate"] == 100.0
+    assert out[(POOLED, "female")]["partial"] is True
+    assert out[(POOLED, "male")]["estimate"] == 110.0
+    assert out[(POOLED, "male")]["partial"] is False
+
+
+def test_releases_with_different_structures_are_not_pooled() -> None:
+    query = Query(view="persons", rho=0.1, group_by=("sex",))
+    a = count_release([("female",), ("male",)], [1, 2], variance=1.0)
+    b = count_release([("female",), ("unknown",)], [1, 2], variance=1.0)
+    with pytest.raises(CatalogMismatchError, match="'a' and 'b' answered with different"):
+        combine(query, [("a", a), ("b", b)])
 
 
 @pytest.mark.parametrize("group_by", [(), ("sex",), ("sex", "age_band")])

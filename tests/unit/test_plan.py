@@ -171,12 +171,35 @@ def test_the_cell_limit_counts_every_measure() -> None:
     two_measures = Query(
         view="wide",
         rho=0.1,
-        measures=counts("n1", "n2"),
+        measures=(Measure(Statistic.COUNT, "n1"), Measure(Statistic.COUNT_ROWS, "n2")),
         group_by=at_limit.group_by,
         where=at_limit.where,
     )
     with pytest.raises(QueryError, match="40000 values"):
         plan.compile_query(two_measures, CUSTOM)
+    # Two measures that need the same vector share one release, so they fit.
+    shared = Query(
+        view="wide",
+        rho=0.1,
+        measures=counts("n1", "n2"),
+        group_by=at_limit.group_by,
+        where=at_limit.where,
+    )
+    assert plan.compile_query(shared, CUSTOM).cells == plan.MAX_CELLS
+
+
+def test_the_cell_limit_is_checked_before_any_sql_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_sql(*args: object) -> str:
+        raise AssertionError("SQL was built for a query over the cell limit")
+
+    monkeypatch.setattr(plan, "_scalar_sql", no_sql)
+    monkeypatch.setattr(plan, "_binned_sql", no_sql)
+    plan._compile.cache_clear()
+    with pytest.raises(QueryError, match="more than the limit"):
+        plan.compile_query(q("wide", group_by=("a", "b")), CUSTOM)
+    plan._compile.cache_clear()
 
 
 def test_filters_bring_a_large_query_under_the_limit() -> None:
@@ -221,8 +244,10 @@ def test_no_group_by_releases_one_cell_per_measure(catalog: Catalog) -> None:
     assert compiled.domain == ((),)
     assert compiled.cells == 1
     two = plan.compile_query(Query(view="persons", rho=0.1, measures=counts("a", "b")), catalog)
-    assert two.cells == 2
-    assert [c.key for c in two.components] == ["a:persons", "b:persons"]
+    # The same count asked twice is released once and paid for once.
+    assert two.cells == 1
+    assert [c.key for c in two.components] == ["persons"]
+    assert [mp.key("n") for mp in two.measures] == ["persons", "persons"]
 
 
 def test_compiling_keeps_the_query_and_view(catalog: Catalog) -> None:
@@ -242,10 +267,46 @@ def test_rho_is_shared_between_measures_by_weight() -> None:
         ),
     )
     shares = plan.compile_query(query, CUSTOM).rho_shares()
-    assert shares["n:persons"] == pytest.approx(0.2)
-    for kind in ("rows", "sum", "sumsq"):  # the mean's third, split over its components
-        assert shares[f"mean_cost:{kind}"] == pytest.approx(0.1 / 3)
+    assert shares["persons"] == pytest.approx(0.2)
+    # The mean's 0.1 is split over its count and sum only (no sum of squares: it would only
+    # feed a sampling term the census estimand does not have), in proportion to g_k D_k with
+    # a mean guessed at the middle of [0, MAX_COST]: D_sum = 3 MAX_COST, g_n D_n = 3 MAX_COST/2.
+    assert shares["sum:cost"] == pytest.approx(0.1 * 2 / 3)
+    assert shares["rows:cost"] == pytest.approx(0.1 / 3)
+    assert set(shares) == {"persons", "rows:cost", "sum:cost"}
     assert sum(shares.values()) == pytest.approx(0.3)
+
+
+def test_a_shared_component_gets_what_each_of_its_measures_gives_it() -> None:
+    query = Query(
+        view="visits",
+        rho=0.4,
+        measures=(
+            Measure(Statistic.QUANTILE, "median", column="los", quantile=0.5),
+            Measure(Statistic.QUANTILE, "p90", column="los", quantile=0.9),
+            Measure(Statistic.MEAN, "mean", column="los"),
+            Measure(Statistic.VARIANCE, "var", column="los"),
+        ),
+    )
+    compiled = plan.compile_query(query, CUSTOM)
+    shares = compiled.rho_shares()
+    # Both quantiles read one histogram, which receives both their shares.
+    assert shares["bins:los"] == pytest.approx(0.2)
+    assert [c.key for c in compiled.components].count("bins:los") == 1
+    # The mean and the variance share the row count and the sum.
+    assert compiled.users("sum:los") == ["mean", "var"]
+    assert sum(shares.values()) == pytest.approx(0.4)
+    assert "bins:los" in compiled.describe() and "median, p90" in compiled.describe()
+
+
+def test_variance_spends_most_where_its_noise_comes_from() -> None:
+    query = Query(view="visits", rho=1.0, measures=(Measure(Statistic.VARIANCE, "v", column="los"),))
+    shares = plan.compile_query(query, CUSTOM).rho_shares()
+    # rho_k ~ g_k D_k: D_ss = 3 * 900, g_s D_s = 2 * 15 * 3 * 30, g_n D_n = 15^2 * 3.
+    weights = {"sumsq:los": 2700.0, "sum:los": 2700.0, "rows:los": 675.0}
+    total = sum(weights.values())
+    for key, w in weights.items():
+        assert shares[key] == pytest.approx(w / total)
 
 
 def test_describe_mentions_every_component(catalog: Catalog) -> None:
@@ -253,7 +314,7 @@ def test_describe_mentions_every_component(catalog: Catalog) -> None:
     text = compiled.describe()
     assert "persons" in text
     assert "sex" in text
-    assert "count:persons" in text
+    assert "rho 0.1 (100%) for count" in text
 
 
 @pytest.mark.parametrize("statistic", [Statistic.MEAN, Statistic.VARIANCE, Statistic.STDDEV])
@@ -263,8 +324,8 @@ def test_describe_works_for_derived_statistics(statistic: Statistic) -> None:
     # describe() (and hence Explain) raises TypeError. Test c.lower/c.upper, not c.column.
     query = Query(view="visits", rho=0.1, measures=(Measure(statistic, "m", column="los"),))
     text = plan.compile_query(query, CUSTOM).describe()
-    assert "m:rows" in text
-    assert "m:sum" in text
+    assert "rows:los" in text
+    assert "sum:los" in text
 
 
 # ---- sensitivity -----------------------------------------------------------------------------
@@ -291,8 +352,18 @@ def test_person_counts_over_row_level_groups() -> None:
 
 
 def test_each_measure_has_its_own_sensitivity() -> None:
-    three = Query(view="visits", rho=0.1, measures=counts("m0", "m1", "m2"))
-    assert [c.sensitivity for c in plan.compile_query(three, CUSTOM).components] == [1.0] * 3
+    three = Query(
+        view="visits",
+        rho=0.1,
+        group_by=("setting",),
+        measures=(
+            Measure(Statistic.COUNT, "m0"),
+            Measure(Statistic.COUNT_ROWS, "m1"),
+            Measure(Statistic.SUM, "m2", column="los"),
+        ),
+    )
+    sensitivities = [c.sensitivity for c in plan.compile_query(three, CUSTOM).components]
+    assert sensitivities == [pytest.approx(math.sqrt(3)), 3.0, 3.0 * 30]
 
 
 def test_row_counts_and_sums_scale_with_rows_per_person() -> None:
@@ -349,7 +420,7 @@ def con() -> Iterator[duckdb.DuckDBPyConnection]:
 
 def test_sql_counts_persons_by_group(catalog: Catalog, con: duckdb.DuckDBPyConnection) -> None:
     compiled = plan.compile_query(q(group_by=("sex", "age_band")), catalog)
-    values = exact(compiled, con)["count:persons"]
+    values = exact(compiled, con)["persons"]
     got = dict(zip(compiled.domain, values, strict=True))
     expected: Counter[tuple[str, ...]] = Counter((r[1], r[2]) for r in PERSON_ROWS)
     assert got == {g: expected.get(g, 0) for g in compiled.domain}
@@ -362,7 +433,7 @@ def test_sql_applies_filters(catalog: Catalog, con: duckdb.DuckDBPyConnection) -
         catalog,
     )
     assert compiled.domain == (("female",),)
-    assert exact(compiled, con) == {"count:persons": [3]}  # persons 1, 5 and 7
+    assert exact(compiled, con) == {"persons": [3]}  # persons 1, 5 and 7
 
 
 def test_sql_without_group_by_counts_everyone(
@@ -371,7 +442,7 @@ def test_sql_without_group_by_counts_everyone(
     compiled = plan.compile_query(
         Query(view="persons", rho=0.1, measures=counts("n", "count")), catalog
     )
-    assert exact(compiled, con) == {"n:persons": [7], "count:persons": [7]}
+    assert exact(compiled, con) == {"persons": [7]}
 
 
 VISIT_ROWS = [
@@ -400,7 +471,7 @@ def visits_con() -> Iterator[duckdb.DuckDBPyConnection]:
 def test_sql_counts_distinct_persons(visits_con: duckdb.DuckDBPyConnection) -> None:
     compiled = plan.compile_query(q("visits", group_by=("setting",)), CUSTOM)
     # inpatient: persons 1 and 2; outpatient: 3 and 4; emergency: 1.
-    assert exact(compiled, visits_con) == {"count:persons": [2, 2, 1]}
+    assert exact(compiled, visits_con) == {"persons": [2, 2, 1]}
 
 
 def test_sql_quotes_literals(visits_con: duckdb.DuckDBPyConnection) -> None:
@@ -409,7 +480,7 @@ def test_sql_quotes_literals(visits_con: duckdb.DuckDBPyConnection) -> None:
         CUSTOM,
     )
     assert quoted.domain == (("it's",), ('say "hi"',), ("a\\b",))
-    assert exact(quoted, visits_con) == {"count:persons": [1, 1, 1]}
+    assert exact(quoted, visits_con) == {"persons": [1, 1, 1]}
 
 
 def test_sql_rows_sums_and_bins(visits_con: duckdb.DuckDBPyConnection) -> None:
@@ -420,18 +491,18 @@ def test_sql_rows_sums_and_bins(visits_con: duckdb.DuckDBPyConnection) -> None:
         measures=(
             Measure(Statistic.COUNT_ROWS, "rows"),
             Measure(Statistic.SUM, "cost", column="cost"),
-            Measure(Statistic.MEAN, "mean_los", column="los"),
+            Measure(Statistic.VARIANCE, "var_los", column="los"),
             Measure(Statistic.HISTOGRAM, "los_hist", column="los"),
         ),
     )
     compiled = plan.compile_query(query, CUSTOM)
     got = exact(compiled, visits_con)
-    assert got["rows:rows"] == [4, 2]  # female, male
-    assert got["cost:sum"] == [100 + 5000 + 0 + 7, 250]  # clamped at 5000; NULL ignored
-    assert got["mean_los:rows"] == [4, 1]  # rows with a value
-    assert got["mean_los:sum"] == [3 + 30 + 0 + 1, 30]
-    assert got["mean_los:sumsq"] == [9 + 900 + 0 + 1, 900]
-    hist = got["los_hist:bins"]
+    assert got["rows"] == [4, 2]  # female, male
+    assert got["sum:cost"] == [100 + 5000 + 0 + 7, 250]  # clamped at 5000; NULL ignored
+    assert got["rows:los"] == [4, 1]  # rows with a value
+    assert got["sum:los"] == [3 + 30 + 0 + 1, 30]
+    assert got["sumsq:los"] == [9 + 900 + 0 + 1, 900]
+    hist = got["bins:los"]
     assert len(hist) == 2 * 31
     female, male = hist[:31], hist[31:]
     assert {i: v for i, v in enumerate(female) if v} == {0: 1, 1: 1, 3: 1, 30: 1}
@@ -454,7 +525,7 @@ def test_sql_quotes_identifiers() -> None:
     con = duckdb.connect(":memory:")
     con.execute('CREATE TABLE "select" ("person_id" BIGINT, "group" VARCHAR)')
     con.execute("""INSERT INTO "select" VALUES (1, 'x'), (2, 'x'), (3, 'y')""")
-    assert exact(compiled, con) == {"from:persons": [2, 1]}
+    assert exact(compiled, con) == {"persons": [2, 1]}
     con.close()
 
 
@@ -526,3 +597,20 @@ def test_removing_one_person_moves_each_component_by_at_most_its_sensitivity(
         a, b = full[c.key], without[c.key]
         l2 = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)))
         assert l2 <= c.sensitivity + 1e-9, c.key
+
+
+def test_nulls_stay_out_of_clamped_sums(visits_con: duckdb.DuckDBPyConnection) -> None:
+    """A NULL is not a value: clamping must not turn it into the lower bound and sum it."""
+    query = Query(
+        view="visits",
+        rho=0.1,
+        group_by=("sex",),
+        measures=(
+            Measure(Statistic.SUM, "cost", column="cost", clamp=(50, 5000)),
+            Measure(Statistic.MEAN, "mean_cost", column="cost", clamp=(50, 5000)),
+        ),
+    )
+    got = exact(plan.compile_query(query, CUSTOM), visits_con)
+    # male: person 2's 250 and person 3's NULL (which used to be summed as 50).
+    assert got["sum:cost@50.0,5000.0"] == [100 + 5000 + 50 + 50, 250]
+    assert got["rows:cost"] == [4, 1]
