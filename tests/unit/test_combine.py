@@ -173,7 +173,9 @@ def test_each_measure_uses_its_own_variance() -> None:
     )
 
     def release(a: list[float], b: list[float], var_a: float, var_b: float) -> NodeRelease:
-        cells: list[Cell] = [((s,), "persons", v) for s, v in zip(("female", "male"), a)]
+        cells: list[Cell] = [
+            ((s,), "persons", v) for s, v in zip(("female", "male"), a, strict=True)
+        ]
         cells += [((s,), "rows", v) for s, v in zip(("female", "male"), b, strict=True)]
         return node_release(["sex"], cells, {"persons": var_a, "rows": var_b})
 

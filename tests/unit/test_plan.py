@@ -191,7 +191,7 @@ def test_the_cell_limit_counts_every_measure() -> None:
 def test_the_cell_limit_is_checked_before_any_sql_is_built(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def no_sql(*args: object) -> str:
+    def no_sql(*_: object) -> str:
         raise AssertionError("SQL was built for a query over the cell limit")
 
     monkeypatch.setattr(plan, "_scalar_sql", no_sql)
@@ -296,11 +296,14 @@ def test_a_shared_component_gets_what_each_of_its_measures_gives_it() -> None:
     # The mean and the variance share the row count and the sum.
     assert compiled.users("sum:los") == ["mean", "var"]
     assert sum(shares.values()) == pytest.approx(0.4)
-    assert "bins:los" in compiled.describe() and "median, p90" in compiled.describe()
+    text = compiled.describe()
+    assert "bins:los" in text
+    assert "median, p90" in text
 
 
 def test_variance_spends_most_where_its_noise_comes_from() -> None:
-    query = Query(view="visits", rho=1.0, measures=(Measure(Statistic.VARIANCE, "v", column="los"),))
+    variance = Measure(Statistic.VARIANCE, "v", column="los")
+    query = Query(view="visits", rho=1.0, measures=(variance,))
     shares = plan.compile_query(query, CUSTOM).rho_shares()
     # rho_k ~ g_k D_k: D_ss = 3 * 900, g_s D_s = 2 * 15 * 3 * 30, g_n D_n = 15^2 * 3.
     weights = {"sumsq:los": 2700.0, "sum:los": 2700.0, "rows:los": 675.0}
