@@ -13,6 +13,7 @@ whose catalogs differ are refused clearly rather than pooled wrongly.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -275,14 +276,14 @@ def combine(
     _check_same(query, layout, releases)
     per_region = [(region, _vectors(layout, _values(r), r)) for region, r in releases]
 
-    def emit(
-        region: str, group: tuple[str, ...], comps: Components | None, *, is_partial: bool
-    ) -> None:
-        withheld = comps is None
+    def emit(region: str, group: tuple[str, ...], comps: Components, *, is_partial: bool) -> None:
+        # A withheld cell keeps its rows (one per histogram bin too), so that the shape of an
+        # answer never depends on the data.
+        withheld = _withheld(comps)
         for m in query.measures:
-            found = [] if comps is None else figures(m, comps, z)
-            n = None if comps is None else sample_size(m, comps)
-            for f in found or [estimators.NONE]:
+            found = _blank(m, comps) if withheld else figures(m, comps, z)
+            n = None if withheld else sample_size(m, comps)
+            for f in found:
                 rows["region"].append(region)
                 for col, value in zip(query.group_by, group, strict=True):
                     rows[col].append(value)
@@ -302,7 +303,7 @@ def combine(
     for region, vectors in per_region:
         for group in layout.groups:
             comps = vectors[group]
-            emit(region, group, None if _withheld(comps) else comps, is_partial=False)
+            emit(region, group, comps, is_partial=False)
     for group in layout.groups:
         pooled: Components = {}
         missing = False
@@ -317,8 +318,19 @@ def combine(
                 else:
                     pooled[key].values = pooled[key].values + v.values
                     pooled[key].variance += v.variance
-        emit(POOLED, group, pooled or None, is_partial=partial or missing)
+        emit(POOLED, group, pooled or vectors[group], is_partial=partial or missing)
     return pa.table(rows, schema=schema)
+
+
+def _blank(m: Measure, comps: Components) -> list[Figure]:
+    """Empty figures of a withheld cell: one per bin for a histogram, else one."""
+    if m.statistic is not Statistic.HISTOGRAM:
+        return [estimators.NONE]
+    edges = comps[role_keys(m)["h"]].edges
+    return [
+        Figure(None, None, None, None, bin_lower=float(lo), bin_upper=float(hi))
+        for lo, hi in itertools.pairwise(edges.tolist())
+    ]
 
 
 def _withheld(comps: Components) -> bool:
