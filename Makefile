@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ledger $(LEDGER_ARGS)
 	$(BIN)/python -m bench.synth
 	$(BIN)/python -m bench.node_startup
+	$(BIN)/python -m bench.median
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
