@@ -7,7 +7,7 @@ import pytest
 
 from protocols.errors import ConfigError
 from queries import release
-from queries.combine import OUTPUT_SCHEMA_TAIL
+from queries.combine import OUTPUT_SCHEMA_TAIL, POOLED
 from queries.results import ReleaseRules
 
 SCHEMA = pa.schema([("region", pa.string()), ("sex", pa.string()), *OUTPUT_SCHEMA_TAIL])
@@ -40,7 +40,9 @@ def _apply(
     rows: list[dict[str, object]], rules: ReleaseRules | None = None
 ) -> list[dict[str, object]]:
     rules = rules or ReleaseRules()
-    return release.apply(pa.Table.from_pylist(rows, schema=SCHEMA), rules, ("sex",)).to_pylist()
+    table = release.apply(pa.Table.from_pylist(rows, schema=SCHEMA), rules, ("sex",))
+    out: list[dict[str, object]] = table.to_pylist()
+    return out
 
 
 def test_counts_below_eight_are_suppressed_and_others_rounded_to_five() -> None:
@@ -101,3 +103,43 @@ def test_rules_can_be_relaxed_or_tightened() -> None:
     assert strict == ReleaseRules(10, 10)
     with pytest.raises(ConfigError):
         ReleaseRules(round_to=0)
+
+
+def _published(out: list[dict[str, object]], measure: str, skip: str) -> list[float]:
+    """The published estimates of one measure in the regions other than `skip`."""
+    return [
+        float(str(r["estimate"]))
+        for r in out
+        if r["measure"] == measure and r["region"] not in (POOLED, skip) and not r["suppressed"]
+    ]
+
+
+def test_a_suppressed_count_is_not_recovered_as_pooled_minus_the_other_regions() -> None:
+    counts = {"a": 3.0, "b": 40.0, "c": 52.0, "d": 61.0}
+    rows = [_row(region, "f", "n", "count", v) for region, v in counts.items()]
+    rows.append(_row(POOLED, "f", "n", "count", sum(counts.values())))
+    # Without rounding, as a hub with round_to = 1 publishes: the subtraction would be exact.
+    out = _apply(rows, ReleaseRules(suppress_below=8, round_to=1))
+    by = {r["region"]: r for r in out}
+    assert by["a"]["suppressed"]
+    pooled = float(str(by[POOLED]["estimate"]))
+    assert pooled - sum(_published(out, "n", "a")) != counts["a"]
+    # The smallest other region is suppressed with it; only their total (43) is derivable.
+    assert by["b"]["suppressed"]
+    assert pooled - sum(_published(out, "n", "a")) == counts["a"] + counts["b"]
+
+
+def test_a_suppressed_sum_is_not_recovered_under_the_default_rules() -> None:
+    # Sums are not rounded, so even the default rules would let pooled minus others recover it.
+    sums = {"a": 17.0, "b": 410.0, "c": 523.0}
+    counts = {"a": 2.0, "b": 40.0, "c": 52.0}
+    rows = [_row(region, "f", "n", "count", v) for region, v in counts.items()]
+    rows += [_row(region, "f", "days", "sum", v) for region, v in sums.items()]
+    rows.append(_row(POOLED, "f", "n", "count", sum(counts.values())))
+    rows.append(_row(POOLED, "f", "days", "sum", sum(sums.values())))
+    out = _apply(rows)
+    pooled = next(r for r in out if r["region"] == POOLED and r["measure"] == "days")
+    assert not pooled["suppressed"]
+    derived = float(str(pooled["estimate"])) - sum(_published(out, "days", "a"))
+    assert derived != sums["a"]
+    assert derived == sums["a"] + sums["b"]
