@@ -53,7 +53,6 @@ def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") ->
                 "rho_spent": o.rho_charged,
                 "rho_spent_total": o.budget.rho_spent if o.budget else None,
                 "rho_remaining": o.budget.rho_remaining if o.budget else None,
-                "latency_ms": round(o.latency_ms, 2),
             }
             for o in result.nodes
         ],
@@ -161,10 +160,10 @@ def print_result(
 
 
 def print_nodes(console: Console, result: FederatedResult) -> None:
-    """Each node's status and the privacy budget it spent."""
+    """Each node's status and the privacy budget it spent (no latency: it is not released)."""
     table = Table(title="Nodes", title_justify="left")
-    for col in ("Node", "Status", "rho spent", "rho used / total", "ms", "Note"):
-        table.add_column(col, justify="right" if col in {"rho spent", "ms"} else "left")
+    for col in ("Node", "Status", "rho spent", "rho used / total", "Note"):
+        table.add_column(col, justify="right" if col == "rho spent" else "left")
     for o in result.nodes:
         colour = "green" if o.status is NodeStatus.OK else "red"
         used = f"{o.budget.rho_spent:.4g} / {o.budget.rho_total:.4g}" if o.budget else "-"
@@ -173,7 +172,6 @@ def print_nodes(console: Console, result: FederatedResult) -> None:
             f"[{colour}]{o.status.value}[/]",
             f"{o.rho_charged:.4g}",
             used,
-            f"{o.latency_ms:.0f}",
             o.message,
         )
     console.print(table)

@@ -86,13 +86,7 @@ class HubService(hub_pb2_grpc.HubServicer):
             return handle.stub.Execute.future(node_request, timeout=timeout)
 
         replies = fan_out(self.registry.handles, start, deadline_s=deadline_s)
-        result = _combine(query, replies, self.rules)
-        log.info(
-            "query %s from %s: %s",
-            result.query_id,
-            request.envelope.analyst,
-            ", ".join(f"{o.node}={o.status.value}" for o in result.nodes),
-        )
+        result = _combine(query, replies, self.rules, analyst=request.envelope.analyst)
         return serde.result_to_proto(result)
 
     @guarded
@@ -146,14 +140,20 @@ class HubService(hub_pb2_grpc.HubServicer):
 
 
 def _combine(
-    query: spec.Query, replies: list[Reply[object]], rules: ReleaseRules
+    query: spec.Query, replies: list[Reply[object]], rules: ReleaseRules, *, analyst: str = ""
 ) -> FederatedResult:
+    """Combine the releases for the analyst; each node's latency is logged, never returned.
+
+    A node's latency is mostly its exact DuckDB run time, which depends on its data and has no
+    noise on it, so analysts get 0 and only the hub's operator sees the real figure.
+    """
     releases: list[tuple[str, NodeRelease]] = []
     outcomes: list[NodeOutcome] = []
     for r in replies:
         if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.ExecuteResponse):
             release = serde.release_from_proto(r.value)
             releases.append((r.node, release))
+            # No latency_ms in any outcome: it stays 0 (see above).
             outcomes.append(
                 NodeOutcome(
                     node=r.node,
@@ -161,18 +161,20 @@ def _combine(
                     rho_charged=release.rho_charged,
                     noise_variance=release.noise.variance,
                     budget=release.budget,
-                    latency_ms=r.latency_ms,
                     measures=release.measures,
                     node_query_id=release.query_id,
                     ledger_sequence=release.ledger_sequence,
                 )
             )
         else:
-            outcomes.append(
-                NodeOutcome(
-                    node=r.node, status=r.status, message=r.message, latency_ms=r.latency_ms
-                )
-            )
+            outcomes.append(NodeOutcome(node=r.node, status=r.status, message=r.message))
+    query_id = uuid.uuid4().hex
+    log.info(
+        "query %s from %s: %s",
+        query_id,
+        analyst,
+        ", ".join(f"{r.node}={r.status.value} in {r.latency_ms:.0f} ms" for r in replies),
+    )
     if not releases:
         codes = {r.code for r in replies}
         if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
@@ -186,7 +188,7 @@ def _combine(
             effective = effective.strictest(release.rules)
     table = combine.combine(query, releases, partial=partial)
     return FederatedResult(
-        query_id=uuid.uuid4().hex,
+        query_id=query_id,
         table=release_rules.apply(table, effective, query.group_by),
         nodes=tuple(outcomes),
         partial=partial,
