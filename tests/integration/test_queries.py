@@ -38,7 +38,7 @@ def test_sql_query_with_two_measures(federation: LocalFederation) -> None:
         # Two measures share the query's rho; the node charges exactly that in total.
         assert spent - before[node] == pytest.approx(0.02, rel=1e-6)
     for o in result.nodes:
-        assert {m.measure for m in o.measures} == {"persons:persons", "rows:rows"}
+        assert {m.measure for m in o.measures} == {"persons", "rows"}
         assert sum(m.rho for m in o.measures) == pytest.approx(0.02, rel=1e-6)
 
 
