@@ -338,3 +338,24 @@ def test_replay_after_a_node_restart(fed: LocalFederation) -> None:
     assert err.code() is grpc.StatusCode.UNAUTHENTICATED
     assert "already used" in (err.details() or "")
     assert _spent(fed) == before
+
+
+def test_calling_a_node_directly_bypasses_no_disclosure_rule(fed: LocalFederation) -> None:
+    """Suppression and rounding used to run only at the hub; a node now applies its own.
+
+    By sex x age band x deceased, a 4,000-person region has many cells with a handful of
+    persons; straight from the node, each cell is either withheld (null) or a multiple of 5
+    of at least 8 (the demo node's [release] rules: suppress below 8, round to 5).
+    """
+    query = Query(view="persons", rho=0.5, group_by=("sex", "age_band", "deceased"))
+    envelope = serde.signed_query_to_proto(_signed(fed, query))
+    reply = _node_stub(fed, _analyst(fed)).Execute(
+        node_pb2.ExecuteRequest(envelope=envelope), timeout=10
+    )
+    release = serde.release_from_proto(reply)
+    values = release.table.column("value").to_pylist()
+    assert release.rules is not None
+    assert None in values  # small cells exist and are withheld
+    shown = [v for v in values if v is not None]
+    assert shown
+    assert all(v >= 8 and v % 5 == 0 for v in shown), shown

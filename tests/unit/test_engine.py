@@ -17,7 +17,7 @@ import pytest
 
 from node import engine
 from queries import combine, plan
-from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo
+from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Filter, Measure, Query, Statistic
 
@@ -210,3 +210,28 @@ def test_pooled_statistics_from_exact_components_equal_the_pooled_truth() -> Non
     assert pooled["los_per_stay"]["estimate"] == pytest.approx(sum(los) / len(rows))
     for r in pooled.values():
         assert r["ci_low"] <= r["estimate"] <= r["ci_high"]
+
+
+def test_the_node_withholds_small_cells_and_rounds_counts() -> None:
+    """The node's own [release] rules, on noisy values: small groups withheld whole, counts
+    rounded (exactly, even beyond 2^53), sums left as they are, bins not withheld one by one."""
+    query = Query(
+        view="stays",
+        rho=1.0,
+        group_by=("sex",),
+        measures=(
+            Measure(Statistic.COUNT, "n"),
+            Measure(Statistic.SUM, "s", column="los"),
+            Measure(Statistic.HISTOGRAM, "h", column="los", bins=3),
+        ),
+    )
+    compiled = plan.compile_query(query, CATALOG)
+    big = 2**60 + 3
+    noisy = {"persons": (5, big), "sum:los": (41, 43), "bins:los/3": (1, 2, 1, 2, 50, 3)}
+    shown = engine.withhold_small_cells(compiled, noisy, ReleaseRules(suppress_below=8, round_to=5))
+    # 5 < 8: female withheld; 2^60 + 3 = ...979 rounds to ...980, which floats cannot hold.
+    assert shown["persons"] == [None, 1_152_921_504_606_846_980]
+    assert shown["sum:los"] == [None, 43]
+    assert shown["bins:los/3"] == [None, None, None, 0, 50, 5]
+    none = engine.withhold_small_cells(compiled, noisy, ReleaseRules(suppress_below=0, round_to=1))
+    assert none == {k: list(v) for k, v in noisy.items()}
