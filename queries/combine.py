@@ -189,7 +189,12 @@ def figures(m: Measure, c: Components, z: float = Z95) -> list[Figure]:
         ]
     if stat is Statistic.QUANTILE:
         h = c[keys["h"]]
-        return [estimators.quantile(h.values, h.variance, h.edges, m.quantile or 0.5, z)]
+        # A grid of one bin per whole value ends one past the column's upper bound.
+        discrete = h.upper is not None and float(h.edges[-1]) > h.upper
+        quantile = m.quantile or 0.5
+        return [
+            estimators.quantile(h.values, h.variance, h.edges, quantile, discrete=discrete, z=z)
+        ]
     if stat is Statistic.HISTOGRAM:
         h = c[keys["h"]]
         out = []

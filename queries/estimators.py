@@ -33,8 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 
 Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
-# Points per bin at which a continuous quantile's interval is searched.
-_SUBSTEPS = 16
 
 
 @dataclass(frozen=True)
@@ -132,13 +130,6 @@ def variance(
     return Figure(math.sqrt(est), (root_hi - root_lo) / (2 * z), root_lo, root_hi, True)
 
 
-def is_unit_grid(edges: np.ndarray) -> bool:
-    """True for one bin per whole value ([v, v + 1) holds v): quantiles are values, not
-    interpolated."""
-    widths = np.diff(edges)
-    return bool(np.all(widths == 1.0) and np.all(np.floor(edges) == edges))
-
-
 def _isotonic(y: np.ndarray) -> np.ndarray:
     """Least-squares non-decreasing fit (pool adjacent violators).
 
@@ -158,9 +149,19 @@ def _isotonic(y: np.ndarray) -> np.ndarray:
 
 
 def quantile(
-    counts: np.ndarray, bin_variance: float, edges: np.ndarray, q: float, z: float = Z95
+    counts: np.ndarray,
+    bin_variance: float,
+    edges: np.ndarray,
+    q: float,
+    *,
+    discrete: bool,
+    z: float = Z95,
 ) -> Figure:
-    """The q-quantile of a noisy histogram over a public grid (see the module docstring)."""
+    """The q-quantile of a noisy histogram over a public grid (see the module docstring).
+
+    `discrete`: one bin per whole value ([v, v + 1) holds v), so the quantile is a value;
+    otherwise the grid is continuous and the quantile is interpolated within its bin.
+    """
     bins = counts.size
     n = float(counts.sum())
     if n < 1:
@@ -171,7 +172,6 @@ def quantile(
     fitted = np.clip(_isotonic(cumulative), 0.0, n)
     rank = q * n
     j = min(int(np.searchsorted(fitted, rank, side="left")), bins - 1)
-    discrete = is_unit_grid(edges)
     if discrete:
         est = float(edges[j])
     else:
@@ -180,42 +180,21 @@ def quantile(
         frac = 0.0 if step <= 0 else min(max((rank - below) / step, 0.0), 1.0)
         est = float(edges[j] + frac * (edges[j + 1] - edges[j]))
     index = np.arange(bins, dtype=np.float64)
+    # The true quantile lies in bin j iff C_{j-1} < q N <= C_j (exact counts). Keep bin j
+    # unless one of two one-sided tests (each at 2.5%) on the raw noisy cumulative counts
+    # rejects that: the true bin is kept with probability at least 95%. The noise variance of
+    # C_j - q N (noisy total) is sigma^2 ((1 - q)^2 (j + 1) + q^2 (bins - 1 - j)).
+    d = cumulative - rank
+    sd = np.sqrt(sigma2 * ((1 - q) ** 2 * (index + 1) + q * q * (bins - 1 - index)))
+    d_prev = np.concatenate(([-rank], d[:-1]))
+    sd_prev = np.concatenate(([math.sqrt(sigma2 * q * q * bins)], sd[:-1]))
+    kept = np.flatnonzero((d >= -z * sd) & (d_prev <= z * sd_prev))
+    first, last = (int(kept[0]), int(kept[-1])) if kept.size else (j, j)
     if discrete:
-        # Value v_j is the quantile iff C_{j-1} < q N <= C_j. Keep v_j unless one of the two
-        # one-sided tests (each at 2.5%) rejects: coverage is at least 95%, more on atoms.
-        d = cumulative - q * n
-        sd = np.sqrt(sigma2 * ((1 - q) ** 2 * (index + 1) + q * q * (bins - 1 - index)))
-        d_prev = np.concatenate(([-q * n], d[:-1]))
-        sd_prev = np.concatenate(([math.sqrt(sigma2 * q * q * bins)], sd[:-1]))
-        keep = (d >= -z * sd) & (d_prev <= z * sd_prev)
-        points = edges[:-1]
+        ci_lo, ci_hi, top = float(edges[first]), float(edges[last]), float(edges[-2])
     else:
-        # On a continuous grid the cumulative count is linear within a bin, so search the
-        # points x = e_j + f w_j; D(x) = C_{j-1} + f h_j - q N has variance
-        # sigma^2 ((1-q)^2 j + (f-q)^2 + q^2 (bins-1-j)).
-        f = np.linspace(0.0, 1.0, _SUBSTEPS + 1)
-        before = np.concatenate(([0.0], cumulative[:-1]))
-        d = before[:, None] + f[None, :] * counts[:, None] - q * n
-        var = sigma2 * (
-            (1 - q) ** 2 * index[:, None]
-            + (f[None, :] - q) ** 2
-            + q * q * (bins - 1 - index)[:, None]
-        )
-        keep = np.abs(d) <= z * np.sqrt(var)
-        widths = np.diff(edges)
-        points = edges[:-1, None] + f[None, :] * widths[:, None]
-        # Widen by one search step on each side so that the grid never trims coverage.
-        keep = keep.ravel()
-        points = points.ravel()
-    if not keep.any():
-        # Every point was rejected (a rare draw); the closest to the rank stands alone.
-        ci_lo = ci_hi = est
-    else:
-        chosen = points[keep]
-        ci_lo, ci_hi = float(chosen.min()), float(chosen.max())
-        if not discrete:
-            step = float(np.max(np.diff(edges))) / _SUBSTEPS
-            ci_lo, ci_hi = max(lo_edge, ci_lo - step), min(hi_edge, ci_hi + step)
-    top = float(edges[-2]) if discrete else hi_edge
+        # The interval is the whole of the plausible bins: it covers the exact quantile of the
+        # data, wherever it lies inside its bin, not only the grid's interpolation of it.
+        ci_lo, ci_hi, top = float(edges[first]), float(edges[last + 1]), hi_edge
     ci_lo, ci_hi = min(ci_lo, est), max(ci_hi, est)
     return Figure(_clip(est, lo_edge, top), (ci_hi - ci_lo) / (2 * z), ci_lo, min(ci_hi, top), True)
