@@ -30,12 +30,20 @@ Which decision counts (DOMAIN.md section 3; the ages are configurable in node.to
 
 A person excluded here has no rows in any base table, so no view, and no aggregate, can
 depend on them (tests/unit/test_consent.py proves it view by view). The register must be
-readable and valid, or the node refuses to start: it fails closed, never open.
+readable and valid, or the node refuses to start: it fails closed, never open. person_id is
+read exactly (digits only, within BIGINT), never through a floating-point or lenient cast
+that could move a decision to another person. A running node re-reads the registers when
+they change (register_states here, the rebuild in node/store.py).
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import hashlib
+import time
 import tomllib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -50,6 +58,7 @@ from protocols.errors import ConfigError
 DECISIONS_TABLE: Final = "consent_decisions"
 EXCLUDED_TABLE: Final = "consent_excluded"
 
+_SOURCES: Final = ("ndoo", "local")
 _OUT: Final = ("opt_out", "optout", "opt-out", "dissent", "out")
 _IN: Final = ("opt_in", "optin", "opt-in", "consent", "in")
 _PARENT: Final = ("parent", "guardian", "parent_or_guardian", "proxy")
@@ -88,6 +97,60 @@ class ConsentPolicy:
     def active(self) -> bool:
         """True if anything can exclude a person."""
         return bool(self.registers) or self.children_need_consent
+
+
+@dataclass(frozen=True)
+class RegisterState:
+    """A register file as found on disk: enough to tell cheaply whether it has changed."""
+
+    path: Path
+    stat: tuple[int, ...] | None  # device, inode, size, mtime and ctime in ns; None if absent
+    digest: str | None  # SHA-256 of the content; None if absent or unreadable
+    settled: bool  # last modified long enough before it was hashed to trust the stat
+
+    @property
+    def content(self) -> tuple[Path, bool, str | None]:
+        """What the node would read: the path, whether the file exists, and its hash."""
+        return self.path, self.stat is not None, self.digest
+
+
+# Filesystem timestamps are coarse (4 ms on ext4, 1-2 s on some), so a rewrite of the same
+# size within one tick of the last hash keeps the stat: such a file is hashed again next time.
+_SETTLE_NS: Final = 2_000_000_000
+
+
+def _digest(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def register_states(
+    paths: Sequence[Path], previous: Sequence[RegisterState] = ()
+) -> tuple[RegisterState, ...]:
+    """Stat every register, hashing its content only if the stat changed or was unsettled."""
+    before = {s.path: s for s in previous}
+    states = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            states.append(RegisterState(path, None, None, settled=True))
+            continue
+        stat = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        old = before.get(path)
+        if old is not None and old.stat == stat and old.settled:
+            states.append(old)
+            continue
+        now = time.time_ns()  # before reading: a later write shows in the stat
+        settled = now - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLE_NS
+        states.append(RegisterState(path, stat, _digest(path), settled))
+    return tuple(states)
 
 
 def parse_consent(raw: object, base: Path, source: str) -> ConsentPolicy:
@@ -146,10 +209,10 @@ def _toml_str(value: str) -> str:
 
 
 def _relation(path: Path) -> str | None:
-    lower = path.name.lower()
-    if lower.endswith(".parquet"):
+    kind = _relation_kind(path)
+    if kind == "parquet":
         return f"read_parquet({sql_string(str(path.resolve()))})"
-    if lower.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
+    if kind == "csv":
         return f"read_csv({sql_string(str(path.resolve()))}, header = true, all_varchar = true)"
     return None
 
@@ -166,6 +229,135 @@ def _in(values: tuple[str, ...]) -> str:
     return "(" + ", ".join(sql_string(v) for v in values) + ")"
 
 
+def _not_in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} NOT IN {_in(values)}"
+
+
+# A person_id is written as digits, with an optional sign and surrounding blanks; DuckDB's own
+# casts would also take '12.6' (as 13), '1e3', '0x1F' and '1_000', and DOUBLE rounds ids
+# above 2^53, so an opt-out could land on a neighbour. The node reads person_id as BIGINT.
+_ID_DIGITS: Final = r"^\s*([+-]?[0-9]+)\s*$"
+ID_MIN: Final = -(2**63)
+ID_MAX: Final = 2**63 - 1
+_FLOAT_TYPES: Final = ("FLOAT", "DOUBLE", "REAL", "FLOAT4", "FLOAT8")
+SHOWN_ROWS: Final = 5  # rows (and values) a finding lists; its count says how many in all
+
+
+def _person_id(column: str) -> str:
+    """SQL columns id_text, id_whole and person_id: the id exactly, or NULL."""
+    text = f"CAST({sql_ident(column)} AS VARCHAR)"
+    digits = f"regexp_extract(coalesce({text}, ''), {sql_string(_ID_DIGITS)}, 1)"
+    # HUGEINT holds any 38-digit number exactly; longer digit strings are out of range too.
+    huge = f"TRY_CAST(nullif({digits}, '') AS HUGEINT)"
+    return (
+        f"{text} AS id_text, {digits} <> '' AS id_whole, "
+        f"CASE WHEN {huge} BETWEEN {ID_MIN} AND {ID_MAX} THEN CAST({huge} AS BIGINT) END "
+        "AS person_id"
+    )
+
+
+def _csv_lines(
+    con: duckdb.DuckDBPyConnection, path: Path, rows: int, ids: dict[int, str | None]
+) -> dict[int, int] | None:
+    """File line numbers of the given data rows (0-based, as DuckDB read them), or None.
+
+    DuckDB skips blank lines and lets quoted fields span lines, so the line is found by
+    reading the file again with the dialect DuckDB sniffed. The answer is used only if it
+    agrees with DuckDB: the same number of rows, and the same person_id text on every row
+    asked about; otherwise the report gives data-row numbers instead.
+    """
+    try:
+        sniffed = con.execute(
+            "SELECT Delimiter, Quote, Escape, SkipRows "  # noqa: S608 - quoted path
+            f"FROM sniff_csv({sql_string(str(path.resolve()))}, header = true)"
+        ).fetchall()[0]
+    except duckdb.Error:
+        return None
+    delimiter, quote, escape, skip = (str(v) for v in sniffed)
+    quoting = quote != "(empty)"
+    if len(delimiter) != 1 or (quoting and len(quote) != 1):
+        return None
+    doubled = escape in ("(empty)", quote)
+    found: dict[int, int] = {}
+    row = -1
+    try:
+        reader = csv.reader(
+            _text_lines(path),
+            delimiter=delimiter,
+            quotechar=quote if quoting else None,
+            quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE,
+            doublequote=doubled,
+            escapechar=None if doubled else escape,
+            strict=False,
+        )
+        id_index: int | None = None
+        start = 1
+        for record in reader:
+            line, start = start, reader.line_num + 1  # the record's first line, the next's
+            if not record or line <= int(skip):
+                continue  # DuckDB skips blank lines
+            if id_index is None:
+                names = [n.strip().lower() for n in record]
+                if "person_id" not in names:
+                    return None
+                id_index = names.index("person_id")
+                continue
+            row += 1
+            if row in ids:
+                got = record[id_index] if id_index < len(record) else ""
+                if got != (ids[row] or ""):
+                    return None
+                found[row] = line
+    except (OSError, csv.Error, ValueError):
+        return None
+    return found if row + 1 == rows and len(found) == len(ids) else None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a text file, gzip-compressed or not."""
+    if path.name.lower().endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as f:
+            yield from f
+    else:
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
+            yield from f
+
+
+def _rows_detail(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    rows: int,
+    shown: list[tuple[int, str | None, str | None]],
+    more: int,
+) -> str:
+    """Where the rows are and what they hold: "lines 3 ('12.6'), 9 ('')" for a CSV file,
+    "data rows 2 ('12.6')" for Parquet."""
+    lines = (
+        _csv_lines(con, path, rows, {r: id_text for r, id_text, _ in shown})
+        if _relation_kind(path) == "csv"
+        else None
+    )
+    if lines is not None:
+        label, numbers = "line", [lines[r] for r, _, _ in shown]
+    else:
+        # Parquet (or a CSV the node could not map to lines): 1-based rows after the header.
+        label, numbers = "data row", [r + 1 for r, _, _ in shown]
+    parts = [
+        f"{n} ({'' if v is None else v!r})" for n, (_, _, v) in zip(numbers, shown, strict=True)
+    ]
+    plural = "s" if len(parts) > 1 else ""
+    return f"{label}{plural} {', '.join(parts)}" + (f" and {more:,} more" if more else "")
+
+
+def _relation_kind(path: Path) -> str | None:
+    lower = path.name.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
+        return "csv"
+    return None
+
+
 def _load_one(con: duckdb.DuckDBPyConnection, path: Path, index: int) -> list[Finding]:
     where = f"consent register {path}"
     if not path.is_file():
@@ -176,8 +368,16 @@ def _load_one(con: duckdb.DuckDBPyConnection, path: Path, index: int) -> list[Fi
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()  # noqa: S608
     except duckdb.Error as exc:
-        return [Finding(Level.ERROR, where, f"cannot read it: {str(exc).splitlines()[0]}")]
+        return [
+            Finding(
+                Level.ERROR,
+                where,
+                "cannot be read as CSV or Parquet; fix or replace the file (the node fails closed)",
+                detail=str(exc).strip().splitlines()[0] if str(exc).strip() else None,
+            )
+        ]
     columns = {str(r[0]).lower(): str(r[0]) for r in described}
+    types = {str(r[0]).lower(): str(r[1]).upper() for r in described}
     date_col = next(
         (columns[c] for c in ("date", "recorded_date", "decision_date") if c in columns), None
     )
@@ -189,13 +389,24 @@ def _load_one(con: duckdb.DuckDBPyConnection, path: Path, index: int) -> list[Fi
                 f"needs columns person_id and date; it has {sorted(columns)}",
             )
         ]
+    if types["person_id"] in _FLOAT_TYPES:
+        return [
+            Finding(
+                Level.ERROR,
+                where,
+                f"person_id is stored as {types['person_id']}, which rounds ids above 2^53 "
+                "to a neighbour; write it as an integer or text column (the node fails "
+                "closed)",
+            )
+        ]
     raw_date = f"CAST({sql_ident(date_col)} AS VARCHAR)"
     table = f"consent_raw_{index}"
+    # Row order is the file's (DuckDB preserves insertion order), so rowid numbers the rows.
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE {table} AS
-        SELECT TRY_CAST(TRY_CAST(CAST({sql_ident(columns["person_id"])} AS VARCHAR) AS DOUBLE)
-                        AS BIGINT) AS person_id,
+        SELECT {_person_id(columns["person_id"])},
+               {raw_date} AS date_text,
                coalesce(TRY_CAST({raw_date} AS DATE),
                         CAST(TRY_CAST({raw_date} AS TIMESTAMP) AS DATE),
                         CAST(try_strptime({raw_date}, '%d/%m/%Y') AS DATE)) AS date,
@@ -206,23 +417,62 @@ def _load_one(con: duckdb.DuckDBPyConnection, path: Path, index: int) -> list[Fi
         FROM {relation}
         """  # noqa: S608 - identifiers and paths are quoted
     )
-    checks = {
-        "person_id is missing or not a whole number": "person_id IS NULL",
-        "date is missing or not a date": "date IS NULL",
-        "source is not ndoo or local": "source NOT IN ('ndoo', 'local')",
-        f"decision is not one of {list(_OUT + _IN)}": f"decision NOT IN {_in(_OUT + _IN)}",
-        f"decided_by is not one of {list(_SELF + _PARENT)}": (
-            f"decided_by NOT IN {_in(_SELF + _PARENT)}"
+    fails = " (the node fails closed)"
+    # (what is wrong and what to do, the rows it applies to, the value to show)
+    checks = [
+        (
+            "person_id is missing or not a whole number (write digits only, e.g. 42; 42.0, "
+            "12.6 and 1e3 are refused: floating-point exports write them, and round ids "
+            f"above 2^53); correct or remove these rows{fails}",
+            "NOT id_whole",
+            "id_text",
         ),
-        "gillick_competent is not yes or no": f"gillick NOT IN {_in(_TRUE + _FALSE)}",
-    }
-    select = ", ".join(f"count(*) FILTER (WHERE {cond})" for cond in checks.values())
-    counts = con.execute(f"SELECT {select} FROM {table}").fetchall()[0]  # noqa: S608
-    return [
-        Finding(Level.ERROR, where, f"{what}; fix these rows (the node fails closed)", n)
-        for what, n in zip(checks, counts, strict=True)
-        if n
+        (
+            f"person_id is outside the range of OMOP person_ids ({ID_MIN} to {ID_MAX}); "
+            f"correct or remove these rows{fails}",
+            "id_whole AND person_id IS NULL",
+            "id_text",
+        ),
+        (
+            f"date is missing or not a date (ISO 8601 or DD/MM/YYYY); fix these rows{fails}",
+            "date IS NULL",
+            "date_text",
+        ),
+        (
+            f"source is not ndoo or local; fix these rows{fails}",
+            _not_in("source", _SOURCES),
+            "source",
+        ),
+        (
+            f"decision is not one of {list(_OUT + _IN)}; fix these rows{fails}",
+            _not_in("decision", _OUT + _IN),
+            "decision",
+        ),
+        (
+            f"decided_by is not one of {list(_SELF + _PARENT)}; fix these rows{fails}",
+            _not_in("decided_by", _SELF + _PARENT),
+            "decided_by",
+        ),
+        (
+            f"gillick_competent is not yes or no; fix these rows{fails}",
+            _not_in("gillick", _TRUE + _FALSE),
+            "gillick",
+        ),
     ]
+    select = ", ".join(f"count(*) FILTER (WHERE {cond})" for _, cond, _ in checks)
+    rows, *counts = con.execute(f"SELECT count(*), {select} FROM {table}").fetchall()[0]  # noqa: S608
+    findings = []
+    for (what, cond, value), n in zip(checks, counts, strict=True):
+        if not n:
+            continue
+        first = con.execute(
+            f"SELECT rowid, id_text, CAST({value} AS VARCHAR) FROM {table} "  # noqa: S608
+            f"WHERE {cond} ORDER BY rowid LIMIT {SHOWN_ROWS}"
+        ).fetchall()
+        shown = [(int(r[0]), r[1], r[2]) for r in first]
+        detail = _rows_detail(con, path, int(rows), shown, int(n) - len(shown))
+        findings.append(Finding(Level.ERROR, where, what, int(n), detail))
+    return findings
 
 
 def load_registers(con: duckdb.DuckDBPyConnection, policy: ConsentPolicy) -> list[Finding]:
@@ -234,7 +484,7 @@ def load_registers(con: duckdb.DuckDBPyConnection, policy: ConsentPolicy) -> lis
         return findings
     parts = [
         f"""
-        SELECT person_id, date, source,
+        SELECT {i} AS register, rowid AS row, person_id, date, source,
                CASE WHEN decision IN {_in(_OUT)} THEN 'out' ELSE 'in' END AS decision,
                CASE WHEN decided_by IN {_in(_PARENT)} THEN 'parent' ELSE 'self' END AS decided_by,
                gillick IN {_in(_TRUE)} AS gillick
@@ -246,14 +496,24 @@ def load_registers(con: duckdb.DuckDBPyConnection, policy: ConsentPolicy) -> lis
         " UNION ALL ".join(parts)
         if parts
         else (
-            "SELECT CAST(NULL AS BIGINT) AS person_id, CAST(NULL AS DATE) AS date, "
-            "'' AS source, '' AS decision, '' AS decided_by, false AS gillick WHERE false"
+            "SELECT 0 AS register, CAST(0 AS BIGINT) AS row, CAST(NULL AS BIGINT) AS person_id, "
+            "CAST(NULL AS DATE) AS date, '' AS source, '' AS decision, '' AS decided_by, "
+            "false AS gillick WHERE false"
         )
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE {DECISIONS_TABLE} AS {union}")
     for i in range(len(policy.registers)):
         con.execute(f"DROP TABLE consent_raw_{i}")
     return findings
+
+
+def check_registers(policy: ConsentPolicy) -> list[Finding]:
+    """Read and check the registers alone, on a connection of their own (milliseconds)."""
+    con = duckdb.connect(":memory:", config={"threads": 1})
+    try:
+        return load_registers(con, policy)
+    finally:
+        con.close()
 
 
 def apply_rules(
@@ -318,8 +578,6 @@ def apply_rules(
         f"""
         SELECT (SELECT count(*) FROM {EXCLUDED_TABLE}),
                (SELECT count(*) FROM consent_effective WHERE decision = 'out'),
-               (SELECT count(*) FROM {DECISIONS_TABLE} AS c
-                 WHERE c.person_id NOT IN (SELECT person_id FROM {persons})),
                (SELECT count(*) FROM {DECISIONS_TABLE})
         """  # noqa: S608 - constant SQL
     ).fetchall()[0]
@@ -327,7 +585,7 @@ def apply_rules(
         Finding(
             Level.NOTE,
             "consent",
-            f"{counts[3]:,} decisions read; {counts[1]:,} persons opted out"
+            f"{counts[2]:,} decisions read; {counts[1]:,} persons opted out"
             + (
                 f"; {counts[0] - counts[1]:,} more children excluded for want of consent"
                 if policy.children_need_consent
@@ -336,13 +594,32 @@ def apply_rules(
             + f"; {counts[0]:,} persons excluded from every view",
         )
     ]
-    if counts[2]:
+    # An id that matches nobody excludes nobody: usually a register of NHS numbers, or of
+    # another region, where this CDM's person_ids were meant. Said per file, with examples.
+    unmatched = con.execute(
+        f"""
+        WITH u AS (
+            SELECT register, person_id, min(row) AS first_row FROM {DECISIONS_TABLE}
+            WHERE person_id NOT IN (SELECT person_id FROM {persons})
+            GROUP BY register, person_id
+        )
+        SELECT register, count(*),
+               list_slice(list(person_id ORDER BY first_row), 1, {SHOWN_ROWS})
+        FROM u GROUP BY register ORDER BY register
+        """  # noqa: S608 - constant SQL
+    ).fetchall()
+    for register, n, examples in unmatched:
         findings.append(
             Finding(
-                Level.NOTE,
-                "consent",
-                "decisions about person_ids not in the person table (nothing to exclude)",
-                counts[2],
+                Level.WARNING,
+                f"consent register {policy.registers[register]}",
+                "person_ids that match no person in the person table: their decisions "
+                "exclude nobody; check that the register holds this CDM's person_ids (not "
+                "NHS numbers) and is this region's",
+                int(n),
+                "e.g. "
+                + ", ".join(str(e) for e in examples)
+                + (f" and {int(n) - len(examples):,} more" if int(n) > len(examples) else ""),
             )
         )
     con.execute("DROP TABLE consent_effective")

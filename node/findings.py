@@ -31,11 +31,15 @@ class Finding:
     where: str  # "person.year_of_birth", "visit_occurrence", "consent register", ...
     message: str  # what was found and what the node does about it
     count: int | None = None  # rows (or persons) affected, where that makes sense
+    # Which rows and which values (line numbers, example ids): derived from the data, so it
+    # goes into the custodian's report and log but never into a message sent over the wire.
+    detail: str | None = None
 
     def render(self) -> str:
-        """One line: level, where, how many, what."""
+        """One line: level, where, how many, what, and which rows."""
         many = f" [{self.count:,}]" if self.count is not None else ""
-        return f"{self.level.value.upper():7} {self.where}{many}: {self.message}"
+        detail = f"; {self.detail}" if self.detail else ""
+        return f"{self.level.value.upper():7} {self.where}{many}: {self.message}{detail}"
 
 
 @dataclass
