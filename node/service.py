@@ -268,7 +268,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         an exception's message could carry an exact value, so only its type is recorded.
         """
         try:
-            exact = engine.exact_values(compiled, self.store)
+            with self.store.snapshot() as views:
+                exact = engine.exact_values(compiled, views)
             noisy = {
                 r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
                 for r in releases

@@ -19,10 +19,11 @@ views would count persons who have opted out.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date
 from pathlib import Path
 
@@ -189,6 +190,20 @@ class OmopStore:
             current.users += 1
         try:
             return current.query(sql)
+        finally:
+            self._release(current)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[_Views]:
+        """One set of views for several statements, so that one release never mixes the
+        views from before and after a consent reload."""
+        with self._lock:
+            current = self._views
+            if current is None:
+                raise DataError(self._refusal or "the node's data store is closed")
+            current.users += 1
+        try:
+            yield current
         finally:
             self._release(current)
 
