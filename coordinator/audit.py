@@ -17,7 +17,6 @@ import base64
 import hashlib
 import json
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from google.protobuf.message import DecodeError
 
+from coordinator.audit_budget import BudgetChecks, PolicyNote, close, number
 from node.accounting import SignedEntry
+from node.budget_policy_log import POLICY_RECORD, cap_exceeded
 from node.ledger import (
     ENTRY_RECORD,
     FORMAT,
@@ -38,7 +39,6 @@ from node.ledger import (
     RELEASED,
     ZERO_HASH,
     canonical_json,
-    cap_exceeded,
     decode_body,
     default_key_path,
     entry_hash,
@@ -51,9 +51,8 @@ from node.ledger import (
     read_meta,
     signature_ok,
 )
-from node.policy import period_bounds
 from protocols import serde
-from protocols.errors import AuthenticationError, ChcError, ConfigError
+from protocols.errors import AuthenticationError, ChcError
 from protocols.security import CLOCK_SKEW_MS, Identity, secure_channel, verify_query
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.mechanisms import rho_to_epsilon
@@ -277,6 +276,8 @@ class Verification:
     rho_released: float = 0.0
     anomalies: list[Anomaly] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Every policy entry: the caps from then on, and any loosening with its override reason.
+    policies: list[PolicyNote] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -289,16 +290,6 @@ class Verification:
         out["ok"] = self.ok
         out["anomalies"] = [{"entry": a.entry, "problem": a.problem} for a in self.anomalies]
         return out
-
-
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
 
 
 class _Verifier:
@@ -315,8 +306,7 @@ class _Verifier:
         self.last_label: int | None = None
         self.last_time: datetime | None = None
         self.bad_signatures: list[int] = []
-        self.total: dict[str, float] = defaultdict(float)
-        self.by_analyst: dict[tuple[str, str], float] = defaultdict(float)
+        self.budget = BudgetChecks(self.flag)
         self.nonces: dict[bytes, int] = {}
 
     def flag(self, entry: int | None, problem: str) -> None:
@@ -338,7 +328,8 @@ class _Verifier:
             self.bad_signatures.append(label)
         if canonical_json(body) != item.body:
             self.flag(label, "its body is not in canonical form (it was re-encoded or edited)")
-        if body.get("record") != ENTRY_RECORD or body.get("format") != FORMAT:
+        record = body.get("record")
+        if record not in (ENTRY_RECORD, POLICY_RECORD) or body.get("format") != FORMAT:
             self.flag(label, f"is not a format-{FORMAT} ledger entry")
         if label != stored:
             self.flag(
@@ -380,7 +371,10 @@ class _Verifier:
             when = None
         if when is not None and self.last_time is not None and when < self.last_time:
             self.flag(label, f"its time is earlier than entry {self.last_label}'s")
-        if when is not None:
+        if when is not None and record == POLICY_RECORD:
+            self.budget.policy_entry_body(label, body)
+            self.last_time = when
+        elif when is not None:
             self._content(label, body, when)
             self.last_time = when
         self._advance(label, label, this_hash)
@@ -418,40 +412,22 @@ class _Verifier:
         if not isinstance(caps, dict) or not isinstance(spent, dict):
             self.flag(label, "it records no caps or spend")
             return
-        key = self._period(label, caps, when)
         analyst = str(body.get("analyst"))
+        key, per_query = self.budget.caps(label, analyst, caps, delta, when)
         if outcome == RELEASED:
             self.r.released += 1
             self.r.rho_released += rho
-            self._release(label, body, envelope, when, rho, epsilon, delta, caps)
-            self.total[key] += rho
-            self.by_analyst[key, analyst] += rho
-            self._totals(label, key, analyst, caps, spent)
+            self._release(label, body, envelope, when, rho, epsilon, delta, per_query)
+            self.budget.spend(label, analyst, when, rho, key, caps, spent)
         elif outcome == REFUSED:
             self.r.refused += 1
             if rho != 0 or epsilon != 0:
                 self.flag(label, f"a refusal must cost nothing but records rho {rho:g}")
             if not body.get("reason"):
                 self.flag(label, "a refusal without a reason")
-            self._totals(label, key, analyst, caps, spent)
+            self.budget.spend(label, analyst, when, 0.0, key, caps, spent)
         else:
             self.flag(label, f"unknown outcome {outcome!r}")
-
-    def _period(self, label: int, caps: dict[str, Any], when: datetime) -> str:
-        start, end = caps.get("period_start"), caps.get("period_end")
-        try:
-            want = period_bounds(str(caps.get("period")), when)
-        except ConfigError:
-            self.flag(label, f"unknown budget period {caps.get('period')!r}")
-            return str(start or "")
-        expected = tuple(d.isoformat() if d is not None else None for d in want)
-        if (start, end) != expected:
-            self.flag(
-                label,
-                f"its budget period {start} to {end} does not contain its time "
-                f"(a {caps.get('period')} period would be {expected[0]} to {expected[1]})",
-            )
-        return str(start or "")
 
     def _release(
         self,
@@ -462,16 +438,15 @@ class _Verifier:
         rho: float,
         epsilon: float,
         delta: float,
-        caps: dict[str, Any],
+        per_query: float | None,
     ) -> None:
         if not (math.isfinite(rho) and rho > 0):
             self.flag(label, f"a release must cost a positive rho, records {rho!r}")
             return
-        if 0 < delta < 1 and not _close(epsilon, rho_to_epsilon(rho, delta)):
+        if 0 < delta < 1 and not close(epsilon, rho_to_epsilon(rho, delta)):
             self.flag(
                 label, f"epsilon {epsilon:g} is not the equivalent of rho {rho:g} at {delta:g}"
             )
-        per_query = number(caps.get("max_rho_per_query"))
         if per_query is None or cap_exceeded(rho, per_query):
             self.flag(label, f"rho {rho:g} is above the per-query cap {per_query} in force")
         if envelope is None:
@@ -502,39 +477,6 @@ class _Verifier:
                     f"the analyst's signature in its envelope does not verify against the "
                     f"federation CA: {exc}",
                 )
-
-    def _totals(
-        self, label: int, key: str, analyst: str, caps: dict[str, Any], spent: dict[str, Any]
-    ) -> None:
-        total, mine = self.total[key], self.by_analyst[key, analyst]
-        total_cap, analyst_cap = number(caps.get("total_rho")), number(caps.get("analyst_rho"))
-        period = f"the period from {key}" if key else "the ledger"
-        if total_cap is None or cap_exceeded(total, total_cap):
-            self.flag(
-                label,
-                f"the node's spend in {period} reaches {total:.12g}, above the cap of "
-                f"{total_cap} in force",
-            )
-        if analyst_cap is not None and cap_exceeded(mine, analyst_cap):
-            self.flag(
-                label,
-                f"{analyst}'s spend in {period} reaches {mine:.12g}, above their cap of "
-                f"{analyst_cap:g} in force",
-            )
-        recorded_total, recorded_mine = (
-            number(spent.get("period_rho")),
-            number(spent.get("analyst_rho")),
-        )
-        if recorded_total is None or not _close(recorded_total, total):
-            self.flag(
-                label,
-                f"records a period spend of {recorded_total} but the ledger sums to {total:.12g}",
-            )
-        if recorded_mine is None or not _close(recorded_mine, mine):
-            self.flag(
-                label,
-                f"records {analyst}'s spend as {recorded_mine} but the ledger sums to {mine:.12g}",
-            )
 
     def head(self, item: SignedEntry | None) -> None:
         last = self.expected - 1
@@ -620,6 +562,7 @@ def verify(source: LedgerSource, *, ca_pem: bytes | None = None) -> Verification
             verifier.entry(item)
     verifier.head(head)
     verifier.finish()
+    result.policies = verifier.budget.notes
     return result
 
 
@@ -683,6 +626,7 @@ def export_jsonl(source: LedgerSource, out: TextIO) -> int:
 _PARQUET_SCHEMA = pa.schema(
     [
         ("sequence", pa.int64()),
+        ("record", pa.string()),  # chc.ledger.entry (a query) or chc.ledger.policy
         ("time", pa.string()),
         ("node", pa.string()),
         ("analyst", pa.string()),
@@ -718,6 +662,7 @@ def _parquet_row(e: SignedEntry) -> dict[str, Any]:
 
     return {
         "sequence": e.sequence,
+        "record": text("record"),
         "time": text("time"),
         "node": text("node"),
         "analyst": text("analyst"),

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator import audit, audit_report
@@ -144,8 +145,8 @@ def verify(
         console = Console()
         for r in results:
             summary = (
-                f"{r.entries} entries ({r.released} released, {r.refused} refused), "
-                f"rho {r.rho_released:.6g} released"
+                f"{r.entries} entries ({r.released} released, {r.refused} refused, "
+                f"{len(r.policies)} budget policies), rho {r.rho_released:.6g} released"
             )
             name = f"[bold]{r.node or '?'}[/] ({r.source})"
             if r.ok:
@@ -157,6 +158,11 @@ def verify(
             console.print(f"  [dim]public key from {r.key_origin}[/]")
             for note in r.notes:
                 console.print(f"  [dim]{note}[/]")
+            # Every policy change; a loosening is legitimate only with its override, which an
+            # auditor should see and follow up, so it is printed in the open.
+            for policy in r.policies:
+                style = "yellow" if policy.loosened else "dim"
+                console.print(f"  [{style}]{escape(str(policy))}[/]", soft_wrap=True)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
 
@@ -266,6 +272,14 @@ def report(
             f"{r.epsilon:.4g}",
         )
     console.print(totals)
+    history = audit_report.policy_history(sources)
+    if history:
+        policies = Table(title="Budget policy entries (caps in zCDP rho)")
+        for col in ("node", "entry", "time", "change"):
+            policies.add_column(col, justify="right" if col == "entry" else "left")
+        for node_name, note in history:
+            policies.add_row(node_name, str(note.entry), note.time, escape(note.change))
+        console.print(policies)
     for path, what in ((csv_out, "CSV"), (chart, "chart")):
         if path is not None:
             console.print(f"wrote the {what} to {path}")

@@ -11,7 +11,9 @@ from datetime import date
 from typing import TextIO
 from xml.sax.saxutils import escape
 
-from coordinator.audit import LedgerSource, number
+from coordinator.audit import LedgerSource
+from coordinator.audit_budget import BudgetChecks, PolicyNote, number
+from node.budget_policy_log import POLICY_RECORD
 from node.ledger import RELEASED, decode_body
 from protocols.errors import ConfigError
 from queries.mechanisms import rho_to_epsilon
@@ -64,6 +66,8 @@ def spend_rows(sources: Iterable[LedgerSource]) -> list[SpendRow]:
                 b = decode_body(e.body)
             except ValueError:
                 continue
+            if b.get("record") == POLICY_RECORD:
+                continue  # a change of caps, not a query (see policy_history)
             views = b.get("views")
             view = "+".join(str(v) for v in views) if isinstance(views, list) and views else "?"
             k = (
@@ -84,6 +88,26 @@ def spend_rows(sources: Iterable[LedgerSource]) -> list[SpendRow]:
         SpendRow(node, period, analyst, view, int(c[0]), int(c[1]), c[2], c[3])
         for (node, period, analyst, view), c in sorted(acc.items())
     ]
+
+
+def policy_history(sources: Iterable[LedgerSource]) -> list[tuple[str, PolicyNote]]:
+    """Every ledger's policy entries, in order: the caps from then on, loosenings, overrides.
+
+    Anomalies in them are `chc audit verify`'s business; this only describes them.
+    """
+    found: list[tuple[str, PolicyNote]] = []
+    for source in sources:
+        checks = BudgetChecks(lambda *_: None)
+        for e in source.read():
+            try:
+                b = decode_body(e.body) if not e.head else {}
+            except ValueError:
+                continue
+            if b.get("record") == POLICY_RECORD:
+                checks.policy_entry_body(e.sequence, b)
+        node = source.node or source.label
+        found += [(node, note) for note in checks.notes]
+    return found
 
 
 def summarise(rows: Iterable[SpendRow], by: str) -> list[SpendRow]:

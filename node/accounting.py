@@ -21,6 +21,7 @@ from protocols.errors import ConfigError
 from queries.results import BudgetStatus
 
 if TYPE_CHECKING:
+    from node.budget_policy_log import PolicyChange
     from node.ledger import LedgerBook
 
 
@@ -65,13 +66,25 @@ class Accountant(abc.ABC):
     def __init__(
         self, policy: BudgetPolicy, *, clock: Callable[[], datetime] | None = None
     ) -> None:
-        self.policy = policy
+        # What node.toml asks for; the policy in force is the ledger's (see `policy`).
+        self.configured_policy = policy
+        # The policy entry recorded when the ledger was opened (None: the policy was in force).
+        self.policy_change: PolicyChange | None = None
         # Injectable so that tests can cross budget periods; always timezone-aware UTC.
         self.clock: Callable[[], datetime] = clock if clock is not None else _utc_now
+
+    @property
+    def policy(self) -> BudgetPolicy:
+        """The budget policy in force (a ledger's: that of its latest policy entry)."""
+        return self.configured_policy
 
     @abc.abstractmethod
     def spent(self, analyst: str | None = None) -> float:
         """rho released in the current budget period (by one analyst, or by everyone)."""
+
+    @abc.abstractmethod
+    def lifetime_spent(self, analyst: str | None = None) -> float:
+        """rho released since the ledger began, in every period (by one analyst, or everyone)."""
 
     @abc.abstractmethod
     def status(self, analyst: str | None = None) -> BudgetStatus:
@@ -86,8 +99,9 @@ class Accountant(abc.ABC):
         """Refuse, before any computation, a query that would break any cap.
 
         QueryError for a rho that is not positive and finite or is above the per-query cap;
-        BudgetExceededError if it would take the node's or the analyst's spend in the period
-        above their cap. Spends nothing; charge() checks again atomically.
+        BudgetExceededError if it would take the node's or the analyst's spend in the period,
+        or since the ledger began, above their cap. Spends nothing; charge() checks again
+        atomically.
         """
 
     @abc.abstractmethod
@@ -145,44 +159,62 @@ class MemoryAccountant(Accountant):
         )
         self._entries: list[SignedEntry] = []
         self._lock = threading.Lock()
+        # A new ledger starts with its policy entry, like a new SQLite ledger.
+        self.policy_change = self._book.plan_policy(policy, None)
+        if self.policy_change is not None:
+            self._append(self._book.policy_entry_for(self.policy_change, self._now()))
+
+    def _now(self) -> datetime:
+        return self._book.now(self.clock())
+
+    def _append(self, entry: SignedEntry) -> None:
+        self._entries.append(entry)
+        self._book.fold(entry)
 
     @property
     def public_key(self) -> bytes:
         """The throwaway key that signs this run's entries."""
         return self._book.public_key
 
+    @property
+    def policy(self) -> BudgetPolicy:
+        """The policy in force: the latest policy entry's."""
+        return self._book.policy
+
     def spent(self, analyst: str | None = None) -> float:
         """rho released in the current period."""
         with self._lock:
-            return self._book.spent(self._book.now(self.clock()), analyst)
+            return self._book.spent(self._now(), analyst)
+
+    def lifetime_spent(self, analyst: str | None = None) -> float:
+        """rho released since this accountant began."""
+        with self._lock:
+            return self._book.lifetime_spent(analyst)
 
     def status(self, analyst: str | None = None) -> BudgetStatus:
         """The budget now (see Accountant.status)."""
         with self._lock:
-            return self._book.status(self._book.now(self.clock()), analyst)
+            return self._book.status(self._now(), analyst)
 
     def check(self, analyst: str, rho: float) -> None:
         """Refuse a query that would break any cap now."""
         with self._lock:
-            error = self._book.refusal(analyst, rho, self._book.now(self.clock()))
+            error = self._book.refusal(analyst, rho, self._now())
         if error is not None:
             raise error
 
     def charge(self, charge: Charge) -> tuple[BudgetStatus, int]:
         """Check every cap and record the charge, under one lock."""
         with self._lock:
-            when = self._book.now(self.clock())
+            when = self._now()
             entry = self._book.charge_entry(charge, when)
-            self._entries.append(entry)
-            self._book.fold(entry)
+            self._append(entry)
             return self._book.status(when), entry.sequence
 
     def refuse(self, refusal: Refusal) -> None:
         """Record the refusal at zero cost."""
         with self._lock:
-            entry = self._book.refusal_entry(refusal, self._book.now(self.clock()))
-            self._entries.append(entry)
-            self._book.fold(entry)
+            self._append(self._book.refusal_entry(refusal, self._now()))
 
     def entries(self, from_sequence: int = 1) -> Iterator[SignedEntry]:
         """The entries recorded so far, from a sequence number on."""
@@ -215,8 +247,15 @@ def open_accountant(
     config_file: Path | None = None,
     memory: bool = False,
     clock: Callable[[], datetime] | None = None,
+    override: str | None = None,
+    record_policy: bool = True,
 ) -> Accountant:
-    """The factory: the node's SQLite ledger (default), or an in-memory one for development."""
+    """The factory: the node's SQLite ledger (default), or an in-memory one for development.
+
+    Opening the ledger records node.toml's budget policy if it changed; `override` is the
+    custodian's reason for one that loosens the recorded policy, and record_policy=False
+    only checks (see SqliteLedger).
+    """
     if memory:
         return MemoryAccountant(config.budget, node=config.name, clock=clock)
     from node.ledger import SqliteLedger  # node.ledger builds on this module
@@ -227,4 +266,6 @@ def open_accountant(
         policy=config.budget,
         key_path=config.ledger_key,
         clock=clock,
+        override=override,
+        record_policy=record_policy,
     )

@@ -24,6 +24,19 @@ from protocols.v1 import node_pb2_grpc
 app = typer.Typer(help="Run a chc regional node beside an OMOP CDM.", no_args_is_help=True)
 log = logging.getLogger("chc.node")
 
+# A flag rather than a node.toml key: a loosening is a one-off decision by the custodian, and a
+# key left in node.toml would silently allow every later loosening too.
+AllowLoosening = Annotated[
+    str | None,
+    typer.Option(
+        "--allow-policy-loosening",
+        metavar="REASON",
+        help="start although node.toml's [budget] loosens the policy recorded in the ledger "
+        "(a cap rises, or the period changes); REASON (who approved it, and why) is recorded "
+        "in the signed policy entry for auditors",
+    ),
+]
+
 
 @app.callback()
 def _root() -> None:
@@ -31,8 +44,15 @@ def _root() -> None:
 
 
 @app.command()
-def check(config: Annotated[Path, typer.Option("--config", "-c", help="node.toml")]) -> None:
-    """Validate node.toml, the identity and the OMOP data, and build the views once."""
+def check(
+    config: Annotated[Path, typer.Option("--config", "-c", help="node.toml")],
+    allow_policy_loosening: AllowLoosening = None,
+) -> None:
+    """Validate node.toml, the identity and the OMOP data, and build the views once.
+
+    Writes nothing to the ledger: it says whether serving would record a new budget policy,
+    and fails as serving would on a loosened one.
+    """
     cfg = load_config(config)
     identity = load_identity(cfg.identity)
     store = OmopStore.from_config(cfg)  # refuses bad data with the validation report
@@ -48,10 +68,21 @@ def check(config: Annotated[Path, typer.Option("--config", "-c", help="node.toml
     if not ledger.exists():
         typer.echo(f"ledger {ledger}: will be created, with its signing key, at first start")
         return
-    accountant = open_accountant(cfg, config_file=config)  # verifies the chain's tail
-    spent = accountant.status()
-    accountant.close()
-    typer.echo(f"ledger {ledger}: ok, rho {spent.rho_spent:.6g} of {spent.rho_total:g} spent")
+    # Verifies the chain's tail and the policy change, records nothing.
+    accountant = open_accountant(
+        cfg, config_file=config, override=allow_policy_loosening, record_policy=False
+    )
+    try:
+        spent, policy = accountant.status(), accountant.policy
+        life, change = accountant.lifetime_spent(), accountant.policy_change
+    finally:
+        accountant.close()
+    typer.echo(
+        f"ledger {ledger}: ok, rho {spent.rho_spent:.6g} of {policy.total_rho:g} spent this "
+        f"period, {life:.6g} of {policy.lifetime_cap:g} over the node's life"
+    )
+    if change is not None:
+        typer.echo(f"budget policy: `serve` will record a policy entry that {change.describe()}")
 
 
 @app.command()
@@ -69,6 +100,7 @@ def serve(
         bool,
         typer.Option("--memory-ledger", help="DEV/BENCH ONLY: a ledger that a restart forgets"),
     ] = False,
+    allow_policy_loosening: AllowLoosening = None,
 ) -> None:
     """Serve the node's catalog and DP queries over gRPC with mutual TLS."""
     setup_logging(log_level)
@@ -79,7 +111,9 @@ def serve(
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
     node_pathways(cfg)  # a bad pathway list fails before the ledger is opened
-    accountant = open_accountant(cfg, config_file=config, memory=memory_ledger)
+    accountant = open_accountant(
+        cfg, config_file=config, memory=memory_ledger, override=allow_policy_loosening
+    )
     store = OmopStore.from_config(cfg)
     service = NodeService(
         name=cfg.name,

@@ -8,11 +8,14 @@ against, and the SHA-256 of the previous entry (body + signature). The node sign
 with its ledger key. A signed *head* (the last sequence number and its hash) is rewritten in
 the same transaction as every append, so deleting entries at the end is detected too.
 
+The caps in force are the ledger's own: a signed *policy* entry (node/budget_policy_log.py)
+records the whole budget policy whenever the node opens the ledger with a new one.
+
 Charge before release (DESIGN principle 2): `charge()` checks every cap and appends inside one
 `BEGIN IMMEDIATE` transaction, under a process lock, and returns only once SQLite has
-committed with `synchronous=FULL` (the WAL is fsync'd). Budgets are the sum of the entries in
-the current period, never a separate counter: `LedgerBook` folds entries as they are read,
-and every process catches up on entries other processes appended before it decides.
+committed with `synchronous=FULL` (the WAL is fsync'd). Budgets are sums of the entries (in
+the current period, and since the ledger began), never a separate counter: `LedgerBook` folds
+entries as they are read, and every process catches up on what others appended first.
 
 The entry format is documented in docs/ledger.md; coordinator/audit.py verifies it.
 """
@@ -22,16 +25,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
+import logging
 import os
 import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from cryptography.exceptions import InvalidSignature
@@ -39,8 +41,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from node.accounting import Accountant, Charge, Refusal, SignedEntry
+from node.budget_policy_log import (
+    POLICY_RECORD,
+    PolicyChange,
+    SpendTally,
+    budget_refusal,
+    budget_status,
+    plan_change,
+    read_change,
+)
 from node.policy import BudgetPolicy
-from protocols.errors import BudgetExceededError, ChcError, ConfigError, QueryError
+from protocols.errors import ChcError, ConfigError
 from queries.results import BudgetStatus
 
 FORMAT = 1
@@ -49,13 +60,13 @@ HEAD_RECORD = "chc.ledger.head"
 ZERO_HASH = "0" * 64
 RELEASED = "released"
 REFUSED = "refused"
-# Relative slack when a sum of float rhos is compared with a cap: the same fold runs at the
-# node and in the verifier, so this only absorbs rounding (1e-9 of a cap is never a release).
-CAP_TOLERANCE = 1e-9
 # How many of the last entries have their signatures checked when a node opens its ledger (all
 # hash links are always checked; `chc audit verify` checks every signature).
 TAIL_SIGNATURES = 64
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# What SqliteLedger._write builds: an entry, or (for a policy already recorded) nothing.
+_Built = TypeVar("_Built", bound=SignedEntry | None)
+log = logging.getLogger(__name__)
 
 
 class LedgerIntegrityError(ChcError):
@@ -92,16 +103,6 @@ def parse_time(text: str) -> datetime:
 
 def _truncate_ms(when: datetime) -> datetime:
     return when.replace(microsecond=when.microsecond // 1000 * 1000)
-
-
-def period_key(start: date | None) -> str:
-    """How a budget period is named in entries (its first day), "" for no period."""
-    return start.isoformat() if start is not None else ""
-
-
-def cap_exceeded(amount: float, cap: float) -> bool:
-    """Whether a (summed) rho is above a cap, allowing only for float rounding."""
-    return amount > cap * (1 + CAP_TOLERANCE)
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -233,37 +234,26 @@ def signature_ok(public_key: bytes, body: bytes, signature: bytes) -> bool:
 # ---- the state machine --------------------------------------------------------------------
 
 
-@dataclass
-class _PeriodSpend:
-    total: float = 0.0
-    analysts: dict[str, float] = field(default_factory=dict)
-
-
-def _positive_finite(rho: object) -> bool:
-    return (
-        not isinstance(rho, bool)
-        and isinstance(rho, int | float)
-        and math.isfinite(rho)
-        and rho > 0
-    )
-
-
 class LedgerBook:
-    """A ledger's state, independent of storage: the chain's end and the spend per period.
+    """A ledger's state, independent of storage: the chain's end, the policy, the spend.
 
     Storage folds every entry in order (`fold`), asks for a decision (`refusal`), and has the
     book build and sign the next entry and head; it folds them only once they are stored.
+    The policy in force is the latest policy entry's; before the first one (a new ledger, or
+    one written before policy entries existed) it is the configured one, and the storage
+    records that as the first policy entry before anything else.
     """
 
     def __init__(self, *, node: str, policy: BudgetPolicy, key: Ed25519PrivateKey) -> None:
         self.node = node
         self.policy = policy
+        self.policy_entry: int | None = None  # the sequence of the policy entry in force
         self._key = key
         self.public_key = public_key_bytes(key)
         self.sequence = 0
         self.last_hash = ZERO_HASH
         self.last_time: datetime | None = None
-        self._spend: dict[str, _PeriodSpend] = {}
+        self.tally = SpendTally()
 
     # reading --------------------------------------------------------------------------
 
@@ -275,10 +265,12 @@ class LedgerBook:
             sequence = int(body["sequence"])
             prev_hash = str(body["prev_hash"])
             when = parse_time(str(body["time"]))
-            outcome = str(body["outcome"])
-            rho = float(body["rho"])
-            analyst = str(body["analyst"])
-            key = str(body["caps"]["period_start"] or "")
+            change: PolicyChange | None = None
+            release: tuple[str, float] | None = None
+            if body.get("record") == POLICY_RECORD:
+                change = read_change(body)
+            elif body["outcome"] == RELEASED:
+                release = (str(body["analyst"]), float(body["rho"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise LedgerIntegrityError(f"{where}: its body is not a ledger entry ({exc})") from None
         if entry.sequence != sequence:
@@ -295,10 +287,10 @@ class LedgerBook:
                 f"{where}: its prev_hash does not match entry {self.sequence} "
                 "(an entry was edited, inserted or deleted)"
             )
-        if outcome == RELEASED:
-            spend = self._spend.setdefault(key, _PeriodSpend())
-            spend.total += rho
-            spend.analysts[analyst] = spend.analysts.get(analyst, 0.0) + rho
+        if change is not None:
+            self.policy, self.policy_entry = change.policy, sequence
+        elif release is not None:
+            self.tally.add(when, *release)
         self.sequence = sequence
         self.last_hash = entry_hash(entry.body, entry.signature)
         self.last_time = when
@@ -312,71 +304,26 @@ class LedgerBook:
 
     def spent(self, when: datetime, analyst: str | None = None) -> float:
         """rho released in the period containing `when` (by one analyst, or in total)."""
-        start, _ = self.policy.period_of(when)
-        spend = self._spend.get(period_key(start))
-        if spend is None:
-            return 0.0
-        return spend.total if analyst is None else spend.analysts.get(analyst, 0.0)
+        return self.tally.period(self.policy, when).of(analyst)
+
+    def lifetime_spent(self, analyst: str | None = None) -> float:
+        """rho released since the ledger began, in every period (by one analyst, or in total)."""
+        return self.tally.life.of(analyst)
 
     def status(self, when: datetime, analyst: str | None = None) -> BudgetStatus:
-        """The node's budget; for an analyst, what that analyst can still spend.
-
-        For an analyst, rho_spent is their own spend in the period and rho_remaining the
-        smaller of their cap's remainder and the node's (rho_total is spent plus remaining).
-        """
-        p = self.policy
-        node = BudgetStatus(
-            rho_total=p.total_rho,
-            rho_spent=self.spent(when),
-            max_rho_per_query=p.max_rho_per_query,
-            delta=p.delta,
-        )
-        if analyst is None:
-            return node
-        mine = self.spent(when, analyst)
-        room = node.rho_remaining
-        cap = p.analyst_cap(analyst)
-        if cap is not None:
-            room = min(room, max(0.0, cap - mine))
-        return BudgetStatus(
-            rho_total=mine + room,
-            rho_spent=mine,
-            max_rho_per_query=p.max_rho_per_query,
-            delta=p.delta,
-        )
-
-    def _period_label(self, when: datetime) -> str:
-        start, end = self.policy.period_of(when)
-        if start is None or end is None:
-            return ""
-        last = date.fromordinal(end.toordinal() - 1)
-        return f" in the budget period {start.isoformat()} to {last.isoformat()}"
+        """The node's budget; for an analyst, what that analyst can still spend."""
+        return budget_status(self.policy, self.tally, when, analyst)
 
     def refusal(self, analyst: str, rho: float, when: datetime) -> ChcError | None:
         """Why a charge of rho by analyst at `when` must be refused, or None if it fits."""
-        p = self.policy
-        if not _positive_finite(rho):
-            return QueryError(f"rho must be a positive finite number, got {rho!r}")
-        if cap_exceeded(rho, p.max_rho_per_query):
-            return QueryError(
-                f"rho {rho:g} is above this node's per-query cap of {p.max_rho_per_query:g}; "
-                "ask for less"
-            )
-        total = self.spent(when)
-        if cap_exceeded(total + rho, p.total_rho):
-            return BudgetExceededError(
-                f"rho {rho:g} exceeds this node's remaining budget of "
-                f"{max(0.0, p.total_rho - total):g}{self._period_label(when)}"
-            )
-        cap = p.analyst_cap(analyst)
-        mine = self.spent(when, analyst)
-        if cap is not None and cap_exceeded(mine + rho, cap):
-            return BudgetExceededError(
-                f"rho {rho:g} exceeds {analyst}'s remaining budget at this node of "
-                f"{max(0.0, cap - mine):g} (a cap of {cap:g} per analyst"
-                f"{self._period_label(when)})"
-            )
-        return None
+        return budget_refusal(self.policy, self.tally, analyst, rho, when)
+
+    def plan_policy(self, configured: BudgetPolicy, override: str | None) -> PolicyChange | None:
+        """The policy entry configured needs after what was folded (raises if it loosens)."""
+        recorded = self.policy if self.policy_entry is not None else None
+        return plan_change(
+            configured, recorded, self.policy_entry, node=self.node, override=override
+        )
 
     # writing --------------------------------------------------------------------------
 
@@ -403,6 +350,7 @@ class LedgerBook:
         start, end = p.period_of(when)
         released = rho if outcome == RELEASED else 0.0
         sequence = self.sequence + 1
+        period, life = self.tally.period(p, when), self.tally.life
         body: dict[str, Any] = {
             "record": ENTRY_RECORD,
             "format": FORMAT,
@@ -428,10 +376,15 @@ class LedgerBook:
                 "total_rho": float(p.total_rho),
                 "max_rho_per_query": float(p.max_rho_per_query),
                 "analyst_rho": p.analyst_cap(analyst),
+                "lifetime_rho": float(p.lifetime_cap),
+                "analyst_lifetime_rho": p.analyst_lifetime_cap(analyst),
+                "policy": self.policy_entry,
             },
             "spent": {
-                "period_rho": self.spent(when) + released,
-                "analyst_rho": self.spent(when, analyst) + released,
+                "period_rho": period.total + released,
+                "analyst_rho": period.of(analyst) + released,
+                "lifetime_rho": life.total + released,
+                "analyst_lifetime_rho": life.of(analyst) + released,
             },
             "prev_hash": self.last_hash,
         }
@@ -472,6 +425,20 @@ class LedgerBook:
             reason=refusal.reason,
             code=refusal.code,
         )
+
+    def policy_entry_for(self, change: PolicyChange, when: datetime) -> SignedEntry:
+        """The signed policy entry recording a change of budget policy."""
+        sequence = self.sequence + 1
+        body: dict[str, Any] = {
+            **change.fields(),
+            "format": FORMAT,
+            "sequence": sequence,
+            "time": format_time(when),
+            "node": self.node,
+            "prev_hash": self.last_hash,
+        }
+        raw, signature = self._sign(body)
+        return SignedEntry(sequence=sequence, body=raw, signature=signature)
 
     def head(self, after: SignedEntry | None = None) -> SignedEntry:
         """The signed head naming the chain's last entry (`after`, or the last one folded)."""
@@ -575,10 +542,6 @@ def read_ledger_file(
         con.close()
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class SqliteLedger(Accountant):
     """The production ledger: one SQLite file per node, WAL, synchronous=FULL."""
 
@@ -590,7 +553,16 @@ class SqliteLedger(Accountant):
         policy: BudgetPolicy,
         key_path: Path | None = None,
         clock: Callable[[], datetime] | None = None,
+        override: str | None = None,
+        record_policy: bool = True,
     ) -> None:
+        """Open (or create) the ledger, verify it, and record `policy` if it is new.
+
+        `override` is the custodian's reason for a policy that loosens the recorded one
+        (without it, such a policy raises ConfigError). With record_policy=False the ledger
+        is only checked (`chc-node check`): policy_change says what opening it would record,
+        and nothing can be written.
+        """
         super().__init__(policy, clock=clock)
         self.path = path
         self.key_path = key_path if key_path is not None else default_key_path(path)
@@ -599,11 +571,26 @@ class SqliteLedger(Accountant):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._con = _connect(path)
+        self._read_only = False
         try:
             self._book = self._open(node)
+            if record_policy:
+                self._write(lambda when: self._policy_entry(override, when))
+            else:
+                self.policy_change = self._book.plan_policy(policy, override)
+                self._read_only = True
         except BaseException:
             self._con.close()
             raise
+        if self.policy_change is not None and record_policy:
+            level = logging.WARNING if self.policy_change.loosened else logging.INFO
+            log.log(
+                level,
+                "ledger %s: policy entry %d %s",
+                path,
+                self._book.policy_entry,
+                self.policy_change.describe(),
+            )
 
     # opening ----------------------------------------------------------------------------
 
@@ -637,7 +624,7 @@ class SqliteLedger(Accountant):
                 )
                 # An empty ledger has a signed head too (entry 0, the zero hash), so that an
                 # auditor can tell an empty ledger from one whose entries were all deleted.
-                head = LedgerBook(node=node, policy=self.policy, key=key).head()
+                head = LedgerBook(node=node, policy=self.configured_policy, key=key).head()
                 con.execute(
                     "INSERT OR REPLACE INTO head (id, sequence, body, signature)"
                     " VALUES (1, ?, ?, ?)",
@@ -652,7 +639,7 @@ class SqliteLedger(Accountant):
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        book = LedgerBook(node=node, policy=self.policy, key=key)
+        book = LedgerBook(node=node, policy=self.configured_policy, key=key)
         try:
             self._load(book)
         except LedgerIntegrityError as exc:
@@ -736,8 +723,13 @@ class SqliteLedger(Accountant):
         if error is not None:
             raise error
 
-    def _append(self, build: Callable[[datetime], SignedEntry]) -> tuple[SignedEntry, datetime]:
-        """Build, store and commit one entry atomically; fold it only once it is durable."""
+    def _write(self, build: Callable[[datetime], _Built]) -> tuple[_Built, datetime]:
+        """Build, store and commit one entry (if build makes one) atomically; fold it only
+        once it is durable."""
+        if self._read_only:
+            raise ConfigError(
+                f"ledger {self.path} was opened to be checked only; it records nothing"
+            )
         with self._lock:
             con = self._con
             con.execute("BEGIN IMMEDIATE")  # the write lock across processes
@@ -745,33 +737,54 @@ class SqliteLedger(Accountant):
                 self._catch_up()
                 when = self._book.now(self.clock())
                 entry = build(when)
-                head = self._book.head(after=entry)
-                con.execute(
-                    "INSERT INTO entries (sequence, body, signature) VALUES (?, ?, ?)",
-                    (entry.sequence, entry.body, entry.signature),
-                )
-                con.execute(
-                    "INSERT OR REPLACE INTO head (id, sequence, body, signature)"
-                    " VALUES (1, ?, ?, ?)",
-                    (head.sequence, head.body, head.signature),
-                )
+                if entry is not None:
+                    head = self._book.head(after=entry)
+                    con.execute(
+                        "INSERT INTO entries (sequence, body, signature) VALUES (?, ?, ?)",
+                        (entry.sequence, entry.body, entry.signature),
+                    )
+                    con.execute(
+                        "INSERT OR REPLACE INTO head (id, sequence, body, signature)"
+                        " VALUES (1, ?, ?, ?)",
+                        (head.sequence, head.body, head.signature),
+                    )
                 con.execute("COMMIT")  # synchronous=FULL: durable when this returns
             except BaseException:
                 if con.in_transaction:
                     con.execute("ROLLBACK")
                 raise
-            self._book.fold(entry)
+            if entry is not None:
+                self._book.fold(entry)
             return entry, when
+
+    def _policy_entry(self, override: str | None, when: datetime) -> SignedEntry | None:
+        """The policy entry node.toml's budget needs, decided after catching up (lock held):
+        another process sharing the file may have recorded the same policy meanwhile."""
+        self.policy_change = self._book.plan_policy(self.configured_policy, override)
+        if self.policy_change is None:
+            return None
+        return self._book.policy_entry_for(self.policy_change, when)
+
+    @property
+    def policy(self) -> BudgetPolicy:
+        """The policy in force: the ledger's latest policy entry's."""
+        return self._book.policy
+
+    def lifetime_spent(self, analyst: str | None = None) -> float:
+        """rho released since the ledger began, in every period."""
+        with self._lock:
+            self._catch_up()
+            return self._book.lifetime_spent(analyst)
 
     def charge(self, charge: Charge) -> tuple[BudgetStatus, int]:
         """Check every cap and durably record the charge, or raise and record nothing."""
-        entry, when = self._append(lambda when: self._book.charge_entry(charge, when))
+        entry, when = self._write(lambda when: self._book.charge_entry(charge, when))
         with self._lock:
             return self._book.status(when), entry.sequence
 
     def refuse(self, refusal: Refusal) -> None:
         """Record a refusal at zero cost."""
-        self._append(lambda when: self._book.refusal_entry(refusal, when))
+        self._write(lambda when: self._book.refusal_entry(refusal, when))
 
     def entries(self, from_sequence: int = 1) -> Iterator[SignedEntry]:
         """Every entry from a sequence number on, read lazily from one snapshot."""

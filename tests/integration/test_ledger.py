@@ -1,22 +1,41 @@
 """The ledger on a real federation: auditors read nodes directly, analysts see their budget,
-and parallel queries can never overspend a node."""
+parallel queries can never overspend a node, and a node enforces its lifetime cap and the
+budget policy recorded in its ledger."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 from typer.testing import CliRunner
 
-from coordinator import audit
+from coordinator import audit, synth
 from coordinator.cli import app
 from coordinator.client import Federation
-from coordinator.local import AUDITOR_NAME, HUB_NAME, LocalFederation
+from coordinator.local import (
+    AUDITOR_NAME,
+    HUB_NAME,
+    FederationStartError,
+    LocalFederation,
+    NodeSetup,
+)
+from node.accounting import Charge
+from node.budget_policy_log import POLICY_RECORD
+from node.cli import app as node_app
+from node.ledger import SqliteLedger
+from node.policy import BudgetPolicy
 from protocols import security, serde
+from protocols.process import read_ready_file
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.results import NodeStatus
 from queries.spec import Query, canonical_bytes
@@ -199,3 +218,90 @@ def test_parallel_queries_never_overspend(fresh_federation: LocalFederation) -> 
     assert (result.released, result.refused) == (fits, n - fits)
     assert result.rho_released <= 1.0 * (1 + 1e-9)
     assert result.rho_released == pytest.approx(fits * rho)
+
+
+def _bodies(ledger: Path) -> list[dict[str, object]]:
+    return [json.loads(e.body) for e in audit.open_file(ledger).read() if not e.head]
+
+
+def test_a_node_enforces_its_lifetime_cap_and_its_recorded_policy(tmp_path: Path) -> None:
+    """Five years of spend before this run leave 0.05 of the default lifetime cap (5 x 1.0):
+    a query of 0.07 is refused at zero cost and recorded; raising total_rho stops the node
+    from starting until the custodian gives a reason, which the ledger then holds."""
+    region = synth.REGIONS[0]
+    folder = tmp_path / "data" / region.slug
+    synth.generate_region(region, 3_000, folder, seed=7)
+    setup = NodeSetup(name=region.slug, omop=folder, total_rho=1.0, max_rho_per_query=0.5)
+    ledger = tmp_path / "conf" / f"{region.slug}.ledger.sqlite"  # beside the node.toml
+    when = datetime(2020, 6, 1, tzinfo=UTC)
+    seeded = SqliteLedger(
+        ledger,
+        node=region.slug,
+        policy=BudgetPolicy(total_rho=1.0, max_rho_per_query=0.5),
+        clock=lambda: when,
+    )
+    for year in range(2020, 2025):
+        when = datetime(year, 6, 1, tzinfo=UTC)
+        for i in range(2):
+            seeded.charge(Charge(f"old-{year}-{i}", "demo-analyst", b"{}", b"", (), 0.495, 1.0))
+    seeded.close()
+    with LocalFederation(workdir=tmp_path, nodes=(setup,), deadline_ms=5_000) as fed:
+        channel, stub = _stub(fed, region.slug, security.Role.ANALYST)
+        query = Query(view="persons", rho=0.07, group_by=("sex",))
+        analyst = security.load_identity(fed.analyst_identity)
+        probe = serde.signed_query_to_proto(security.sign_query(analyst, canonical_bytes(query)))
+        explained = stub.Explain(node_pb2.ExecuteRequest(envelope=probe), timeout=10)
+        assert explained.rho == pytest.approx(0.07)
+        assert explained.budget.rho_spent == 0.0  # nothing yet this financial year...
+        assert explained.budget.rho_total == pytest.approx(0.05)  # ...but little left for life
+        with pytest.raises(grpc.RpcError) as info:
+            _execute(stub, fed, query)
+        channel.close()
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = info.value.details() or ""
+        assert "remaining lifetime budget of 0.05" in details
+        assert "a cap of 5 over the node's life" in details
+        fed.stop_process(region.slug)
+        refused = _bodies(ledger)[-1]
+        assert (refused["outcome"], refused["code"], refused["rho"]) == (
+            "refused",
+            "RESOURCE_EXHAUSTED",
+            0.0,
+        )
+        assert refused["reason"] == details
+
+        fed.nodes = (dataclasses.replace(setup, total_rho=2.0),)
+        with pytest.raises(FederationStartError, match=r"budget\.total_rho from 1 to 2"):
+            fed.restart_node(region.slug)
+        config = tmp_path / "conf" / f"{region.slug}.toml"
+        reason = "approved by the Caldicott guardian on 2026-04-02 (DSA v2)"
+        run = CliRunner().invoke(
+            node_app, ["check", "--config", str(config), "--allow-policy-loosening", reason]
+        )
+        assert run.exit_code == 0, run.output
+        assert "LOOSENS the policy of entry 1 (budget.total_rho from 1 to 2" in run.output
+        assert _bodies(ledger)[-1] == refused  # check records nothing
+        ready = tmp_path / "run" / "override.ready"
+        args = ["serve", "--config", str(config), "--ready-file", str(ready)]
+        node = subprocess.Popen(
+            [sys.executable, "-m", "node", *args, "--allow-policy-loosening", reason],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while read_ready_file(ready) is None:
+                assert node.poll() is None, node.communicate()[1].decode()
+                assert time.monotonic() < deadline, "the node did not start"
+                time.sleep(0.05)
+        finally:
+            node.send_signal(signal.SIGTERM)
+            _, err = node.communicate(timeout=30)
+        assert "LOOSENS the policy of entry 1" in err.decode()  # the node's log says so too
+    policy = _bodies(ledger)[-1]
+    assert policy["record"] == POLICY_RECORD
+    assert policy["override"] == {"reason": reason}
+    assert policy["loosened"] == [
+        {"field": "budget.total_rho", "from": 1.0, "to": 2.0},
+        {"field": "budget.lifetime_rho", "from": 5.0, "to": 10.0},
+    ]

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from coordinator import audit, audit_report
 from coordinator.cli import app
 from node.accounting import MemoryAccountant, open_accountant
+from node.budget_policy_log import POLICY_RECORD
 from node.ledger import (
     LedgerIntegrityError,
     SqliteLedger,
@@ -38,7 +39,8 @@ from protocols.errors import ConfigError
 from tests.unit.test_accounting_contract import Pki, make_pki, refusal, signed_charge
 
 POLICY = BudgetPolicy(total_rho=10.0, max_rho_per_query=1.0, analyst_rho=5.0)
-ENTRIES = 10
+ENTRIES = 10  # queries, after the ledger's first entry: its budget policy
+ROWS = ENTRIES + 1
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def ledger_path(tmp_path: Path, pki: Pki) -> Path:
-    """A closed ledger of ten entries: releases by alice and bob, and one refusal (entry 4)."""
+    """A closed ledger: its policy (entry 1), then releases by alice and bob and one refusal
+    (entry 5)."""
     path = tmp_path / "nwc.ledger.sqlite"
     ledger = SqliteLedger(path, node="nwc", policy=POLICY)
     for i in range(ENTRIES):
@@ -133,8 +136,8 @@ def _insert_middle(path: Path) -> None:
 def _append(path: Path) -> None:
     entries = rows(path)
     last = entries[-1]
-    body, sig = forged(ENTRIES + 1, entry_hash(last[1], last[2]), last[1])
-    tamper(path, ("INSERT INTO entries VALUES (?, ?, ?)", (ENTRIES + 1, body, sig)))
+    body, sig = forged(ROWS + 1, entry_hash(last[1], last[2]), last[1])
+    tamper(path, ("INSERT INTO entries VALUES (?, ?, ?)", (ROWS + 1, body, sig)))
 
 
 def _reorder(path: Path) -> None:
@@ -156,9 +159,9 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], int | None, str]] = {
     "edit, re-sign and re-chain": (_edit_resign_and_rechain, 5, "signature does not verify"),
     "delete an entry": (_delete(5), 6, "entry 5 is missing before it"),
     "delete the first entry": (_delete(1), 2, "entry 1 is missing before it"),
-    "delete the last entry": (_delete(ENTRIES), ENTRIES, "missing at the end"),
+    "delete the last entry": (_delete(ROWS), ROWS, "missing at the end"),
     "insert an entry": (_insert_middle, 6, "signature does not verify"),
-    "append an entry": (_append, ENTRIES + 1, "not covered by the node's signed head"),
+    "append an entry": (_append, ROWS + 1, "not covered by the node's signed head"),
     "reorder two entries": (_reorder, 5, "says it is entry 6"),
     "delete the head": (_drop_head, None, "no signed head"),
 }
@@ -203,7 +206,7 @@ def test_a_wrong_key_is_named(ledger_path: Path, tmp_path: Path) -> None:
     result = audit.verify(audit.open_file(ledger_path, public_key=audit.load_public_key(other)))
     assert [str(a) for a in result.anomalies] == [
         "entry 1: its signature does not verify with the node's public key, and neither does "
-        f"any other of the {ENTRIES} entries: wrong key (given)",
+        f"any other of the {ROWS} entries: wrong key (given)",
         "the signed head's signature does not verify with the node's key",
     ]
     run = CliRunner().invoke(app, ["audit", "verify", str(ledger_path), "--public-key", str(other)])
@@ -245,7 +248,7 @@ def test_spend_and_sequence_survive_a_restart(ledger_path: Path, pki: Pki) -> No
     before = ledger.spent()
     assert before == pytest.approx(sum(0.1 * (1 + i % 3) for i in range(ENTRIES) if i != 3))
     _, sequence = ledger.charge(signed_charge(pki.alice, 0.5))
-    assert sequence == ENTRIES + 1
+    assert sequence == ROWS + 1  # reopened with the same policy: no new policy entry
     ledger.close()
     again = SqliteLedger(ledger_path, node="nwc", policy=POLICY)
     assert again.spent() == pytest.approx(before + 0.5)
@@ -331,9 +334,11 @@ def test_processes_sharing_a_ledger_cannot_overspend(tmp_path: Path) -> None:
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e.decode() for _, e in outputs]
     assert sum(int(out) for out, _ in outputs) == 10
-    ledger = SqliteLedger(path, node="n", policy=BudgetPolicy(total_rho=1.0))
+    ledger = SqliteLedger(path, node="n", policy=BudgetPolicy(total_rho=1.0, max_rho_per_query=0.5))
     assert ledger.spent() == pytest.approx(1.0)
-    assert [e.sequence for e in ledger.entries()] == list(range(1, 11))
+    # One policy entry (whichever process came first recorded it; the others found it).
+    assert [e.sequence for e in ledger.entries()] == list(range(1, 12))
+    assert sum(json.loads(e.body)["record"] == POLICY_RECORD for e in ledger.entries()) == 1
     ledger.close()
     result = audit.verify(audit.open_file(path))
     # Only complaints about the synthetic envelopes: chain, signatures and caps hold.
@@ -348,9 +353,9 @@ def test_a_stream_is_one_snapshot(ledger_path: Path, pki: Pki) -> None:
     first = next(stream)
     ledger.charge(signed_charge(pki.alice, 0.1))  # appended while an auditor reads
     rest = list(stream)
-    assert [e.sequence for e in [first, *rest]] == [*range(1, ENTRIES + 1), ENTRIES]
+    assert [e.sequence for e in [first, *rest]] == [*range(1, ROWS + 1), ROWS]
     assert rest[-1].head
-    assert len(list(ledger.entries())) == ENTRIES + 1
+    assert len(list(ledger.entries())) == ROWS + 1
     ledger.close()
 
 
@@ -406,7 +411,7 @@ def exports(ledger_path: Path, tmp_path: Path) -> Iterator[dict[str, Path]]:
     out = {}
     for fmt in ("jsonl", "parquet"):
         out[fmt] = tmp_path / f"export.{fmt}"
-        assert audit.export(source, out[fmt]) == ENTRIES
+        assert audit.export(source, out[fmt]) == ROWS
     return out
 
 
@@ -414,10 +419,12 @@ def test_exports_verify_like_the_ledger(exports: dict[str, Path], pki: Pki) -> N
     for path in exports.values():
         result = audit.verify(audit.open_file(path), ca_pem=pki.ca_pem)
         assert result.ok, [str(a) for a in result.anomalies]
-        assert (result.node, result.entries, result.refused) == ("nwc", ENTRIES, 1)
+        assert (result.node, result.entries, result.refused) == ("nwc", ROWS, 1)
+        assert len(result.policies) == 1
     table = pq.read_table(exports["parquet"])
     assert table.column("outcome").to_pylist().count("refused") == 1
-    assert table.column("analyst").to_pylist()[0] == "bob"
+    assert table.column("record").to_pylist()[:2] == ["chc.ledger.policy", "chc.ledger.entry"]
+    assert table.column("analyst").to_pylist()[1] == "bob"
 
 
 def test_a_tampered_export_is_named(exports: dict[str, Path]) -> None:
@@ -471,7 +478,8 @@ def test_cli_export_and_verify(ledger_path: Path, tmp_path: Path) -> None:
     assert run.exit_code == 0, run.output
     (report,) = json.loads(run.output)
     assert report["ok"]
-    assert report["entries"] == ENTRIES
+    assert report["entries"] == ROWS
+    assert [p["entry"] for p in report["policies"]] == [1]
 
 
 def _rewrite_with_the_node_key(path: Path, from_sequence: int) -> None:
@@ -506,7 +514,7 @@ def test_an_earlier_export_catches_a_rewrite_by_the_key_holder(
     assert audit.verify(audit.open_file(ledger_path)).ok
     # ...but not against a copy an auditor kept.
     found = audit.compare_with_earlier(audit.open_file(ledger_path), audit.open_file(earlier))
-    assert [a.entry for a in found] == list(range(3, ENTRIES + 1))
+    assert [a.entry for a in found] == list(range(3, ROWS + 1))
     run = CliRunner().invoke(app, ["audit", "verify", str(ledger_path), "--previous", str(earlier)])
     assert run.exit_code == 1
     assert "entry 3: differs from the earlier copy" in run.output
