@@ -67,6 +67,7 @@ def node_toml(
         "",
         "[budget]",
         "total_rho = 10.0                   # the node's total zCDP budget per period",
+        "# lifetime_rho = 50.0              # over the node's life (default 5 x total_rho)",
         "max_rho_per_query = 1.0",
         "delta = 1e-6                       # for reporting (epsilon, delta) equivalents",
         "",

@@ -94,4 +94,4 @@ def test_sigkill_mid_run_loses_no_charge(tmp_path: Path) -> None:
     assert grpc.StatusCode.UNAVAILABLE in failures  # the node really was down mid-run
     # Charges whose result was lost in the crash are in the ledger too; nothing else is.
     assert result.released >= len(received)
-    assert result.released + result.refused == len(bodies)
+    assert result.released + result.refused + len(result.policies) == len(bodies)
