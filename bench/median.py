@@ -27,7 +27,7 @@ from bench.timing import summary, timings
 from node import engine
 from node.catalog import visits_view
 from queries import combine, mechanisms, plan
-from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo
+from queries.results import BudgetStatus, NodeRelease, NoiseInfo
 from queries.schema import Catalog
 from queries.spec import Measure, Query, Statistic, rho_from_epsilon
 
@@ -58,10 +58,7 @@ def _visits(rows: int, seed: int) -> pa.Table:
 
 def _release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeRelease:
     releases = engine.calibrations(compiled)
-    noisy = {
-        r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
-        for r in releases
-    }
+    noisy = engine.add_noise(releases, exact)
     return NodeRelease(
         query_id="bench",
         table=engine.release_table(compiled, releases, noisy),
@@ -69,15 +66,7 @@ def _release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeRelease:
         rho_charged=compiled.query.rho,
         epsilon=0.0,
         budget=BudgetStatus(10.0, 0.0, 1.0, 1e-6),
-        measures=tuple(
-            MeasureNoise(
-                r.component.key,
-                r.component.kind.value,
-                NoiseInfo(mechanisms.MECHANISM, r.calibration.scale, r.variance, 1.0),
-                r.calibration.rho,
-            )
-            for r in releases
-        ),
+        measures=tuple(r.measure_noise() for r in releases),
     )
 
 

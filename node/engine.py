@@ -17,7 +17,7 @@ from sqlglot import exp
 
 from protocols.errors import ConfigError
 from queries import mechanisms, plan
-from queries.results import ReleaseRules
+from queries.results import MeasureNoise, NoiseInfo, ReleaseRules
 from queries.schema import Catalog, ColumnType
 from queries.sensitivity import Kind
 
@@ -46,6 +46,24 @@ class ComponentRelease:
         """Noise variance of each released value, in the value's own units."""
         return self.calibration.variance * self.component.unit**2
 
+    def noise_info(self) -> NoiseInfo:
+        """The noise in the released values' own units (fixed-point decoded)."""
+        return NoiseInfo(
+            mechanism=mechanisms.MECHANISM,
+            scale=self.calibration.scale * self.component.unit,
+            variance=self.variance,
+            sensitivity=self.calibration.sensitivity * self.component.unit,
+        )
+
+    def measure_noise(self) -> MeasureNoise:
+        """What the hub needs to know about this component's noise and cost."""
+        return MeasureNoise(
+            measure=self.component.key,
+            statistic=self.component.kind.value,
+            noise=self.noise_info(),
+            rho=self.calibration.rho,
+        )
+
 
 def calibrations(compiled: plan.Plan) -> tuple[ComponentRelease, ...]:
     """The noise of every component, with the query's rho shared between them."""
@@ -54,6 +72,16 @@ def calibrations(compiled: plan.Plan) -> tuple[ComponentRelease, ...]:
         ComponentRelease(c, mechanisms.calibrate(c.sensitivity, shares[c.key]))
         for c in compiled.components
     )
+
+
+def add_noise(
+    releases: Sequence[ComponentRelease], exact: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, ...]]:
+    """Every component's exact integers with its calibrated noise (OpenDP, one call each)."""
+    return {
+        r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
+        for r in releases
+    }
 
 
 def exact_values(compiled: plan.Plan, store: SqlRunner) -> dict[str, list[int]]:

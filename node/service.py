@@ -40,7 +40,7 @@ from protocols.security import (
 )
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec
-from queries.results import MeasureNoise, NodeDescription, NodeRelease, NoiseInfo, ReleaseRules
+from queries.results import NodeDescription, NodeRelease, ReleaseRules
 from queries.schema import Catalog
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         status = self.accountant.status(analyst.name)
         return node_pb2.ExplainResponse(
             plan=compiled.describe(),
-            measures=[serde.measure_noise_to_proto(_measure_noise(r)) for r in releases],
+            measures=[serde.measure_noise_to_proto(r.measure_noise()) for r in releases],
             rho=rho,
             epsilon=mechanisms.rho_to_epsilon(rho, status.delta),
             cells=compiled.cells,
@@ -247,11 +247,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
             NodeRelease(
                 query_id=query_id,
                 table=table,
-                noise=_noise_info(releases[0]),
+                noise=releases[0].noise_info(),
                 rho_charged=rho,
                 epsilon=epsilon,
                 budget=budget,
-                measures=tuple(_measure_noise(r) for r in releases),
+                measures=tuple(r.measure_noise() for r in releases),
                 rules=self.rules,
             )
         )
@@ -270,10 +270,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         try:
             with self.store.snapshot() as views:
                 exact = engine.exact_values(compiled, views)
-            noisy = {
-                r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
-                for r in releases
-            }
+            noisy = engine.add_noise(releases, exact)
             del exact  # nothing exact outlives this function
             shown = engine.withhold_small_cells(compiled, noisy, self.rules)
             return engine.release_table(compiled, releases, shown)
@@ -323,22 +320,3 @@ class NodeService(node_pb2_grpc.NodeServicer):
             )
             for e in self.accountant.stream(max(1, request.from_sequence))
         )
-
-
-def _noise_info(r: engine.ComponentRelease) -> NoiseInfo:
-    # Scale and variance in the released values' own units (fixed-point decoded).
-    return NoiseInfo(
-        mechanism=mechanisms.MECHANISM,
-        scale=r.calibration.scale * r.component.unit,
-        variance=r.variance,
-        sensitivity=r.calibration.sensitivity * r.component.unit,
-    )
-
-
-def _measure_noise(r: engine.ComponentRelease) -> MeasureNoise:
-    return MeasureNoise(
-        measure=r.component.key,
-        statistic=r.component.kind.value,
-        noise=_noise_info(r),
-        rho=r.calibration.rho,
-    )

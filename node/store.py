@@ -183,15 +183,8 @@ class OmopStore:
 
     def query(self, sql: str) -> pa.Table:
         """Run one read-only aggregate on the current views and return it as Arrow."""
-        with self._lock:
-            current = self._views
-            if current is None:
-                raise DataError(self._refusal or "the node's data store is closed")
-            current.users += 1
-        try:
-            return current.query(sql)
-        finally:
-            self._release(current)
+        with self.snapshot() as views:
+            return views.query(sql)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[_Views]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from node import engine
-from queries import combine, mechanisms, plan
+from queries import combine, plan
 from queries.results import NodeRelease
 from queries.spec import Measure, Query, Statistic
 from tests.unit.test_engine import CATALOG, Runner, _data, make_release
@@ -22,10 +22,7 @@ BAND = 0.027
 
 
 def _release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeRelease:
-    noisy = {
-        r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
-        for r in engine.calibrations(compiled)
-    }
+    noisy = engine.add_noise(engine.calibrations(compiled), exact)
     return make_release(compiled, noisy)
 
 

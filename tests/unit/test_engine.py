@@ -17,7 +17,7 @@ import pytest
 
 from node import engine
 from queries import combine, plan
-from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo, ReleaseRules
+from queries.results import BudgetStatus, NodeRelease, NoiseInfo, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Filter, Measure, Query, Statistic
 
@@ -163,15 +163,7 @@ def make_release(compiled: plan.Plan, values: dict[str, tuple[int, ...]]) -> Nod
         rho_charged=1.0,
         epsilon=1.0,
         budget=BudgetStatus(10, 1, 1, 1e-6),
-        measures=tuple(
-            MeasureNoise(
-                r.component.key,
-                r.component.kind.value,
-                NoiseInfo("discrete_gaussian", 1.0, r.variance, 1.0),
-                r.calibration.rho,
-            )
-            for r in releases
-        ),
+        measures=tuple(r.measure_noise() for r in releases),
     )
 
 

@@ -22,7 +22,7 @@ from node.catalog import build_catalog
 from protocols.errors import QueryError
 from queries import combine, mechanisms, plan
 from queries import release as release_rules
-from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo, ReleaseRules
+from queries.results import BudgetStatus, NodeRelease, NoiseInfo, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Measure, Query, Statistic
 from queries.sql import parse_sql
@@ -59,10 +59,7 @@ class Store:
 def node_release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeRelease:
     """Everything a node does after the charge is recorded, as NodeService does it."""
     releases = engine.calibrations(compiled)
-    noisy = {
-        r.component.key: mechanisms.add_noise(r.calibration, exact[r.component.key])
-        for r in releases
-    }
+    noisy = engine.add_noise(releases, exact)
     shown = engine.withhold_small_cells(compiled, noisy, RULES)
     return NodeRelease(
         query_id="q",
@@ -71,15 +68,7 @@ def node_release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeReleas
         rho_charged=compiled.query.rho,
         epsilon=1.0,
         budget=BudgetStatus(10, 1, 1, 1e-6),
-        measures=tuple(
-            MeasureNoise(
-                r.component.key,
-                r.component.kind.value,
-                NoiseInfo("discrete_gaussian", r.calibration.scale, r.variance, 1.0),
-                r.calibration.rho,
-            )
-            for r in releases
-        ),
+        measures=tuple(r.measure_noise() for r in releases),
         rules=RULES,
     )
 
