@@ -6,6 +6,7 @@ internal path tests use to compare releases with the truth, and is never reachab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -144,14 +145,18 @@ def check_row_bounds(catalog: Catalog, store: SqlRunner) -> None:
 
 
 def withhold_small_cells(
-    compiled: plan.Plan, noisy: dict[str, tuple[int, ...]], rules: ReleaseRules
+    compiled: plan.Plan,
+    releases: Sequence[ComponentRelease],
+    noisy: Mapping[str, Sequence[int]],
+    rules: ReleaseRules,
 ) -> dict[str, list[int | None]]:
     """The node's own disclosure rules, applied to its noisy release (post-processing).
 
     A group whose noisy count is below rules.suppress_below (the smallest of its person and
     row counts, and of the totals of its histograms) is withheld whole: every component of
     that group is released as null. Count components (persons, rows, bins) of the other groups
-    are rounded to a multiple of rules.round_to. Sums are not rounded: they are not counts.
+    are rounded to a multiple of rules.round_to where their noise is finer than that
+    (ReleaseRules.node_rounds); sums are not rounded: they are not counts.
     Bins are rounded but not withheld one by one: they feed pooled quantiles, and withholding
     the small ones would bias every quantile; the hub suppresses small published bins. All of
     this reads noisy values only, so it costs no budget.
@@ -164,11 +169,13 @@ def withhold_small_cells(
         flat = np.asarray(noisy[c.key], dtype=np.float64)
         totals = flat.reshape(n, c.bins).sum(axis=1) if c.bins else flat
         small |= totals < rules.suppress_below
+    sd = {r.component.key: math.sqrt(r.variance) for r in releases}
     out: dict[str, list[int | None]] = {}
     for c in compiled.components:
         values = noisy[c.key]
         per_group = c.bins or 1
-        base = rules.round_to if c.kind in COUNT_KINDS else 1
+        rounds = c.kind in COUNT_KINDS and rules.node_rounds(sd[c.key])
+        base = rules.round_to if rounds else 1
         out[c.key] = [
             None if small[i // per_group] else _round(v, base) for i, v in enumerate(values)
         ]

@@ -272,7 +272,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 exact = engine.exact_values(compiled, views)
             noisy = engine.add_noise(releases, exact)
             del exact  # nothing exact outlives this function
-            shown = engine.withhold_small_cells(compiled, noisy, self.rules)
+            shown = engine.withhold_small_cells(compiled, releases, noisy, self.rules)
             return engine.release_table(compiled, releases, shown)
         except ChcError:
             raise

@@ -14,6 +14,7 @@ whose catalogs differ are refused clearly rather than pooled wrongly.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,11 +59,19 @@ def _kind(key: str) -> str:
     return key.split(":", 1)[0]
 
 
-def _variance(release: NodeRelease, key: str) -> float:
-    """Noise variance of one value, plus the node's rounding of counts (uniform error)."""
+def _variance(release: NodeRelease, key: str, z: float) -> float:
+    """Noise variance of one value, widened where the node rounded it.
+
+    A node rounds a count only when its noise is finer than the rounding
+    (ReleaseRules.node_rounds). The rounding error is then at most round_to / 2 but not
+    random (it depends on the count), so it is bounded rather than averaged: the standard
+    deviation grows by round_to / (2 z), which widens a count's interval by exactly
+    round_to / 2 on each side and keeps its coverage at least that of the noise alone.
+    """
     var = release.variance(key)
-    if release.rules is not None and release.rules.round_to > 1 and _kind(key) in _COUNT_KINDS:
-        var += release.rules.round_to**2 / 12.0
+    rules = release.rules
+    if rules is not None and _kind(key) in _COUNT_KINDS and rules.node_rounds(math.sqrt(var)):
+        var = (math.sqrt(var) + rules.round_to / (2 * z)) ** 2
     return var
 
 
@@ -104,7 +113,7 @@ def _check_same(query: Query, layout: _Layout, releases: Sequence[tuple[str, Nod
 
 
 def _vectors(
-    layout: _Layout, values: np.ndarray, release: NodeRelease
+    layout: _Layout, values: np.ndarray, release: NodeRelease, z: float
 ) -> dict[tuple[str, ...], Components]:
     lower = layout.table.column("lower").to_numpy(zero_copy_only=False)
     upper = layout.table.column("upper").to_numpy(zero_copy_only=False)
@@ -120,7 +129,7 @@ def _vectors(
                 edges = np.concatenate((bin_lo[rows].astype(np.float64), [float(bin_hi[rows[-1]])]))
             out[group][key] = _Vector(
                 values=values[rows],
-                variance=_variance(release, key),
+                variance=_variance(release, key, z),
                 lower=None if np.isnan(lower[first]) else float(lower[first]),
                 upper=None if np.isnan(upper[first]) else float(upper[first]),
                 edges=edges,
@@ -279,7 +288,7 @@ def combine(
         return pa.table(rows, schema=schema)
     layout = _layout(query, releases[0][1].table)
     _check_same(query, layout, releases)
-    per_region = [(region, _vectors(layout, _values(r), r)) for region, r in releases]
+    per_region = [(region, _vectors(layout, _values(r), r, z)) for region, r in releases]
 
     def emit(region: str, group: tuple[str, ...], comps: Components, *, is_partial: bool) -> None:
         # A withheld cell keeps its rows (one per histogram bin too), so that the shape of an

@@ -180,10 +180,10 @@ def quantile(
         frac = 0.0 if step <= 0 else min(max((rank - below) / step, 0.0), 1.0)
         est = float(edges[j] + frac * (edges[j + 1] - edges[j]))
     index = np.arange(bins, dtype=np.float64)
-    # The true quantile lies in bin j iff C_{j-1} < q N <= C_j (exact counts). Keep bin j
-    # unless one of two one-sided tests (each at 2.5%) on the raw noisy cumulative counts
-    # rejects that: the true bin is kept with probability at least 95%. The noise variance of
-    # C_j - q N (noisy total) is sigma^2 ((1 - q)^2 (j + 1) + q^2 (bins - 1 - j)).
+    # On a grid of values, the quantile is v_j iff C_{j-1} < q N <= C_j (exact counts). Keep
+    # v_j unless one of two one-sided tests (each at 2.5%) on the raw noisy cumulative counts
+    # rejects that: the true value is kept with probability at least 95%, more on atoms. The
+    # noise variance of C_j - q N (noisy total) is sigma^2 ((1 - q)^2 (j + 1) + q^2 (B-1-j)).
     d = cumulative - rank
     sd = np.sqrt(sigma2 * ((1 - q) ** 2 * (index + 1) + q * q * (bins - 1 - index)))
     d_prev = np.concatenate(([-rank], d[:-1]))
@@ -193,8 +193,70 @@ def quantile(
     if discrete:
         ci_lo, ci_hi, top = float(edges[first]), float(edges[last]), float(edges[-2])
     else:
-        # The interval is the whole of the plausible bins: it covers the exact quantile of the
-        # data, wherever it lies inside its bin, not only the grid's interpolation of it.
-        ci_lo, ci_hi, top = float(edges[first]), float(edges[last + 1]), hi_edge
+        top = hi_edge
+        ends = _continuous_interval(cumulative, counts, sigma2, edges, q, n, z)
+        ci_lo, ci_hi = ends if ends is not None else (est, est)
     ci_lo, ci_hi = min(ci_lo, est), max(ci_hi, est)
     return Figure(_clip(est, lo_edge, top), (ci_hi - ci_lo) / (2 * z), ci_lo, min(ci_hi, top), True)
+
+
+def _continuous_interval(
+    cumulative: np.ndarray,
+    counts: np.ndarray,
+    sigma2: float,
+    edges: np.ndarray,
+    q: float,
+    n: float,
+    z: float,
+) -> tuple[float, float] | None:
+    """Hull of {x : |D(x)| <= z sd(x)} on a continuous grid, solved exactly bin by bin.
+
+    The estimand is the quantile of the data's histogram on the grid, interpolated linearly
+    within its bin, so its cumulative count at x = e_j + f w_j is C_{j-1} + f h_j and
+    D(x) = a + b f with a = C_{j-1} - q N, b = h_j (noisy). D's noise variance is
+    sigma^2 (A + (f - q)^2) with A = (1 - q)^2 j + q^2 (bins - 1 - j); at the estimand D's
+    exact part is zero, so it is kept with probability 95%. The condition is quadratic in f:
+    (b^2 - z^2 s) f^2 + 2 (a b + z^2 s q) f + (a^2 - z^2 s (A + q^2)) <= 0, s = sigma^2.
+    """
+    bins = counts.size
+    index = np.arange(bins, dtype=np.float64)
+    a = np.concatenate(([0.0], cumulative[:-1])) - q * n
+    b = counts.astype(np.float64)
+    z2s = z * z * sigma2
+    qa = b * b - z2s
+    qb = 2 * (a * b + z2s * q)
+    qc = a * a - z2s * ((1 - q) ** 2 * index + q * q * (bins - 1 - index) + q * q)
+    # Only bins where the quadratic can be <= 0 somewhere in [0, 1] need solving: at f = 0,
+    # at f = 1, or at an interior vertex.
+    low = np.minimum(qc, qa + qb + qc)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vertex = np.where(qa > 0, -qb / (2 * qa), -1.0)
+    inner = (vertex > 0) & (vertex < 1)
+    low = np.where(inner, np.minimum(low, qc - qb * qb / (4 * np.where(qa > 0, qa, 1.0))), low)
+    found: list[tuple[float, float]] = []
+    for j in np.flatnonzero(low <= 0).tolist():
+        ends = _solve_unit(float(qa[j]), float(qb[j]), float(qc[j]))
+        if ends is not None:
+            width = float(edges[j + 1] - edges[j])
+            found.append((float(edges[j]) + ends[0] * width, float(edges[j]) + ends[1] * width))
+    if not found:
+        return None
+    return min(f[0] for f in found), max(f[1] for f in found)
+
+
+def _solve_unit(qa: float, qb: float, qc: float) -> tuple[float, float] | None:
+    """The hull of {f in [0, 1] : qa f^2 + qb f + qc <= 0}, or None if it is empty."""
+    candidates = [0.0, 1.0]
+    if qa != 0:
+        disc = qb * qb - 4 * qa * qc
+        if disc >= 0:
+            root = math.sqrt(disc)
+            candidates += [(-qb - root) / (2 * qa), (-qb + root) / (2 * qa)]
+    elif qb != 0:
+        candidates.append(-qc / qb)
+    # The set's ends are among 0, 1 and the roots; allow for rounding at a root.
+    slack = 1e-9 * (abs(qa) + abs(qb) + abs(qc))
+    inside = [f for f in candidates if 0 <= f <= 1 and (qa * f + qb) * f + qc <= slack]
+    if not inside:
+        return None
+    return min(inside), max(inside)

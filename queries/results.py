@@ -59,6 +59,16 @@ class ReleaseRules:
         if self.round_to < 1:
             raise ConfigError("release.round_to must be 1 or more (1: no rounding)")
 
+    def node_rounds(self, noise_sd: float) -> bool:
+        """Whether a node rounds a count released with this noise sd (one rule for node and hub).
+
+        Rounding to a multiple of round_to hides a count's last digit; noise whose standard
+        deviation is at least round_to already does, and rounding on top of it would only
+        bend the intervals (the error of rounding a noisy count is not noise: it depends on
+        the count). So a node rounds only counts whose noise is finer than the rounding.
+        """
+        return self.round_to > 1 and noise_sd < self.round_to
+
     def strictest(self, other: ReleaseRules) -> ReleaseRules:
         """The rules that satisfy both (used when a node is stricter than the hub)."""
         return ReleaseRules(

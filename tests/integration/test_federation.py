@@ -22,7 +22,7 @@ from protocols import security, serde
 from protocols.errors import BudgetExceededError, PermissionDeniedError, QueryError
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2, node_pb2_grpc
 from queries import plan
-from queries.combine import POOLED
+from queries.combine import POOLED, Z95
 from queries.pathway import load_pathways
 from queries.results import NodeStatus
 from queries.spec import Filter, Query, canonical_bytes
@@ -82,9 +82,10 @@ def test_federated_count_matches_exact_within_interval(federation: LocalFederati
         assert row["estimate"] % 5 == 0
     pooled = [r for r in rows if r["region"] == POOLED]
     for r in pooled:
-        # Four nodes' independent noise, each rounded to 5 by the node's own rules (a uniform
-        # error of variance 25/12): the pooled variance is the sum of theirs.
-        assert r["std_error"] == pytest.approx(2 * math.sqrt(sigma**2 + 25 / 12))
+        # Four nodes' independent noise (sd below 5, so each node rounds its counts to 5 and
+        # the hub widens each sd by the rounding's bound, 2.5 / z): the pooled variance is the
+        # sum of theirs.
+        assert r["std_error"] == pytest.approx(2 * (sigma + 2.5 / Z95))
         assert r["ci_low"] <= r["estimate"] <= r["ci_high"]
     for o in result.nodes:
         # Each node's receipt reaches the analyst through the hub.

@@ -13,11 +13,11 @@ What is vectorised, and why it changes nothing a coverage rate depends on:
 - Noise for all draws is drawn in one call per component: engine.add_noise on the exact
   vectors repeated `draws` times. OpenDP adds independent noise to each coordinate, so draw d
   gets exactly what a node would add to that component.
-- The node's rules (engine.withhold_small_cells: counts rounded to RULES.round_to, a group
-  with a noisy count below RULES.suppress_below withheld) are applied with numpy, and a
-  release table is the engine's table built once (engine.release_table on the exact values)
-  with its value column replaced. test_coverage checks both against the engine's own
-  functions on the same noise; a draw in which the node would withhold is built by them.
+- The node's rules (engine.withhold_small_cells: counts whose noise is finer than RULES.round_to
+  rounded to it, a group with a noisy count below RULES.suppress_below withheld) are applied
+  with numpy, and a release table is the engine's table built once (engine.release_table on the
+  exact values) with its value column replaced. test_coverage checks both against the engine's
+  own functions on the same noise; a draw in which the node would withhold is built by them.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ RULES = ReleaseRules()
 DELTA = 1e-6
 BUDGET = BudgetStatus(rho_total=1e6, rho_spent=0.0, max_rho_per_query=1e6, delta=DELTA)
 NOISELESS = "noiseless"  # the truth of every figure: combine() on the exact components
-DATA = "data"  # the data's own quantile (quantile_disc), for quantiles on continuous grids
 
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
@@ -228,7 +227,7 @@ class RegionPlan:
     def engine_table(self, noisy: Mapping[str, Sequence[int]]) -> pa.Table:
         """One noisy release table exactly as NodeService._release builds it."""
         ints = {k: tuple(int(x) for x in v) for k, v in noisy.items()}
-        shown = engine.withhold_small_cells(self.compiled, ints, RULES)
+        shown = engine.withhold_small_cells(self.compiled, self.releases, ints, RULES)
         return engine.release_table(self.compiled, self.releases, shown)
 
     def table(self, values: F64) -> pa.Table:
@@ -265,7 +264,8 @@ class Draws:
     """Noisy releases of one region plan, one per row of `noisy`, after the node's rules.
 
     The rules are those of engine.withhold_small_cells, with numpy: count components
-    (engine.COUNT_KINDS) rounded to a multiple of RULES.round_to by the same integer formula;
+    (engine.COUNT_KINDS) whose noise is finer than the rounding (RULES.node_rounds) rounded to
+    a multiple of RULES.round_to by the same integer formula;
     a draw in which the node would withhold the group (a noisy count, or a histogram's
     total, below RULES.suppress_below) is built by the engine itself instead.
     """
@@ -281,12 +281,13 @@ class Draws:
         self.withheld = np.zeros(count, dtype=np.bool_)
         shown: dict[str, I64] = {}
         base = RULES.round_to
+        sd = {r.component.key: math.sqrt(r.variance) for r in self.plan.releases}
         for key, c in comps.items():
             v = self.noisy[key]
             if c.kind in engine.COUNT_KINDS:
                 # No group_by: one group, whose total is the sum of the bins (or the value).
                 self.withheld |= v.sum(axis=1) < RULES.suppress_below
-                if base > 1:
+                if RULES.node_rounds(sd[key]):
                     v = (2 * v + base) // (2 * base) * base
             shown[key] = v
         names = self.plan.template.column("component").to_pylist()
@@ -370,7 +371,7 @@ class Coverage:
 
     figures: Figures
     draws: int
-    covered: dict[str, I64]  # by truth (NOISELESS, DATA)
+    covered: dict[str, I64]  # by truth (NOISELESS)
     truths: dict[str, F64]
     no_estimate: I64  # estimate None
     no_interval: I64  # ci_low or ci_high None
@@ -452,27 +453,10 @@ def noiseless(setting: Setting, measure: str) -> Figures:
     return _figures(setting, query_index(setting, measure))
 
 
-def data_quantiles(setting: Setting, fig: Figures) -> F64:
-    """Per figure, the data's own quantile (quantile_disc of the clamped column) for a
-    quantile on a continuous grid, in its region or pooled; NaN for other figures."""
-    by_name = {m.name: m for m in setting.measures()}
-    runners = prepare(setting).runners
-    out = np.full(len(fig.truth), np.nan)
-    for i, (name, region) in enumerate(zip(fig.measure, fig.region, strict=True)):
-        m = by_name[name]
-        if continuous_quantile(m):
-            out[i] = runners[region].scalar(
-                _select(f"quantile_disc({_clamped(m)}, {m.quantile!r})")
-            )
-    return out
-
-
 @functools.cache
 def _coverage(setting: Setting, index: int, draws: int) -> Coverage:
     fig = _figures(setting, index)
     truths = {NOISELESS: fig.truth}
-    if any(continuous_quantile(m) for m in setting.queries[index].measures):
-        truths[DATA] = data_quantiles(setting, fig)
     return coverage(setting.queries[index], prepare(setting).plans[index], draws, truths)
 
 
@@ -578,42 +562,3 @@ def binomial_outside(draws: int, p: float, low: float, high: float) -> float:
 def binomial_below(draws: int, p: float, low: float) -> float:
     """P(X / draws < low) for X ~ Binomial(draws, p), exactly."""
     return binomial_outside(draws, p, low, 2.0)
-
-
-def _rounding_error(truth: int, scale: float, base: int) -> tuple[int, F64]:
-    """Distribution of round(truth + e) - truth, e discrete Gaussian: (lowest value, pmf)."""
-    k = np.arange(-math.ceil(12 * scale), math.ceil(12 * scale) + 1, dtype=np.int64)
-    weights = np.exp(-(k * k).astype(np.float64) / (2 * scale * scale))
-    v = truth + k
-    if base > 1:
-        v = (2 * v + base) // (2 * base) * base  # the node's rounding (engine._round)
-    err = v - truth
-    pmf = np.zeros(int(err.max() - err.min()) + 1)
-    np.add.at(pmf, err - err.min(), weights / weights.sum())
-    return int(err.min()), pmf
-
-
-def _convolve(a: F64, b: F64) -> F64:
-    """The pmf of a sum of two independent integer variables (by FFT: pmfs are long)."""
-    n = len(a) + len(b) - 1
-    size = 1 << (n - 1).bit_length()
-    out = np.fft.irfft(np.fft.rfft(a, size) * np.fft.rfft(b, size), size)[:n]
-    return np.asarray(np.clip(out, 0.0, None), dtype=np.float64)
-
-
-def count_coverage(
-    truths: Sequence[int], scales: Sequence[float], base: int, half_width: float
-) -> float:
-    """P(|sum of the regions' released errors| <= half_width), exactly.
-
-    Each region releases round(truth + e), e a discrete Gaussian of its scale and round the
-    node's rounding to a multiple of `base`; a pooled count is their sum. This is the
-    coverage of released count +- half_width (pmfs truncated at 12 sds: mass < 1e-30).
-    """
-    low, pmf = 0, np.array([1.0])
-    for t, s in zip(truths, scales, strict=True):
-        lo, one = _rounding_error(t, s, base)
-        low += lo
-        pmf = _convolve(pmf, one)
-    err = np.arange(len(pmf)) + low
-    return float(pmf[np.abs(err) <= half_width + 1e-9].sum())

@@ -206,10 +206,11 @@ def test_pooled_statistics_from_exact_components_equal_the_pooled_truth() -> Non
 
 def test_the_node_withholds_small_cells_and_rounds_counts() -> None:
     """The node's own [release] rules, on noisy values: small groups withheld whole, counts
-    rounded (exactly, even beyond 2^53), sums left as they are, bins not withheld one by one."""
+    rounded (exactly, even beyond 2^53) where their noise is finer than the rounding, sums
+    left as they are, bins not withheld one by one."""
     query = Query(
         view="stays",
-        rho=1.0,
+        rho=1000.0,  # noise sd well below 5: counts are rounded
         group_by=("sex",),
         measures=(
             Measure(Statistic.COUNT, "n"),
@@ -218,12 +219,22 @@ def test_the_node_withholds_small_cells_and_rounds_counts() -> None:
         ),
     )
     compiled = plan.compile_query(query, CATALOG)
+    releases = engine.calibrations(compiled)
     big = 2**60 + 3
     noisy = {"persons": (5, big), "sum:los": (41, 43), "bins:los/3": (1, 2, 1, 2, 50, 3)}
-    shown = engine.withhold_small_cells(compiled, noisy, ReleaseRules(suppress_below=8, round_to=5))
+    rules = ReleaseRules(suppress_below=8, round_to=5)
+    shown = engine.withhold_small_cells(compiled, releases, noisy, rules)
     # 5 < 8: female withheld; 2^60 + 3 = ...979 rounds to ...980, which floats cannot hold.
     assert shown["persons"] == [None, 1_152_921_504_606_846_980]
     assert shown["sum:los"] == [None, 43]
     assert shown["bins:los/3"] == [None, None, None, 0, 50, 5]
-    none = engine.withhold_small_cells(compiled, noisy, ReleaseRules(suppress_below=0, round_to=1))
+    off = ReleaseRules(suppress_below=0, round_to=1)
+    none = engine.withhold_small_cells(compiled, releases, noisy, off)
     assert none == {k: list(v) for k, v in noisy.items()}
+    # With noise coarser than the rounding step, the node withholds but does not round.
+    coarse = plan.compile_query(
+        Query(view="stays", rho=0.001, group_by=("sex",), measures=query.measures), CATALOG
+    )
+    kept = engine.withhold_small_cells(coarse, engine.calibrations(coarse), noisy, rules)
+    assert kept["persons"] == [None, big]
+    assert kept["bins:los/3"] == [None, None, None, 2, 50, 3]

@@ -60,7 +60,7 @@ def node_release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeReleas
     """Everything a node does after the charge is recorded, as NodeService does it."""
     releases = engine.calibrations(compiled)
     noisy = engine.add_noise(releases, exact)
-    shown = engine.withhold_small_cells(compiled, noisy, RULES)
+    shown = engine.withhold_small_cells(compiled, releases, noisy, RULES)
     return NodeRelease(
         query_id="q",
         table=engine.release_table(compiled, releases, shown),
