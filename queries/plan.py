@@ -298,6 +298,14 @@ def _numeric(view: ViewSpec, name: str, measure: Measure) -> tuple[ColumnSpec, f
             f"use CLAMP({name}, lower, upper)"
         )
     lo, hi = col.lower, col.upper
+    fractional = measure.clamp is not None and not all(float(b).is_integer() for b in measure.clamp)
+    if fractional and col.type is ColumnType.INTEGER:
+        # Integer columns are summed in whole units, so a fractional bound would be rounded
+        # row by row (CLAMP(age, 0, 0.4) would sum to 0): refuse it.
+        raise QueryError(
+            f"measure {measure.name!r}: {name!r} is a whole-number column, so its CLAMP "
+            f"bounds must be whole numbers, got {list(measure.clamp or ())}"
+        )
     if measure.clamp is not None:
         lo, hi = max(lo, measure.clamp[0]), min(hi, measure.clamp[1])
         if lo >= hi:

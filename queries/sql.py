@@ -13,12 +13,74 @@ from __future__ import annotations
 import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokenizer_core import TokenType
+from sqlglot.tokens import Tokenizer
 
 from protocols.errors import QueryError
 from queries.spec import Filter, Measure, Query, Statistic, check_identifier
 
 # Queries longer than this are refused before parsing (a parser is no place for megabytes).
 MAX_SQL_CHARS = 20_000
+# Deeper nesting of parentheses than this is refused before parsing: no query of the subset
+# needs more than a few levels, and the parser recurses on each one.
+MAX_NESTING = 20
+
+# Everything the planner implements, node type by node type. Anything else in the parsed
+# statement (TABLESAMPLE, QUALIFY, casts, other functions...) is refused, never ignored.
+_ALLOWED: frozenset[type[exp.Expr]] = frozenset(
+    {
+        exp.Select,
+        exp.From,
+        exp.Table,
+        exp.Identifier,
+        exp.Column,
+        exp.Alias,
+        exp.Count,
+        exp.Distinct,
+        exp.Star,
+        exp.Sum,
+        exp.Avg,
+        exp.Variance,
+        exp.Stddev,
+        exp.StddevSamp,
+        exp.Median,
+        exp.Quantile,
+        exp.PercentileCont,
+        exp.Anonymous,
+        exp.Div,
+        exp.Literal,
+        exp.Neg,
+        exp.Where,
+        exp.And,
+        exp.EQ,
+        exp.In,
+        exp.Paren,
+        exp.Group,
+    }
+)
+# Population variance and SD would be silently computed as the sample ones.
+_POPULATION: dict[type[exp.Expr], str] = {
+    exp.VariancePop: "VAR_POP is not supported: use VARIANCE (the sample variance)",
+    exp.StddevPop: "STDDEV_POP is not supported: use STDDEV (the sample standard deviation)",
+}
+# How many arguments each function of the subset takes. The parser drops extra arguments of
+# some functions (QUANTILE(x, 0.5, 0.9) parses as QUANTILE(x, 0.5)), so they are counted on
+# the tokens before parsing.
+_ARITY: dict[str, tuple[int, int]] = {
+    "COUNT": (1, 1),
+    "SUM": (1, 1),
+    "AVG": (1, 1),
+    "VARIANCE": (1, 1),
+    "VAR_SAMP": (1, 1),
+    "STDDEV": (1, 1),
+    "STDDEV_SAMP": (1, 1),
+    "MEDIAN": (1, 1),
+    "QUANTILE": (2, 2),
+    "QUANTILE_CONT": (2, 2),
+    "PERCENTILE_CONT": (2, 2),
+    "HISTOGRAM": (1, 2),
+    "CLAMP": (3, 3),
+}
 
 _FORBIDDEN: tuple[tuple[type[exp.Expr], str], ...] = (
     (exp.Join, "joins are not allowed: query one view at a time"),
@@ -50,6 +112,7 @@ def parse_sql(sql: str, *, rho: float) -> Query:
         )
     if len(sql) > MAX_SQL_CHARS:
         raise QueryError(f"the SQL is longer than {MAX_SQL_CHARS} characters")
+    _check_tokens(sql)
     try:
         statements = sqlglot.parse(sql, dialect="duckdb")
     except ParseError as exc:
@@ -59,6 +122,8 @@ def parse_sql(sql: str, *, rho: float) -> Query:
         raise QueryError(f"SQL syntax error{where}{near}: {err.get('description', exc)}") from None
     except (TokenError, ValueError) as exc:
         raise QueryError(f"SQL could not be read: {exc}") from None
+    except RecursionError:
+        raise QueryError(f"the SQL is nested too deeply (at most {MAX_NESTING} levels)") from None
     statements = [s for s in statements if s is not None]
     if len(statements) != 1:
         raise QueryError("give exactly one SELECT statement")
@@ -72,6 +137,8 @@ def parse_sql(sql: str, *, rho: float) -> Query:
         for kind, message in _FORBIDDEN:
             if isinstance(node, kind) and message:
                 raise QueryError(message + _position(node))
+        if type(node) in _POPULATION:
+            raise QueryError(_POPULATION[type(node)] + _position(node))
     if stmt.args.get("distinct"):
         raise QueryError("SELECT DISTINCT is not allowed: group by public columns instead")
     view = _view(stmt)
@@ -96,13 +163,57 @@ def parse_sql(sql: str, *, rho: float) -> Query:
     names = [m.name for m in measures]
     if len(set(names)) != len(names):
         raise QueryError(f"two aggregates have the same name {names}; give them aliases with AS")
-    return Query(
-        view=view,
-        rho=rho,
-        measures=tuple(measures),
-        group_by=group_by,
-        where=_filters(stmt.args.get("where")),
-    )
+    filters = _filters(stmt.args.get("where"))
+    # Last, so that the specific messages above come first: anything left that the planner
+    # does not implement is refused rather than ignored.
+    for node in stmt.walk():
+        if type(node) not in _ALLOWED:
+            raise QueryError(
+                f"{_describe(node)} is not supported: the query would not run as written, so "
+                "it is refused (write SELECT, aggregates, FROM one view, WHERE column = 'v' or "
+                "IN (...) joined by AND, GROUP BY)" + _position(node)
+            )
+    return Query(view=view, rho=rho, measures=tuple(measures), group_by=group_by, where=filters)
+
+
+def _describe(node: exp.Expr) -> str:
+    """A short name for a construct in an error message (never the whole query text)."""
+    text = node.sql(dialect="duckdb")
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{node.key.upper()} ({text!r})"
+
+
+def _check_tokens(sql: str) -> None:
+    """Refuse deep nesting and wrong argument counts before the parser sees the text."""
+    try:
+        tokens = Tokenizer(dialect="duckdb").tokenize(sql)
+    except (TokenError, ValueError) as exc:
+        raise QueryError(f"SQL could not be read: {exc}") from None
+    depth = 0
+    # For each open parenthesis: the function it belongs to (or None) and its comma count.
+    stack: list[tuple[str | None, int]] = []
+    for i, tok in enumerate(tokens):
+        if tok.token_type is TokenType.L_PAREN:
+            depth += 1
+            if depth > MAX_NESTING:
+                raise QueryError(f"the SQL is nested too deeply (at most {MAX_NESTING} levels)")
+            prev = tokens[i - 1].text.upper() if i > 0 else ""
+            stack.append((prev if prev in _ARITY else None, 0))
+        elif tok.token_type is TokenType.COMMA and stack:
+            func, commas = stack[-1]
+            stack[-1] = (func, commas + 1)
+        elif tok.token_type is TokenType.R_PAREN and stack:
+            depth -= 1
+            func, commas = stack.pop()
+            empty = i > 0 and tokens[i - 1].token_type is TokenType.L_PAREN
+            args = 0 if empty else commas + 1
+            if func is not None:
+                low, high = _ARITY[func]
+                if not low <= args <= high:
+                    want = str(low) if low == high else f"{low} or {high}"
+                    raise QueryError(
+                        f"{func} takes {want} argument(s), got {args} (line {tok.line})"
+                    )
 
 
 def _view(stmt: exp.Select) -> str:
@@ -259,6 +370,11 @@ def _measure(e: exp.Expr, alias: str | None, index: int) -> Measure:
         if q_expr is None:
             raise QueryError("QUANTILE takes a column and a level: QUANTILE(x, 0.9)")
         q = _number(q_expr, "quantile level")
+        if not 0 < q < 1:
+            raise QueryError(
+                f"the quantile level must be between 0 and 1 (exclusive), got {q:g}; "
+                "e.g. QUANTILE(x, 0.9) for the 90th percentile"
+            )
         column, clamp = _argument(e.this)
         label = f"q{round(q * 100):02d}_{column}"
         return make(Statistic.QUANTILE, label, column=column, clamp=clamp, quantile=q)

@@ -617,3 +617,18 @@ def test_nulls_stay_out_of_clamped_sums(visits_con: duckdb.DuckDBPyConnection) -
     # male: person 2's 250 and person 3's NULL (which used to be summed as 50).
     assert got["sum:cost@50.0,5000.0"] == [100 + 5000 + 50 + 50, 250]
     assert got["rows:cost"] == [4, 1]
+
+
+def test_fractional_clamp_bounds_on_a_whole_number_column_are_refused() -> None:
+    """SUM(CLAMP(los, 0, 0.4)) used to round each row to 0 and report 0 with an interval."""
+    query = Query(
+        view="visits",
+        rho=0.1,
+        measures=(Measure(Statistic.SUM, "s", column="los", clamp=(0, 0.4)),),
+    )
+    with pytest.raises(QueryError, match="whole-number column, so its CLAMP bounds"):
+        plan.compile_query(query, CUSTOM)
+    whole = Query(
+        view="visits", rho=0.1, measures=(Measure(Statistic.SUM, "s", column="los", clamp=(0, 4)),)
+    )
+    assert plan.compile_query(whole, CUSTOM).components[0].upper == 4

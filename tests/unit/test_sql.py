@@ -157,3 +157,31 @@ def test_median_and_ratio_spellings() -> None:
     assert (q90.name, q90.quantile) == ("q90_los", 0.9)
     assert (rate.column, rate.denominator) == ("readmissions", "admissions")
     assert (per_person.column, per_person.denominator) == ("bed_days", None)
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("SELECT COUNT(*) FROM persons TABLESAMPLE 10%", "TABLESAMPLE"),
+        ("SELECT sex, COUNT(*) FROM persons GROUP BY sex QUALIFY 1 = 1", "QUALIFY"),
+        ("SELECT QUANTILE(age, 0.5, 0.9) FROM persons", "QUANTILE takes 2 argument"),
+        ("SELECT HISTOGRAM(age, 5, 6) FROM persons", "HISTOGRAM takes 1 or 2 argument"),
+        ("SELECT SUM(CLAMP(age, 0)) FROM persons", "CLAMP takes 3 argument"),
+        ("SELECT QUANTILE(age, -0.1) FROM persons", "quantile level must be between 0 and 1"),
+        ("SELECT VAR_POP(age) FROM persons", "VAR_POP is not supported"),
+        ("SELECT STDDEV_POP(age) FROM persons", "STDDEV_POP is not supported"),
+    ],
+)
+def test_what_the_planner_does_not_implement_is_refused_not_ignored(sql: str, message: str) -> None:
+    """These used to parse and run as a different query (the extra clause or argument dropped)."""
+    with pytest.raises(QueryError, match=message):
+        parse_sql(sql, rho=0.1)
+
+
+def test_deep_nesting_is_a_clear_error_not_a_recursion_error() -> None:
+    where = "(" * 45 + "sex = 'f'" + ")" * 45
+    with pytest.raises(QueryError, match="nested too deeply"):
+        parse_sql("SELECT COUNT(*) FROM persons WHERE " + where, rho=0.1)
+    # A few levels are fine.
+    query = parse_sql("SELECT COUNT(*) FROM persons WHERE ((sex = 'f'))", rho=0.1)
+    assert query.where[0].values == ("f",)
