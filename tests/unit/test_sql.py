@@ -179,9 +179,9 @@ def test_what_the_planner_does_not_implement_is_refused_not_ignored(sql: str, me
 
 
 def test_deep_nesting_is_a_clear_error_not_a_recursion_error() -> None:
-    where = "(" * 45 + "sex = 'f'" + ")" * 45
+    sql = "SELECT COUNT(*) FROM persons WHERE " + "(" * 45 + "sex = 'f'" + ")" * 45
     with pytest.raises(QueryError, match="nested too deeply"):
-        parse_sql("SELECT COUNT(*) FROM persons WHERE " + where, rho=0.1)
+        parse_sql(sql, rho=0.1)
     # A few levels are fine.
     query = parse_sql("SELECT COUNT(*) FROM persons WHERE ((sex = 'f'))", rho=0.1)
     assert query.where[0].values == ("f",)
