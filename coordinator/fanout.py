@@ -79,7 +79,12 @@ def fan_out(
             if status is NodeStatus.UNREACHABLE:
                 message = f"node {name} at {handle.entry.address} is unreachable: {message}"
             elif status is NodeStatus.TIMED_OUT:
-                message = f"node {name} did not answer within {deadline_s:g} s"
+                # A node refuses at no cost once it sees the deadline has passed; an answer
+                # lost after its charge was recorded still shows in `chc budget` and audits.
+                message = (
+                    f"node {name} did not answer within {deadline_s:g} s (a node charges "
+                    "nothing once it sees the deadline has passed; `chc budget` shows its spend)"
+                )
         replies.append(
             Reply(
                 node=name,

@@ -416,7 +416,7 @@ def budget_refusal(
         return QueryError(f"rho must be a positive finite number, got {rho!r}")
     if cap_exceeded(rho, p.max_rho_per_query):
         return QueryError(
-            f"rho {rho:g} is above this node's per-query cap of {p.max_rho_per_query:g}; "
+            f"rho {rho:.10g} is above this node's per-query cap of {p.max_rho_per_query:.10g}; "
             "ask for less"
         )
     period, life = tally.period(p, when), tally.life

@@ -24,9 +24,16 @@ from google.protobuf.message import DecodeError
 from node import engine
 from node.access import AccessPolicy
 from node.accounting import Accountant, Charge, Refusal, SignedEntry
+from node.budget_policy_log import cap_exceeded
 from node.store import OmopStore
 from protocols import serde
-from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError
+from protocols.errors import (
+    AuthenticationError,
+    ChcError,
+    DeadlineExceededError,
+    PermissionDeniedError,
+    QueryError,
+)
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security import (
@@ -151,6 +158,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """Parse, authorise against the access policy, plan and calibrate; touches no data."""
         query = spec.from_json(signed.query)
         self.access.check(analyst=analyst.name, organisation=analyst.organisation, view=query.view)
+        # The per-query cap is public: refuse above it before planning and calibrating, so that
+        # an absurd rho is a clear refusal, never a calibration failure.
+        cap = self.accountant.policy.max_rho_per_query
+        if cap_exceeded(query.rho, cap):
+            raise QueryError(
+                f"rho {query.rho:.10g} is above this node's per-query cap of {cap:.10g}; "
+                f"ask for at most {cap:.10g}"
+            )
         compiled = plan.compile_query(query, self.catalog)
         releases = engine.calibrations(compiled)
         return query, compiled, releases, sum(r.calibration.rho for r in releases)
@@ -202,13 +217,17 @@ class NodeService(node_pb2_grpc.NodeServicer):
             self._record_refusal(request.envelope, request.envelope.analyst, exc)
             raise
         try:
-            return self._execute(signed, analyst, request.envelope)
+            return self._execute(signed, analyst, request.envelope, context)
         except ChcError as exc:
             self._record_refusal(request.envelope, analyst.name, exc)
             raise
 
     def _execute(
-        self, signed: SignedQuery, verified: VerifiedAnalyst, envelope: node_pb2.QueryEnvelope
+        self,
+        signed: SignedQuery,
+        verified: VerifiedAnalyst,
+        envelope: node_pb2.QueryEnvelope,
+        context: grpc.ServicerContext,
     ) -> node_pb2.ExecuteResponse:
         analyst = verified.name
         query, compiled, releases, rho = self._price(signed, verified)
@@ -218,8 +237,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.nonces.claim(signed.nonce, signed.expires_at_ms)
         query_id = uuid.uuid4().hex
         started = time.perf_counter()
+        _check_deadline(context, "before computing")
         table = self._release(compiled, releases)
         epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
+        # The caller has given up: charging now would spend budget on an answer nobody
+        # receives. Checked last before the charge (the charge itself takes about a ms).
+        _check_deadline(context, "before charging")
         # Charge before release (principle 2): the noisy table is ready but leaves only once
         # the charge is durable; from here a failure loses the result, never the charge.
         budget, sequence = self.accountant.charge(
@@ -319,4 +342,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 sequence=e.sequence, body=e.body, signature=e.signature, head=e.head
             )
             for e in self.accountant.stream(max(1, request.from_sequence))
+        )
+
+
+def _check_deadline(context: grpc.ServicerContext, when: str) -> None:
+    """Refuse at no cost if the caller's propagated deadline has already passed."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceededError(
+            f"the caller's deadline passed {when} the release; nothing was charged: "
+            "allow more time (e.g. a longer --deadline)"
         )

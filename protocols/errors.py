@@ -50,3 +50,9 @@ class DataError(ValueError, ChcError):
     """The node's data is missing or does not match the OMOP CDM."""
 
     status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceededError(TimeoutError, ChcError):
+    """The caller's deadline passed before the work was done; nothing was charged."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
