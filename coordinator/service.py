@@ -12,7 +12,7 @@ from cryptography import x509
 from coordinator.fanout import Reply, fan_out
 from coordinator.registry import NodeHandle, Registry
 from protocols import serde
-from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError
+from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security import Role, peer_of
@@ -58,6 +58,12 @@ class HubService(hub_pb2_grpc.HubServicer):
 
     def _deadline_s(self, request: hub_pb2.SubmitRequest) -> float:
         """The analyst's deadline if given (capped), else the hub's default."""
+        if request.deadline_ms < 0:
+            # Refused before any node is asked: a deadline in the past can only time out.
+            raise QueryError(
+                f"deadline_ms must be positive (or 0 for the hub's default of "
+                f"{self.deadline_ms} ms), got {request.deadline_ms}"
+            )
         return min(request.deadline_ms or self.deadline_ms, MAX_DEADLINE_MS) / 1000
 
     def _check_analyst(self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext) -> None:

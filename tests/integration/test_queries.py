@@ -69,3 +69,15 @@ def test_explain_refuses_what_execute_would_refuse(federation: LocalFederation) 
             fed.query(query)
     assert all(e.status is NodeStatus.REFUSED for e in explains)
     assert all("no public domain" in e.message for e in explains)
+
+
+def test_a_negative_deadline_is_refused_before_any_node_is_asked(
+    federation: LocalFederation,
+) -> None:
+    """It used to be relayed as a timeout of every node, and the CLI exited 0."""
+    query = parse_sql("SELECT COUNT(*) FROM persons", rho=0.01)
+    with Federation(federation.hub_address, federation.analyst_identity) as fed:
+        before = _spent(fed)
+        with pytest.raises(QueryError, match="deadline"):
+            fed.query(query, deadline_s=-1.0)
+        assert _spent(fed) == before
