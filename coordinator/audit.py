@@ -53,7 +53,16 @@ from node.ledger import (
 )
 from protocols import serde
 from protocols.errors import AuthenticationError, ChcError
-from protocols.security import CLOCK_SKEW_MS, Identity, secure_channel, verify_query
+from protocols.security import (
+    CLOCK_SKEW_MS,
+    LEDGER_PAYLOAD_VERSIONS,
+    LEGACY_PAYLOAD_VERSION,
+    Identity,
+    Operation,
+    SignedQuery,
+    secure_channel,
+    verify_query,
+)
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.mechanisms import rho_to_epsilon
 
@@ -62,6 +71,8 @@ from queries.mechanisms import rho_to_epsilon
 EXPIRY_GRACE_MS = 10 * 60 * 1000
 EXPORT_MAGIC = "chc_ledger"
 PARQUET_MAGIC = b"PAR1"
+# Said once per ledger that holds releases signed before envelopes named what they were for.
+_LEGACY_NOTE = "some releases carry version-1 envelopes"
 
 
 class AuditError(RuntimeError, ChcError):
@@ -469,14 +480,43 @@ class _Verifier:
             self.flag(label, "was charged long after the analyst's envelope expired")
         if self.ca is not None:
             signed = serde.signed_query_from_proto(envelope)
-            try:
-                verify_query(signed, self.ca, at_ms=envelope.issued_at_ms)
-            except (AuthenticationError, ValueError) as exc:
-                self.flag(
-                    label,
-                    f"the analyst's signature in its envelope does not verify against the "
-                    f"federation CA: {exc}",
+            self._analyst_signature(label, body, signed, self.ca)
+
+    def _analyst_signature(
+        self, label: int, body: dict[str, Any], signed: SignedQuery, ca: bytes
+    ) -> None:
+        """The envelope's signature, in the payload version it was signed in, and what it allows."""
+        try:
+            # Ledgers keep every envelope as it was released, in the payload version of its
+            # day, so old entries are verified as what they are: version 1 or 2.
+            verify_query(signed, ca, at_ms=signed.issued_at_ms, versions=LEDGER_PAYLOAD_VERSIONS)
+        except (AuthenticationError, ValueError) as exc:
+            self.flag(
+                label,
+                f"the analyst's signature in its envelope does not verify against the "
+                f"federation CA: {exc}",
+            )
+            return
+        if signed.payload_version == LEGACY_PAYLOAD_VERSION:
+            if not any(n.startswith(_LEGACY_NOTE) for n in self.r.notes):
+                self.r.notes.append(
+                    f"{_LEGACY_NOTE} (the first: entry {label}): their signatures verify, but "
+                    "version 1 did not say which operation or which hub and nodes they were for"
                 )
+            return
+        if signed.operation is not Operation.EXECUTE:
+            what = signed.operation.value if signed.operation else "no operation"
+            self.flag(
+                label,
+                f"was released under an envelope the analyst signed for {what}, not to execute",
+            )
+        node = body.get("node")
+        if signed.audience.nodes and node not in signed.audience.nodes:
+            self.flag(
+                label,
+                f"was released by node {node!r}, which the analyst's envelope does not address "
+                f"(it names {', '.join(signed.audience.canonical_nodes())})",
+            )
 
     def head(self, item: SignedEntry | None) -> None:
         last = self.expected - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,8 +18,15 @@ from protocols.errors import (
     PermissionDeniedError,
     QueryError,
 )
-from protocols.security import Identity, load_identity, secure_channel, sign_query
-from protocols.v1 import hub_pb2, hub_pb2_grpc
+from protocols.security import (
+    Audience,
+    Identity,
+    Operation,
+    load_identity,
+    secure_channel,
+    sign_query,
+)
+from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
 from queries.results import (
     BudgetStatus,
     FederatedResult,
@@ -65,33 +73,61 @@ class NodeBudget:
     analyst: BudgetStatus | None = None  # this analyst's spent and remaining (see Accountant)
 
 
-# A query that every node can plan (its `persons` view), used only with Explain, which runs
-# nothing and spends nothing, to ask each node what the signing analyst may still spend.
+# A query that every node can plan (its `persons` view), signed for the budget operation and
+# used only with Explain, which runs nothing and spends nothing, to ask each node what the
+# signing analyst may still spend. No node executes an envelope signed for it.
 BUDGET_PROBE = Query(view="persons", rho=1e-6)
 
 
 class Federation:
-    """A connection to the hub as one analyst; every query is signed with the analyst's key."""
+    """A connection to the hub as one analyst; every query is signed with the analyst's key.
+
+    server_name is the hub's name in its certificate: TLS accepts only a hub that carries it,
+    and every envelope is addressed to it, so no other hub can relay what this client signs.
+    """
 
     def __init__(self, hub: str, identity: Identity | Path, *, server_name: str = "hub") -> None:
         self.hub = hub
+        self.hub_name = server_name
         self.identity = identity if isinstance(identity, Identity) else load_identity(identity)
         self._channel = secure_channel(hub, self.identity, server_name=server_name)
         self._stub = hub_pb2_grpc.HubStub(self._channel)
 
+    def sign(
+        self,
+        query: Query,
+        *,
+        operation: Operation = Operation.EXECUTE,
+        nodes: Sequence[str] = (),
+        ttl_s: float = 600.0,
+    ) -> node_pb2.QueryEnvelope:
+        """The envelope this client sends: query signed for operation, addressed to this hub.
+
+        nodes, if given, are the only nodes that will accept it (an analyst may also present
+        it to them directly); the hub still relays to every node, and the others refuse it.
+        """
+        signed = sign_query(
+            self.identity,
+            canonical_bytes(query),
+            operation=operation,
+            audience=Audience(hub=self.hub_name, nodes=tuple(nodes)),
+            ttl_ms=int(ttl_s * 1000),
+        )
+        return serde.signed_query_to_proto(signed)
+
     def _signed_request(
-        self, query: Query, *, deadline_s: float, ttl_s: float = 600.0
+        self, query: Query, operation: Operation, *, deadline_s: float, ttl_s: float = 600.0
     ) -> hub_pb2.SubmitRequest:
-        signed = sign_query(self.identity, canonical_bytes(query), ttl_ms=int(ttl_s * 1000))
         return hub_pb2.SubmitRequest(
-            envelope=serde.signed_query_to_proto(signed), deadline_ms=int(deadline_s * 1000)
+            envelope=self.sign(query, operation=operation, ttl_s=ttl_s),
+            deadline_ms=int(deadline_s * 1000),
         )
 
     def query(
         self, query: Query, *, deadline_s: float = 30.0, ttl_s: float = 600.0
     ) -> FederatedResult:
         """Sign a query, run it at every node, and return per-region and pooled estimates."""
-        request = self._signed_request(query, deadline_s=deadline_s, ttl_s=ttl_s)
+        request = self._signed_request(query, Operation.EXECUTE, deadline_s=deadline_s, ttl_s=ttl_s)
         try:
             # Give the hub a little longer than the nodes, so node timeouts are reported.
             response = self._stub.Submit(request, timeout=deadline_s + 5.0)
@@ -101,7 +137,13 @@ class Federation:
 
     def explain(self, query: Query, *, deadline_s: float = 30.0) -> list[NodeExplain]:
         """Each node's plan, cost and expected noise for a query; runs nothing, spends nothing."""
-        request = self._signed_request(query, deadline_s=deadline_s)
+        # Signed for explain, so that no node would run this envelope whoever relayed it.
+        return self._explain(query, Operation.EXPLAIN, deadline_s=deadline_s)
+
+    def _explain(
+        self, query: Query, operation: Operation, *, deadline_s: float
+    ) -> list[NodeExplain]:
+        request = self._signed_request(query, operation, deadline_s=deadline_s)
         try:
             response = self._stub.Explain(request, timeout=deadline_s + 5.0)
         except grpc.RpcError as exc:
@@ -134,7 +176,8 @@ class Federation:
         node itself says what this analyst may still spend under its per-analyst cap.
         """
         found, missing = self.nodes(timeout_s=timeout_s)
-        explained = {e.node: e for e in self.explain(BUDGET_PROBE, deadline_s=timeout_s)}
+        probes = self._explain(BUDGET_PROBE, Operation.BUDGET, deadline_s=timeout_s)
+        explained = {e.node: e for e in probes}
         out: list[NodeBudget] = []
         for d in found:
             e = explained.get(d.node)

@@ -15,7 +15,7 @@ from protocols import serde
 from protocols.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
-from protocols.security import Role, peer_of
+from protocols.security import Call, Role, check_operation, check_payload_version, peer_of
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
 from queries import combine, spec
 from queries import release as release_rules
@@ -83,6 +83,7 @@ class HubService(hub_pb2_grpc.HubServicer):
     ) -> hub_pb2.SubmitResponse:
         """Relay one signed query to every node and combine the releases."""
         self._check_analyst(request, context)
+        _check_signed_for(request.envelope, Call.EXECUTE)
         # Parse for combining only; every node validates and verifies the envelope itself.
         query = spec.from_json(request.envelope.query)
         deadline_s = self._deadline_s(request)
@@ -101,6 +102,7 @@ class HubService(hub_pb2_grpc.HubServicer):
     ) -> hub_pb2.ExplainFederatedResponse:
         """Relay a signed query to every node's Explain; nothing is run or spent."""
         self._check_analyst(request, context)
+        _check_signed_for(request.envelope, Call.EXPLAIN)
         spec.from_json(request.envelope.query)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
 
@@ -143,6 +145,24 @@ class HubService(hub_pb2_grpc.HubServicer):
         for handle in self.registry.handles:
             response.addresses[handle.entry.name] = handle.entry.address
         return response
+
+
+def _check_signed_for(envelope: node_pb2.QueryEnvelope, call: Call) -> None:
+    """Refuse early, with the nodes' own words, an envelope every node would refuse.
+
+    Only a refusal is decided here, never an acceptance: the hub does not verify the
+    signature (each node does), so these fields are the analyst's claim, which is enough to
+    tell an analyst that sent the wrong envelope. Whether the hub named is this one, and the
+    node audience, are for each node to check against the certificate of whoever relays it.
+    """
+    signed = serde.signed_query_from_proto(envelope)
+    check_payload_version(signed)
+    check_operation(signed, call)
+    if not signed.audience.hub:
+        raise AuthenticationError(
+            "the analyst signed this envelope for calling nodes directly, so no hub may relay "
+            "it; sign it for this hub (its certificate name)"
+        )
 
 
 def _combine(

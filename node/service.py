@@ -37,10 +37,13 @@ from protocols.errors import (
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security import (
+    Call,
     Peer,
     Role,
     SignedQuery,
     VerifiedAnalyst,
+    check_audience,
+    check_operation,
     now_ms,
     peer_of,
     verify_analyst,
@@ -138,8 +141,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
         return peer_of(context, is_revoked=self._is_revoked)
 
     def _authorise(
-        self, envelope: node_pb2.QueryEnvelope, context: grpc.ServicerContext
+        self,
+        envelope: node_pb2.QueryEnvelope,
+        context: grpc.ServicerContext,
+        call: Call = Call.EXECUTE,
     ) -> tuple[SignedQuery, VerifiedAnalyst]:
+        """Who may present this envelope for this call (the default is the strictest, Execute)."""
         peer = self._peer(context)
         if peer is not None and peer.role not in QUERY_ROLES:
             raise PermissionDeniedError(
@@ -150,6 +157,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         analyst = verify_analyst(signed, self.ca_pem, is_revoked=self._is_revoked)
         if peer is not None and peer.role is Role.ANALYST and peer.name != analyst.name:
             raise AuthenticationError("an analyst may only submit envelopes it signed itself")
+        # A genuine signature authorises only what it says: an envelope signed to explain or
+        # to probe the budget is never executed, whoever relays it.
+        check_operation(signed, call)
+        # A relaying hub must be the one the analyst named (its certificate name). An analyst
+        # calling the node presents its own envelope (checked above), whatever hub it names;
+        # without TLS (dev only) no caller is known, so only the nodes are checked.
+        relay = peer.name if peer is not None and peer.role is Role.HUB else None
+        check_audience(signed, node=self.name, hub=relay)
         return signed, analyst
 
     def _price(
@@ -193,7 +208,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self, request: node_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> node_pb2.ExplainResponse:
         """Plan and price a signed query; touches no data and spends nothing."""
-        signed, analyst = self._authorise(request.envelope, context)
+        # Spending nothing, Explain claims no nonce: the envelopes it takes (explain, budget,
+        # and execute ones, which it only prices) may be explained again until they expire.
+        signed, analyst = self._authorise(request.envelope, context, Call.EXPLAIN)
         _, compiled, releases, rho = self._price(signed, analyst)
         status = self.accountant.status(analyst.name)
         return node_pb2.ExplainResponse(

@@ -350,9 +350,67 @@ def peer_of(
 # ---- analyst-signed envelopes -------------------------------------------------------------
 
 
+class Operation(enum.StrEnum):
+    """The one thing an analyst signs an envelope for."""
+
+    EXECUTE = "execute"  # run the query and release it, charging the budget
+    EXPLAIN = "explain"  # plan and price it, spending nothing
+    BUDGET = "budget"  # the probe `chc budget` explains to read the analyst's budget
+
+
+class Call(enum.StrEnum):
+    """The calls that take a signed envelope, at a node and at the hub alike."""
+
+    EXECUTE = "Execute"  # Node.Execute, Hub.Submit
+    EXPLAIN = "Explain"  # Node.Explain, Hub.Explain
+
+
+# Execute runs and charges, so only an envelope signed to execute opens it: an envelope
+# signed to explain or to probe the budget is never run, even by whoever relays it. Explain
+# spends nothing and shows the plan, the price and the analyst's budget, all of which the
+# execute envelope shows anyway when it runs, so Explain also takes execute envelopes (a
+# client may price the very envelope it is about to run).
+ACCEPTED_OPERATIONS: dict[Call, frozenset[Operation]] = {
+    Call.EXECUTE: frozenset({Operation.EXECUTE}),
+    Call.EXPLAIN: frozenset({Operation.EXPLAIN, Operation.BUDGET, Operation.EXECUTE}),
+}
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Who may present an envelope: one hub, by its certificate name, and optionally nodes.
+
+    An empty hub means no hub may relay it (the analyst calls nodes directly); no nodes means
+    every node may accept it.
+    """
+
+    hub: str = ""
+    nodes: tuple[str, ...] = ()
+
+    def canonical_nodes(self) -> list[str]:
+        """The nodes as a set, in one order, as they are signed."""
+        return sorted(set(self.nodes))
+
+
+# Version 1 signed the query, analyst, nonce and validity window only, so one signature
+# authorised every call to every node through any hub. Version 2 adds the operation and the
+# audience. The version travels in the envelope and is bound by the payload's domain tag, so
+# a signature of one version never verifies as the other.
+LEGACY_PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2
+# Nodes and the hub accept the current version only; auditors also verify version 1, which
+# ledgers written before version 2 hold.
+CURRENT_PAYLOAD_VERSIONS = frozenset({PAYLOAD_VERSION})
+LEDGER_PAYLOAD_VERSIONS = frozenset({LEGACY_PAYLOAD_VERSION, PAYLOAD_VERSION})
+_PAYLOAD_TAGS = {
+    LEGACY_PAYLOAD_VERSION: b"chc.v1.QueryEnvelope\n",
+    PAYLOAD_VERSION: b"chc.v1.QueryEnvelope.payload-v2\n",
+}
+
+
 @dataclass(frozen=True)
 class SignedQuery:
-    """A query with the analyst's signature over it, its nonce and its validity window."""
+    """A query with the analyst's signature over it, what it is for and who may present it."""
 
     query: bytes
     analyst: str
@@ -362,21 +420,98 @@ class SignedQuery:
     analyst_certificate: bytes
     signature_algorithm: str
     signature: bytes
+    payload_version: int = PAYLOAD_VERSION
+    operation: Operation | None = None  # None: not said (version 1) or not understood
+    audience: Audience = Audience()
+
+
+def _canonical(tag: bytes, body: dict[str, object]) -> bytes:
+    return tag + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def signed_payload(
+    *,
+    query: bytes,
+    analyst: str,
+    nonce: bytes,
+    issued_at_ms: int,
+    expires_at_ms: int,
+    operation: Operation,
+    audience: Audience,
+) -> bytes:
+    """The exact bytes an analyst signs: a versioned domain tag, canonical JSON of every field."""
+    body: dict[str, object] = {
+        "analyst": analyst,
+        "audience": {"hub": audience.hub, "nodes": audience.canonical_nodes()},
+        "expires_at_ms": expires_at_ms,
+        "issued_at_ms": issued_at_ms,
+        "nonce": base64.b64encode(nonce).decode(),
+        "operation": operation.value,
+        "query": base64.b64encode(query).decode(),
+    }
+    return _canonical(_PAYLOAD_TAGS[PAYLOAD_VERSION], body)
+
+
+def legacy_signed_payload(
     *, query: bytes, analyst: str, nonce: bytes, issued_at_ms: int, expires_at_ms: int
 ) -> bytes:
-    """The exact bytes an analyst signs: a domain tag and canonical JSON of every field."""
-    body = {
+    """The bytes a version-1 envelope signed (no operation, no audience); old ledgers only."""
+    body: dict[str, object] = {
         "analyst": analyst,
         "expires_at_ms": expires_at_ms,
         "issued_at_ms": issued_at_ms,
         "nonce": base64.b64encode(nonce).decode(),
         "query": base64.b64encode(query).decode(),
     }
+    return _canonical(_PAYLOAD_TAGS[LEGACY_PAYLOAD_VERSION], body)
+
+
+def payload_of(signed: SignedQuery) -> bytes:
+    """The bytes an envelope's signature must cover, by its payload version."""
+    if signed.payload_version == LEGACY_PAYLOAD_VERSION:
+        return legacy_signed_payload(
+            query=signed.query,
+            analyst=signed.analyst,
+            nonce=signed.nonce,
+            issued_at_ms=signed.issued_at_ms,
+            expires_at_ms=signed.expires_at_ms,
+        )
+    if signed.payload_version != PAYLOAD_VERSION:
+        raise AuthenticationError(_version_problem(signed.payload_version))
+    if signed.operation is None:
+        raise AuthenticationError(
+            "the envelope does not say which operation it authorises "
+            f"({', '.join(o.value for o in Operation)}); sign the query again"
+        )
+    return signed_payload(
+        query=signed.query,
+        analyst=signed.analyst,
+        nonce=signed.nonce,
+        issued_at_ms=signed.issued_at_ms,
+        expires_at_ms=signed.expires_at_ms,
+        operation=signed.operation,
+        audience=signed.audience,
+    )
+
+
+def check_payload_version(
+    signed: SignedQuery, versions: frozenset[int] = CURRENT_PAYLOAD_VERSIONS
+) -> None:
+    """Refuse an envelope signed in a payload version not in versions, saying what to do."""
+    if signed.payload_version not in versions:
+        raise AuthenticationError(_version_problem(signed.payload_version))
+
+
+def _version_problem(version: int) -> str:
+    if version == LEGACY_PAYLOAD_VERSION:
+        return (
+            "the envelope is signed in the version-1 format, which does not say which "
+            "operation it authorises or who may relay it, so it is no longer accepted; "
+            "upgrade chc and sign the query again"
+        )
     return (
-        b"chc.v1.QueryEnvelope\n" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        f"the envelope's signature payload version {version} is not one this party "
+        f"verifies (version {PAYLOAD_VERSION}); sign the query again with this chc version"
     )
 
 
@@ -385,14 +520,29 @@ def now_ms() -> int:
     return int(_now().timestamp() * 1000)
 
 
-def sign_query(identity: Identity, query: bytes, *, ttl_ms: int = 10 * 60 * 1000) -> SignedQuery:
-    """Sign canonical query bytes as the analyst identity, valid for ttl_ms."""
+def sign_query(
+    identity: Identity,
+    query: bytes,
+    *,
+    operation: Operation = Operation.EXECUTE,
+    audience: Audience = Audience(),
+    ttl_ms: int = 10 * 60 * 1000,
+) -> SignedQuery:
+    """Sign canonical query bytes as the analyst, for one operation and audience, for ttl_ms.
+
+    The default audience names no hub: only the analyst can then present the envelope, to
+    nodes directly. To go through a hub, name it (its certificate name).
+    """
     if identity.role is not Role.ANALYST:
         raise AuthenticationError(
             f"{identity.name} has role {identity.role.value}; only analysts sign queries"
         )
     if not 0 < ttl_ms <= MAX_ENVELOPE_TTL_MS:
         raise ConfigError(f"ttl_ms must be between 1 and {MAX_ENVELOPE_TTL_MS}")
+    # Names as certificates carry them, so that a typo fails here rather than at every node.
+    for name in ([audience.hub] if audience.hub else []) + list(audience.nodes):
+        _check_name(name)
+    audience = Audience(hub=audience.hub, nodes=tuple(audience.canonical_nodes()))
     key = serialization.load_pem_private_key(identity.key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError("the analyst key is not an ECDSA key")
@@ -404,6 +554,8 @@ def sign_query(identity: Identity, query: bytes, *, ttl_ms: int = 10 * 60 * 1000
         nonce=nonce,
         issued_at_ms=issued,
         expires_at_ms=issued + ttl_ms,
+        operation=operation,
+        audience=audience,
     )
     return SignedQuery(
         query=query,
@@ -414,7 +566,57 @@ def sign_query(identity: Identity, query: bytes, *, ttl_ms: int = 10 * 60 * 1000
         analyst_certificate=identity.cert_pem,
         signature_algorithm=SIGNATURE_ALGORITHM,
         signature=key.sign(payload, ec.ECDSA(hashes.SHA256())),
+        payload_version=PAYLOAD_VERSION,
+        operation=operation,
+        audience=audience,
     )
+
+
+_WHAT = {
+    Operation.EXECUTE: "to execute the query",
+    Operation.EXPLAIN: "to explain the query (`chc query --explain`)",
+    Operation.BUDGET: "as a budget probe (`chc budget`)",
+}
+
+
+def check_operation(signed: SignedQuery, call: Call) -> None:
+    """Refuse an envelope whose signed operation does not authorise this call."""
+    accepted = ACCEPTED_OPERATIONS[call]
+    if signed.operation in accepted:
+        return
+    what = "for no operation" if signed.operation is None else _WHAT[signed.operation]
+    if call is Call.EXECUTE:
+        raise AuthenticationError(
+            f"the analyst signed this envelope {what}, not to execute it, so it cannot be run "
+            "or charged (nothing was); to run the query, sign it for execute"
+        )
+    raise AuthenticationError(
+        f"the analyst signed this envelope {what}, which {call.value} does not accept "
+        f"(it takes {', '.join(sorted(o.value for o in accepted))}); sign the query again"
+    )
+
+
+def check_audience(signed: SignedQuery, *, node: str, hub: str | None) -> None:
+    """Refuse an envelope presented at a node, or through a hub, that its audience does not name.
+
+    hub is the relaying hub's certificate name, or None when the analyst calls the node.
+    """
+    audience = signed.audience
+    if hub is not None and audience.hub != hub:
+        if not audience.hub:
+            raise AuthenticationError(
+                f"the analyst signed this envelope for calling nodes directly, so no hub may "
+                f"relay it (hub {hub!r} did); sign it for the hub that relays it"
+            )
+        raise AuthenticationError(
+            f"this envelope is addressed to hub {audience.hub!r}, not to hub {hub!r} that "
+            "relayed it; the analyst must sign it for the hub that relays it"
+        )
+    if audience.nodes and node not in audience.nodes:
+        raise AuthenticationError(
+            f"this envelope is addressed to node(s) {', '.join(audience.canonical_nodes())}, "
+            f"not to {node!r}; sign it for this node (or for every node) to query it here"
+        )
 
 
 @dataclass(frozen=True)
@@ -426,9 +628,15 @@ class VerifiedAnalyst:
     serial: int
 
 
-def verify_query(signed: SignedQuery, ca_pem: bytes, *, at_ms: int | None = None) -> str:
+def verify_query(
+    signed: SignedQuery,
+    ca_pem: bytes,
+    *,
+    at_ms: int | None = None,
+    versions: frozenset[int] = CURRENT_PAYLOAD_VERSIONS,
+) -> str:
     """Verify an envelope's chain, role, validity window and signature; the analyst's name."""
-    return verify_analyst(signed, ca_pem, at_ms=at_ms).name
+    return verify_analyst(signed, ca_pem, at_ms=at_ms, versions=versions).name
 
 
 def verify_analyst(
@@ -437,11 +645,14 @@ def verify_analyst(
     *,
     at_ms: int | None = None,
     is_revoked: Callable[[x509.Certificate], bool] | None = None,
+    versions: frozenset[int] = CURRENT_PAYLOAD_VERSIONS,
 ) -> VerifiedAnalyst:
     """Verify an envelope's certificate chain, revocation, role, validity window and signature.
 
-    Nonce freshness is the caller's job (it needs state).
+    Only payload versions in versions verify. Nonce freshness, the operation and the
+    audience are the caller's job (they depend on the call and on who presents it).
     """
+    check_payload_version(signed, versions)
     now = now_ms() if at_ms is None else at_ms
     try:
         cert = x509.load_pem_x509_certificate(signed.analyst_certificate)
@@ -481,13 +692,7 @@ def verify_analyst(
     public_key = cert.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise AuthenticationError("the analyst certificate does not hold an ECDSA key")
-    payload = signed_payload(
-        query=signed.query,
-        analyst=signed.analyst,
-        nonce=signed.nonce,
-        issued_at_ms=signed.issued_at_ms,
-        expires_at_ms=signed.expires_at_ms,
-    )
+    payload = payload_of(signed)
     try:
         public_key.verify(signed.signature, payload, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:

@@ -11,7 +11,7 @@ import math
 import pyarrow as pa
 
 from protocols.errors import DataError
-from protocols.security import SignedQuery
+from protocols.security import LEGACY_PAYLOAD_VERSION, Audience, Operation, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
 from queries.results import (
     BudgetStatus,
@@ -46,9 +46,18 @@ def table_from_ipc(data: bytes) -> pa.Table:
         raise DataError(f"peer sent a table that is not an Arrow IPC stream: {exc}") from None
 
 
+# Operations by their wire number; an unknown number reads as None, which no call accepts.
+_OPERATIONS: dict[node_pb2.Operation.ValueType, Operation] = {
+    node_pb2.OPERATION_EXECUTE: Operation.EXECUTE,
+    node_pb2.OPERATION_EXPLAIN: Operation.EXPLAIN,
+    node_pb2.OPERATION_BUDGET: Operation.BUDGET,
+}
+_OPERATION_NUMBERS = {op: number for number, op in _OPERATIONS.items()}
+
+
 def signed_query_to_proto(signed: SignedQuery) -> node_pb2.QueryEnvelope:
     """Envelope for the wire."""
-    return node_pb2.QueryEnvelope(
+    msg = node_pb2.QueryEnvelope(
         query=signed.query,
         analyst=signed.analyst,
         nonce=signed.nonce,
@@ -58,10 +67,20 @@ def signed_query_to_proto(signed: SignedQuery) -> node_pb2.QueryEnvelope:
         signature_algorithm=signed.signature_algorithm,
         signature=signed.signature,
     )
+    # Fields that are not set are left out, so a version-1 envelope (which predates them)
+    # serialises to the bytes it always did.
+    if signed.payload_version != LEGACY_PAYLOAD_VERSION:
+        msg.payload_version = signed.payload_version
+    if signed.operation is not None:
+        msg.operation = _OPERATION_NUMBERS[signed.operation]
+    if signed.audience.hub or signed.audience.nodes:
+        msg.audience.hub = signed.audience.hub
+        msg.audience.nodes.extend(signed.audience.nodes)
+    return msg
 
 
 def signed_query_from_proto(msg: node_pb2.QueryEnvelope) -> SignedQuery:
-    """Envelope from the wire (verified separately by protocols.security.verify_query)."""
+    """Envelope from the wire (verified separately by protocols.security.verify_analyst)."""
     return SignedQuery(
         query=msg.query,
         analyst=msg.analyst,
@@ -71,6 +90,9 @@ def signed_query_from_proto(msg: node_pb2.QueryEnvelope) -> SignedQuery:
         analyst_certificate=msg.analyst_certificate,
         signature_algorithm=msg.signature_algorithm,
         signature=msg.signature,
+        payload_version=msg.payload_version or LEGACY_PAYLOAD_VERSION,
+        operation=_OPERATIONS.get(msg.operation),
+        audience=Audience(hub=msg.audience.hub, nodes=tuple(msg.audience.nodes)),
     )
 
 

@@ -9,6 +9,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,10 +21,41 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Operation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPERATION_UNSPECIFIED: _Operation.ValueType  # 0
+    """refused everywhere"""
+    OPERATION_EXECUTE: _Operation.ValueType  # 1
+    """Node.Execute, Hub.Submit (and their Explain: it spends nothing)"""
+    OPERATION_EXPLAIN: _Operation.ValueType  # 2
+    """Node.Explain, Hub.Explain"""
+    OPERATION_BUDGET: _Operation.ValueType  # 3
+    """the budget probe of `chc budget`: Node.Explain, Hub.Explain"""
+
+class Operation(_Operation, metaclass=_OperationEnumTypeWrapper):
+    """What an envelope authorises. Execute accepts EXECUTE only, so an envelope signed to
+    explain a query or to read the budget can never be run or charged.
+    """
+
+OPERATION_UNSPECIFIED: Operation.ValueType  # 0
+"""refused everywhere"""
+OPERATION_EXECUTE: Operation.ValueType  # 1
+"""Node.Execute, Hub.Submit (and their Explain: it spends nothing)"""
+OPERATION_EXPLAIN: Operation.ValueType  # 2
+"""Node.Explain, Hub.Explain"""
+OPERATION_BUDGET: Operation.ValueType  # 3
+"""the budget probe of `chc budget`: Node.Explain, Hub.Explain"""
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
 @_typing.final
 class QueryEnvelope(_message.Message):
     """A query as the analyst signed it. The hub relays it byte for byte, so that
-    every node can check who asked, what exactly, and when, by itself.
+    every node can check who asked, what exactly, for which operation, through which hub
+    and when, by itself.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -36,6 +68,9 @@ class QueryEnvelope(_message.Message):
     ANALYST_CERTIFICATE_FIELD_NUMBER: _builtins.int
     SIGNATURE_ALGORITHM_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_VERSION_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
     query: _builtins.bytes
     """Canonical JSON encoding of the query spec (queries.spec.canonical_bytes)."""
     analyst: _builtins.str
@@ -50,6 +85,17 @@ class QueryEnvelope(_message.Message):
     signature_algorithm: _builtins.str
     """e.g. "ecdsa-p256-sha256"; the signature covers protocols.security.signed_payload()."""
     signature: _builtins.bytes
+    payload_version: _builtins.int
+    """Which layout of protocols.security.signed_payload() the signature covers. 0 (absent)
+    is version 1, which covered fields 1-5 only: nodes refuse it, auditors still verify it
+    in ledgers written before version 2.
+    """
+    operation: Global___Operation.ValueType
+    """The one thing the analyst signed this envelope for (signed from version 2 on)."""
+    @_builtins.property
+    def audience(self) -> Global___Audience:
+        """Who may present it to a node (signed from version 2 on)."""
+
     def __init__(
         self,
         *,
@@ -61,14 +107,47 @@ class QueryEnvelope(_message.Message):
         analyst_certificate: _builtins.bytes = ...,
         signature_algorithm: _builtins.str = ...,
         signature: _builtins.bytes = ...,
+        payload_version: _builtins.int = ...,
+        operation: Global___Operation.ValueType = ...,
+        audience: Global___Audience | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst", b"analyst", "analyst_certificate", b"analyst_certificate", "expires_at_ms", b"expires_at_ms", "issued_at_ms", b"issued_at_ms", "nonce", b"nonce", "query", b"query", "signature", b"signature", "signature_algorithm", b"signature_algorithm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst", b"analyst", "analyst_certificate", b"analyst_certificate", "audience", b"audience", "expires_at_ms", b"expires_at_ms", "issued_at_ms", b"issued_at_ms", "nonce", b"nonce", "operation", b"operation", "payload_version", b"payload_version", "query", b"query", "signature", b"signature", "signature_algorithm", b"signature_algorithm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryEnvelope: _TypeAlias = QueryEnvelope  # noqa: Y015
+
+@_typing.final
+class Audience(_message.Message):
+    """Who may present an envelope to a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HUB_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    hub: _builtins.str
+    """The hub's name in its certificate: only that hub may relay the envelope. Empty: no hub
+    may; only the analyst, calling nodes directly.
+    """
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The nodes that may accept it, by name; empty: every node."""
+
+    def __init__(
+        self,
+        *,
+        hub: _builtins.str = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hub", b"hub", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Audience: _TypeAlias = Audience  # noqa: Y015
 
 @_typing.final
 class DescribeRequest(_message.Message):

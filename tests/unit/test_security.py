@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from protocols import security
+from protocols import security, serde
 from protocols.errors import AuthenticationError, ChcError, ConfigError
 from protocols.security import (
     CA_FILE,
@@ -21,14 +22,22 @@ from protocols.security import (
     CERT_FILE,
     CLOCK_SKEW_MS,
     KEY_FILE,
+    LEDGER_PAYLOAD_VERSIONS,
+    LEGACY_PAYLOAD_VERSION,
     MAX_ENVELOPE_TTL_MS,
+    PAYLOAD_VERSION,
     SIGNATURE_ALGORITHM,
+    Audience,
+    Call,
     Identity,
+    Operation,
     Role,
     SignedQuery,
 )
+from protocols.v1 import node_pb2
 
 QUERY = b'{"rho":0.1,"view":"persons"}'
+HUB_1 = Audience(hub="hub-1")
 HOUR_MS = 3600 * 1000
 
 
@@ -87,16 +96,36 @@ def hand_signed(
     issued_at_ms: int | None = None,
     expires_at_ms: int | None = None,
     algorithm: str = SIGNATURE_ALGORITHM,
+    operation: Operation = Operation.EXECUTE,
+    audience: Audience = HUB_1,
+    version: int = PAYLOAD_VERSION,
 ) -> SignedQuery:
-    """An envelope signed with identity's key over exactly these fields, whatever its role."""
+    """An envelope signed with identity's key over exactly these fields, whatever its role.
+
+    version 1 signs the old payload (no operation, no audience), as ledgers still hold.
+    """
     issued = security.now_ms() if issued_at_ms is None else issued_at_ms
     expires = issued + 10 * 60 * 1000 if expires_at_ms is None else expires_at_ms
     name = identity.name if analyst is None else analyst
     key = serialization.load_pem_private_key(identity.key_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    payload = security.signed_payload(
-        query=query, analyst=name, nonce=nonce, issued_at_ms=issued, expires_at_ms=expires
-    )
+    if version == LEGACY_PAYLOAD_VERSION:
+        payload = security.legacy_signed_payload(
+            query=query, analyst=name, nonce=nonce, issued_at_ms=issued, expires_at_ms=expires
+        )
+        operation_signed: Operation | None = None
+        audience = Audience()
+    else:
+        payload = security.signed_payload(
+            query=query,
+            analyst=name,
+            nonce=nonce,
+            issued_at_ms=issued,
+            expires_at_ms=expires,
+            operation=operation,
+            audience=audience,
+        )
+        operation_signed = operation
     return SignedQuery(
         query=query,
         analyst=name,
@@ -106,6 +135,9 @@ def hand_signed(
         analyst_certificate=identity.cert_pem,
         signature_algorithm=algorithm,
         signature=key.sign(payload, ec.ECDSA(hashes.SHA256())),
+        payload_version=version,
+        operation=operation_signed,
+        audience=audience,
     )
 
 
@@ -333,12 +365,23 @@ TAMPER: dict[str, Callable[[SignedQuery], SignedQuery]] = {
     "expires": lambda s: dataclasses.replace(s, expires_at_ms=s.expires_at_ms + 1000),
     "signature": lambda s: dataclasses.replace(s, signature=b"\x00" * 70),
     "signature-empty": lambda s: dataclasses.replace(s, signature=b""),
+    "operation": lambda s: dataclasses.replace(s, operation=Operation.EXECUTE),
+    "operation-none": lambda s: dataclasses.replace(s, operation=None),
+    "audience-hub": lambda s: dataclasses.replace(s, audience=Audience(hub="hub-2")),
+    "audience-no-hub": lambda s: dataclasses.replace(s, audience=Audience()),
+    "audience-nodes": lambda s: dataclasses.replace(
+        s, audience=Audience(hub="hub-1", nodes=("node-1",))
+    ),
+    "payload-version-1": lambda s: dataclasses.replace(s, payload_version=1),
+    "payload-version-3": lambda s: dataclasses.replace(s, payload_version=3),
 }
 
 
 @pytest.mark.parametrize("field", sorted(TAMPER))
 def test_tampered_envelopes_are_refused(pki: Pki, field: str) -> None:
-    signed = security.sign_query(pki.analyst, QUERY)
+    signed = security.sign_query(
+        pki.analyst, QUERY, operation=Operation.EXPLAIN, audience=Audience(hub="hub-1")
+    )
     tampered = TAMPER[field](signed)
     assert tampered != signed
     assert_refused(tampered, pki.analyst.ca_pem, match=None)
@@ -469,18 +512,240 @@ def test_a_short_nonce_is_refused(pki: Pki) -> None:
     assert_refused(hand_signed(pki.analyst, nonce=b""), pki.analyst.ca_pem, "nonce")
 
 
+PAYLOAD_FIELDS: dict[str, object] = {
+    "query": QUERY,
+    "analyst": "a",
+    "nonce": b"\x00" * 16,
+    "issued_at_ms": 1,
+    "expires_at_ms": 2,
+    "operation": Operation.EXPLAIN,
+    "audience": Audience(hub="hub-1", nodes=("nenc", "yh")),
+}
+
+
+def _payload(**changes: object) -> bytes:
+    return security.signed_payload(**{**PAYLOAD_FIELDS, **changes})  # type: ignore[arg-type]
+
+
 def test_signed_payload_is_canonical_and_domain_separated() -> None:
-    fields = {
-        "query": QUERY,
-        "analyst": "a",
-        "nonce": b"\x00" * 16,
-        "issued_at_ms": 1,
-        "expires_at_ms": 2,
-    }
-    payload = security.signed_payload(**fields)  # type: ignore[arg-type]
-    assert payload.startswith(b"chc.v1.QueryEnvelope\n")
-    assert payload == security.signed_payload(**dict(reversed(list(fields.items()))))  # type: ignore[arg-type]
-    assert payload != security.signed_payload(**{**fields, "expires_at_ms": 3})  # type: ignore[arg-type]
+    payload = _payload()
+    assert payload.startswith(b"chc.v1.QueryEnvelope.payload-v2\n")
+    reordered = dict(reversed(list(PAYLOAD_FIELDS.items())))
+    assert payload == security.signed_payload(**reordered)  # type: ignore[arg-type]
+    # The node audience is a set: its order and repeats are not part of what is signed.
+    assert payload == _payload(audience=Audience(hub="hub-1", nodes=("yh", "nenc", "yh")))
+    body = json.loads(payload.split(b"\n", 1)[1])
+    assert body["operation"] == "explain"
+    assert body["audience"] == {"hub": "hub-1", "nodes": ["nenc", "yh"]}
+
+
+# Every signed field, changed: each must change the bytes signed.
+PAYLOAD_CHANGES: dict[str, object] = {
+    "query": b'{"rho":0.2,"view":"persons"}',
+    "analyst": "b",
+    "nonce": b"\x01" * 16,
+    "issued_at_ms": 0,
+    "expires_at_ms": 3,
+    "operation": Operation.EXECUTE,
+    "audience": Audience(hub="hub-2", nodes=("nenc", "yh")),
+}
+PAYLOAD_CHANGES_MORE: list[tuple[str, object]] = [
+    ("operation", Operation.BUDGET),
+    ("audience", Audience(nodes=("nenc", "yh"))),  # no hub
+    ("audience", Audience(hub="hub-1")),  # every node
+    ("audience", Audience(hub="hub-1", nodes=("nenc",))),
+    ("audience", Audience(hub="hub-1", nodes=("nenc", "yh", "gm"))),
+    # The fields are kept apart: moving a name from hub to node list is another payload.
+    ("audience", Audience(hub="nenc", nodes=("hub-1", "yh"))),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [*PAYLOAD_CHANGES.items(), *PAYLOAD_CHANGES_MORE], ids=repr
+)
+def test_every_field_changes_the_signed_payload(field: str, value: object) -> None:
+    assert set(PAYLOAD_CHANGES) == set(PAYLOAD_FIELDS)  # no field is left out
+    assert _payload(**{field: value}) != _payload()
+
+
+def test_every_field_changes_what_verifies(pki: Pki) -> None:
+    """A signature over one set of fields never verifies for an envelope with another."""
+    signed = hand_signed(
+        pki.analyst, operation=Operation.EXPLAIN, audience=Audience("hub-1", ("nenc",))
+    )
+    assert security.verify_query(signed, pki.analyst.ca_pem) == "analyst-1"
+    for changed in (
+        dataclasses.replace(signed, operation=Operation.EXECUTE),
+        dataclasses.replace(signed, operation=Operation.BUDGET),
+        dataclasses.replace(signed, audience=Audience("hub-2", ("nenc",))),
+        dataclasses.replace(signed, audience=Audience("hub-1")),
+        dataclasses.replace(signed, audience=Audience("hub-1", ("nenc", "yh"))),
+    ):
+        assert_refused(changed, pki.analyst.ca_pem, "signature does not match")
+
+
+def test_the_payload_version_is_bound_by_its_domain_tag() -> None:
+    legacy = security.legacy_signed_payload(
+        query=QUERY, analyst="a", nonce=b"\x00" * 16, issued_at_ms=1, expires_at_ms=2
+    )
+    # Version 1 bytes are exactly what analysts signed before version 2 existed.
+    assert legacy == (
+        b'chc.v1.QueryEnvelope\n{"analyst":"a","expires_at_ms":2,"issued_at_ms":1,'
+        b'"nonce":"AAAAAAAAAAAAAAAAAAAAAA==","query":"eyJyaG8iOjAuMSwidmlldyI6InBlcnNvbnMifQ=="}'
+    )
+    # Neither version's first line is a prefix of the other's: no payload reads as both.
+    assert legacy.split(b"\n", 1)[0] != _payload().split(b"\n", 1)[0]
+    assert not _payload().startswith(legacy.split(b"\n", 1)[0] + b"\n")
+
+
+def test_a_version_1_envelope_is_refused_with_what_to_do(pki: Pki) -> None:
+    old = hand_signed(pki.analyst, version=LEGACY_PAYLOAD_VERSION)
+    assert_refused(old, pki.analyst.ca_pem, r"version-1 format.*sign the query again")
+    # Auditors still verify it: ledgers written before version 2 hold such envelopes.
+    assert security.verify_query(old, pki.analyst.ca_pem, versions=LEDGER_PAYLOAD_VERSIONS) == (
+        "analyst-1"
+    )
+
+
+def test_a_signature_never_verifies_under_the_other_payload_version(pki: Pki) -> None:
+    new = hand_signed(pki.analyst)
+    old = hand_signed(pki.analyst, version=LEGACY_PAYLOAD_VERSION)
+    both = LEDGER_PAYLOAD_VERSIONS
+    for relabelled in (
+        dataclasses.replace(new, payload_version=LEGACY_PAYLOAD_VERSION),
+        dataclasses.replace(old, payload_version=PAYLOAD_VERSION, operation=Operation.EXECUTE),
+    ):
+        with pytest.raises(AuthenticationError, match="signature does not match"):
+            security.verify_query(relabelled, pki.analyst.ca_pem, versions=both)
+
+
+@pytest.mark.parametrize("version", [0, 3, 2**32 - 1])
+def test_an_unknown_payload_version_is_refused(pki: Pki, version: int) -> None:
+    signed = dataclasses.replace(hand_signed(pki.analyst), payload_version=version)
+    assert_refused(signed, pki.analyst.ca_pem, f"payload version {version} ")
+    with pytest.raises(AuthenticationError, match="payload version"):
+        security.verify_query(signed, pki.analyst.ca_pem, versions=LEDGER_PAYLOAD_VERSIONS)
+
+
+def test_a_version_2_envelope_without_an_operation_is_refused(pki: Pki) -> None:
+    signed = dataclasses.replace(hand_signed(pki.analyst), operation=None)
+    assert_refused(signed, pki.analyst.ca_pem, "does not say which operation")
+
+
+def test_sign_query_signs_the_operation_and_audience(pki: Pki) -> None:
+    signed = security.sign_query(
+        pki.analyst,
+        QUERY,
+        operation=Operation.BUDGET,
+        audience=Audience(hub="hub-1", nodes=("yh", "nenc", "yh")),
+    )
+    assert signed.payload_version == PAYLOAD_VERSION
+    assert signed.operation is Operation.BUDGET
+    assert signed.audience == Audience(hub="hub-1", nodes=("nenc", "yh"))
+    assert security.verify_query(signed, pki.analyst.ca_pem) == "analyst-1"
+    # By default: to execute, and through no hub (only the analyst can present it).
+    default = security.sign_query(pki.analyst, QUERY)
+    assert (default.operation, default.audience) == (Operation.EXECUTE, Audience())
+
+
+@pytest.mark.parametrize(
+    "audience", [Audience(hub="../hub"), Audience(hub="hub-1", nodes=("a b",))]
+)
+def test_sign_query_refuses_a_bad_audience_name(pki: Pki, audience: Audience) -> None:
+    with pytest.raises(ConfigError, match="not allowed"):
+        security.sign_query(pki.analyst, QUERY, audience=audience)
+
+
+def test_an_envelope_round_trips_the_wire_and_still_verifies(pki: Pki) -> None:
+    signed = security.sign_query(
+        pki.analyst, QUERY, operation=Operation.EXPLAIN, audience=Audience("hub-1", ("nenc",))
+    )
+    wire = serde.signed_query_to_proto(signed).SerializeToString(deterministic=True)
+    back = serde.signed_query_from_proto(node_pb2.QueryEnvelope.FromString(wire))
+    assert back == signed
+    assert security.verify_query(back, pki.analyst.ca_pem) == "analyst-1"
+
+
+def test_a_version_1_envelope_keeps_its_bytes_through_serde(pki: Pki) -> None:
+    """Ledgers store envelopes as received: reading and re-writing one changes nothing."""
+    old = hand_signed(pki.analyst, version=LEGACY_PAYLOAD_VERSION)
+    msg = node_pb2.QueryEnvelope(
+        query=old.query,
+        analyst=old.analyst,
+        nonce=old.nonce,
+        issued_at_ms=old.issued_at_ms,
+        expires_at_ms=old.expires_at_ms,
+        analyst_certificate=old.analyst_certificate,
+        signature_algorithm=old.signature_algorithm,
+        signature=old.signature,
+    )  # the fields a version-1 envelope had, and nothing else
+    read = serde.signed_query_from_proto(msg)
+    assert read == old
+    assert serde.signed_query_to_proto(read).SerializeToString(deterministic=True) == (
+        msg.SerializeToString(deterministic=True)
+    )
+
+
+def test_an_unknown_wire_operation_reads_as_none(pki: Pki) -> None:
+    msg = serde.signed_query_to_proto(security.sign_query(pki.analyst, QUERY))
+    msg.operation = 99  # type: ignore[assignment]
+    assert serde.signed_query_from_proto(msg).operation is None
+
+
+# ---- what an envelope authorises ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("operation", "call", "accepted"),
+    [
+        (Operation.EXECUTE, Call.EXECUTE, True),
+        (Operation.EXPLAIN, Call.EXECUTE, False),
+        (Operation.BUDGET, Call.EXECUTE, False),
+        (None, Call.EXECUTE, False),
+        # Explaining spends nothing, so it takes every operation's envelope...
+        (Operation.EXECUTE, Call.EXPLAIN, True),
+        (Operation.EXPLAIN, Call.EXPLAIN, True),
+        (Operation.BUDGET, Call.EXPLAIN, True),
+        # ...but never one that says nothing.
+        (None, Call.EXPLAIN, False),
+    ],
+)
+def test_which_operation_each_call_accepts(
+    pki: Pki, operation: Operation | None, call: Call, accepted: bool
+) -> None:
+    signed = dataclasses.replace(security.sign_query(pki.analyst, QUERY), operation=operation)
+    if accepted:
+        security.check_operation(signed, call)
+        return
+    with pytest.raises(AuthenticationError, match="sign") as info:
+        security.check_operation(signed, call)
+    if call is Call.EXECUTE and operation is not None:
+        assert "not to execute it" in str(info.value)
+        assert "nothing was" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("audience", "node", "hub", "problem"),
+    [
+        (Audience(hub="hub-1"), "nenc", "hub-1", None),
+        (Audience(hub="hub-1"), "nenc", None, None),  # the analyst itself, directly
+        (Audience(), "nenc", None, None),
+        (Audience(hub="hub-1", nodes=("nenc", "yh")), "yh", "hub-1", None),
+        (Audience(hub="hub-1"), "nenc", "hub-2", "addressed to hub 'hub-1', not to hub 'hub-2'"),
+        (Audience(), "nenc", "hub-1", "no hub may relay it"),
+        (Audience(hub="hub-1", nodes=("yh",)), "nenc", "hub-1", "addressed to node.s. yh, not"),
+        (Audience(hub="hub-1", nodes=("yh",)), "nenc", None, "not to 'nenc'"),
+    ],
+)
+def test_who_an_audience_admits(
+    pki: Pki, audience: Audience, node: str, hub: str | None, problem: str | None
+) -> None:
+    signed = security.sign_query(pki.analyst, QUERY, audience=audience)
+    if problem is None:
+        security.check_audience(signed, node=node, hub=hub)
+        return
+    with pytest.raises(AuthenticationError, match=problem):
+        security.check_audience(signed, node=node, hub=hub)
 
 
 def test_authentication_error_is_a_permission_error() -> None:
