@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,13 +14,19 @@ from rich.table import Table
 
 from coordinator import audit, audit_report
 from coordinator.demo import read_demo_state
+from node.cli import ChcGroup, CommandFailedError, ExitCode, read_identity
 from node.ledger import load_public_key
 from protocols.errors import ConfigError
-from protocols.security import Identity, Role, load_identity
+from protocols.security import Identity, Role
+
+if TYPE_CHECKING:
+    from coordinator.client import NodeBudget
 
 audit_app = typer.Typer(
     help="Auditors: read, verify and report on the nodes' privacy ledgers.",
     no_args_is_help=True,
+    cls=ChcGroup,
+    pretty_exceptions_show_locals=False,
 )
 
 PathsArg = Annotated[
@@ -55,7 +61,7 @@ def _identity(identity: Path | None, role: Role) -> Identity:
         identity = Path(demo)
         if role is Role.AUDITOR:
             identity = identity.parent.parent / Role.AUDITOR.value / AUDITOR_NAME
-    loaded = load_identity(identity)
+    loaded = read_identity(identity)
     if loaded.role is not role:
         raise ConfigError(
             f"{identity} holds a {loaded.role.value} certificate; this needs a {role.value} one"
@@ -98,7 +104,7 @@ def _ca(ca: Path | None, identity: Path | None, remote: bool) -> bytes | None:
     if ca is not None:
         return ca.read_bytes()
     if identity is not None:
-        return load_identity(identity).ca_pem
+        return read_identity(identity).ca_pem
     if remote or read_demo_state():
         try:
             return _identity(None, Role.AUDITOR).ca_pem
@@ -314,6 +320,7 @@ def budget(
             for b in found
         ]
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        _fail_if_nobody(found)
         return
     table = Table(title="Privacy budget (zCDP rho) in the current period")
     for col in ("node", "spent", "total", "remaining", "per query", "you spent", "you can spend"):
@@ -337,3 +344,12 @@ def budget(
     for b in found:
         if b.message:
             console.print(f"[yellow]{b.node}[/]: {b.message}")
+    _fail_if_nobody(found)
+
+
+def _fail_if_nobody(found: list[NodeBudget]) -> None:
+    """Exit non-zero if no node reported its budget."""
+    if found and any(b.budget is not None for b in found):
+        return
+    statuses = ", ".join(f"{b.node} {b.status.value}" for b in found) or "the hub has no nodes"
+    raise CommandFailedError(ExitCode.NO_ANSWER, f"no node answered ({statuses})")

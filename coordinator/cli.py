@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import sys
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -14,8 +17,10 @@ from coordinator import report, synth
 from coordinator.audit_cli import audit_app, budget
 from coordinator.client import Federation
 from coordinator.demo import read_demo_state, run_demo
+from coordinator.service import MAX_DEADLINE_MS
+from node.cli import ChcGroup, CommandFailedError, DebugOpt, ExitCode, read_identity
 from protocols import security
-from protocols.errors import ChcError, ConfigError
+from protocols.errors import ChcError, ConfigError, QueryError
 from protocols.process import setup_logging
 from queries import spec
 from queries.sql import parse_sql
@@ -23,13 +28,45 @@ from queries.sql import parse_sql
 app = typer.Typer(
     help="chc: federated, differentially private analytics for regional health data.",
     no_args_is_help=True,
+    cls=ChcGroup,
+    pretty_exceptions_show_locals=False,
 )
-hub_app = typer.Typer(help="Run the hub (coordinator).", no_args_is_help=True)
-pki_app = typer.Typer(help="Federation PKI: CA and certificates.", no_args_is_help=True)
+hub_app = typer.Typer(
+    help="Run the hub (coordinator).",
+    no_args_is_help=True,
+    cls=ChcGroup,
+    pretty_exceptions_show_locals=False,
+)
+pki_app = typer.Typer(
+    help="Federation PKI: CA and certificates.",
+    no_args_is_help=True,
+    cls=ChcGroup,
+    pretty_exceptions_show_locals=False,
+)
 app.add_typer(hub_app, name="hub")
 app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
 app.command("budget")(budget)
+
+# A query spec is a few lines; reading stops one byte past this, so `--spec /dev/zero` or a
+# FIFO that never ends costs a megabyte, not the machine's memory (README, "Command line").
+MAX_SPEC_BYTES = 1024 * 1024
+# Fields of a query spec: those of the canonical form, and the budget as (epsilon, delta).
+SPEC_FIELDS = frozenset(spec.Query(view="persons", rho=1.0).to_dict()) | {"epsilon", "delta"}
+# Longest error about a spec file, and longest field name quoted in it: a spec may be any
+# file the analyst can read, and its text must not come back in the error.
+_MAX_SPEC_ERROR = 400
+_MAX_FIELD_NAME = 24
+# A string of the spec that is a name (view, column, statistic) may be quoted back.
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# Quoted text in a YAML parser's problem, except its token names such as '<block end>'.
+_YAML_QUOTED = re.compile(r"'(?!<)[^']{3,}'")
+
+
+@app.callback()
+def _root(debug: DebugOpt = False) -> None:
+    """chc: federated, differentially private analytics for regional health data."""
+    del debug  # read by ChcGroup when a command fails
 
 
 @app.command()
@@ -77,7 +114,13 @@ def synth_cmd(
     seed: Annotated[int, typer.Option(help="random seed")] = 2015,
 ) -> None:
     """Write synthetic OMOP CDM Parquet files for one region."""
-    counts = synth.generate_region(synth.region_by_slug(region), persons, out, seed=seed)
+    if persons < 1:
+        raise ConfigError(f"--persons must be at least 1, got {persons}")
+    try:
+        chosen = synth.region_by_slug(region)
+    except ValueError as exc:  # synth's own check, a plain ValueError
+        raise ConfigError(f"--region: {exc}") from None
+    counts = synth.generate_region(chosen, persons, out, seed=seed)
     Console(stderr=True).print(
         "wrote " + ", ".join(f"{k}: {v:,}" for k, v in counts.items()) + f" to {out}"
     )
@@ -92,7 +135,127 @@ def _connect(hub: str | None, identity: Path | None) -> Federation:
             "give --hub ADDRESS and --identity DIR (or start `chc demo --keep-running`, whose "
             "hub and analyst identity are then the defaults)"
         )
-    return Federation(hub, ident)
+    return Federation(hub, read_identity(ident))
+
+
+def _deadline(seconds: float) -> float:
+    """--deadline, checked: the hub takes whole milliseconds, up to its maximum."""
+    longest = MAX_DEADLINE_MS / 1000
+    # Below a millisecond the request would say 0, which the hub reads as "its default".
+    if not (math.isfinite(seconds) and 0.001 <= seconds <= longest):
+        raise ConfigError(
+            f"--deadline {seconds:g} is out of range: give the seconds to wait for the nodes, "
+            f"from 0.001 to {longest:g} (the hub's maximum)"
+        )
+    return seconds
+
+
+def _read_spec(path: Path) -> object:
+    """The parsed YAML or JSON of --spec FILE: at most MAX_SPEC_BYTES, strict UTF-8."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"--spec {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ConfigError(
+            f"--spec {path} is larger than {MAX_SPEC_BYTES // 1024 // 1024} MB: a query spec "
+            "is a few lines of YAML or JSON"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--spec {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        # PyYAML's own message quotes the offending line; say only where and what.
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = _YAML_QUOTED.sub("'…'", exc.problem or "a syntax error")
+        raise ConfigError(f"--spec {path} is not valid YAML or JSON{where}: {problem}") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"--spec {path} is not valid YAML or JSON text") from None
+    except RecursionError:
+        raise ConfigError(f"--spec {path} is nested too deeply") from None
+
+
+def _strings(data: object) -> tuple[set[str], set[str]]:
+    """The field names and the string values in a parsed spec.
+
+    Each object is visited once, so YAML aliases cannot make the walk longer than the file
+    (at most MAX_SPEC_BYTES) is.
+    """
+    keys: set[str] = set()
+    values: set[str] = set()
+    seen: set[int] = set()
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            keys.update(str(k) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            values.add(item)
+    return keys, values
+
+
+def _field_name(name: str) -> str:
+    """A field name as an error quotes it: shortened, control characters escaped by repr."""
+    return name if len(name) <= _MAX_FIELD_NAME else name[: _MAX_FIELD_NAME - 1] + "…"
+
+
+def _spec_error(path: Path, message: str, data: object) -> str:
+    """An error about a spec file that quotes its field names (shortened) and names only.
+
+    spec.py quotes what it refuses with repr(); any other string from the file, which may be
+    a system file's lines, is replaced by '…'.
+    """
+    keys, values = _strings(data)
+    for text in sorted(keys | values, key=len, reverse=True):
+        if _NAME.fullmatch(text):
+            continue
+        shown = _field_name(text) if text in keys else "…"
+        message = message.replace(repr(text), repr(shown))
+        if len(text) >= 8:
+            message = message.replace(text, shown)
+    message = f"--spec {path}: {message}"
+    if len(message) > _MAX_SPEC_ERROR:
+        message = message[: _MAX_SPEC_ERROR - 1] + "…"
+    return message
+
+
+def _spec_query(path: Path, data: object, budget: float | None) -> spec.Query:
+    """The Query of a parsed spec file; errors quote its field names only."""
+    if not isinstance(data, dict):
+        kind = "nothing" if data is None else f"a {type(data).__name__}"
+        raise QueryError(
+            f"--spec {path} holds {kind}, not a query spec: a mapping with at least view and rho"
+        )
+    unknown = sorted(str(k) for k in data if k not in SPEC_FIELDS)
+    if unknown:
+        shown = ", ".join(repr(_field_name(k)) for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise QueryError(
+            f"--spec {path}: unknown field(s) {shown}{more}; a query spec has "
+            + ", ".join(sorted(SPEC_FIELDS))
+        )
+    if budget is not None:
+        data = {k: v for k, v in data.items() if k not in {"rho", "epsilon", "delta"}}
+        data["rho"] = budget
+    try:
+        return spec.from_dict(data)
+    except QueryError as exc:
+        raise QueryError(_spec_error(path, str(exc), data)) from None
+    except RecursionError:
+        raise QueryError(f"--spec {path} is nested too deeply") from None
 
 
 def _budget(rho: float | None, epsilon: float | None, delta: float) -> float:
@@ -119,17 +282,15 @@ def _build_query(
     if len(chosen) != 1:
         raise ConfigError("give exactly one of --sql, --spec FILE or --view")
     if spec_file is not None:
-        try:
-            data = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read spec {spec_file}: {exc}") from None
-        if isinstance(data, dict) and (rho is not None or epsilon is not None):
-            data = {k: v for k, v in data.items() if k not in {"rho", "epsilon", "delta"}}
-            data["rho"] = _budget(rho, epsilon, delta)
-        return spec.from_dict(data)
+        data = _read_spec(spec_file)
+        given = rho is not None or epsilon is not None
+        return _spec_query(spec_file, data, _budget(rho, epsilon, delta) if given else None)
     budget = _budget(rho, epsilon, delta)
     if sql_text is not None:
-        return parse_sql(sql_text, rho=budget)
+        try:
+            return parse_sql(sql_text, rho=budget)
+        except RecursionError:  # queries/sql.py bounds the nesting; this is the backstop
+            raise QueryError("--sql is nested too deeply") from None
     filters = []
     for w in where or []:
         column, sep, values = w.partition("=")
@@ -172,6 +333,7 @@ def query(
 ) -> None:
     """Run a federated DP query at every node; print per-region and pooled estimates."""
     q = _build_query(sql_text, spec_file, view, group_by, where, rho, epsilon, delta)
+    deadline = _deadline(deadline)
     console = Console()
     with _connect(hub, identity) as fed:
         if explain:
@@ -180,6 +342,7 @@ def query(
                 console.print_json(report.to_json([report.explain_to_dict(e) for e in explains]))
             else:
                 report.print_explain(console, explains, q)
+            _fail_on(report.explain_failure(explains))
             return
         result = fed.query(q, deadline_s=deadline)
     if as_json:
@@ -188,6 +351,14 @@ def query(
         typer.echo(report.result_to_csv(result, q), nl=False)
     else:
         report.print_result(console, result, q)
+    _fail_on(report.result_failure(result))
+
+
+def _fail_on(failure: report.Failure | None) -> None:
+    """Exit non-zero, after the output, if no node answered or the answer is empty."""
+    if failure is not None:
+        code = ExitCode.REFUSED if failure.refused else ExitCode.NO_ANSWER
+        raise CommandFailedError(code, failure.reason)
 
 
 @app.command()
@@ -210,6 +381,8 @@ def nodes(
             console.print(f"  {v.name}: {v.description} [dim](group by: {cols})[/]")
     for o in missing:
         console.print(f"[red]{o.node}: {o.status.value}[/] {o.message}")
+    if not found:
+        _fail_on(report.nobody_answered(missing))
 
 
 @hub_app.command("serve")
@@ -226,9 +399,15 @@ def hub_serve(
 ) -> None:
     """Serve analysts' federated queries over gRPC with mutual TLS."""
     from coordinator.hub import serve_hub
+    from coordinator.registry import load_hub_config
     from protocols.rpc import INSECURE_WARNING
 
     setup_logging(log_level)
+    try:
+        cfg = load_hub_config(config)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {config} is not UTF-8 text (byte {exc.start})") from None
+    read_identity(cfg.identity, flag=f"`identity =` in {config}")  # names a malformed PEM
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
     serve_hub(config, ready_file=ready_file, listen=listen, insecure=insecure)
@@ -257,9 +436,10 @@ def pki_issue(
 ) -> None:
     """Issue a certificate and key for a node, the hub, an analyst or an auditor."""
     hosts = ("localhost", "127.0.0.1", *(host or []))
-    path = security.issue(
-        folder, role=role, name=name, out_dir=out, hosts=hosts, organisation=org, days=days
-    )
+    with _ca_folder(folder):
+        path = security.issue(
+            folder, role=role, name=name, out_dir=out, hosts=hosts, organisation=org, days=days
+        )
     typer.echo(f"issued {role.value} identity {name} in {path} (key.pem is 0600)")
 
 
@@ -272,17 +452,28 @@ def pki_revoke(
     """Revoke every certificate of NAME and rewrite crl.pem (nodes and the hub reload it)."""
     from protocols.revocation import CRL_FILE, revoke
 
-    serials = revoke(folder, name, reason=reason)
+    with _ca_folder(folder):
+        serials = revoke(folder, name, reason=reason)
     typer.echo(
         f"revoked {len(serials)} certificate(s) of {name}; distribute {folder / CRL_FILE} "
         "to every node and the hub (they re-read it when it changes)"
     )
 
 
-def main() -> None:
-    """Entry point: chc errors become one clear line on stderr and exit code 2."""
+@contextmanager
+def _ca_folder(folder: Path) -> Iterator[None]:
+    """A malformed ca.pem or ca.key becomes a ConfigError naming the folder."""
     try:
-        app()
-    except ChcError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        yield
+    except ChcError:
+        raise
+    except (ValueError, TypeError):  # what cryptography raises for a malformed PEM
+        raise ConfigError(
+            f"{folder} does not hold a readable CA ({security.CA_FILE} and "
+            f"{security.CA_KEY_FILE}): give the folder `chc pki init` created"
+        ) from None
+
+
+def main() -> None:
+    """Entry point: every error ends in one line on stderr and an ExitCode (see ChcGroup)."""
+    app()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.table import Table
 
 from queries.combine import COUNT_LIKE, POOLED
-from queries.results import FederatedResult, NodeExplain, NodeStatus
+from queries.results import FederatedResult, NodeExplain, NodeOutcome, NodeStatus
 from queries.spec import Query, Statistic
 
 FIGURE_KEYS = ("estimate", "std_error", "ci_low", "ci_high", "n")
@@ -226,3 +226,38 @@ def explain_to_dict(e: NodeExplain) -> dict[str, Any]:
             for m in e.measures
         ],
     }
+
+
+class Failure(NamedTuple):
+    """Why a command's answer is no answer: the one line the CLI exits with."""
+
+    refused: bool  # every node refused, rather than not answering
+    reason: str
+
+
+def nobody_answered(nodes: Sequence[NodeOutcome | NodeExplain]) -> Failure:
+    """Why no node answered: every node refused, or which did not answer and how."""
+    if not nodes:
+        return Failure(False, "no node answered: the hub has no nodes configured")
+    if all(o.status is NodeStatus.REFUSED for o in nodes):
+        reasons = sorted({o.message for o in nodes if o.message})
+        detail = f": {'; '.join(reasons)}" if reasons else ""
+        return Failure(True, f"every node refused the query{detail}")
+    statuses = ", ".join(f"{o.node} {o.status.value}" for o in nodes)
+    return Failure(False, f"no node answered ({statuses})")
+
+
+def result_failure(result: FederatedResult) -> Failure | None:
+    """Why a federated result answers nothing, or None if some node released figures."""
+    if not any(o.status is NodeStatus.OK for o in result.nodes):
+        return nobody_answered(result.nodes)
+    if result.table.num_rows == 0:
+        return Failure(False, "the result is empty: the nodes that answered released no figures")
+    return None
+
+
+def explain_failure(explains: Sequence[NodeExplain]) -> Failure | None:
+    """Why an Explain explains nothing (no node could plan the query), or None."""
+    if any(e.status is NodeStatus.OK for e in explains):
+        return None
+    return nobody_answered(explains)

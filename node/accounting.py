@@ -258,14 +258,29 @@ def open_accountant(
     """
     if memory:
         return MemoryAccountant(config.budget, node=config.name, clock=clock)
-    from node.ledger import SqliteLedger  # node.ledger builds on this module
+    import sqlite3
 
-    return SqliteLedger(
-        default_ledger_path(config, config_file),
-        node=config.name,
-        policy=config.budget,
-        key_path=config.ledger_key,
-        clock=clock,
-        override=override,
-        record_policy=record_policy,
-    )
+    from node.ledger import SqliteLedger, is_sqlite_file  # node.ledger builds on this module
+
+    path = default_ledger_path(config, config_file)
+    where = f"`ledger =` in {config_file}" if config_file is not None else "`ledger =`"
+    # SQLite itself says only "file is not a database", naming neither the file nor the
+    # setting; an empty file is what SQLite makes of a new database, so it may start one.
+    empty = path.is_file() and path.stat().st_size == 0
+    if path.exists() and not empty and not is_sqlite_file(path):
+        raise ConfigError(
+            f"ledger {path} is not a SQLite database (or cannot be read): fix {where} to name "
+            "the node's ledger, or a file that does not exist yet for a new one"
+        )
+    try:
+        return SqliteLedger(
+            path,
+            node=config.name,
+            policy=config.budget,
+            key_path=config.ledger_key,
+            clock=clock,
+            override=override,
+            record_policy=record_policy,
+        )
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"ledger {path} ({where}): {exc}") from None

@@ -203,6 +203,12 @@ def load_config(path: Path) -> NodeConfig:
         raise ConfigError(
             f"node config {path} does not exist; create it with `chc-node init`"
         ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"node config {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read node config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     base = path.parent
