@@ -42,6 +42,7 @@ from node.ledger import (
     decode_body,
     default_key_path,
     entry_hash,
+    format_time,
     is_sqlite_file,
     load_public_key,
     parse_time,
@@ -77,6 +78,18 @@ _LEGACY_NOTE = "some releases carry version-1 envelopes"
 
 class AuditError(RuntimeError, ChcError):
     """A ledger could not be read (the node, file or export is unavailable or malformed)."""
+
+
+def _count(value: object) -> int | None:
+    """A count (a whole number, at least 0), or None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _sha256(value: object) -> bool:
+    """Whether value is a SHA-256 in lower-case hex."""
+    return isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
 
 
 # ---- sources ------------------------------------------------------------------------------
@@ -319,6 +332,7 @@ class _Verifier:
         self.bad_signatures: list[int] = []
         self.budget = BudgetChecks(self.flag)
         self.nonces: dict[bytes, int] = {}
+        self.rate_limits = 0  # refusal entries that started rate limiting a peer
 
     def flag(self, entry: int | None, problem: str) -> None:
         self.r.anomalies.append(Anomaly(entry, problem))
@@ -407,12 +421,18 @@ class _Verifier:
 
     def _content(self, label: int, body: dict[str, Any], when: datetime) -> None:
         query = body.get("query")
-        envelope = self._envelope(label, body)
-        raw_query = envelope.query if envelope is not None else str(query).encode("utf-8")
-        if body.get("query_sha256") != hashlib.sha256(raw_query).hexdigest():
-            self.flag(label, "its query_sha256 is not the SHA-256 of the query it records")
-        if envelope is not None and query_text(envelope.query) != query:
-            self.flag(label, "its query is not the query in the analyst's envelope")
+        envelope: node_pb2.QueryEnvelope | None = None
+        if body.get("outcome") == REFUSED and "envelope" not in body:
+            # Refusals are recorded as a bounded digest of the request (docs/ledger.md);
+            # older refusal entries keep the whole envelope and are checked below.
+            self._refusal_digest(label, body, when)
+        else:
+            envelope = self._envelope(label, body)
+            raw_query = envelope.query if envelope is not None else str(query).encode("utf-8")
+            if body.get("query_sha256") != hashlib.sha256(raw_query).hexdigest():
+                self.flag(label, "its query_sha256 is not the SHA-256 of the query it records")
+            if envelope is not None and query_text(envelope.query) != query:
+                self.flag(label, "its query is not the query in the analyst's envelope")
         outcome = body.get("outcome")
         rho, epsilon, delta = (number(body.get(k)) for k in ("rho", "epsilon", "delta"))
         caps = body.get("caps")
@@ -439,6 +459,79 @@ class _Verifier:
             self.budget.spend(label, analyst, when, 0.0, key, caps, spent)
         else:
             self.flag(label, f"unknown outcome {outcome!r}")
+
+    def _refusal_digest(self, label: int, body: dict[str, Any], when: datetime) -> None:
+        """A refusal's digest of its request: well formed, and its hashes match what it keeps."""
+        query, cut, prefix = (
+            body.get("query"),
+            body.get("query_truncated"),
+            body.get("envelope_prefix"),
+        )
+        size, envelope_size = _count(body.get("query_size")), _count(body.get("envelope_size"))
+        if (
+            not isinstance(query, str)
+            or not isinstance(cut, bool)
+            or not isinstance(prefix, str)
+            or size is None
+            or envelope_size is None
+            or not _sha256(body.get("query_sha256"))
+            or not _sha256(body.get("envelope_sha256"))
+        ):
+            self.flag(
+                label,
+                "a refusal without its request: neither an envelope nor a well-formed digest "
+                "(query, query_size, query_truncated, query_sha256, envelope_size, "
+                "envelope_sha256, envelope_prefix)",
+            )
+            return
+        # A query kept whole and valid UTF-8 encodes back to exactly its size: check its hash.
+        whole = query.encode("utf-8", errors="surrogatepass")
+        if (
+            not cut
+            and len(whole) == size
+            and hashlib.sha256(whole).hexdigest() != body.get("query_sha256")
+        ):
+            self.flag(label, "its query_sha256 is not the SHA-256 of the query it records")
+        try:
+            head = base64.b64decode(prefix, validate=True)
+        except ValueError:
+            self.flag(label, "its envelope_prefix is not base64")
+            return
+        if len(head) > envelope_size:
+            self.flag(label, "its envelope_prefix is longer than its envelope_size")
+        elif len(head) == envelope_size and hashlib.sha256(head).hexdigest() != body.get(
+            "envelope_sha256"
+        ):
+            self.flag(label, "its envelope_sha256 is not the SHA-256 of the envelope it records")
+        if "rate_limited" in body:
+            self._rate_limited(label, body["rate_limited"], when)
+
+    def _rate_limited(self, label: int, limited: object, when: datetime) -> None:
+        """The one entry that says refusals from a peer stopped being recorded for a while."""
+        fields = limited if isinstance(limited, dict) else {}
+        peer, refusals = fields.get("peer"), _count(fields.get("refusals"))
+        window = number(fields.get("window_seconds"))
+        try:
+            until: datetime | None = parse_time(str(fields.get("until")))
+        except ValueError:
+            until = None
+        if (
+            not isinstance(peer, str)
+            or refusals is None
+            or window is None
+            or not window > 0
+            or until is None
+            or until < when
+        ):
+            self.flag(label, f"its rate_limited record is malformed: {limited!r:.200}")
+            return
+        self.rate_limits += 1
+        if self.rate_limits <= 20:  # a note per episode, within reason
+            self.r.notes.append(
+                f"entry {label}: refusals from {peer} were rate-limited after {refusals} in "
+                f"{window:g} s; until {format_time(until)} further refusals from it were "
+                "answered but not recorded"
+            )
 
     def _release(
         self,

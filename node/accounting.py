@@ -39,14 +39,30 @@ class Charge:
 
 
 @dataclass(frozen=True)
+class RateLimited:
+    """Refusals from one peer stop being recorded until `until` (node/service.py)."""
+
+    peer: str  # the peer certificate's name, or without TLS the analyst the envelope claims
+    refusals: int  # refusals recorded from it in the window
+    window_seconds: float
+    until: datetime
+
+
+@dataclass(frozen=True)
 class Refusal:
-    """A refused request, recorded at zero cost."""
+    """A refused request, recorded at zero cost.
+
+    The ledger keeps a bounded digest of what was sent (node/ledger.py: refusal_entry), never
+    the whole query or envelope, so a refusal costs a few KB however much the caller sent.
+    """
 
     analyst: str
     query: bytes
     envelope: bytes
     reason: str
     code: str  # gRPC status name, e.g. "INVALID_ARGUMENT"
+    # Set on the one refusal that starts rate limiting its peer.
+    rate_limited: RateLimited | None = None
 
 
 @dataclass(frozen=True)

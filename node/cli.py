@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 from node.accounting import default_ledger_path, open_accountant
 from node.catalog import build_catalog
 from node.ledger import LedgerIntegrityError
-from node.policy import load_config
+from node.policy import check_node_certificate, load_config
 from node.service import NodeService
 from node.store import OmopStore, node_pathways
 from protocols import security
@@ -239,6 +239,7 @@ def check(
     """
     cfg = load_config(config)
     identity = read_identity(cfg.identity, flag=f"`identity =` in {config}")
+    check_node_certificate(cfg, identity, str(config))
     store = OmopStore.from_config(cfg)  # refuses bad data with the validation report
     typer.echo(store.report.render())
     for view in build_catalog(store.pathways, reference_date=cfg.reference_date).views:
@@ -292,6 +293,7 @@ def serve(
     identity = read_identity(cfg.identity, flag=f"`identity =` in {config}")
     if identity.role is not Role.NODE:
         raise ChcError(f"{cfg.identity} holds a {identity.role.value} certificate, not a node one")
+    check_node_certificate(cfg, identity, str(config))
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
     node_pathways(cfg)  # a bad pathway list fails before the ledger is opened

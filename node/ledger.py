@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from node.accounting import Accountant, Charge, Refusal, SignedEntry
+from node.accounting import Accountant, Charge, RateLimited, Refusal, SignedEntry
 from node.budget_policy_log import (
     POLICY_RECORD,
     PolicyChange,
@@ -52,6 +52,7 @@ from node.budget_policy_log import (
 )
 from node.policy import BudgetPolicy
 from protocols.errors import ChcError, ConfigError
+from queries import spec
 from queries.results import BudgetStatus
 
 FORMAT = 1
@@ -64,6 +65,15 @@ REFUSED = "refused"
 # hash links are always checked; `chc audit verify` checks every signature).
 TAIL_SIGNATURES = 64
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# A refusal entry is a bounded digest of the request (docs/ledger.md, "Refusal entries"):
+# anyone with a certificate can be refused, so what a refusal costs on disk must not depend
+# on what they send. It keeps the SHA-256 and size of the query and of the envelope, the
+# first REFUSAL_QUERY_BYTES of the query (a real query is whole) and the first
+# REFUSAL_ENVELOPE_BYTES of the envelope; the claimed analyst and the reason are cut too.
+REFUSAL_QUERY_BYTES = 2048
+REFUSAL_ENVELOPE_BYTES = 256
+REFUSAL_REASON_CHARS = 1000
+REFUSAL_ANALYST_CHARS = 128
 # What SqliteLedger._write builds: an entry, or (for a policy already recorded) nothing.
 _Built = TypeVar("_Built", bound=SignedEntry | None)
 log = logging.getLogger(__name__)
@@ -120,11 +130,41 @@ def query_text(query: bytes) -> str:
 
 def views_of(query: bytes) -> list[str]:
     """Best effort for refusals, whose query may not even parse: the view it names."""
+    if len(query) > spec.MAX_SPEC_BYTES:
+        return []  # refused unparsed; not worth parsing here either
     try:
         view = json.loads(query).get("view")
-    except (ValueError, AttributeError):
+        return [spec.check_identifier(view, "view")]
+    except (ValueError, AttributeError, RecursionError):
         return []
-    return [view] if isinstance(view, str) else []
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def refusal_fields(refusal: Refusal) -> dict[str, Any]:
+    """What a refusal entry records of the request: a digest, never all of it."""
+    query, envelope = refusal.query, refusal.envelope
+    return {
+        "query": query_text(query[:REFUSAL_QUERY_BYTES]),
+        "query_sha256": hashlib.sha256(query).hexdigest(),
+        "query_size": len(query),
+        "query_truncated": len(query) > REFUSAL_QUERY_BYTES,
+        "envelope_sha256": hashlib.sha256(envelope).hexdigest(),
+        "envelope_size": len(envelope),
+        "envelope_prefix": base64.b64encode(envelope[:REFUSAL_ENVELOPE_BYTES]).decode("ascii"),
+    }
+
+
+def rate_limited_fields(limit: RateLimited) -> dict[str, Any]:
+    """How a refusal entry records that rate limiting of its peer started."""
+    return {
+        "peer": _cut(limit.peer, REFUSAL_ANALYST_CHARS),
+        "refusals": limit.refusals,
+        "window_seconds": float(limit.window_seconds),
+        "until": format_time(limit.until),
+    }
 
 
 # ---- keys ---------------------------------------------------------------------------------
@@ -337,8 +377,7 @@ class LedgerBook:
         *,
         analyst: str,
         query_id: str,
-        query: bytes,
-        envelope: bytes,
+        request: dict[str, Any],
         views: list[str],
         rho: float,
         epsilon: float,
@@ -359,9 +398,7 @@ class LedgerBook:
             "node": self.node,
             "analyst": analyst,
             "query_id": query_id,
-            "query": query_text(query),
-            "query_sha256": hashlib.sha256(query).hexdigest(),
-            "envelope": base64.b64encode(envelope).decode("ascii"),
+            **request,
             "views": views,
             "rho": float(rho),
             "epsilon": float(epsilon),
@@ -400,8 +437,11 @@ class LedgerBook:
             when,
             analyst=charge.analyst,
             query_id=charge.query_id,
-            query=charge.query,
-            envelope=charge.envelope,
+            request={
+                "query": query_text(charge.query),
+                "query_sha256": hashlib.sha256(charge.query).hexdigest(),
+                "envelope": base64.b64encode(charge.envelope).decode("ascii"),
+            },
             views=list(charge.views),
             rho=charge.rho,
             epsilon=charge.epsilon,
@@ -411,18 +451,20 @@ class LedgerBook:
         )
 
     def refusal_entry(self, refusal: Refusal, when: datetime) -> SignedEntry:
-        """The signed, zero-cost entry for a refusal."""
+        """The signed, zero-cost entry for a refusal: a few KB, whatever was sent."""
+        request = refusal_fields(refusal)
+        if refusal.rate_limited is not None:
+            request["rate_limited"] = rate_limited_fields(refusal.rate_limited)
         return self._entry(
             when,
-            analyst=refusal.analyst,
+            analyst=_cut(refusal.analyst, REFUSAL_ANALYST_CHARS),
             query_id="",
-            query=refusal.query,
-            envelope=refusal.envelope,
+            request=request,
             views=views_of(refusal.query),
             rho=0.0,
             epsilon=0.0,
             outcome=REFUSED,
-            reason=refusal.reason,
+            reason=_cut(refusal.reason, REFUSAL_REASON_CHARS),
             code=refusal.code,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -12,6 +13,7 @@ from typing import Any
 from node.access import AccessPolicy, parse_access
 from node.consent import ConsentPolicy, parse_consent
 from protocols.errors import ConfigError
+from protocols.security import Identity, Role
 from queries.results import ReleaseRules
 
 # Budget periods: spend is summed over the period containing each entry's time (UTC). The UK
@@ -43,6 +45,30 @@ def period_bounds(period: str, when: datetime) -> tuple[date | None, date | None
     if period == "none":
         return None, None
     raise ConfigError(f"budget.period must be one of {list(PERIODS)}, got {period!r}")
+
+
+# Refusals from one peer that reach the ledger per window (node.service.RefusalLimiter,
+# docs/threat-model.md "Bounded work"): 30 a minute is far more than an analyst fixing a
+# query or a hub relaying a busy federation's mistakes produce, and caps what an authenticated
+# peer can make the node write by being refused at 31 entries (about 100 KB) a minute.
+REFUSALS_PER_WINDOW = 30
+REFUSAL_WINDOW_SECONDS = 60.0
+
+# A node's name is a DNS label (RFC 1123) in lower case, with '_' allowed as `chc-node init`
+# always has: it names the node's certificate, its default ledger file beside node.toml and
+# every entry, so it can never be a path.
+NODE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+
+
+def check_node_name(name: object, source: str = "node.toml") -> str:
+    """Return name if it is a valid node name, else raise a ConfigError saying the rule."""
+    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ConfigError(
+            f"{source}: name {shown} is not a valid node name: use 1-63 lower-case letters, "
+            "digits, '-' or '_', starting with a letter (the name of the node's certificate)"
+        )
+    return name
 
 
 # A lifetime cap that node.toml does not set is this many times the matching period cap: five
@@ -187,6 +213,29 @@ class NodeConfig:
     pathways_dir: Path | None = None
     consent: ConsentPolicy = field(default_factory=ConsentPolicy)
 
+    def __post_init__(self) -> None:
+        check_node_name(self.name)
+
+
+def check_node_certificate(config: NodeConfig, identity: Identity, source: str) -> None:
+    """Refuse to run a node whose certificate is not a node's or names another node.
+
+    Clients check a node's certificate name (its TLS server name), and auditors the name in
+    its ledger, so a node answering under another name would be refused or misattributed.
+    """
+    if identity.role is not Role.NODE:
+        raise ConfigError(
+            f"{source}: {config.identity} holds a {identity.role.value} certificate, not a node "
+            "one; issue one with `chc pki issue --role node`"
+        )
+    if identity.name != config.name:
+        raise ConfigError(
+            f"{source}: name {config.name!r} does not match the node's certificate, which is "
+            f"issued to {identity.name!r} ({config.identity}); set name = {identity.name!r} or "
+            f"issue a certificate for {config.name!r} (chc pki issue --role node --name "
+            f"{config.name})"
+        )
+
 
 def _path(base: Path, raw: object, field: str) -> Path:
     if not isinstance(raw, str) or not raw:
@@ -237,7 +286,7 @@ def load_config(path: Path) -> NodeConfig:
     ):
         raise ConfigError(f"{path}: pathways must be a list of pathway names")
     return NodeConfig(
-        name=str(data["name"]),
+        name=check_node_name(data["name"], str(path)),
         omop=_path(base, data["omop"], "omop"),
         identity=_path(base, data["identity"], "identity"),
         listen=str(data.get("listen", "127.0.0.1:50051")),

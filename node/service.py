@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pyarrow as pa
@@ -23,8 +25,9 @@ from google.protobuf.message import DecodeError
 
 from node import engine
 from node.access import AccessPolicy
-from node.accounting import Accountant, Charge, Refusal, SignedEntry
+from node.accounting import Accountant, Charge, RateLimited, Refusal, SignedEntry
 from node.budget_policy_log import cap_exceeded
+from node.policy import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
 from node.store import OmopStore
 from protocols import serde
 from protocols.errors import (
@@ -59,6 +62,64 @@ log = logging.getLogger(__name__)
 # analyst may also call a node directly. Auditors read the ledger; nodes never query.
 QUERY_ROLES = frozenset({Role.HUB, Role.ANALYST})
 LEDGER_ROLES = frozenset({Role.AUDITOR})
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What to do with one refusal: record it, and whether it starts rate limiting."""
+
+    record: bool
+    starts: bool  # the first refusal over the limit: recorded once, saying so
+    refusals: int  # refusals from this peer in its window, this one included
+    remaining_s: float  # until its window ends
+
+
+class RefusalLimiter:
+    """At most `limit` refusals per peer per window reach the ledger, plus one saying so.
+
+    A peer's window opens at its first refusal (after its last window ended) and lasts
+    `window_s`. Its first `limit` refusals are recorded; the next is recorded as the start of
+    rate limiting; the rest until the window ends are answered but not recorded. So a peer
+    that is refused without end costs at most limit + 1 entries per window.
+    """
+
+    # Peers tracked at once; beyond this (possible only without TLS, where the key is the
+    # claimed analyst), peers whose windows have not ended share one window.
+    MAX_PEERS = 10_000
+    OTHERS = "(other callers)"
+
+    def __init__(
+        self, limit: int, window_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if limit < 1 or not window_s > 0:
+            raise ValueError("a refusal limit needs limit >= 1 and a positive window")
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}  # peer: (window start, refusals)
+        self._lock = threading.Lock()
+
+    def admit(self, peer: str) -> Admission:
+        """Count one refusal from peer and say whether (and how) to record it."""
+        with self._lock:
+            now = self._clock()
+            if peer not in self._windows and len(self._windows) >= self.MAX_PEERS:
+                self._windows = {
+                    p: w for p, w in self._windows.items() if now - w[0] < self.window_s
+                }
+                if len(self._windows) >= self.MAX_PEERS:
+                    peer = self.OTHERS
+            start, count = self._windows.get(peer, (now, 0))
+            if now - start >= self.window_s:
+                start, count = now, 0
+            count += 1
+            self._windows[peer] = (start, count)
+        return Admission(
+            record=count <= self.limit + 1,
+            starts=count == self.limit + 1,
+            refusals=count,
+            remaining_s=max(0.0, start + self.window_s - now),
+        )
 
 
 class NonceStore:
@@ -115,6 +176,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         rules: ReleaseRules | None = None,
         access: AccessPolicy | None = None,
         revocations: RevocationList | None = None,
+        refusals_per_window: int = REFUSALS_PER_WINDOW,
+        refusal_window_s: float = REFUSAL_WINDOW_SECONDS,
     ) -> None:
         self.name = name
         self.store = store
@@ -128,6 +191,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
         # Plans assume the views hold at most their declared persons; make sure they do.
         engine.check_row_bounds(catalog, store)
         self.nonces = NonceStore()
+        # Bounded work: whoever is refused again and again stops being recorded for a while.
+        self.refusals = RefusalLimiter(refusals_per_window, refusal_window_s)
+        # The calling peer's name, per worker thread, for _record_refusal (set by _peer).
+        self._caller = threading.local()
         seeded = self.nonces.seed(accountant.entries())
         if seeded:
             log.info("remembered %d unexpired nonce(s) from the ledger", seeded)
@@ -136,9 +203,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
         return self.revocations is not None and self.revocations.is_revoked(cert)
 
     def _peer(self, context: grpc.ServicerContext) -> Peer | None:
+        self._caller.peer = None
         if not self.require_tls:
             return None
-        return peer_of(context, is_revoked=self._is_revoked)
+        peer = peer_of(context, is_revoked=self._is_revoked)
+        self._caller.peer = peer.name
+        return peer
 
     def _authorise(
         self,
@@ -326,6 +396,41 @@ class NodeService(node_pb2_grpc.NodeServicer):
     def _record_refusal(
         self, envelope: node_pb2.QueryEnvelope, analyst: str, exc: ChcError
     ) -> None:
+        """Record a refusal (a bounded digest), unless its peer is being rate-limited.
+
+        The peer is the caller's certificate name (set by _peer in this call) or, without
+        TLS, the analyst the envelope claims. A rate-limited refusal keeps its status code;
+        its message (exc, re-raised by the caller) says that the node is rate-limiting.
+        """
+        peer = getattr(self._caller, "peer", None) or envelope.analyst[:128]
+        self._caller.peer = None
+        admission = self.refusals.admit(peer)
+        limited: RateLimited | None = None
+        if admission.starts or not admission.record:
+            until = datetime.now(UTC) + timedelta(seconds=admission.remaining_s)
+            when = until.isoformat(timespec="seconds").replace("+00:00", "Z")
+            if admission.starts:
+                limited = RateLimited(
+                    peer=peer,
+                    refusals=self.refusals.limit,
+                    window_seconds=self.refusals.window_s,
+                    until=until,
+                )
+                note = (
+                    f"this node is now rate-limiting refusals from {peer} ({self.refusals.limit}"
+                    f" in {self.refusals.window_s:g} s): until {when} further refusals are "
+                    "answered but not recorded in its ledger"
+                )
+                log.warning("rate-limiting refusals from %s until %s", peer, when)
+            else:
+                note = (
+                    f"this node is rate-limiting refusals from {peer} until {when}: this "
+                    "refusal is not recorded in its ledger"
+                )
+            # The caller re-raises exc itself: same type and status, with the note added.
+            exc.args = (f"{exc} ({note})",)
+        if not admission.record:
+            return
         try:
             self.accountant.refuse(
                 Refusal(
@@ -334,6 +439,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                     envelope=envelope.SerializeToString(deterministic=True),
                     reason=str(exc),
                     code=exc.status.name,
+                    rate_limited=limited,
                 )
             )
         except Exception:

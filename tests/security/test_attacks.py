@@ -593,3 +593,123 @@ def _signed_for(
 ) -> node_pb2.QueryEnvelope:
     signed = security.sign_query(analyst, query, operation=operation, audience=audience)
     return serde.signed_query_to_proto(signed)
+
+
+# ---- bounded work (docs/threat-model.md, "Bounded work") ------------------------------------
+
+
+def _ledger_bodies(fed: LocalFederation) -> list[dict[str, object]]:
+    stub = _node_stub(fed, _identity(fed, security.Role.AUDITOR, AUDITOR_NAME))
+    stream = stub.StreamLedger(node_pb2.LedgerRequest(from_sequence=1), timeout=30)
+    return [json.loads(e.body) for e in stream if not e.head]
+
+
+def _ledger_bytes(fed: LocalFederation) -> int:
+    folder = fed.workdir / "conf"
+    return sum(p.stat().st_size for p in folder.glob(f"{NODE}.ledger.sqlite*"))
+
+
+@pytest.mark.usefixtures("unchanged_budget")
+def test_a_5_mb_junk_envelope_from_an_auditor_costs_the_ledger_a_few_kb(
+    fed: LocalFederation,
+) -> None:
+    auditor = _identity(fed, security.Role.AUDITOR, AUDITOR_NAME)
+    junk = node_pb2.QueryEnvelope(
+        query=b'{"view": "' + b"x" * (3 * 1024 * 1024) + b'"}',
+        analyst="j" * 100_000,
+        analyst_certificate=b"\x00" * (2 * 1024 * 1024),
+    )
+    assert junk.ByteSize() > 5 * 1024 * 1024
+    before = _ledger_bytes(fed)
+    err = _execute(_node_stub(fed, auditor), junk)
+    assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(err.details() or "") < 2000
+    grown = _ledger_bytes(fed) - before
+    assert grown < 64 * 1024, f"the ledger grew by {grown} bytes"  # it was 12 MB
+    body = _ledger_bodies(fed)[-1]
+    assert body["code"] == "PERMISSION_DENIED"
+    assert "envelope" not in body
+    assert body["envelope_size"] == junk.ByteSize()
+    assert body["query_truncated"] is True
+    assert len(json.dumps(body)) < 8 * 1024
+
+
+def test_repeated_refusals_are_rate_limited_and_recorded_once(fed: LocalFederation) -> None:
+    """A peer refused again and again: 30 refusals recorded, then one entry saying rate
+    limiting started, then answers (same code, saying so) that the ledger does not grow by."""
+    from node.policy import REFUSALS_PER_WINDOW
+
+    name = "flooder"
+    security.issue(fed.pki, role=security.Role.ANALYST, name=name)
+    stub = _node_stub(fed, _analyst(fed, name))
+    junk = node_pb2.QueryEnvelope(query=b"{}", analyst=name, nonce=b"n" * 16)
+    details = []
+    for _ in range(REFUSALS_PER_WINDOW + 10):
+        err = _execute(stub, junk)
+        assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+        details.append(err.details() or "")
+    assert not any("rate-limiting" in d for d in details[:REFUSALS_PER_WINDOW])
+    assert f"now rate-limiting refusals from {name}" in details[REFUSALS_PER_WINDOW]
+    assert all("not recorded in its ledger" in d for d in details[REFUSALS_PER_WINDOW + 1 :])
+    mine = [b for b in _ledger_bodies(fed) if b.get("analyst") == name]
+    assert len(mine) == REFUSALS_PER_WINDOW + 1
+    limited = [b["rate_limited"] for b in mine if "rate_limited" in b]
+    assert len(limited) == 1
+    assert limited[0]["peer"] == name  # type: ignore[index]
+    assert limited[0]["refusals"] == REFUSALS_PER_WINDOW  # type: ignore[index]
+    assert mine[-1]["reason"] == details[REFUSALS_PER_WINDOW]
+    # Others are still recorded.
+    expired = serde.signed_query_to_proto(_signed(fed, ttl_ms=1))
+    time.sleep(0.05)
+    before = len(_ledger_bodies(fed))
+    assert "rate-limiting" not in (
+        _execute(_node_stub(fed, _analyst(fed)), expired).details() or ""
+    )
+    assert len(_ledger_bodies(fed)) == before + 1
+
+
+def _run_node(command: str, config: Path, *extra: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    run = subprocess.run(  # our own interpreter and module
+        [sys.executable, "-m", "node", command, "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return run.returncode, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("../../evil", "is not a valid node name"),
+        ("/tmp/chc-evil", "is not a valid node name"),  # noqa: S108 - never written
+        ("york", "name 'york' does not match the node's certificate, which is issued to 'nwc'"),
+    ],
+)
+def test_a_node_misnamed_or_not_named_as_its_certificate_does_not_start(
+    fed: LocalFederation, tmp_path: Path, name: str, words: str
+) -> None:
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    config = folder / "node.toml"
+    identity = fed.identity_dir(security.Role.NODE, NODE).resolve()
+    config.write_text(
+        f'name = "{name}"\nomop = "{fed.nodes[1].omop.resolve()}"\nidentity = "{identity}"\n'
+        'listen = "127.0.0.1:0"\n'
+    )
+    code, output = _run_node("check", config)
+    assert code != 0
+    assert words in output
+    assert "is ready" not in output
+    ready = tmp_path / "ready.json"
+    code, output = _run_node("serve", config, "--ready-file", str(ready))
+    assert code != 0
+    assert words in output
+    assert not ready.exists()
+    # No ledger anywhere: not in the folder, not two folders up, not at an absolute path.
+    assert not list(tmp_path.rglob("*.sqlite*"))
+    assert not Path("/tmp/chc-evil.ledger.sqlite").exists()  # noqa: S108
