@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.console import Console
 
 from coordinator import report, synth
@@ -50,7 +49,8 @@ app.command("budget")(budget)
 
 # A query spec is a few lines; reading stops one byte past this, so `--spec /dev/zero` or a
 # FIFO that never ends costs a megabyte, not the machine's memory (README, "Command line").
-MAX_SPEC_BYTES = 1024 * 1024
+# The spec parser's own limit: a query spec is a few lines of YAML or JSON.
+MAX_SPEC_BYTES = spec.MAX_SPEC_BYTES
 # Fields of a query spec: those of the canonical form, and the budget as (epsilon, delta).
 SPEC_FIELDS = frozenset(spec.Query(view="persons", rho=1.0).to_dict()) | {"epsilon", "delta"}
 # Longest error about a spec file, and longest field name quoted in it: a spec may be any
@@ -59,8 +59,6 @@ _MAX_SPEC_ERROR = 400
 _MAX_FIELD_NAME = 24
 # A string of the spec that is a name (view, column, statistic) may be quoted back.
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-# Quoted text in a YAML parser's problem, except its token names such as '<block end>'.
-_YAML_QUOTED = re.compile(r"'(?!<)[^']{3,}'")
 
 
 @app.callback()
@@ -159,7 +157,7 @@ def _read_spec(path: Path) -> object:
         raise ConfigError(f"--spec {path}: cannot read it ({exc.strerror or exc})") from None
     if len(raw) > MAX_SPEC_BYTES:
         raise ConfigError(
-            f"--spec {path} is larger than {MAX_SPEC_BYTES // 1024 // 1024} MB: a query spec "
+            f"--spec {path} is larger than {MAX_SPEC_BYTES // 1024} KB: a query spec "
             "is a few lines of YAML or JSON"
         )
     try:
@@ -169,17 +167,10 @@ def _read_spec(path: Path) -> object:
             f"--spec {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
         ) from None
     try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        # PyYAML's own message quotes the offending line; say only where and what.
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = _YAML_QUOTED.sub("'…'", exc.problem or "a syntax error")
-        raise ConfigError(f"--spec {path} is not valid YAML or JSON{where}: {problem}") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"--spec {path} is not valid YAML or JSON text") from None
-    except RecursionError:
-        raise ConfigError(f"--spec {path} is nested too deeply") from None
+        # The spec module's loader: no YAML anchors or aliases, bounded size and depth.
+        return spec.load_yaml(text)
+    except QueryError as exc:
+        raise ConfigError(f"--spec {path}: {exc}") from None
 
 
 def _strings(data: object) -> tuple[set[str], set[str]]:

@@ -535,12 +535,17 @@ class _SpecLoader(yaml.SafeLoader):
                 self._depth -= 1
 
 
-def from_yaml(raw: bytes | str) -> Query:
-    """Parse a YAML (or JSON) spec file's text into a Query, with bounded work."""
+def load_yaml(raw: bytes | str) -> object:
+    """Parse a YAML (or JSON) spec file's text, with bounded work (no aliases, size cap)."""
     _check_size(raw, "YAML")
     loader = _SpecLoader(raw)
     try:
-        data = loader.get_single_data()
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        # PyYAML's message quotes the offending line: say only where, never what it holds.
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise QueryError(f"query spec is not valid YAML or JSON{where}") from None
     except yaml.YAMLError as exc:
         raise QueryError(
             f"query spec is not valid YAML: {quote(str(exc), 4 * QUOTE_CHARS)}"
@@ -549,4 +554,8 @@ def from_yaml(raw: bytes | str) -> Query:
         raise QueryError("query YAML is nested too deeply") from None
     finally:
         loader.dispose()
-    return from_dict(data)
+
+
+def from_yaml(raw: bytes | str) -> Query:
+    """Parse a YAML (or JSON) spec file's text into a Query, with bounded work."""
+    return from_dict(load_yaml(raw))

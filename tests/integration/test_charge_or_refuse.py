@@ -174,17 +174,26 @@ def test_the_cases_that_used_to_charge_without_answering(
 
 
 def _slow_spec() -> dict[str, object]:
-    """Forty histograms over distinct clamps: forty scans, tens of milliseconds of work."""
+    """Fifty histograms over distinct clamps: fifty scans of the visits, many ms of work."""
     measures = [
-        {"statistic": "histogram", "name": f"h{i}", "column": "age", "clamp": [0, 60 + i]}
-        for i in range(40)
+        {
+            "statistic": "histogram",
+            "name": f"h{i}",
+            "column": "length_of_stay",
+            "clamp": [0, 10 + i],
+        }
+        for i in range(50)
     ]
-    return {"view": "persons", "rho": 0.5, "measures": measures}
+    return {"view": "visits", "rho": 0.5, "measures": measures, "group_by": ["year"]}
 
 
 def test_a_node_charges_nothing_once_the_deadline_has_passed(node: Node) -> None:
     """With 5,000 measures and a 3 s deadline, every node used to charge after the analyst had
     given up. Now a node checks the propagated deadline before computing and before charging.
+
+    Timing-robust: each call's deadline is a tenth of the query's measured run time, so it
+    cannot be met; whether a call is dropped before the handler starts or refused by the
+    node, nothing may be charged, and at least one of ten calls must reach the handler.
     """
     spec = _slow_spec()
     assert _outcome(node, spec) == "answered"  # it runs, given time
@@ -193,13 +202,15 @@ def test_a_node_charges_nothing_once_the_deadline_has_passed(node: Node) -> None
     took = time.perf_counter() - started
     refused_before = _deadline_refusals(node)
     spent = node.accountant.spent()
-    for _ in range(5):
+    codes = set()
+    for _ in range(10):
         envelope = serde.signed_query_to_proto(
             security.sign_query(node.analyst, json.dumps(spec).encode())
         )
         with pytest.raises(grpc.RpcError) as info:
-            node.stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=took / 3)
-        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            node.stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=took / 10)
+        codes.add(info.value.code())
+    assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}
     time.sleep(2 * took + 0.5)  # let the node finish whatever it started
     assert node.accountant.spent() == spent
     # The node did start the work and refused it itself (recorded at zero cost).
