@@ -119,6 +119,24 @@ def test_a_rho_too_small_for_64_bits_is_refused_before_planning() -> None:
         Measure(Statistic.SUM, "s", column="cost", weight=1e-300)
 
 
+def test_components_that_could_overflow_64_bits_are_refused_at_plan_time() -> None:
+    """The bound comes from public declarations only: persons x rows per person x clamp.
+
+    A view declaring 10^17 persons cannot have its sums of a 1e15-bounded column released in
+    64 bits (nor any noise added to them), so the query is refused before any data is read;
+    the same query on a view of the default size plans.
+    """
+    huge = ViewSpec(name="people", description="", columns=VIEW.columns, max_persons=10**17)
+    query = Query(
+        view="people",
+        rho=1.0,
+        measures=(Measure(Statistic.SUM, "s", column="cost", clamp=(0.0, 1e15)),),
+    )
+    with pytest.raises(QueryError, match="could overflow a 64-bit integer"):
+        plan.compile_query(query, Catalog(views=(huge,)))
+    assert plan.compile_query(query, CATALOG).components[0].max_abs < mechanisms.INT64_MAX
+
+
 MEASURES = [
     Measure(Statistic.COUNT, "n"),
     Measure(Statistic.COUNT_ROWS, "rows"),
