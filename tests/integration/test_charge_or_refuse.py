@@ -43,6 +43,10 @@ class Node:
     stub: node_pb2_grpc.NodeStub
     analyst: security.Identity
     accountant: MemoryAccountant
+    # A second analyst for the deadline test: the node rate-limits the recording of one
+    # peer's refusals, and the property test makes the first analyst refused many times.
+    late_stub: node_pb2_grpc.NodeStub
+    late: security.Identity
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +72,20 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     server, port = rpc.make_server("127.0.0.1:0", node_id)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
     server.start()
+    late = security.load_identity(security.issue(pki, role=security.Role.ANALYST, name="late"))
     channel = security.secure_channel(f"127.0.0.1:{port}", analyst, server_name="nwc")
+    late_channel = security.secure_channel(f"127.0.0.1:{port}", late, server_name="nwc")
     try:
-        yield Node(node_pb2_grpc.NodeStub(channel), analyst, accountant)
+        yield Node(
+            node_pb2_grpc.NodeStub(channel),
+            analyst,
+            accountant,
+            node_pb2_grpc.NodeStub(late_channel),
+            late,
+        )
     finally:
         channel.close()
+        late_channel.close()
         server.stop(None)
         store.close()
 
@@ -205,10 +218,10 @@ def test_a_node_charges_nothing_once_the_deadline_has_passed(node: Node) -> None
     codes = set()
     for _ in range(10):
         envelope = serde.signed_query_to_proto(
-            security.sign_query(node.analyst, json.dumps(spec).encode())
+            security.sign_query(node.late, json.dumps(spec).encode())
         )
         with pytest.raises(grpc.RpcError) as info:
-            node.stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=took / 10)
+            node.late_stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=took / 10)
         codes.add(info.value.code())
     assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}
     time.sleep(2 * took + 0.5)  # let the node finish whatever it started
