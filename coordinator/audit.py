@@ -30,7 +30,6 @@ from google.protobuf.message import DecodeError
 
 from coordinator.audit_budget import BudgetChecks, PolicyNote, close, number
 from node.accounting import SignedEntry
-from node.budget_policy_log import POLICY_RECORD, cap_exceeded
 from node.ledger import (
     ENTRY_RECORD,
     FORMAT,
@@ -53,6 +52,7 @@ from node.ledger import (
     signature_ok,
 )
 from protocols import serde
+from protocols.budget_log import POLICY_RECORD, cap_exceeded
 from protocols.errors import AuthenticationError, ChcError
 from protocols.security import (
     CLOCK_SKEW_MS,

@@ -1,7 +1,7 @@
 """The budget half of `chc audit verify`: policy entries, the caps in force, and spend.
 
 coordinator/audit.py checks the chain, the signatures and the analysts' envelopes, and hands
-every entry's budget fields here. A ledger's policy entries (node/budget_policy_log.py) say
+every entry's budget fields here. A ledger's policy entries (protocols/budget_log.py) say
 which caps were in force from when: each must name the policy it replaces exactly, record
 exactly how it loosens it, and carry a custodian's reason if it does. Every later entry must
 record those caps, and every release must fit them: the period caps over the period that
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from node.budget_policy_log import (
+from protocols.budget import BudgetPolicy, period_bounds
+from protocols.budget_log import (
     SpendTally,
     cap_exceeded,
     loosenings,
@@ -29,7 +30,6 @@ from node.budget_policy_log import (
     read_change,
     summary,
 )
-from node.policy import BudgetPolicy, period_bounds
 from protocols.errors import ConfigError
 
 

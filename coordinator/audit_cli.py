@@ -14,8 +14,8 @@ from rich.table import Table
 
 from coordinator import audit, audit_report
 from coordinator.demo import read_demo_state
-from node.cli import ChcGroup, CommandFailedError, ExitCode, read_identity
 from node.ledger import load_public_key
+from protocols.cli import ChcGroup, CommandFailedError, ExitCode, read_identity
 from protocols.errors import ConfigError
 from protocols.security import Identity, Role
 

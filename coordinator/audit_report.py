@@ -13,8 +13,8 @@ from xml.sax.saxutils import escape
 
 from coordinator.audit import LedgerSource
 from coordinator.audit_budget import BudgetChecks, PolicyNote, number
-from node.budget_policy_log import POLICY_RECORD
 from node.ledger import RELEASED, decode_body
+from protocols.budget_log import POLICY_RECORD
 from protocols.errors import ConfigError
 from queries.mechanisms import rho_to_epsilon
 

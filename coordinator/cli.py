@@ -17,8 +17,8 @@ from coordinator.audit_cli import audit_app, budget
 from coordinator.client import Federation
 from coordinator.demo import read_demo_state, run_demo
 from coordinator.service import MAX_DEADLINE_MS
-from node.cli import ChcGroup, CommandFailedError, DebugOpt, ExitCode, read_identity
 from protocols import security
+from protocols.cli import ChcGroup, CommandFailedError, DebugOpt, ExitCode, read_identity
 from protocols.errors import ChcError, ConfigError, QueryError
 from protocols.process import setup_logging
 from queries import spec

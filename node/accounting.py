@@ -16,13 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from node.policy import BudgetPolicy, NodeConfig
+from node.policy import NodeConfig
+from protocols.budget import BudgetPolicy
 from protocols.errors import ConfigError
 from queries.results import BudgetStatus
 
 if TYPE_CHECKING:
-    from node.budget_policy_log import PolicyChange
     from node.ledger import LedgerBook
+    from protocols.budget_log import PolicyChange
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ against, and the SHA-256 of the previous entry (body + signature). The node sign
 with its ledger key. A signed *head* (the last sequence number and its hash) is rewritten in
 the same transaction as every append, so deleting entries at the end is detected too.
 
-The caps in force are the ledger's own: a signed *policy* entry (node/budget_policy_log.py)
+The caps in force are the ledger's own: a signed *policy* entry (protocols/budget_log.py)
 records the whole budget policy whenever the node opens the ledger with a new one.
 
 Charge before release (DESIGN principle 2): `charge()` checks every cap and appends inside one
@@ -35,13 +35,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from node.accounting import Accountant, Charge, RateLimited, Refusal, SignedEntry
-from node.budget_policy_log import (
+from protocols.budget import BudgetPolicy
+from protocols.budget_log import (
     POLICY_RECORD,
     PolicyChange,
     SpendTally,
@@ -50,8 +50,7 @@ from node.budget_policy_log import (
     plan_change,
     read_change,
 )
-from node.policy import BudgetPolicy
-from protocols.errors import ChcError, ConfigError
+from protocols.errors import ChcError, ConfigError, LedgerIntegrityError
 from queries import spec
 from queries.results import BudgetStatus
 
@@ -77,12 +76,6 @@ REFUSAL_ANALYST_CHARS = 128
 # What SqliteLedger._write builds: an entry, or (for a policy already recorded) nothing.
 _Built = TypeVar("_Built", bound=SignedEntry | None)
 log = logging.getLogger(__name__)
-
-
-class LedgerIntegrityError(ChcError):
-    """The ledger does not verify: it was altered, truncated, or signed by another key."""
-
-    status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 # ---- the entry format ---------------------------------------------------------------------

@@ -26,10 +26,10 @@ from google.protobuf.message import DecodeError
 from node import engine
 from node.access import AccessPolicy
 from node.accounting import Accountant, Charge, RateLimited, Refusal, SignedEntry
-from node.budget_policy_log import cap_exceeded
 from node.policy import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
 from node.store import OmopStore
 from protocols import serde
+from protocols.budget_log import cap_exceeded
 from protocols.errors import (
     AuthenticationError,
     ChcError,

@@ -56,3 +56,9 @@ class DeadlineExceededError(TimeoutError, ChcError):
     """The caller's deadline passed before the work was done; nothing was charged."""
 
     status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class LedgerIntegrityError(ChcError):
+    """The ledger does not verify: it was altered, truncated, or signed by another key."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from coordinator import synth
 from node.accounting import MemoryAccountant
 from node.catalog import build_catalog
-from node.policy import BudgetPolicy
 from node.service import NodeService
 from node.store import OmopStore
 from protocols import rpc, security, serde
+from protocols.budget import BudgetPolicy
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import combine
 from queries import release as release_rules

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from coordinator import synth
 from coordinator.cli import app
 from coordinator.local import LocalFederation, NodeSetup
-from node.cli import ExitCode
+from protocols.cli import ExitCode
 
 pytestmark = pytest.mark.integration
 

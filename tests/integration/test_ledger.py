@@ -30,11 +30,11 @@ from coordinator.local import (
     NodeSetup,
 )
 from node.accounting import Charge
-from node.budget_policy_log import POLICY_RECORD
 from node.cli import app as node_app
 from node.ledger import SqliteLedger
-from node.policy import BudgetPolicy
 from protocols import security, serde
+from protocols.budget import BudgetPolicy
+from protocols.budget_log import POLICY_RECORD
 from protocols.process import read_ready_file
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.results import NodeStatus

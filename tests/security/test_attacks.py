@@ -22,8 +22,8 @@ from coordinator.client import BUDGET_PROBE, Federation, HubUnavailableError
 from coordinator.local import AUDITOR_NAME, HUB_NAME, LocalFederation, NodeSetup
 from node.accounting import Charge
 from node.ledger import SqliteLedger
-from node.policy import BudgetPolicy
 from protocols import revocation, security, serde
+from protocols.budget import BudgetPolicy
 from protocols.errors import ConfigError, PermissionDeniedError, QueryError
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2, node_pb2_grpc
 from queries.mechanisms import rho_to_epsilon

@@ -18,10 +18,10 @@ import pytest
 
 from coordinator import audit
 from node.accounting import Accountant, Charge, MemoryAccountant, Refusal, SignedEntry
-from node.budget_policy_log import POLICY_RECORD
 from node.ledger import ZERO_HASH, SqliteLedger, canonical_json, entry_hash
-from node.policy import BudgetPolicy
 from protocols import security, serde
+from protocols.budget import BudgetPolicy
+from protocols.budget_log import POLICY_RECORD
 from protocols.errors import BudgetExceededError, QueryError
 from queries.mechanisms import rho_to_epsilon
 from queries.spec import Query, canonical_bytes

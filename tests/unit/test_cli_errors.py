@@ -25,8 +25,8 @@ from coordinator import cli as chc_cli
 from coordinator.cli import MAX_SPEC_BYTES
 from node import cli as node_cli
 from node.bootstrap import init_node
-from node.cli import ChcGroup, DebugOpt, ExitCode
 from protocols import security
+from protocols.cli import ChcGroup, DebugOpt, ExitCode
 
 # Two lines of a file no analyst should see echoed: a spec symlinked to it must not show them.
 SYSTEM_LINE = "root:$6$saltsalt$hashedpasswordhashedpassword:19000:0:99999:7:::"

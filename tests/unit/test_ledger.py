@@ -25,17 +25,17 @@ from typer.testing import CliRunner
 from coordinator import audit, audit_report
 from coordinator.cli import app
 from node.accounting import MemoryAccountant, open_accountant
-from node.budget_policy_log import POLICY_RECORD
 from node.ledger import (
-    LedgerIntegrityError,
     SqliteLedger,
     canonical_json,
     default_key_path,
     entry_hash,
     public_key_path,
 )
-from node.policy import BudgetPolicy, NodeConfig, load_config
-from protocols.errors import ConfigError
+from node.policy import NodeConfig, load_config
+from protocols.budget import BudgetPolicy
+from protocols.budget_log import POLICY_RECORD
+from protocols.errors import ConfigError, LedgerIntegrityError
 from tests.unit.test_accounting_contract import Pki, make_pki, refusal, signed_charge
 
 POLICY = BudgetPolicy(total_rho=10.0, max_rho_per_query=1.0, analyst_rho=5.0)
@@ -301,7 +301,7 @@ import sys
 from pathlib import Path
 from node.accounting import Charge
 from node.ledger import SqliteLedger
-from node.policy import BudgetPolicy
+from protocols.budget import BudgetPolicy
 from protocols.errors import BudgetExceededError
 from queries.mechanisms import rho_to_epsilon
 

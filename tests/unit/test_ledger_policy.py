@@ -21,17 +21,17 @@ from typer.testing import CliRunner
 from coordinator import audit
 from coordinator.cli import app
 from node.accounting import Charge, open_accountant
-from node.budget_policy_log import POLICY_RECORD, policy_record
 from node.ledger import (
-    LedgerIntegrityError,
     SqliteLedger,
     canonical_json,
     default_key_path,
     entry_hash,
     format_time,
 )
-from node.policy import BudgetPolicy, load_config, period_bounds
-from protocols.errors import BudgetExceededError, ConfigError
+from node.policy import load_config
+from protocols.budget import BudgetPolicy, period_bounds
+from protocols.budget_log import POLICY_RECORD, policy_record
+from protocols.errors import BudgetExceededError, ConfigError, LedgerIntegrityError
 from tests.unit.test_accounting_contract import Clock, Pki, make_pki, signed_charge
 
 POLICY = BudgetPolicy(total_rho=2.0, max_rho_per_query=0.5)

@@ -1,4 +1,4 @@
-"""Node configuration (node.policy), budget policy changes (node.budget_policy_log) and budget
+"""Node configuration (node.policy), budget policy changes (protocols.budget_log) and budget
 enforcement (node.accounting.MemoryAccountant)."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 from node.accounting import Charge, MemoryAccountant
-from node.budget_policy_log import (
+from node.policy import NodeConfig, load_config
+from protocols.budget import LIFETIME_PERIODS, BudgetPolicy
+from protocols.budget_log import (
     lifetime_bounds_periods,
     loosenings,
     plan_change,
     policy_from_record,
     policy_record,
 )
-from node.policy import LIFETIME_PERIODS, BudgetPolicy, NodeConfig, load_config
 from protocols.errors import BudgetExceededError, ChcError, ConfigError, QueryError
 
 GOOD = """

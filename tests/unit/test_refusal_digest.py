@@ -22,9 +22,9 @@ from node.ledger import (
     canonical_json,
     query_text,
 )
-from node.policy import BudgetPolicy
 from node.service import RefusalLimiter
 from protocols import security, serde
+from protocols.budget import BudgetPolicy
 from protocols.v1 import node_pb2
 from queries.spec import Query, canonical_bytes
 from tests.unit.test_accounting_contract import Pki, make_pki, signed_charge, source_of

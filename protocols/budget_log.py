@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from node.policy import LIFETIME_PERIODS, BudgetPolicy, period_bounds
+from protocols.budget import LIFETIME_PERIODS, BudgetPolicy, period_bounds
 from protocols.errors import BudgetExceededError, ChcError, ConfigError, QueryError
 from queries.results import BudgetStatus
 
