@@ -10,7 +10,7 @@ seeded ``numpy.random.Generator`` (PCG64) is used.
 
 What the data is meant to look like, every assumption, its source and the designed regional
 differences are in docs/synthetic-data.md; the constants below carry short notes only.
-DOMAIN.md means ../shared/docs/DOMAIN.md.
+Figures are cited by the source keys of docs/synthetic-data.md.
 
 Determinism: chunk ``k`` of a region is drawn from ``SeedSequence(seed, spawn_key=(region
 key, k))``, so the same seed, region, size, reference date and chunk size give identical
@@ -70,7 +70,7 @@ EMERGENCY_ROOM: Final = 9203
 EHR_TYPE: Final = 32817
 
 # Share of each region's residents in national IMD 2019 quintiles 1 (most deprived) to 5.
-# Nationally each quintile holds 20% (DOMAIN.md section 5); the North has more of its
+# Nationally each quintile holds 20% [IoD]; the North has more of its
 # neighbourhoods among the most deprived. Our approximation, see docs/synthetic-data.md.
 IMD_SHARES: Final[Mapping[str, tuple[float, float, float, float, float]]] = {
     "nenc": (0.31, 0.21, 0.18, 0.16, 0.14),
@@ -208,7 +208,7 @@ def _gradient(q1: float, q2: float, q3: float, q4: float, q5: float) -> FloatArr
 
 def _age_pmf() -> FloatArray:
     weights = np.zeros(_MAX_AGE + 1, dtype=np.float64)
-    # Census 2021 broad bands (DOMAIN.md section 5), then our split of 65+.
+    # Census 2021 broad bands [Census], then our split of 65+.
     bands = (
         (0, 15, 17.4),
         (15, 65, 64.1),
@@ -331,7 +331,7 @@ _ACUTE_AGE_MULTIPLIER: Final = _by_age(
     ((0, 1.6), (5, 0.7), (15, 1.0), (25, 0.9), (65, 1.2), (80, 2.0))
 )
 # A&E attendances, most against least deprived: 3.3m against 1.7m a year by decile (RCEM
-# 2023/24, DOMAIN.md section 5); our quintile gradient is a little flatter.
+# 2023/24, [A&E]); our quintile gradient is a little flatter.
 _ACUTE_DEPRIVATION: Final = _gradient(1.3, 1.1, 0.95, 0.85, 0.8)
 
 
