@@ -27,7 +27,7 @@ from bench.timing import summary, timings
 from node import engine
 from node.catalog import visits_view
 from queries import combine, mechanisms, plan
-from queries.results import BudgetStatus, NodeRelease, NoiseInfo
+from queries.results import BudgetStatus, NodeRelease
 from queries.schema import Catalog
 from queries.spec import Measure, Query, Statistic, rho_from_epsilon
 
@@ -59,14 +59,10 @@ def _visits(rows: int, seed: int) -> pa.Table:
 def _release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeRelease:
     releases = engine.calibrations(compiled)
     noisy = engine.add_noise(releases, exact)
-    return NodeRelease(
-        query_id="bench",
-        table=engine.release_table(compiled, releases, noisy),
-        noise=NoiseInfo(mechanisms.MECHANISM, 0.0, 0.0, 0.0),
-        rho_charged=compiled.query.rho,
-        epsilon=0.0,
-        budget=BudgetStatus(10.0, 0.0, 1.0, 1e-6),
-        measures=tuple(r.measure_noise() for r in releases),
+    table = engine.release_table(compiled, releases, noisy)
+    budget = BudgetStatus(10.0, 0.0, 1.0, 1e-6)
+    return engine.node_release(
+        releases, table, query_id="bench", epsilon=0.0, budget=budget, rules=None
     )
 
 

@@ -18,13 +18,17 @@ from sqlglot import exp
 
 from protocols.errors import ConfigError
 from queries import mechanisms, plan
-from queries.results import MeasureNoise, NoiseInfo, ReleaseRules
+from queries.results import (
+    RELEASE_COLUMNS,
+    BudgetStatus,
+    MeasureNoise,
+    NodeRelease,
+    NoiseInfo,
+    ReleaseRules,
+    release_schema,
+)
 from queries.schema import Catalog, ColumnType
-from queries.sensitivity import Kind
-
-RELEASE_COLUMNS = ("component", "bin", "bin_lower", "bin_upper", "lower", "upper", "value")
-# Components whose values are counts of persons or rows: the node's disclosure rules apply.
-COUNT_KINDS = frozenset({Kind.PERSONS, Kind.ROWS, Kind.BINS})
+from queries.sensitivity import COUNT_KINDS, Kind
 
 
 class SqlRunner(Protocol):
@@ -72,6 +76,28 @@ def calibrations(compiled: plan.Plan) -> tuple[ComponentRelease, ...]:
     return tuple(
         ComponentRelease(c, mechanisms.calibrate(c.sensitivity, shares[c.key]))
         for c in compiled.components
+    )
+
+
+def node_release(
+    releases: Sequence[ComponentRelease],
+    table: pa.Table,
+    *,
+    query_id: str,
+    epsilon: float,
+    budget: BudgetStatus,
+    rules: ReleaseRules | None,
+) -> NodeRelease:
+    """The NodeRelease a node sends for a release table: the noise and cost of each component."""
+    return NodeRelease(
+        query_id=query_id,
+        table=table,
+        noise=releases[0].noise_info(),
+        rho_charged=sum(r.calibration.rho for r in releases),
+        epsilon=epsilon,
+        budget=budget,
+        measures=tuple(r.measure_noise() for r in releases),
+        rules=rules,
     )
 
 
@@ -234,20 +260,4 @@ def release_table(
             for f in schema
         ],
         schema=schema,
-    )
-
-
-def release_schema(group_by: Sequence[str]) -> pa.Schema:
-    """Schema of the long release table a node sends: groups, then RELEASE_COLUMNS."""
-    return pa.schema(
-        [(col, pa.string()) for col in group_by]
-        + [
-            ("component", pa.string()),
-            ("bin", pa.int32()),
-            ("bin_lower", pa.float64()),
-            ("bin_upper", pa.float64()),
-            ("lower", pa.float64()),  # the component's public clamp bounds (null for counts)
-            ("upper", pa.float64()),
-            ("value", pa.float64()),
-        ]
     )

@@ -29,13 +29,12 @@ from node.accounting import Accountant, Charge, RateLimited, Refusal, SignedEntr
 from node.policy import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
 from node.store import OmopStore
 from protocols import serde
-from protocols.budget_log import cap_exceeded
+from protocols.budget_log import per_query_refusal
 from protocols.errors import (
     AuthenticationError,
     ChcError,
     DeadlineExceededError,
     PermissionDeniedError,
-    QueryError,
 )
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
@@ -53,7 +52,7 @@ from protocols.security import (
 )
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec
-from queries.results import NodeDescription, NodeRelease, ReleaseRules
+from queries.results import NodeDescription, ReleaseRules
 from queries.schema import Catalog
 
 log = logging.getLogger(__name__)
@@ -245,12 +244,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.access.check(analyst=analyst.name, organisation=analyst.organisation, view=query.view)
         # The per-query cap is public: refuse above it before planning and calibrating, so that
         # an absurd rho is a clear refusal, never a calibration failure.
-        cap = self.accountant.policy.max_rho_per_query
-        if cap_exceeded(query.rho, cap):
-            raise QueryError(
-                f"rho {query.rho:.10g} is above this node's per-query cap of {cap:.10g}; "
-                f"ask for at most {cap:.10g}"
-            )
+        refused = per_query_refusal(self.accountant.policy, query.rho)
+        if refused is not None:
+            raise refused
         compiled = plan.compile_query(query, self.catalog)
         releases = engine.calibrations(compiled)
         return query, compiled, releases, sum(r.calibration.rho for r in releases)
@@ -354,15 +350,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             sequence,
         )
         msg = serde.release_to_proto(
-            NodeRelease(
-                query_id=query_id,
-                table=table,
-                noise=releases[0].noise_info(),
-                rho_charged=rho,
-                epsilon=epsilon,
-                budget=budget,
-                measures=tuple(r.measure_noise() for r in releases),
-                rules=self.rules,
+            engine.node_release(
+                releases, table, query_id=query_id, epsilon=epsilon, budget=budget, rules=self.rules
             )
         )
         msg.ledger_sequence = sequence

@@ -403,6 +403,21 @@ def _period_label(policy: BudgetPolicy, when: datetime) -> str:
     return f" in the budget period {start.isoformat()} to {last.isoformat()}"
 
 
+def per_query_refusal(policy: BudgetPolicy, rho: float) -> QueryError | None:
+    """Why a query asking for rho is refused whatever has been spent, or None if it may ask.
+
+    Needs only the public per-query cap, so a node checks it before planning or calibrating.
+    """
+    if _number(rho) is None or not (math.isfinite(rho) and rho > 0):
+        return QueryError(f"rho must be a positive finite number, got {rho!r}")
+    if cap_exceeded(rho, policy.max_rho_per_query):
+        return QueryError(
+            f"rho {rho:.10g} is above this node's per-query cap of "
+            f"{policy.max_rho_per_query:.10g}; ask for at most {policy.max_rho_per_query:.10g}"
+        )
+    return None
+
+
 def budget_refusal(
     policy: BudgetPolicy, tally: SpendTally, analyst: str, rho: float, when: datetime
 ) -> ChcError | None:
@@ -412,13 +427,9 @@ def budget_refusal(
     lifetime one on a tie: waiting for the next period does not help there).
     """
     p = policy
-    if _number(rho) is None or not (math.isfinite(rho) and rho > 0):
-        return QueryError(f"rho must be a positive finite number, got {rho!r}")
-    if cap_exceeded(rho, p.max_rho_per_query):
-        return QueryError(
-            f"rho {rho:.10g} is above this node's per-query cap of {p.max_rho_per_query:.10g}; "
-            "ask for less"
-        )
+    error = per_query_refusal(p, rho)
+    if error is not None:
+        return error
     period, life = tally.period(p, when), tally.life
     broken: list[tuple[float, int, str]] = []
 

@@ -25,16 +25,16 @@ from protocols.errors import ConfigError
 from queries import estimators
 from queries.estimators import Z95, Figure
 from queries.plan import role_keys
-from queries.results import NodeRelease
+from queries.results import RELEASE_COLUMNS, NodeRelease
+from queries.sensitivity import COUNT_KINDS, Kind
 from queries.spec import Measure, Query, Statistic
 
 __all__ = ["COUNT_LIKE", "OUTPUT_SCHEMA_TAIL", "POOLED", "Z95", "CatalogMismatchError", "combine"]
 
 POOLED = "All regions"
 COUNT_LIKE = frozenset({Statistic.COUNT, Statistic.COUNT_ROWS, Statistic.HISTOGRAM})
-# Component kinds that count persons or rows (the ones a node rounds).
-_COUNT_KINDS = ("persons", "rows", "bins")
-_STRUCTURE = ("component", "bin", "bin_lower", "bin_upper", "lower", "upper")
+# Every release column but the values: what must be the same at every node to pool.
+_STRUCTURE = tuple(c for c in RELEASE_COLUMNS if c != "value")
 
 
 class CatalogMismatchError(ConfigError):
@@ -70,7 +70,7 @@ def _variance(release: NodeRelease, key: str, z: float) -> float:
     """
     var = release.variance(key)
     rules = release.rules
-    if rules is not None and _kind(key) in _COUNT_KINDS and rules.node_rounds(math.sqrt(var)):
+    if rules is not None and Kind(_kind(key)) in COUNT_KINDS and rules.node_rounds(math.sqrt(var)):
         var = (math.sqrt(var) + rules.round_to / (2 * z)) ** 2
     return var
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlglot
@@ -73,11 +74,10 @@ class Component:
 
 @dataclass(frozen=True)
 class MeasurePlan:
-    """Which component plays which role in one measure, and its share of rho."""
+    """Which component plays which role in one measure."""
 
     measure: Measure
     roles: tuple[tuple[str, str], ...]  # (role, component key), e.g. ("n", "rows:age")
-    rho: float
 
     def key(self, role: str) -> str:
         """The component key of one role."""
@@ -111,7 +111,7 @@ class Plan:
 
     def users(self, key: str) -> list[str]:
         """Names of the measures that use a component."""
-        return [mp.measure.name for mp in self.measures if key in dict(mp.roles).values()]
+        return _users(self.measures, key)
 
     def describe(self) -> str:
         """A readable account of what the node will compute (no data involved)."""
@@ -136,6 +136,10 @@ class Plan:
                 + ", ".join(self.users(c.key))
             )
         return "\n".join(lines)
+
+
+def _users(measures: Sequence[MeasurePlan], key: str) -> list[str]:
+    return [mp.measure.name for mp in measures if key in dict(mp.roles).values()]
 
 
 def _cells(n_groups: int, components: tuple[Component, ...] | list[Component]) -> int:
@@ -183,16 +187,10 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
         for key, fraction in _split(m, roles).items():
             rho[key] += measure_rho * fraction
         measures.append(
-            MeasurePlan(
-                measure=m,
-                roles=tuple((role, c.key) for role, c in roles.items()),
-                rho=measure_rho,
-            )
+            MeasurePlan(measure=m, roles=tuple((role, c.key) for role, c in roles.items()))
         )
     for c in components:
-        _check_range(
-            c, rho[c.key], [mp.measure.name for mp in measures if c.key in dict(mp.roles).values()]
-        )
+        _check_range(c, rho[c.key], _users(measures, c.key))
     return Plan(
         query=query,
         view=view,

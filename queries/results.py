@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -75,6 +76,26 @@ class ReleaseRules:
             suppress_below=max(self.suppress_below, other.suppress_below),
             round_to=max(self.round_to, other.round_to),
         )
+
+
+# The long table a node releases: group columns (strings), then these. One row per group and
+# component (and bin); `lower`/`upper` are the component's public clamp bounds (null for
+# counts); a null `value` is a cell the node withheld under its disclosure rules.
+_RELEASE_FIELDS = (
+    ("component", pa.string()),
+    ("bin", pa.int32()),
+    ("bin_lower", pa.float64()),
+    ("bin_upper", pa.float64()),
+    ("lower", pa.float64()),
+    ("upper", pa.float64()),
+    ("value", pa.float64()),
+)
+RELEASE_COLUMNS = tuple(name for name, _ in _RELEASE_FIELDS)
+
+
+def release_schema(group_by: Sequence[str]) -> pa.Schema:
+    """Schema of the long release table a node sends: groups, then RELEASE_COLUMNS."""
+    return pa.schema([(col, pa.string()) for col in group_by] + list(_RELEASE_FIELDS))
 
 
 @dataclass(frozen=True)

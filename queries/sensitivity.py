@@ -30,6 +30,10 @@ class Kind(enum.StrEnum):
     BINS = "bins"  # rows per (group, bin)
 
 
+# Kinds whose values count persons or rows: the ones disclosure rules round and suppress.
+COUNT_KINDS = frozenset({Kind.PERSONS, Kind.ROWS, Kind.BINS})
+
+
 def histogram_sensitivity(*, max_groups_per_person: int, max_rows_per_group: int = 1) -> float:
     """L2 sensitivity of a grouped count where one person adds c rows to each of m groups."""
     if max_groups_per_person < 1 or max_rows_per_group < 1:

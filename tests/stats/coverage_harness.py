@@ -35,9 +35,9 @@ from numpy.typing import NDArray
 
 from node import engine
 from queries import combine, mechanisms, plan
-from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo, ReleaseRules
+from queries.results import BudgetStatus, NodeRelease, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
-from queries.sensitivity import Kind
+from queries.sensitivity import COUNT_KINDS, Kind
 from queries.spec import Measure, Query, Statistic
 
 CAP = 2  # rows per person: 30% of persons have two stays
@@ -193,30 +193,17 @@ class RegionPlan:
     releases: tuple[engine.ComponentRelease, ...]
     exact: dict[str, list[int]]
     template: pa.Table  # engine.release_table on the exact values, without rules
-    noise: NoiseInfo = field(init=False)
-    measures: tuple[MeasureNoise, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        # What NodeService._execute attaches to every release of this plan.
-        self.noise = self.releases[0].noise_info()
-        self.measures = tuple(r.measure_noise() for r in self.releases)
 
     def release(self, table: pa.Table) -> NodeRelease:
-        """A NodeRelease carrying this table, with the node's noise metadata and rules.
-
-        As NodeService._execute builds it: the noise info of the first component, every
-        component's measure_noise(), and the node's rules (from which the hub adds the
-        variance of the node's rounding).
-        """
-        rho = self.compiled.query.rho
-        return NodeRelease(
+        """A NodeRelease carrying this table, built by the node's own engine.node_release (the
+        noise and cost of each component, and the node's rules, from which the hub widens for
+        the node's rounding)."""
+        return engine.node_release(
+            self.releases,
+            table,
             query_id="coverage",
-            table=table,
-            noise=self.noise,
-            rho_charged=rho,
-            epsilon=mechanisms.rho_to_epsilon(rho, DELTA),
+            epsilon=mechanisms.rho_to_epsilon(self.compiled.query.rho, DELTA),
             budget=BUDGET,
-            measures=self.measures,
             rules=RULES,
         )
 
@@ -264,7 +251,7 @@ class Draws:
     """Noisy releases of one region plan, one per row of `noisy`, after the node's rules.
 
     The rules are those of engine.withhold_small_cells, with numpy: count components
-    (engine.COUNT_KINDS) whose noise is finer than the rounding (RULES.node_rounds) rounded to
+    (COUNT_KINDS) whose noise is finer than the rounding (RULES.node_rounds) rounded to
     a multiple of RULES.round_to by the same integer formula;
     a draw in which the node would withhold the group (a noisy count, or a histogram's
     total, below RULES.suppress_below) is built by the engine itself instead.
@@ -284,7 +271,7 @@ class Draws:
         sd = {r.component.key: math.sqrt(r.variance) for r in self.plan.releases}
         for key, c in comps.items():
             v = self.noisy[key]
-            if c.kind in engine.COUNT_KINDS:
+            if c.kind in COUNT_KINDS:
                 # No group_by: one group, whose total is the sum of the bins (or the value).
                 self.withheld |= v.sum(axis=1) < RULES.suppress_below
                 if RULES.node_rounds(sd[key]):

@@ -68,10 +68,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from node import engine
 from protocols import serde
 from queries import combine, plan
-from queries.sensitivity import Kind
+from queries.sensitivity import COUNT_KINDS, Kind
 from queries.spec import Measure, Query, Statistic
 from tests.stats import coverage_harness as h
 
@@ -382,7 +381,7 @@ def test_the_harness_releases_are_the_node_s(setting: h.Setting) -> None:
             for r in rp.releases:
                 c = r.component
                 size = len(rp.exact[c.key])
-                if c.kind in engine.COUNT_KINDS:  # a total of exactly suppress_below, then less
+                if c.kind in COUNT_KINDS:  # a total of exactly suppress_below, then less
                     at = [h.RULES.suppress_below] + [0] * (size - 1)
                     below = [h.RULES.suppress_below - 1] + [0] * (size - 1)
                 else:
@@ -390,7 +389,7 @@ def test_the_harness_releases_are_the_node_s(setting: h.Setting) -> None:
                 rows = [real[c.key][0], real[c.key][1], at, below, [0] * size]
                 noisy[c.key] = np.array(rows, dtype=np.int64)
             drawn = h.Draws(rp, noisy)
-            counted = any(r.component.kind in engine.COUNT_KINDS for r in rp.releases)
+            counted = any(r.component.kind in COUNT_KINDS for r in rp.releases)
             assert drawn.withheld.tolist() == [False, False, False, counted, counted]
             for d in range(5):
                 expected = rp.engine_table({k: v[d].tolist() for k, v in noisy.items()})

@@ -40,15 +40,10 @@ def _release(compiled: plan.Plan, exact: list[int]) -> NodeRelease:
     releases = engine.calibrations(compiled)
     noisy = engine.add_noise(releases, {"persons": exact})
     shown = engine.withhold_small_cells(compiled, releases, noisy, RULES)
-    return NodeRelease(
-        query_id="r",
-        table=engine.release_table(compiled, releases, shown),
-        noise=releases[0].noise_info(),
-        rho_charged=compiled.query.rho,
-        epsilon=1.0,
-        budget=BudgetStatus(1e6, 0.0, 1e6, 1e-6),
-        measures=tuple(r.measure_noise() for r in releases),
-        rules=RULES,
+    table = engine.release_table(compiled, releases, shown)
+    budget = BudgetStatus(1e6, 0.0, 1e6, 1e-6)
+    return engine.node_release(
+        releases, table, query_id="r", epsilon=1.0, budget=budget, rules=RULES
     )
 
 

@@ -12,9 +12,15 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pytest
 
-from node import engine
 from queries.combine import OUTPUT_SCHEMA_TAIL, POOLED, Z95, CatalogMismatchError, combine
-from queries.results import BudgetStatus, MeasureNoise, NodeRelease, NoiseInfo
+from queries.results import (
+    RELEASE_COLUMNS,
+    BudgetStatus,
+    MeasureNoise,
+    NodeRelease,
+    NoiseInfo,
+    release_schema,
+)
 from queries.spec import Measure, Query, Statistic
 
 BUDGET = BudgetStatus(rho_total=10.0, rho_spent=1.0, max_rho_per_query=1.0, delta=1e-6)
@@ -34,7 +40,7 @@ def node_release(
 ) -> NodeRelease:
     """A release as a node sends it: one row per group and component, unbinned."""
     columns: dict[str, list[object]] = {c: [] for c in group_by}
-    for name in engine.RELEASE_COLUMNS:
+    for name in RELEASE_COLUMNS:
         columns[name] = []
     for group, component, value in cells:
         for col, g in zip(group_by, group, strict=True):
@@ -47,7 +53,7 @@ def node_release(
         columns["lower"].append(lower)
         columns["upper"].append(upper)
         columns["value"].append(None if value is None else float(value))
-    schema = engine.release_schema(group_by)
+    schema = release_schema(group_by)
     first = next(iter(variances.values()))
     return NodeRelease(
         query_id="q",

@@ -17,7 +17,7 @@ import pytest
 
 from node import engine
 from queries import combine, plan
-from queries.results import BudgetStatus, NodeRelease, NoiseInfo, ReleaseRules
+from queries.results import BudgetStatus, NodeRelease, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Filter, Measure, Query, Statistic
 
@@ -156,14 +156,10 @@ def test_fixed_point_sums_keep_four_significant_digits() -> None:
 def make_release(compiled: plan.Plan, values: dict[str, tuple[int, ...]]) -> NodeRelease:
     """A NodeRelease carrying the given integers with the plan's calibrated noise variances."""
     releases = engine.calibrations(compiled)
-    return NodeRelease(
-        query_id="t",
-        table=engine.release_table(compiled, releases, values),
-        noise=NoiseInfo("discrete_gaussian", 1.0, 1.0, 1.0),
-        rho_charged=1.0,
-        epsilon=1.0,
-        budget=BudgetStatus(10, 1, 1, 1e-6),
-        measures=tuple(r.measure_noise() for r in releases),
+    table = engine.release_table(compiled, releases, values)
+    budget = BudgetStatus(10, 1, 1, 1e-6)
+    return engine.node_release(
+        releases, table, query_id="t", epsilon=1.0, budget=budget, rules=None
     )
 
 

@@ -16,10 +16,16 @@ from rich.console import Console
 from coordinator import report
 from coordinator.fanout import Reply
 from coordinator.service import _combine
-from node import engine
 from protocols import serde
 from protocols.v1 import hub_pb2
-from queries.results import BudgetStatus, NodeRelease, NodeStatus, NoiseInfo, ReleaseRules
+from queries.results import (
+    BudgetStatus,
+    NodeRelease,
+    NodeStatus,
+    NoiseInfo,
+    ReleaseRules,
+    release_schema,
+)
 from queries.spec import Query
 
 BUDGET = BudgetStatus(rho_total=10.0, rho_spent=1.0, max_rho_per_query=1.0, delta=1e-6)
@@ -31,7 +37,7 @@ def replies() -> list[Reply[object]]:
     # An empty release keeps this test about latency, whatever the components of a count are.
     release = NodeRelease(
         query_id="q-leeds",
-        table=engine.release_schema(()).empty_table(),
+        table=release_schema(()).empty_table(),
         noise=NoiseInfo("discrete_gaussian", 4.0, 16.0, 1.0),
         rho_charged=0.1,
         epsilon=1.0,

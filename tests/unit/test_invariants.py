@@ -22,7 +22,7 @@ from node.catalog import build_catalog
 from protocols.errors import QueryError
 from queries import combine, mechanisms, plan
 from queries import release as release_rules
-from queries.results import BudgetStatus, NodeRelease, NoiseInfo, ReleaseRules
+from queries.results import BudgetStatus, NodeRelease, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Measure, Query, Statistic
 from queries.sql import parse_sql
@@ -61,15 +61,10 @@ def node_release(compiled: plan.Plan, exact: dict[str, list[int]]) -> NodeReleas
     releases = engine.calibrations(compiled)
     noisy = engine.add_noise(releases, exact)
     shown = engine.withhold_small_cells(compiled, releases, noisy, RULES)
-    return NodeRelease(
-        query_id="q",
-        table=engine.release_table(compiled, releases, shown),
-        noise=NoiseInfo("discrete_gaussian", 1.0, 1.0, 1.0),
-        rho_charged=compiled.query.rho,
-        epsilon=1.0,
-        budget=BudgetStatus(10, 1, 1, 1e-6),
-        measures=tuple(r.measure_noise() for r in releases),
-        rules=RULES,
+    table = engine.release_table(compiled, releases, shown)
+    budget = BudgetStatus(10, 1, 1, 1e-6)
+    return engine.node_release(
+        releases, table, query_id="q", epsilon=1.0, budget=budget, rules=RULES
     )
 
 
