@@ -20,9 +20,9 @@ from pathlib import Path
 import duckdb
 
 from bench.timing import summary, timings
-from coordinator import synth
-from coordinator.client import Federation
-from coordinator.local import LocalFederation, NodeSetup
+from coordinator.analyst.client import Federation
+from coordinator.local import synth
+from coordinator.local.federation import LocalFederation, NodeSetup
 from queries.spec import Query
 
 REF = date(2025, 12, 31)

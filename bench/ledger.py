@@ -30,11 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from coordinator import synth
-from node.accounting import Accountant, Charge, MemoryAccountant
-from node.ledger import SqliteLedger
+from coordinator.local import synth
+from node.budget.accounting import Accountant, Charge, MemoryAccountant
+from node.budget.ledger import SqliteLedger
 from protocols import security, serde
-from protocols.budget import BudgetPolicy
+from protocols.budget.policy import BudgetPolicy
 from protocols.process import read_ready_file
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.mechanisms import rho_to_epsilon

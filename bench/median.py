@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from bench.timing import summary, timings
 from node import engine
-from node.catalog import visits_view
+from node.data.catalog import visits_view
 from queries import combine, mechanisms, plan
 from queries.results import BudgetStatus, NodeRelease
 from queries.schema import Catalog

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import duckdb
 
-from coordinator import synth
-from node import views
-from node.consent import ConsentPolicy
-from node.store import OmopStore
-from node.validate import DataSettings, prepare
+from coordinator.local import synth
+from node.data import views
+from node.data.consent import ConsentPolicy
+from node.data.store import OmopStore
+from node.data.validate import DataSettings, prepare
 from protocols import security
 from protocols.process import read_ready_file
 from queries.pathway import load_pathways

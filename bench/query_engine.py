@@ -24,10 +24,10 @@ import duckdb
 import pyarrow as pa
 
 from bench.timing import percentile, timings
-from coordinator import synth
-from coordinator.client import Federation
-from coordinator.local import LocalFederation, NodeSetup
-from node.store import OmopStore
+from coordinator.analyst.client import Federation
+from coordinator.local import synth
+from coordinator.local.federation import LocalFederation, NodeSetup
+from node.data.store import OmopStore
 from queries.combine import POOLED
 from queries.pathway import load_pathways
 from queries.sql import parse_sql

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from coordinator import synth
+from coordinator.local import synth
 
 
 def _child(persons: int, out: Path, chunk_size: int, region: str, federation: bool) -> None:

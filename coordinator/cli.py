@@ -12,16 +12,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from coordinator import report, synth
-from coordinator.audit_cli import audit_app, budget
-from coordinator.client import Federation
-from coordinator.demo import read_demo_state, run_demo
-from coordinator.service import MAX_DEADLINE_MS
+from coordinator.analyst import report
+from coordinator.analyst.client import Federation
+from coordinator.audit.cli import audit_app, budget
+from coordinator.hub.service import MAX_DEADLINE_MS
+from coordinator.local import synth
+from coordinator.local.demo import read_demo_state, run_demo
 from protocols import security
 from protocols.cli import ChcGroup, CommandFailedError, DebugOpt, ExitCode, read_identity
-from protocols.errors import ChcError, ConfigError, QueryError
 from protocols.process import setup_logging
 from queries import spec
+from queries.errors import ChcError, ConfigError, QueryError
 from queries.sql import parse_sql
 
 app = typer.Typer(
@@ -389,8 +390,8 @@ def hub_serve(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Serve analysts' federated queries over gRPC with mutual TLS."""
-    from coordinator.hub import serve_hub
-    from coordinator.registry import load_hub_config
+    from coordinator.hub.registry import load_hub_config
+    from coordinator.hub.server import serve_hub
     from protocols.rpc import INSECURE_WARNING
 
     setup_logging(log_level)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from protocols.errors import ConfigError, PermissionDeniedError
+from queries.errors import ConfigError, PermissionDeniedError
 
 ANY = "*"
 

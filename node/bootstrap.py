@@ -13,13 +13,13 @@ from pathlib import Path
 
 import duckdb
 
-from node.catalog import DEFAULT_REFERENCE_DATE
-from node.consent import ConsentPolicy, consent_toml
-from node.findings import Level, ValidationReport
-from node.omop import OMOP_TABLES, open_source, sql_string
-from node.policy import load_config
-from node.validate import DataSettings, validate
-from protocols.errors import ConfigError
+from node.config import load_config
+from node.data.catalog import DEFAULT_REFERENCE_DATE
+from node.data.consent import ConsentPolicy, consent_toml
+from node.data.findings import Level, ValidationReport
+from node.data.omop import OMOP_TABLES, open_source, sql_string
+from node.data.validate import DataSettings, validate
+from queries.errors import ConfigError
 from queries.pathway import builtin_pathways, load_pathways
 from queries.spec import check_identifier
 

@@ -8,18 +8,18 @@ from typing import Annotated
 
 import typer
 
-from node.accounting import default_ledger_path, open_accountant
-from node.catalog import build_catalog
-from node.policy import check_node_certificate, load_config
+from node.budget.accounting import default_ledger_path, open_accountant
+from node.config import check_node_certificate, load_config
+from node.data.catalog import build_catalog
+from node.data.store import OmopStore, node_pathways
 from node.service import NodeService
-from node.store import OmopStore, node_pathways
 from protocols.cli import ChcGroup, DebugOpt, read_identity
-from protocols.errors import ChcError
 from protocols.process import serve_until_signalled, setup_logging, write_ready_file
 from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import INSECURE_WARNING, make_server
 from protocols.security import Role
 from protocols.v1 import node_pb2_grpc
+from queries.errors import ChcError
 
 log = logging.getLogger("chc.node")
 

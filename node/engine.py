@@ -16,8 +16,8 @@ import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
-from protocols.errors import ConfigError
 from queries import mechanisms, plan
+from queries.errors import ConfigError
 from queries.results import (
     RELEASE_COLUMNS,
     BudgetStatus,

@@ -25,17 +25,12 @@ from google.protobuf.message import DecodeError
 
 from node import engine
 from node.access import AccessPolicy
-from node.accounting import Accountant, Charge, RateLimited, Refusal, SignedEntry
-from node.policy import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
-from node.store import OmopStore
+from node.budget.accounting import Accountant, Charge, RateLimited, Refusal
+from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
+from node.data.store import OmopStore
 from protocols import serde
-from protocols.budget_log import per_query_refusal
-from protocols.errors import (
-    AuthenticationError,
-    ChcError,
-    DeadlineExceededError,
-    PermissionDeniedError,
-)
+from protocols.budget.rules import per_query_refusal
+from protocols.ledger.entry import SignedEntry
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security import (
@@ -52,6 +47,12 @@ from protocols.security import (
 )
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec
+from queries.errors import (
+    AuthenticationError,
+    ChcError,
+    DeadlineExceededError,
+    PermissionDeniedError,
+)
 from queries.results import NodeDescription, ReleaseRules
 from queries.schema import Catalog
 
@@ -427,7 +428,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                     query=envelope.query,
                     envelope=envelope.SerializeToString(deterministic=True),
                     reason=str(exc),
-                    code=exc.status.name,
+                    code=exc.status_name,
                     rate_limited=limited,
                 )
             )

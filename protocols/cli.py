@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from typer.core import TyperGroup
 
 from protocols import security
-from protocols.errors import ChcError, ConfigError, DataError, LedgerIntegrityError
 from protocols.security import Identity
+from queries.errors import ChcError, ConfigError, DataError, LedgerIntegrityError
 
 
 class ExitCode(enum.IntEnum):
@@ -68,7 +68,7 @@ def exit_code_of(exc: BaseException) -> ExitCode:
     if isinstance(exc, DataError | LedgerIntegrityError):
         return ExitCode.CHECK_FAILED
     if isinstance(exc, ChcError):
-        return ExitCode.REFUSED if exc.status in _REFUSALS else ExitCode.USAGE
+        return ExitCode.REFUSED if grpc.StatusCode[exc.status_name] in _REFUSALS else ExitCode.USAGE
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         if code in _REFUSALS:

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocols.errors import ConfigError
 from protocols.security import CA_FILE, CA_KEY_FILE, ISSUED_FILE
+from queries.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

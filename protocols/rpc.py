@@ -11,8 +11,8 @@ from typing import TypeVar
 
 import grpc
 
-from protocols.errors import ChcError
 from protocols.security import GRPC_OPTIONS, Identity, server_credentials
+from queries.errors import ChcError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,11 @@ INSECURE_WARNING = (
     "WARNING: --insecure: this server accepts unauthenticated plaintext connections. "
     "Use it only on a development machine, never with patient data."
 )
+
+
+def status_of(exc: ChcError) -> grpc.StatusCode:
+    """The gRPC status an error maps to at a service boundary."""
+    return grpc.StatusCode[exc.status_name]
 
 
 def guarded(
@@ -40,7 +45,7 @@ def guarded(
         try:
             return method(self, request, context)
         except ChcError as exc:
-            context.abort(exc.status, str(exc))
+            context.abort(status_of(exc), str(exc))
         except Exception:
             ref = uuid.uuid4().hex[:12]
             log.exception("internal error (ref %s) in %s", ref, method.__name__)

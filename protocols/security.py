@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocols.errors import AuthenticationError, ConfigError
+from queries.errors import AuthenticationError, ConfigError
 
 SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
 CERT_FILE = "cert.pem"

@@ -10,9 +10,9 @@ import math
 
 import pyarrow as pa
 
-from protocols.errors import DataError
 from protocols.security import LEGACY_PAYLOAD_VERSION, Audience, Operation, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
+from queries.errors import DataError
 from queries.results import (
     BudgetStatus,
     FederatedResult,

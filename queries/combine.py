@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from protocols.errors import ConfigError
 from queries import estimators
+from queries.errors import ConfigError
 from queries.estimators import Z95, Figure
 from queries.plan import role_keys
 from queries.results import RELEASE_COLUMNS, NodeRelease

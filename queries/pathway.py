@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from protocols.errors import ConfigError, QueryError
+from queries.errors import ConfigError, QueryError
 from queries.spec import check_identifier
 
 MAX_AGE = 120

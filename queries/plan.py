@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import sqlglot
 from sqlglot import exp
 
-from protocols.errors import QueryError
 from queries import mechanisms
+from queries.errors import QueryError
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.sensitivity import Kind, sensitivity
 from queries.spec import Measure, Query, Statistic

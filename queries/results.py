@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from protocols.errors import ConfigError
+from queries.errors import ConfigError
 from queries.schema import Catalog
 
 

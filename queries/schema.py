@@ -10,7 +10,7 @@ import difflib
 import enum
 from dataclasses import dataclass
 
-from protocols.errors import QueryError
+from queries.errors import QueryError
 
 # Public upper bound on the persons in any view (the UK has about 69 million people). The
 # engine refuses, at plan time, any query whose exact integers could overflow 64 bits under

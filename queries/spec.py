@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from protocols.errors import QueryError
+from queries.errors import QueryError
 
 SPEC_VERSION = "chc.query/1"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

@@ -16,7 +16,7 @@ from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokenizer_core import TokenType
 from sqlglot.tokens import Tokenizer
 
-from protocols.errors import QueryError
+from queries.errors import QueryError
 from queries.spec import Filter, Measure, Query, Statistic, check_identifier
 
 # Queries longer than this are refused before parsing (a parser is no place for megabytes).

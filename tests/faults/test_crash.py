@@ -15,8 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator import audit, synth
-from coordinator.local import LocalFederation, NodeSetup
+from coordinator.audit import ledgers as audit
+from coordinator.local import synth
+from coordinator.local.federation import LocalFederation, NodeSetup
 from protocols import security, serde
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.spec import Query, canonical_bytes

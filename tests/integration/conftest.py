@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import synth
-from coordinator.local import LocalFederation, NodeSetup
+from coordinator.local import synth
+from coordinator.local.federation import LocalFederation, NodeSetup
 
 PERSONS = 20_000
 

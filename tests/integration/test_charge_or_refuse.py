@@ -20,13 +20,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from coordinator import synth
-from node.accounting import MemoryAccountant
-from node.catalog import build_catalog
+from coordinator.local import synth
+from node.budget.accounting import MemoryAccountant
+from node.data.catalog import build_catalog
+from node.data.store import OmopStore
 from node.service import NodeService
-from node.store import OmopStore
 from protocols import rpc, security, serde
-from protocols.budget import BudgetPolicy
+from protocols.budget.policy import BudgetPolicy
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import combine
 from queries import release as release_rules

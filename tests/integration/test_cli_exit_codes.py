@@ -12,9 +12,9 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from coordinator import synth
 from coordinator.cli import app
-from coordinator.local import LocalFederation, NodeSetup
+from coordinator.local import synth
+from coordinator.local.federation import LocalFederation, NodeSetup
 from protocols.cli import ExitCode
 
 pytestmark = pytest.mark.integration

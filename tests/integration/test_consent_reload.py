@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator import synth
-from coordinator.client import Federation
-from coordinator.local import LocalFederation, NodeSetup
-from protocols.errors import ChcError
+from coordinator.analyst.client import Federation
+from coordinator.local import synth
+from coordinator.local.federation import LocalFederation, NodeSetup
+from queries.errors import ChcError
 from queries.results import NodeStatus
 from queries.spec import Query
 
@@ -61,7 +61,7 @@ def test_a_running_node_follows_its_consent_register(tmp_path: Path) -> None:
             try:
                 client.query(QUERY)
             except ChcError as exc:
-                return f"{exc.status.name}: {exc}"
+                return f"{exc.status_name}: {exc}"
             return None
 
         message = until(refused, "the node to refuse queries")

@@ -12,17 +12,17 @@ import duckdb
 import grpc
 import pytest
 
-from coordinator import synth
-from coordinator.client import Federation, HubUnavailableError
-from coordinator.local import AUDITOR_NAME, LocalFederation
+from coordinator.analyst.client import Federation, HubUnavailableError
+from coordinator.local import synth
+from coordinator.local.federation import AUDITOR_NAME, LocalFederation
 from node import engine
-from node.catalog import build_catalog
-from node.store import OmopStore
+from node.data.catalog import build_catalog
+from node.data.store import OmopStore
 from protocols import security, serde
-from protocols.errors import BudgetExceededError, PermissionDeniedError, QueryError
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2, node_pb2_grpc
 from queries import plan
 from queries.combine import POOLED, Z95
+from queries.errors import BudgetExceededError, PermissionDeniedError, QueryError
 from queries.pathway import load_pathways
 from queries.results import NodeStatus
 from queries.spec import Filter, Query, canonical_bytes

@@ -19,22 +19,23 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from coordinator import audit, synth
+from coordinator.analyst.client import Federation
+from coordinator.audit import ledgers as audit
 from coordinator.cli import app
-from coordinator.client import Federation
-from coordinator.local import (
+from coordinator.local import synth
+from coordinator.local.federation import (
     AUDITOR_NAME,
     HUB_NAME,
     FederationStartError,
     LocalFederation,
     NodeSetup,
 )
-from node.accounting import Charge
+from node.budget.accounting import Charge
+from node.budget.ledger import SqliteLedger
 from node.cli import app as node_app
-from node.ledger import SqliteLedger
 from protocols import security, serde
-from protocols.budget import BudgetPolicy
-from protocols.budget_log import POLICY_RECORD
+from protocols.budget.policy import BudgetPolicy
+from protocols.budget.rules import POLICY_RECORD
 from protocols.process import read_ready_file
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.results import NodeStatus

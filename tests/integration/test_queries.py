@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.client import Federation
-from coordinator.local import LocalFederation
-from protocols.errors import QueryError
+from coordinator.analyst.client import Federation
+from coordinator.local.federation import LocalFederation
 from queries.combine import POOLED
+from queries.errors import QueryError
 from queries.results import NodeStatus
 from queries.sql import parse_sql
 

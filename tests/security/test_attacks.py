@@ -17,15 +17,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator import audit, synth
-from coordinator.client import BUDGET_PROBE, Federation, HubUnavailableError
-from coordinator.local import AUDITOR_NAME, HUB_NAME, LocalFederation, NodeSetup
-from node.accounting import Charge
-from node.ledger import SqliteLedger
+from coordinator.analyst.client import BUDGET_PROBE, Federation, HubUnavailableError
+from coordinator.audit import ledgers as audit
+from coordinator.local import synth
+from coordinator.local.federation import AUDITOR_NAME, HUB_NAME, LocalFederation, NodeSetup
+from node.budget.accounting import Charge
+from node.budget.ledger import SqliteLedger
 from protocols import revocation, security, serde
-from protocols.budget import BudgetPolicy
-from protocols.errors import ConfigError, PermissionDeniedError, QueryError
+from protocols.budget.policy import BudgetPolicy
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2, node_pb2_grpc
+from queries.errors import ConfigError, PermissionDeniedError, QueryError
 from queries.mechanisms import rho_to_epsilon
 from queries.spec import Filter, Query, canonical_bytes
 from queries.sql import parse_sql
@@ -637,7 +638,7 @@ def test_a_5_mb_junk_envelope_from_an_auditor_costs_the_ledger_a_few_kb(
 def test_repeated_refusals_are_rate_limited_and_recorded_once(fed: LocalFederation) -> None:
     """A peer refused again and again: 30 refusals recorded, then one entry saying rate
     limiting started, then answers (same code, saying so) that the ledger does not grow by."""
-    from node.policy import REFUSALS_PER_WINDOW
+    from node.config import REFUSALS_PER_WINDOW
 
     name = "flooder"
     security.issue(fed.pki, role=security.Role.ANALYST, name=name)

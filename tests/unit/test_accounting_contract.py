@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import audit
-from node.accounting import Accountant, Charge, MemoryAccountant, Refusal, SignedEntry
-from node.ledger import ZERO_HASH, SqliteLedger, canonical_json, entry_hash
+from coordinator.audit import ledgers as audit
+from node.budget.accounting import Accountant, Charge, MemoryAccountant, Refusal
+from node.budget.ledger import SqliteLedger
 from protocols import security, serde
-from protocols.budget import BudgetPolicy
-from protocols.budget_log import POLICY_RECORD
-from protocols.errors import BudgetExceededError, QueryError
+from protocols.budget.policy import BudgetPolicy
+from protocols.budget.rules import POLICY_RECORD
+from protocols.ledger.entry import ZERO_HASH, SignedEntry, canonical_json, entry_hash
+from queries.errors import BudgetExceededError, QueryError
 from queries.mechanisms import rho_to_epsilon
 from queries.spec import Query, canonical_bytes
 
@@ -459,7 +460,7 @@ def test_the_node_lifetime_cap_spans_budget_periods(make: Factory, pki: Pki) -> 
     )
     with pytest.raises(BudgetExceededError, match=message) as info:
         a.check("alice", 0.2)
-    assert info.value.status.name == "RESOURCE_EXHAUSTED"
+    assert info.value.status_name == "RESOURCE_EXHAUSTED"
     with pytest.raises(BudgetExceededError, match="remaining lifetime budget"):
         a.charge(signed_charge(pki.alice, 0.2))
     assert len(query_entries(a)) == 3  # a refused charge records nothing; refuse() does

@@ -13,9 +13,9 @@ from datetime import date
 
 import pytest
 
-from coordinator import synth
-from node import catalog as cat
-from node.store import OmopStore
+from coordinator.local import synth
+from node.data import catalog as cat
+from node.data.store import OmopStore
 from queries.pathway import Entry, Pathway, load_pathways
 from queries.schema import Catalog, ColumnType, ViewSpec
 from tests.unit.omop_testdata import REF, example, write, write_lookup

@@ -20,9 +20,10 @@ import typer
 from click.testing import Result
 from typer.testing import CliRunner
 
-from coordinator import audit_cli, synth
 from coordinator import cli as chc_cli
+from coordinator.audit import cli as audit_cli
 from coordinator.cli import MAX_SPEC_BYTES
+from coordinator.local import synth
 from node import cli as node_cli
 from node.bootstrap import init_node
 from protocols import security

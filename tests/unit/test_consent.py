@@ -20,15 +20,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from coordinator import synth
+from coordinator.local import synth
 from node import engine
-from node.catalog import build_catalog
-from node.consent import ConsentPolicy, parse_consent
-from node.findings import Level
-from node.store import OmopStore
-from node.validate import DataSettings, validate
-from protocols.errors import ConfigError, DataError
+from node.data.catalog import build_catalog
+from node.data.consent import ConsentPolicy, parse_consent
+from node.data.findings import Level
+from node.data.store import OmopStore
+from node.data.validate import DataSettings, validate
 from queries import plan
+from queries.errors import ConfigError, DataError
 from queries.pathway import load_pathways
 from queries.schema import Catalog, ColumnType, ViewSpec
 from queries.spec import Measure, Query, Statistic

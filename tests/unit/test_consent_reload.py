@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import grpc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from coordinator import synth
+from coordinator.local import synth
 from node import engine
-from node.catalog import build_catalog
-from node.consent import ConsentPolicy
-from node.store import OmopStore
-from protocols.errors import DataError
+from node.data.catalog import build_catalog
+from node.data.consent import ConsentPolicy
+from node.data.store import OmopStore
 from queries import plan
+from queries.errors import DataError
 from queries.pathway import load_pathways
 from queries.spec import Measure, Query, Statistic
 from tests.unit.omop_testdata import REF, example, write
@@ -155,13 +154,13 @@ def test_an_invalid_register_refuses_every_query_until_it_is_fixed(
     reg = write_register(tmp_path / "optouts.csv", [2])
     store = open_store(source, reg)
     try:
-        with caplog.at_level(logging.ERROR, logger="node.store"):
+        with caplog.at_level(logging.ERROR, logger="node.data.store"):
             write_register(reg, [5, "77.5"])
             assert store.reload_if_changed()
         for attempt in (lambda: exact(store), lambda: store.query("SELECT 1 AS x")):
             with pytest.raises(DataError) as refused:
                 attempt()
-            assert refused.value.status is grpc.StatusCode.FAILED_PRECONDITION
+            assert refused.value.status_name == "FAILED_PRECONDITION"
             message = str(refused.value)
             assert (
                 f"consent register {reg} is invalid: person_id is missing or not a whole number"

@@ -13,9 +13,9 @@ import grpc
 import pytest
 from rich.console import Console
 
-from coordinator import report
-from coordinator.fanout import Reply
-from coordinator.service import _combine
+from coordinator.analyst import report
+from coordinator.hub.fanout import Reply
+from coordinator.hub.service import _combine
 from protocols import serde
 from protocols.v1 import hub_pb2
 from queries.results import (
@@ -61,9 +61,9 @@ def test_analysts_receive_no_latency() -> None:
 
 
 def test_the_operator_log_has_the_latency(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="coordinator.service"):
+    with caplog.at_level(logging.INFO, logger="coordinator.hub.service"):
         result = _combine(QUERY, replies(), ReleaseRules(), analyst="alice")
-    logged = [r.getMessage() for r in caplog.records if r.name == "coordinator.service"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "coordinator.hub.service"]
     assert logged == [
         f"query {result.query_id} from alice: leeds=ok in 1234 ms, hull=unreachable in 5000 ms"
     ]

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node import engine
-from node.catalog import build_catalog
-from protocols.errors import QueryError
+from node.data.catalog import build_catalog
 from queries import combine, mechanisms, plan
 from queries import release as release_rules
+from queries.errors import QueryError
 from queries.results import BudgetStatus, NodeRelease, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Measure, Query, Statistic

@@ -22,20 +22,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from coordinator import audit, audit_report
+from coordinator.audit import ledgers as audit
+from coordinator.audit import report as audit_report
 from coordinator.cli import app
-from node.accounting import MemoryAccountant, open_accountant
-from node.ledger import (
-    SqliteLedger,
-    canonical_json,
-    default_key_path,
-    entry_hash,
-    public_key_path,
-)
-from node.policy import NodeConfig, load_config
-from protocols.budget import BudgetPolicy
-from protocols.budget_log import POLICY_RECORD
-from protocols.errors import ConfigError, LedgerIntegrityError
+from node.budget.accounting import MemoryAccountant, open_accountant
+from node.budget.ledger import SqliteLedger
+from node.config import NodeConfig, load_config
+from protocols.budget.policy import BudgetPolicy
+from protocols.budget.rules import POLICY_RECORD
+from protocols.ledger.entry import canonical_json, default_key_path, entry_hash, public_key_path
+from queries.errors import ConfigError, LedgerIntegrityError
 from tests.unit.test_accounting_contract import Pki, make_pki, refusal, signed_charge
 
 POLICY = BudgetPolicy(total_rho=10.0, max_rho_per_query=1.0, analyst_rho=5.0)
@@ -299,10 +295,10 @@ def test_keys_and_ledgers_behind_symlinks_or_readable_by_others_are_refused(
 PROCESS_SCRIPT = """
 import sys
 from pathlib import Path
-from node.accounting import Charge
-from node.ledger import SqliteLedger
-from protocols.budget import BudgetPolicy
-from protocols.errors import BudgetExceededError
+from node.budget.accounting import Charge
+from node.budget.ledger import SqliteLedger
+from protocols.budget.policy import BudgetPolicy
+from queries.errors import BudgetExceededError
 from queries.mechanisms import rho_to_epsilon
 
 EPSILON = rho_to_epsilon(0.1, 1e-6)

@@ -18,20 +18,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from coordinator import audit
+from coordinator.audit import ledgers as audit
 from coordinator.cli import app
-from node.accounting import Charge, open_accountant
-from node.ledger import (
-    SqliteLedger,
-    canonical_json,
-    default_key_path,
-    entry_hash,
-    format_time,
-)
-from node.policy import load_config
-from protocols.budget import BudgetPolicy, period_bounds
-from protocols.budget_log import POLICY_RECORD, policy_record
-from protocols.errors import BudgetExceededError, ConfigError, LedgerIntegrityError
+from node.budget.accounting import Charge, open_accountant
+from node.budget.ledger import SqliteLedger
+from node.config import load_config
+from protocols.budget.policy import BudgetPolicy, period_bounds
+from protocols.budget.rules import POLICY_RECORD, policy_record
+from protocols.ledger.entry import canonical_json, default_key_path, entry_hash, format_time
+from queries.errors import BudgetExceededError, ConfigError, LedgerIntegrityError
 from tests.unit.test_accounting_contract import Clock, Pki, make_pki, signed_charge
 
 POLICY = BudgetPolicy(total_rho=2.0, max_rho_per_query=0.5)

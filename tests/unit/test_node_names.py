@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from node.accounting import default_ledger_path
-from node.policy import NodeConfig, check_node_certificate, check_node_name, load_config
+from node.budget.accounting import default_ledger_path
+from node.config import NodeConfig, check_node_certificate, check_node_name, load_config
 from protocols import security
-from protocols.errors import ConfigError
+from queries.errors import ConfigError
 
 BAD_NAMES: list[object] = [
     "../../evil",

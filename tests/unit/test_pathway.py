@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocols.errors import ConfigError
+from queries.errors import ConfigError
 from queries.pathway import Entry, Pathway, builtin_pathways, load_pathways, parse_pathway
 
 CLASSIC = {"asthma_children", "copd", "epilepsy", "alcohol_liver"}

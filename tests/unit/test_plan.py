@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node import engine
-from node.catalog import AGE_BANDS, SEXES, build_catalog
-from protocols.errors import QueryError
+from node.data.catalog import AGE_BANDS, SEXES, build_catalog
 from queries import plan
+from queries.errors import QueryError
 from queries.pathway import builtin_pathways
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.sensitivity import Kind

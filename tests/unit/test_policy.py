@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from node.accounting import Charge, MemoryAccountant
-from node.policy import NodeConfig, load_config
-from protocols.budget import LIFETIME_PERIODS, BudgetPolicy
-from protocols.budget_log import (
+from node.budget.accounting import Charge, MemoryAccountant
+from node.config import NodeConfig, load_config
+from protocols.budget.policy import LIFETIME_PERIODS, BudgetPolicy
+from protocols.budget.rules import (
     lifetime_bounds_periods,
     loosenings,
     plan_change,
     policy_from_record,
     policy_record,
 )
-from protocols.errors import BudgetExceededError, ChcError, ConfigError, QueryError
+from queries.errors import BudgetExceededError, ChcError, ConfigError, QueryError
 
 GOOD = """
 name = "leeds"

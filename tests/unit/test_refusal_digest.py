@@ -12,19 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import audit
-from node.accounting import MemoryAccountant, RateLimited, Refusal
-from node.ledger import (
-    REFUSAL_ENVELOPE_BYTES,
-    REFUSAL_QUERY_BYTES,
-    REFUSED,
-    SqliteLedger,
-    canonical_json,
-    query_text,
-)
+from coordinator.audit import ledgers as audit
+from node.budget.accounting import MemoryAccountant, RateLimited, Refusal
+from node.budget.book import REFUSAL_ENVELOPE_BYTES, REFUSAL_QUERY_BYTES
+from node.budget.ledger import SqliteLedger
 from node.service import RefusalLimiter
 from protocols import security, serde
-from protocols.budget import BudgetPolicy
+from protocols.budget.policy import BudgetPolicy
+from protocols.ledger.entry import REFUSED, canonical_json, query_text
 from protocols.v1 import node_pb2
 from queries.spec import Query, canonical_bytes
 from tests.unit.test_accounting_contract import Pki, make_pki, signed_charge, source_of

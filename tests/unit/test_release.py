@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from protocols.errors import ConfigError
 from queries import release
 from queries.combine import OUTPUT_SCHEMA_TAIL, POOLED
+from queries.errors import ConfigError
 from queries.results import ReleaseRules
 
 SCHEMA = pa.schema([("region", pa.string()), ("sex", pa.string()), *OUTPUT_SCHEMA_TAIL])

@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from protocols import security, serde
-from protocols.errors import AuthenticationError, ChcError, ConfigError
 from protocols.security import (
     CA_FILE,
     CA_KEY_FILE,
@@ -35,6 +34,7 @@ from protocols.security import (
     SignedQuery,
 )
 from protocols.v1 import node_pb2
+from queries.errors import AuthenticationError, ChcError, ConfigError
 
 QUERY = b'{"rho":0.1,"view":"persons"}'
 HUB_1 = Audience(hub="hub-1")

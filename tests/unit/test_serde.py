@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.catalog import build_catalog
+from node.data.catalog import build_catalog
 from protocols import serde
-from protocols.errors import DataError
 from protocols.security import SIGNATURE_ALGORITHM, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
+from queries.errors import DataError
 from queries.pathway import builtin_pathways
 from queries.results import (
     BudgetStatus,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocols.errors import ChcError, QueryError
 from queries import spec
+from queries.errors import ChcError, QueryError
 from queries.spec import SPEC_VERSION, Filter, Measure, Query, Statistic
 
 # ---- construction ---------------------------------------------------------------------------

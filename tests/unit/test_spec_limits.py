@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from protocols.errors import QueryError
 from queries import spec
+from queries.errors import QueryError
 from queries.spec import Measure, Query, Statistic
 
 # Limits on the cost of a refusal, generous for a shared 2-core machine.

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocols.errors import QueryError
+from queries.errors import QueryError
 from queries.spec import Filter, Measure, Query, Statistic, canonical_bytes, from_json
 from queries.sql import parse_sql, to_sql
 

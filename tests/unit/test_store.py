@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from node import engine
-from node.catalog import build_catalog
-from node.store import OmopStore, node_pathways
-from protocols.errors import DataError
+from node.data.catalog import build_catalog
+from node.data.store import OmopStore, node_pathways
 from queries import plan
+from queries.errors import DataError
 from queries.pathway import Entry, Pathway, load_pathways
 from queries.spec import Filter, Query
 from tests.unit.omop_testdata import (
@@ -390,7 +390,7 @@ def test_without_a_lookup_imd_is_unknown(tmp_path: Path) -> None:
 
 
 def test_from_config_uses_the_data_settings(tmp_path: Path) -> None:
-    from node.policy import load_config
+    from node.config import load_config
 
     source = make_source(tmp_path, example())
     (tmp_path / "mine").mkdir()

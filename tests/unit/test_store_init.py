@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from coordinator import synth
-from coordinator.demo import custom_node_setups
+from coordinator.local import synth
+from coordinator.local.demo import custom_node_setups
 from node.bootstrap import init_node
 from node.cli import app
-from node.policy import load_config
-from node.store import OmopStore
-from protocols.errors import ConfigError
+from node.config import load_config
+from node.data.store import OmopStore
+from queries.errors import ConfigError
 from tests.unit.omop_testdata import REF, example, write, write_lookup
 
 

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from numpy.typing import NDArray
 
-from coordinator import synth
-from coordinator.synth import REGIONS, generate_federation, generate_region, region_by_slug
+from coordinator.local import synth
+from coordinator.local.synth import REGIONS, generate_federation, generate_region, region_by_slug
 
 TABLES = (
     "person",

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.findings import Finding, Level, ValidationReport
-from node.store import OmopStore
-from node.validate import DataSettings, validate
-from protocols.errors import DataError
+from node.data.findings import Finding, Level, ValidationReport
+from node.data.store import OmopStore
+from node.data.validate import DataSettings, validate
+from queries.errors import DataError
 from queries.pathway import load_pathways
 from tests.unit.omop_testdata import REF, Omop, example, write, write_lookup
 

@@ -1,0 +1,210 @@
+"""`Federation`: the analysts' Python API to the hub."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from protocols import serde
+from protocols.security import (
+    Audience,
+    Identity,
+    Operation,
+    load_identity,
+    secure_channel,
+    sign_query,
+)
+from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
+from queries.errors import (
+    AuthenticationError,
+    BudgetExceededError,
+    ChcError,
+    ConfigError,
+    PermissionDeniedError,
+    QueryError,
+)
+from queries.results import (
+    BudgetStatus,
+    FederatedResult,
+    NodeDescription,
+    NodeExplain,
+    NodeOutcome,
+    NodeStatus,
+)
+from queries.spec import Query, canonical_bytes
+
+
+class HubUnavailableError(ConnectionError, ChcError):
+    """The hub could not be reached or did not answer in time."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[ChcError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: QueryError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: BudgetExceededError,
+    grpc.StatusCode.FAILED_PRECONDITION: ConfigError,
+    grpc.StatusCode.UNAVAILABLE: HubUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: HubUnavailableError,
+}
+
+
+def _raise_from(exc: grpc.RpcError, hub: str) -> ChcError:
+    call = exc if isinstance(exc, grpc.Call) else None
+    code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
+    details = (call.details() if call is not None else None) or code.name
+    if code is grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach the hub at {hub}: {details}"
+    return _ERRORS.get(code, ChcError)(details)
+
+
+@dataclass(frozen=True)
+class NodeBudget:
+    """A node's privacy budget, and what the calling analyst can still spend there."""
+
+    node: str
+    status: NodeStatus
+    message: str = ""
+    budget: BudgetStatus | None = None  # the node's total, spent and remaining
+    analyst: BudgetStatus | None = None  # this analyst's spent and remaining (see Accountant)
+
+
+# A query that every node can plan (its `persons` view), signed for the budget operation and
+# used only with Explain, which runs nothing and spends nothing, to ask each node what the
+# signing analyst may still spend. No node executes an envelope signed for it.
+BUDGET_PROBE = Query(view="persons", rho=1e-6)
+
+
+class Federation:
+    """A connection to the hub as one analyst; every query is signed with the analyst's key.
+
+    server_name is the hub's name in its certificate: TLS accepts only a hub that carries it,
+    and every envelope is addressed to it, so no other hub can relay what this client signs.
+    """
+
+    def __init__(self, hub: str, identity: Identity | Path, *, server_name: str = "hub") -> None:
+        self.hub = hub
+        self.hub_name = server_name
+        self.identity = identity if isinstance(identity, Identity) else load_identity(identity)
+        self._channel = secure_channel(hub, self.identity, server_name=server_name)
+        self._stub = hub_pb2_grpc.HubStub(self._channel)
+
+    def sign(
+        self,
+        query: Query,
+        *,
+        operation: Operation = Operation.EXECUTE,
+        nodes: Sequence[str] = (),
+        ttl_s: float = 600.0,
+    ) -> node_pb2.QueryEnvelope:
+        """The envelope this client sends: query signed for operation, addressed to this hub.
+
+        nodes, if given, are the only nodes that will accept it (an analyst may also present
+        it to them directly); the hub still relays to every node, and the others refuse it.
+        """
+        signed = sign_query(
+            self.identity,
+            canonical_bytes(query),
+            operation=operation,
+            audience=Audience(hub=self.hub_name, nodes=tuple(nodes)),
+            ttl_ms=int(ttl_s * 1000),
+        )
+        return serde.signed_query_to_proto(signed)
+
+    def _signed_request(
+        self, query: Query, operation: Operation, *, deadline_s: float, ttl_s: float = 600.0
+    ) -> hub_pb2.SubmitRequest:
+        return hub_pb2.SubmitRequest(
+            envelope=self.sign(query, operation=operation, ttl_s=ttl_s),
+            deadline_ms=int(deadline_s * 1000),
+        )
+
+    def query(
+        self, query: Query, *, deadline_s: float = 30.0, ttl_s: float = 600.0
+    ) -> FederatedResult:
+        """Sign a query, run it at every node, and return per-region and pooled estimates."""
+        request = self._signed_request(query, Operation.EXECUTE, deadline_s=deadline_s, ttl_s=ttl_s)
+        try:
+            # Give the hub a little longer than the nodes, so node timeouts are reported.
+            response = self._stub.Submit(request, timeout=deadline_s + 5.0)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return serde.result_from_proto(response)
+
+    def explain(self, query: Query, *, deadline_s: float = 30.0) -> list[NodeExplain]:
+        """Each node's plan, cost and expected noise for a query; runs nothing, spends nothing."""
+        # Signed for explain, so that no node would run this envelope whoever relayed it.
+        return self._explain(query, Operation.EXPLAIN, deadline_s=deadline_s)
+
+    def _explain(
+        self, query: Query, operation: Operation, *, deadline_s: float
+    ) -> list[NodeExplain]:
+        request = self._signed_request(query, operation, deadline_s=deadline_s)
+        try:
+            response = self._stub.Explain(request, timeout=deadline_s + 5.0)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return [serde.explain_from_proto(n) for n in response.nodes]
+
+    def nodes(self, *, timeout_s: float = 30.0) -> tuple[list[NodeDescription], list[NodeOutcome]]:
+        """Every node's public catalog and budget, and the nodes that did not answer."""
+        try:
+            response = self._stub.ListNodes(hub_pb2.ListNodesRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return (
+            [serde.description_from_proto(n) for n in response.nodes],
+            [serde.outcome_from_proto(o) for o in response.unavailable],
+        )
+
+    def addresses(self, *, timeout_s: float = 30.0) -> dict[str, str]:
+        """Every configured node's address, by name (auditors connect to nodes directly)."""
+        try:
+            response = self._stub.ListNodes(hub_pb2.ListNodesRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return dict(response.addresses)
+
+    def budget(self, *, timeout_s: float = 30.0) -> list[NodeBudget]:
+        """Each node's remaining budget, overall and for this analyst (spends nothing).
+
+        The analyst's figure comes from each node's Explain of a signed probe query, so the
+        node itself says what this analyst may still spend under its per-analyst cap.
+        """
+        found, missing = self.nodes(timeout_s=timeout_s)
+        probes = self._explain(BUDGET_PROBE, Operation.BUDGET, deadline_s=timeout_s)
+        explained = {e.node: e for e in probes}
+        out: list[NodeBudget] = []
+        for d in found:
+            e = explained.get(d.node)
+            ok = e is not None and e.status is NodeStatus.OK
+            out.append(
+                NodeBudget(
+                    node=d.node,
+                    status=NodeStatus.OK,
+                    message="" if ok or e is None else f"{e.status.value}: {e.message}",
+                    budget=d.budget,
+                    analyst=e.budget if ok and e is not None else None,
+                )
+            )
+        out += [NodeBudget(node=o.node, status=o.status, message=o.message) for o in missing]
+        return out
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._channel.close()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

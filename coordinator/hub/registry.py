@@ -1,0 +1,116 @@
+"""The hub's view of the federation: which nodes exist and how to reach them (hub.toml)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protocols.security import Identity, secure_channel
+from protocols.v1 import node_pb2_grpc
+from queries.errors import ConfigError
+from queries.results import ReleaseRules
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """One node as configured at the hub."""
+
+    name: str
+    address: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything the hub needs to start."""
+
+    identity: Path
+    nodes: tuple[NodeEntry, ...]
+    listen: str = "127.0.0.1:50050"
+    deadline_ms: int = 30_000
+    # Disclosure rules for everything the hub shows (nodes may only make them stricter).
+    release: ReleaseRules = field(default_factory=ReleaseRules)
+    crl: Path | None = None
+
+
+def load_hub_config(path: Path) -> HubConfig:
+    """Read hub.toml; relative paths are taken from the file's folder."""
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"hub config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"identity", "nodes", "listen", "deadline_ms", "release", "crl"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}")
+    if "identity" not in data:
+        raise ConfigError(f"{path}: missing 'identity' (the hub's certificate folder)")
+    raw_nodes = data.get("nodes", [])
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ConfigError(f"{path}: list at least one [[nodes]] with name and address")
+    nodes = []
+    for i, n in enumerate(raw_nodes):
+        if not isinstance(n, dict) or "name" not in n or "address" not in n:
+            raise ConfigError(f"{path}: nodes[{i}] needs 'name' and 'address'")
+        nodes.append(
+            NodeEntry(
+                name=str(n["name"]), address=str(n["address"]), title=str(n.get("title", n["name"]))
+            )
+        )
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: node names repeat: {names}")
+    deadline = data.get("deadline_ms", 30_000)
+    if not isinstance(deadline, int) or deadline <= 0:
+        raise ConfigError(f"{path}: deadline_ms must be a positive integer")
+    identity = Path(str(data["identity"]))
+    return HubConfig(
+        identity=identity if identity.is_absolute() else path.parent / identity,
+        nodes=tuple(nodes),
+        listen=str(data.get("listen", "127.0.0.1:50050")),
+        deadline_ms=deadline,
+        release=_release(data.get("release", {}), path),
+        crl=(path.parent / str(data["crl"])) if "crl" in data else None,
+    )
+
+
+def _release(raw: object, path: Path) -> ReleaseRules:
+    if not isinstance(raw, dict) or set(raw) - {"suppress_below", "round_to"}:
+        raise ConfigError(f"{path}: [release] takes suppress_below and round_to")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+        raise ConfigError(f"{path}: release values must be whole numbers")
+    return ReleaseRules(**raw)
+
+
+@dataclass(frozen=True)
+class NodeHandle:
+    """A connected node: its entry, channel and stub."""
+
+    entry: NodeEntry
+    channel: grpc.Channel
+    stub: node_pb2_grpc.NodeStub
+
+
+class Registry:
+    """Open mutual-TLS channels to every configured node (or plaintext, in --insecure dev mode)."""
+
+    def __init__(self, nodes: tuple[NodeEntry, ...], identity: Identity | None) -> None:
+        self.handles: list[NodeHandle] = []
+        for entry in nodes:
+            if identity is None:
+                channel = grpc.insecure_channel(entry.address)
+            else:
+                # The node's certificate must carry its configured name: one node cannot
+                # answer for another.
+                channel = secure_channel(entry.address, identity, server_name=entry.name)
+            self.handles.append(NodeHandle(entry, channel, node_pb2_grpc.NodeStub(channel)))
+
+    def close(self) -> None:
+        """Close every channel."""
+        for h in self.handles:
+            h.channel.close()

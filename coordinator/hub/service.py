@@ -1,0 +1,221 @@
+"""The hub's gRPC servicer: relays analysts' signed queries to every node and combines them."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from coordinator.hub.fanout import Reply, fan_out
+from coordinator.hub.registry import NodeHandle, Registry
+from protocols import serde
+from protocols.revocation import RevocationList
+from protocols.rpc import guarded
+from protocols.security import Call, Role, check_operation, check_payload_version, peer_of
+from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
+from queries import combine, spec
+from queries import release as release_rules
+from queries.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
+from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus, ReleaseRules
+
+log = logging.getLogger(__name__)
+
+# The longest an analyst may ask the hub to wait.
+MAX_DEADLINE_MS = 10 * 60 * 1000
+
+
+class AllNodesRefusedError(ChcError):
+    """Every node refused the query for the same kind of reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.status_name = code.name
+
+
+class HubService(hub_pb2_grpc.HubServicer):
+    """Fan-out, quorum reporting and combination; it cannot forge or alter a query."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        deadline_ms: int,
+        require_tls: bool = True,
+        rules: ReleaseRules | None = None,
+        revocations: RevocationList | None = None,
+    ) -> None:
+        self.registry = registry
+        self.rules = rules or ReleaseRules()
+        self.revocations = revocations
+        self.deadline_ms = deadline_ms
+        self.require_tls = require_tls
+
+    def _is_revoked(self, cert: x509.Certificate) -> bool:
+        return self.revocations is not None and self.revocations.is_revoked(cert)
+
+    def _deadline_s(self, request: hub_pb2.SubmitRequest) -> float:
+        """The analyst's deadline if given (capped), else the hub's default."""
+        if request.deadline_ms < 0:
+            # Refused before any node is asked: a deadline in the past can only time out.
+            raise QueryError(
+                f"deadline_ms must be positive (or 0 for the hub's default of "
+                f"{self.deadline_ms} ms), got {request.deadline_ms}"
+            )
+        return min(request.deadline_ms or self.deadline_ms, MAX_DEADLINE_MS) / 1000
+
+    def _check_analyst(self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext) -> None:
+        if not self.require_tls:
+            return
+        peer = peer_of(context, is_revoked=self._is_revoked)
+        if peer.role is not Role.ANALYST:
+            raise PermissionDeniedError(
+                f"{peer.name} has role {peer.role.value}; only analysts submit queries"
+            )
+        if peer.name != request.envelope.analyst:
+            raise AuthenticationError("the envelope must be signed by the connected analyst")
+
+    @guarded
+    def Submit(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.SubmitResponse:
+        """Relay one signed query to every node and combine the releases."""
+        self._check_analyst(request, context)
+        _check_signed_for(request.envelope, Call.EXECUTE)
+        # Parse for combining only; every node validates and verifies the envelope itself.
+        query = spec.from_json(request.envelope.query)
+        deadline_s = self._deadline_s(request)
+        node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
+
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
+            return handle.stub.Execute.future(node_request, timeout=timeout)
+
+        replies = fan_out(self.registry.handles, start, deadline_s=deadline_s)
+        result = _combine(query, replies, self.rules, analyst=request.envelope.analyst)
+        return serde.result_to_proto(result)
+
+    @guarded
+    def Explain(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.ExplainFederatedResponse:
+        """Relay a signed query to every node's Explain; nothing is run or spent."""
+        self._check_analyst(request, context)
+        _check_signed_for(request.envelope, Call.EXPLAIN)
+        spec.from_json(request.envelope.query)
+        node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
+
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
+            return handle.stub.Explain.future(node_request, timeout=timeout)
+
+        replies = fan_out(self.registry.handles, start, deadline_s=self._deadline_s(request))
+        response = hub_pb2.ExplainFederatedResponse()
+        for r in replies:
+            item = hub_pb2.ExplainResult(node=r.node, status=r.status.value, message=r.message)
+            if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.ExplainResponse):
+                item.explain.CopyFrom(r.value)
+            response.nodes.append(item)
+        return response
+
+    @guarded
+    def ListNodes(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.ListNodesRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.ListNodesResponse:
+        """Describe every node; unreachable ones are listed with their status."""
+        del request  # carries no fields
+        if self.require_tls:
+            peer_of(context, is_revoked=self._is_revoked)
+
+        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
+            return handle.stub.Describe.future(node_pb2.DescribeRequest(), timeout=timeout)
+
+        replies = fan_out(self.registry.handles, start, deadline_s=self.deadline_ms / 1000)
+        response = hub_pb2.ListNodesResponse()
+        for r in replies:
+            if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):
+                response.nodes.append(r.value)
+            else:
+                response.unavailable.append(
+                    serde.outcome_to_proto(
+                        NodeOutcome(node=r.node, status=r.status, message=r.message)
+                    )
+                )
+        # Auditors read ledgers from each node directly, never through the hub.
+        for handle in self.registry.handles:
+            response.addresses[handle.entry.name] = handle.entry.address
+        return response
+
+
+def _check_signed_for(envelope: node_pb2.QueryEnvelope, call: Call) -> None:
+    """Refuse early, with the nodes' own words, an envelope every node would refuse.
+
+    Only a refusal is decided here, never an acceptance: the hub does not verify the
+    signature (each node does), so these fields are the analyst's claim, which is enough to
+    tell an analyst that sent the wrong envelope. Whether the hub named is this one, and the
+    node audience, are for each node to check against the certificate of whoever relays it.
+    """
+    signed = serde.signed_query_from_proto(envelope)
+    check_payload_version(signed)
+    check_operation(signed, call)
+    if not signed.audience.hub:
+        raise AuthenticationError(
+            "the analyst signed this envelope for calling nodes directly, so no hub may relay "
+            "it; sign it for this hub (its certificate name)"
+        )
+
+
+def _combine(
+    query: spec.Query, replies: list[Reply[object]], rules: ReleaseRules, *, analyst: str = ""
+) -> FederatedResult:
+    """Combine the releases for the analyst; each node's latency is logged, never returned.
+
+    A node's latency is mostly its exact DuckDB run time, which depends on its data and has no
+    noise on it, so analysts get 0 and only the hub's operator sees the real figure.
+    """
+    releases: list[tuple[str, NodeRelease]] = []
+    outcomes: list[NodeOutcome] = []
+    for r in replies:
+        if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.ExecuteResponse):
+            release = serde.release_from_proto(r.value)
+            releases.append((r.node, release))
+            # No latency_ms in any outcome: it stays 0 (see above).
+            outcomes.append(
+                NodeOutcome(
+                    node=r.node,
+                    status=NodeStatus.OK,
+                    rho_charged=release.rho_charged,
+                    noise_variance=release.noise.variance,
+                    budget=release.budget,
+                    measures=release.measures,
+                    node_query_id=release.query_id,
+                    ledger_sequence=release.ledger_sequence,
+                )
+            )
+        else:
+            outcomes.append(NodeOutcome(node=r.node, status=r.status, message=r.message))
+    query_id = uuid.uuid4().hex
+    log.info(
+        "query %s from %s: %s",
+        query_id,
+        analyst,
+        ", ".join(f"{r.node}={r.status.value} in {r.latency_ms:.0f} ms" for r in replies),
+    )
+    if not releases:
+        codes = {r.code for r in replies}
+        if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
+            code = next(iter(codes)) or grpc.StatusCode.UNKNOWN
+            messages = sorted({r.message for r in replies})
+            raise AllNodesRefusedError(code, "every node refused the query: " + "; ".join(messages))
+    partial = len(releases) < len(replies)
+    effective = rules
+    for _, release in releases:
+        if release.rules is not None:
+            effective = effective.strictest(release.rules)
+    table = combine.combine(query, releases, partial=partial)
+    return FederatedResult(
+        query_id=query_id,
+        table=release_rules.apply(table, effective, query.group_by),
+        nodes=tuple(outcomes),
+        partial=partial,
+    )

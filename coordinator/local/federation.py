@@ -1,0 +1,278 @@
+"""A whole federation on loopback: node and hub processes with mutual TLS.
+
+Used by `chc demo`, the integration tests and the benchmarks, so that all three exercise
+the same real processes, ports and certificates a deployment would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from types import TracebackType
+
+from protocols import security
+from protocols.process import read_ready_file
+from protocols.revocation import CRL_FILE
+from queries.errors import ChcError
+
+HUB_NAME = "hub"
+ANALYST_NAME = "demo-analyst"
+AUDITOR_NAME = "demo-auditor"
+
+
+class FederationStartError(RuntimeError, ChcError):
+    """A node or the hub did not start; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """How to start one node."""
+
+    name: str
+    omop: Path
+    title: str = ""
+    total_rho: float = 10.0
+    max_rho_per_query: float = 1.0
+    # Extra node.toml tables (e.g. an [access] policy), appended verbatim.
+    extra_toml: str = ""
+    # Data settings (docs/data.md): LSOA -> IMD lookup, pathways served (None: all), the
+    # schema of a DuckDB source, and opt-out / consent registers.
+    imd_lookup: Path | None = None
+    pathways: tuple[str, ...] | None = None
+    omop_schema: str | None = None
+    consent_registers: tuple[Path, ...] = ()
+
+
+def _toml_str(value: str) -> str:
+    # TOML basic strings: escape backslashes and quotes (paths may contain either).
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _data_toml(setup: NodeSetup) -> tuple[list[str], list[str]]:
+    """node.toml lines for a node's data settings: (top-level keys, tables)."""
+    keys: list[str] = []
+    if setup.imd_lookup is not None:
+        keys.append(f"imd_lookup = {_toml_str(str(setup.imd_lookup.resolve()))}")
+    if setup.pathways is not None:
+        keys.append(f"pathways = [{', '.join(_toml_str(p) for p in setup.pathways)}]")
+    if setup.omop_schema is not None:
+        keys.append(f"omop_schema = {_toml_str(setup.omop_schema)}")
+    tables: list[str] = []
+    if setup.consent_registers:
+        paths = ", ".join(_toml_str(str(p.resolve())) for p in setup.consent_registers)
+        tables = ["[consent]", f"registers = [{paths}]", ""]
+    return keys, tables
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    ready: Path
+    port: int = 0
+
+
+@dataclass
+class LocalFederation:
+    """Start nodes and a hub as child processes; stop them on exit."""
+
+    workdir: Path
+    nodes: tuple[NodeSetup, ...]
+    reference_date: date = date(2025, 12, 31)
+    deadline_ms: int = 30_000
+    startup_timeout_s: float = 60.0
+    _procs: dict[str, _Proc] = field(default_factory=dict)
+    hub_port: int = 0
+
+    @property
+    def pki(self) -> Path:
+        """The federation's PKI folder (CA key included: this is a local test federation)."""
+        return self.workdir / "pki"
+
+    @property
+    def hub_address(self) -> str:
+        """Where analysts reach the hub."""
+        return f"127.0.0.1:{self.hub_port}"
+
+    def identity_dir(self, role: security.Role, name: str) -> Path:
+        """The identity folder for a party of this federation."""
+        return self.pki / role.value / name
+
+    @property
+    def analyst_identity(self) -> Path:
+        """The demo analyst's identity folder."""
+        return self.identity_dir(security.Role.ANALYST, ANALYST_NAME)
+
+    def node_port(self, name: str) -> int:
+        """The loopback port a node listens on."""
+        return self._procs[name].port
+
+    def create_pki(self) -> None:
+        """A fresh CA and certificates for every node, the hub, an analyst and an auditor."""
+        if not (self.pki / security.CA_FILE).exists():
+            security.create_ca(self.pki)
+        wanted = [(security.Role.NODE, n.name) for n in self.nodes] + [
+            (security.Role.HUB, HUB_NAME),
+            (security.Role.ANALYST, ANALYST_NAME),
+            (security.Role.AUDITOR, AUDITOR_NAME),
+        ]
+        for role, name in wanted:
+            if not (self.identity_dir(role, name) / security.CERT_FILE).exists():
+                security.issue(self.pki, role=role, name=name)
+
+    def _spawn(self, name: str, args: list[str]) -> _Proc:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        ready = self.workdir / "run" / f"{name}.ready"
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready.unlink(missing_ok=True)
+        log_path = logs / f"{name}.log"
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", *args, "--ready-file", str(ready)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, not them
+            )
+        proc = _Proc(name=name, popen=popen, log=log_path, ready=ready)
+        self._procs[name] = proc
+        return proc
+
+    def _wait_ready(self, procs: list[_Proc]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        waiting = list(procs)
+        while waiting:
+            for proc in list(waiting):
+                info = read_ready_file(proc.ready)
+                if info is not None and isinstance(info.get("port"), int):
+                    proc.port = int(info["port"])  # type: ignore[call-overload]
+                    waiting.remove(proc)
+                elif proc.popen.poll() is not None:
+                    raise FederationStartError(
+                        f"{proc.name} exited with code {proc.popen.returncode}:\n" + _tail(proc.log)
+                    )
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(p.name for p in waiting)
+                raise FederationStartError(
+                    f"{names} did not start within {self.startup_timeout_s:g} s:\n"
+                    + "\n".join(_tail(p.log) for p in waiting)
+                )
+            time.sleep(0.05)
+
+    def start_node(self, setup: NodeSetup, *, port: int = 0) -> None:
+        """Write a node's config and start it (also used to restart a stopped node)."""
+        conf_dir = self.workdir / "conf"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        config = conf_dir / f"{setup.name}.toml"
+        data_keys, data_tables = _data_toml(setup)
+        config.write_text(
+            "\n".join(
+                [
+                    f"name = {_toml_str(setup.name)}",
+                    f"omop = {_toml_str(str(setup.omop.resolve()))}",
+                    "identity = "
+                    + _toml_str(str(self.identity_dir(security.Role.NODE, setup.name).resolve())),
+                    f'listen = "127.0.0.1:{port}"',
+                    f"reference_date = {self.reference_date.isoformat()}",
+                    # The federation's own CRL, so `chc pki revoke` takes effect at once.
+                    f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
+                    *data_keys,
+                    "",
+                    "[budget]",
+                    f"total_rho = {setup.total_rho!r}",
+                    f"max_rho_per_query = {setup.max_rho_per_query!r}",
+                    "",
+                    setup.extra_toml,
+                    "",
+                    *data_tables,
+                ]
+            )
+        )
+        self._spawn(setup.name, ["node", "serve", "--config", str(config)])
+
+    def start(self) -> None:
+        """Create the PKI, start every node, then the hub, and wait until all listen."""
+        self.create_pki()
+        for setup in self.nodes:
+            self.start_node(setup)
+        self._wait_ready([self._procs[n.name] for n in self.nodes])
+        hub_conf = self.workdir / "conf" / "hub.toml"
+        lines = [
+            "identity = "
+            + _toml_str(str(self.identity_dir(security.Role.HUB, HUB_NAME).resolve())),
+            'listen = "127.0.0.1:0"',
+            f"deadline_ms = {self.deadline_ms}",
+            f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
+        ]
+        for n in self.nodes:
+            lines += [
+                "",
+                "[[nodes]]",
+                f"name = {_toml_str(n.name)}",
+                f"title = {_toml_str(n.title or n.name)}",
+                f'address = "127.0.0.1:{self._procs[n.name].port}"',
+            ]
+        hub_conf.write_text("\n".join(lines) + "\n")
+        hub = self._spawn(HUB_NAME, ["coordinator", "hub", "serve", "--config", str(hub_conf)])
+        self._wait_ready([hub])
+        self.hub_port = hub.port
+
+    def restart_node(self, name: str, *, sig: int = signal.SIGTERM) -> None:
+        """Stop a node (SIGKILL simulates a crash) and start it again on the same port."""
+        setup = next(n for n in self.nodes if n.name == name)
+        port = self._procs[name].port
+        self.stop_process(name, sig=sig)
+        self.start_node(setup, port=port)
+        self._wait_ready([self._procs[name]])
+
+    def stop_process(
+        self, name: str, *, sig: int = signal.SIGTERM, timeout_s: float = 10.0
+    ) -> None:
+        """Stop one process (SIGTERM lets it finish calls; SIGKILL simulates a crash)."""
+        proc = self._procs.get(name)
+        if proc is None or proc.popen.poll() is not None:
+            return
+        proc.popen.send_signal(sig)
+        try:
+            proc.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+
+    def stop(self) -> None:
+        """Stop the hub, then every node."""
+        for name in [HUB_NAME, *(n.name for n in self.nodes)]:
+            self.stop_process(name)
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(f"  | {line}" for line in text[-lines:])

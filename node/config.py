@@ -1,0 +1,198 @@
+"""Node configuration (node.toml) and the node's privacy budget."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from node.access import AccessPolicy, parse_access
+from node.data.consent import ConsentPolicy, parse_consent
+from protocols.budget.policy import PERIODS, BudgetPolicy
+from protocols.security import Identity, Role
+from queries.errors import ConfigError
+from queries.results import ReleaseRules
+
+BUDGET_KEYS = frozenset(
+    {"total_rho", "max_rho_per_query", "delta", "period", "analyst_rho", "analysts"}
+    | {"lifetime_rho", "analyst_lifetime_rho", "analysts_lifetime"}
+)
+
+
+# Refusals from one peer that reach the ledger per window (node.service.RefusalLimiter,
+# docs/threat-model.md "Bounded work"): 30 a minute is far more than an analyst fixing a
+# query or a hub relaying a busy federation's mistakes produce, and caps what an authenticated
+# peer can make the node write by being refused at 31 entries (about 100 KB) a minute.
+REFUSALS_PER_WINDOW = 30
+REFUSAL_WINDOW_SECONDS = 60.0
+
+# A node's name is a DNS label (RFC 1123) in lower case, with '_' allowed as `chc-node init`
+# always has: it names the node's certificate, its default ledger file beside node.toml and
+# every entry, so it can never be a path.
+NODE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+
+
+def check_node_name(name: object, source: str = "node.toml") -> str:
+    """Return name if it is a valid node name, else raise a ConfigError saying the rule."""
+    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ConfigError(
+            f"{source}: name {shown} is not a valid node name: use 1-63 lower-case letters, "
+            "digits, '-' or '_', starting with a letter (the name of the node's certificate)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to start, from node.toml."""
+
+    name: str
+    omop: Path
+    identity: Path
+    listen: str = "127.0.0.1:50051"
+    reference_date: date = date(2025, 12, 31)
+    pathways: tuple[str, ...] | None = None
+    budget: BudgetPolicy = field(default_factory=BudgetPolicy)
+    release: ReleaseRules = field(default_factory=ReleaseRules)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    # The federation's certificate revocation list (default: crl.pem in the identity folder).
+    crl: Path | None = None
+    # The privacy ledger (default: <name>.ledger.sqlite beside node.toml, see
+    # node.accounting.open_accountant) and its Ed25519 signing key (default: beside it).
+    ledger: Path | None = None
+    ledger_key: Path | None = None
+    # Data layer (docs/data.md): the schema of a DuckDB source, the LSOA -> IMD lookup, a
+    # folder of custodian pathway files, and opt-outs / children's consent ([consent]).
+    omop_schema: str | None = None
+    imd_lookup: Path | None = None
+    pathways_dir: Path | None = None
+    consent: ConsentPolicy = field(default_factory=ConsentPolicy)
+
+    def __post_init__(self) -> None:
+        check_node_name(self.name)
+
+
+def check_node_certificate(config: NodeConfig, identity: Identity, source: str) -> None:
+    """Refuse to run a node whose certificate is not a node's or names another node.
+
+    Clients check a node's certificate name (its TLS server name), and auditors the name in
+    its ledger, so a node answering under another name would be refused or misattributed.
+    """
+    if identity.role is not Role.NODE:
+        raise ConfigError(
+            f"{source}: {config.identity} holds a {identity.role.value} certificate, not a node "
+            "one; issue one with `chc pki issue --role node`"
+        )
+    if identity.name != config.name:
+        raise ConfigError(
+            f"{source}: name {config.name!r} does not match the node's certificate, which is "
+            f"issued to {identity.name!r} ({config.identity}); set name = {identity.name!r} or "
+            f"issue a certificate for {config.name!r} (chc pki issue --role node --name "
+            f"{config.name})"
+        )
+
+
+def _path(base: Path, raw: object, field: str) -> Path:
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{field} must be a path string")
+    path = Path(raw)
+    return path if path.is_absolute() else (base / path)
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read node.toml; relative paths are taken from the file's folder."""
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"node config {path} does not exist; create it with `chc-node init`"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"node config {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read node config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    base = path.parent
+    known = {"name", "omop", "identity", "listen", "reference_date", "pathways", "budget"}
+    known |= {"release", "access", "crl"}
+    known |= {"ledger", "ledger_key"}
+    known |= {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for key in ("name", "omop", "identity"):
+        if key not in data:
+            raise ConfigError(f"{path}: missing required key {key!r}")
+    budget_raw = data.get("budget", {})
+    if not isinstance(budget_raw, dict):
+        raise ConfigError(f"{path}: [budget] must be a table")
+    unknown_budget = sorted(set(budget_raw) - BUDGET_KEYS)
+    if unknown_budget:
+        raise ConfigError(f"{path}: unknown [budget] key(s) {unknown_budget}")
+    ref = data.get("reference_date", date(2025, 12, 31))
+    if isinstance(ref, datetime) or not isinstance(ref, date):
+        raise ConfigError(f"{path}: reference_date must be a TOML date such as 2025-12-31")
+    pathways = data.get("pathways")
+    if pathways is not None and not (
+        isinstance(pathways, list) and all(isinstance(p, str) for p in pathways)
+    ):
+        raise ConfigError(f"{path}: pathways must be a list of pathway names")
+    return NodeConfig(
+        name=check_node_name(data["name"], str(path)),
+        omop=_path(base, data["omop"], "omop"),
+        identity=_path(base, data["identity"], "identity"),
+        listen=str(data.get("listen", "127.0.0.1:50051")),
+        reference_date=ref,
+        pathways=tuple(pathways) if pathways is not None else None,
+        budget=_budget_policy(budget_raw, path),
+        release=_release_rules(data.get("release", {}), str(path)),
+        access=parse_access(data.get("access"), str(path)),
+        crl=_path(base, data["crl"], "crl") if "crl" in data else None,
+        ledger=_path(base, data["ledger"], "ledger") if "ledger" in data else None,
+        ledger_key=_path(base, data["ledger_key"], "ledger_key") if "ledger_key" in data else None,
+        omop_schema=str(data["omop_schema"]) if "omop_schema" in data else None,
+        imd_lookup=_path(base, data["imd_lookup"], "imd_lookup") if "imd_lookup" in data else None,
+        pathways_dir=(
+            _path(base, data["pathways_dir"], "pathways_dir") if "pathways_dir" in data else None
+        ),
+        consent=parse_consent(data.get("consent", {}), base, str(path)),
+    )
+
+
+def _budget_policy(raw: dict[str, Any], path: Path) -> BudgetPolicy:
+    """[budget], with [budget.analysts] and [budget.analysts_lifetime] (name = rho) overrides."""
+    values = dict(raw)
+    analysts, lifetime = (_caps_table(values.pop(t, {}), t, path) for t in _TABLES)
+    if "period" in values and not isinstance(values["period"], str):
+        raise ConfigError(f"{path}: budget.period must be one of {list(PERIODS)}")
+    return BudgetPolicy(**values, analysts=analysts, analysts_lifetime=lifetime)
+
+
+_TABLES = ("analysts", "analysts_lifetime")
+
+
+def _caps_table(raw: object, table: str, path: Path) -> tuple[tuple[str, float], ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [budget.{table}] must be a table of name = rho")
+    return tuple(sorted(raw.items()))
+
+
+def _release_rules(raw: object, source: str) -> ReleaseRules:
+    """[release] suppress_below / round_to, the node's disclosure rules."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [release] must be a table")
+    unknown = sorted(set(raw) - {"suppress_below", "round_to"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown [release] key(s) {unknown}")
+    values = {k: v for k, v in raw.items()}
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{source}: release.{k} must be a whole number")
+    return ReleaseRules(**values)

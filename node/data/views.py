@@ -1,0 +1,316 @@
+"""Build the analysis views (persons, visits, one per pathway) from the staged OMOP tables.
+
+Runs after node/validate.py has staged the typed columns (s_person, s_visit, s_condition,
+s_death_raw, s_area, s_concepts) and node/consent.py has listed the excluded persons
+(consent_excluded). The first step drops every excluded person from the base tables, so no
+view can see them. Every view then follows its catalog entry (node/catalog.py): each value
+lies in its column's public domain or bounds, and no person has more rows than the view's
+max_rows_per_person. Definitions are in docs/data.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, timedelta
+
+import duckdb
+
+from node.data import catalog as cat
+from node.data.omop import sql_ident, sql_string
+from queries.pathway import Entry, Pathway
+
+# Working tables, dropped once the views exist.
+WORK_TABLES = ("b_person", "b_visit", "b_acute", "b_stay")
+
+
+def _date(d: date) -> str:
+    return f"DATE {sql_string(d.isoformat())}"
+
+
+def _age_band(age: str) -> str:
+    whens = " ".join(
+        f"WHEN {age} BETWEEN {lo} AND {hi} THEN '{band}'" for band, lo, hi in cat.AGE_BANDS
+    )
+    return f"CASE {whens} END"
+
+
+def _ints(values: Sequence[int]) -> str:
+    return ", ".join(str(int(v)) for v in values)
+
+
+def build_base(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
+    """b_person, b_visit, b_acute, b_stay: consented persons and their visits, with flags."""
+    ref = _date(reference_date)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE b_person AS
+        WITH deaths AS (
+            SELECT person_id, min(death_date) AS death_date FROM s_death_raw
+            WHERE death_date IS NOT NULL GROUP BY person_id
+        ),
+        p AS (
+            SELECT s.person_id,
+                   CASE s.gender_concept_id WHEN 8532 THEN 'female' WHEN 8507 THEN 'male'
+                        ELSE 'unknown' END AS sex,
+                   s.birth_date,
+                   CASE WHEN d.death_date BETWEEN s.birth_date AND {ref} THEN d.death_date
+                   END AS death_date,
+                   coalesce(a.quintile, 'unknown') AS imd_quintile
+            FROM s_person AS s
+            LEFT JOIN consent_excluded AS x ON x.person_id = s.person_id
+            LEFT JOIN deaths AS d ON d.person_id = s.person_id
+            LEFT JOIN s_area AS a ON a.location_id = s.location_id
+            WHERE x.person_id IS NULL AND s.birth_date <= {ref}
+        )
+        SELECT *,
+               least(date_sub('year', birth_date, coalesce(death_date, {ref})), {cat.MAX_AGE})
+                   AS age,
+               CASE WHEN death_date IS NULL THEN 'no' ELSE 'yes' END AS deceased
+        FROM p
+        """  # noqa: S608 - dates and numbers are generated, not user input
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE b_visit AS
+        SELECT v.visit_occurrence_id AS id, v.person_id, v.visit_concept_id AS concept,
+               v.visit_start_date AS start,
+               least(greatest(v.visit_end_date, v.visit_start_date), {ref}) AS stop,
+               v.preceding_visit_occurrence_id AS preceding
+        FROM s_visit AS v JOIN b_person AS p ON p.person_id = v.person_id
+        WHERE v.visit_start_date BETWEEN p.birth_date AND {ref}
+        """  # noqa: S608 - generated constants
+    )
+    con.execute("DROP TABLE s_visit")  # checked already; free the memory early
+    emergency = _ints(cat.EMERGENCY_CONCEPTS)
+    inpatient = _ints(cat.INPATIENT_CONCEPTS)
+    # A stay is an emergency admission if it is an ER-and-inpatient visit (262), if its
+    # preceding visit is an emergency visit, or if the person had an emergency visit that
+    # day or the day before (many ETLs from HES/ECDS do not link the two).
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE b_acute AS
+        WITH er AS (SELECT id, person_id, start FROM b_visit WHERE concept IN ({emergency})),
+        er_days AS (
+            SELECT person_id, start AS day FROM er
+            UNION SELECT person_id, start + 1 FROM er
+        )
+        SELECT v.*,
+               CASE WHEN v.concept NOT IN ({inpatient}) THEN 'none'
+                    WHEN v.concept = 262 OR pe.id IS NOT NULL OR ed.person_id IS NOT NULL
+                        THEN 'emergency'
+                    ELSE 'planned' END AS admission
+        FROM b_visit AS v
+        LEFT JOIN er AS pe ON pe.id = v.preceding AND pe.person_id = v.person_id
+        LEFT JOIN er_days AS ed ON ed.person_id = v.person_id AND ed.day = v.start
+        """  # noqa: S608 - generated constants
+    )
+    con.execute("DROP TABLE b_visit")
+    last_complete = _date(reference_date - timedelta(days=cat.READMISSION_DAYS))
+    days = cat.READMISSION_DAYS
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE b_stay AS
+        WITH s AS (
+            SELECT a.id, a.person_id, a.start, a.stop, a.admission, p.death_date,
+                   max(a.stop) OVER earlier AS previous_stop,
+                   min(a.start) FILTER (WHERE a.admission = 'emergency') OVER later
+                       AS next_emergency
+            FROM b_acute AS a JOIN b_person AS p ON p.person_id = a.person_id
+            WHERE a.admission <> 'none'
+            WINDOW earlier AS (PARTITION BY a.person_id ORDER BY a.start, a.id
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                   later AS (PARTITION BY a.person_id ORDER BY a.start, a.id
+                             ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING)
+        )
+        SELECT id,
+               coalesce(admission = 'emergency' AND start >= previous_stop
+                        AND start - previous_stop <= {days}, false) AS is_readmission,
+               CASE WHEN death_date BETWEEN start AND stop THEN 'n/a'
+                    WHEN stop > {last_complete} THEN 'n/a'
+                    WHEN next_emergency >= stop AND next_emergency - stop <= {days} THEN 'yes'
+                    ELSE 'no' END AS readmitted_30d
+        FROM s
+        """  # noqa: S608 - generated constants
+    )
+
+
+def build_persons(con: duckdb.DuckDBPyConnection) -> None:
+    """persons: one row per consented person."""
+    con.execute(
+        f"""
+        CREATE TABLE persons AS
+        SELECT person_id, CAST(sex AS chc_sex) AS sex, age,
+               CAST({_age_band("age")} AS chc_age_band) AS age_band,
+               CAST(imd_quintile AS chc_imd) AS imd_quintile,
+               CAST(deceased AS chc_yes_no) AS deceased
+        FROM b_person
+        """  # noqa: S608 - generated
+    )
+
+
+def build_visits(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
+    """visits: one row per visit in the public years, the most recent MAX_VISITS_PER_PERSON."""
+    first_year = cat.visit_years(reference_date)[0]
+    kinds = " ".join(
+        f"WHEN {concept} THEN '{kind}'" for concept, kind in cat.VISIT_TYPE_CONCEPTS.items()
+    )
+    age = "date_sub('year', p.birth_date, a.start)"
+    # The cap keeps each person's most recent visits. Only persons over it need ranking, so
+    # rank just their visits (a window over every visit costs several times more).
+    cap = cat.MAX_VISITS_PER_PERSON
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE b_over_cap AS
+        WITH heavy AS (
+            SELECT person_id FROM b_acute WHERE start >= DATE '{first_year}-01-01'
+            GROUP BY person_id HAVING count(*) > {cap}
+        )
+        SELECT a.id FROM b_acute AS a SEMI JOIN heavy USING (person_id)
+        WHERE a.start >= DATE '{first_year}-01-01'
+        QUALIFY row_number() OVER (PARTITION BY a.person_id ORDER BY a.start DESC, a.id DESC)
+            > {cap}
+        """  # noqa: S608 - generated constants
+    )
+    con.execute(
+        f"""
+        CREATE TABLE visits AS
+        SELECT a.person_id,
+               CAST(CASE a.concept {kinds} ELSE 'other' END AS chc_visit_type) AS visit_type,
+               CAST(a.admission AS chc_admission) AS admission,
+               CAST(CAST(year(a.start) AS VARCHAR) AS chc_year) AS year,
+               least(a.stop - a.start, {cat.MAX_LENGTH_OF_STAY}) AS length_of_stay,
+               CAST({_age_band(age)} AS chc_age_band) AS age_band,
+               CAST(coalesce(s.readmitted_30d, 'n/a') AS chc_readmitted) AS readmitted_30d,
+               CAST(p.sex AS chc_sex) AS sex,
+               CAST(p.imd_quintile AS chc_imd) AS imd_quintile
+        FROM b_acute AS a
+        JOIN b_person AS p ON p.person_id = a.person_id
+        LEFT JOIN b_stay AS s ON s.id = a.id
+        ANTI JOIN b_over_cap AS x ON x.id = a.id
+        WHERE a.start >= DATE '{first_year}-01-01'
+        """  # noqa: S608 - generated constants
+    )
+    con.execute("DROP TABLE b_over_cap")
+
+
+def _members(p: Pathway, window_start: str, ref: str) -> str:
+    """SQL listing the person_ids that enter the pathway (before age and survival rules)."""
+    emergency = _ints(cat.EMERGENCY_CONCEPTS)
+    if p.entry is Entry.CONDITION:
+        return f"""
+            SELECT DISTINCT c.person_id FROM s_condition AS c
+            JOIN s_concepts AS k ON k.concept_id = c.condition_concept_id
+            WHERE k.pathway = {sql_string(p.name)} AND c.condition_start_date <= {ref}
+        """  # noqa: S608 - quoted
+    in_window = f"a.start BETWEEN {window_start} AND {ref}"
+    if p.entry is Entry.EMERGENCY_ADMISSION:
+        return f"""
+            SELECT DISTINCT a.person_id FROM b_acute AS a JOIN related AS r ON r.id = a.id
+            WHERE a.admission = 'emergency' AND {in_window}
+        """  # noqa: S608 - generated
+    join = "JOIN related AS r ON r.id = a.id" if p.conditions else ""
+    return f"""
+        SELECT DISTINCT a.person_id FROM b_acute AS a {join}
+        WHERE a.concept IN ({emergency}) AND {in_window}
+    """  # noqa: S608 - generated
+
+
+def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: date) -> None:
+    """One row per person on the pathway, with outcomes over its window."""
+    ref = _date(reference_date)
+    window_start = _date(reference_date - timedelta(days=p.window_days - 1))
+    emergency = _ints(cat.EMERGENCY_CONCEPTS)
+    # Acute visits (emergency stays and ED visits) with a concept-set condition recorded on
+    # them, on the ED visit that led to them, or (for unlinked records) dated within them.
+    related = f"""
+        SELECT DISTINCT a.id FROM b_acute AS a
+        JOIN s_condition AS c ON c.person_id = a.person_id
+        JOIN s_concepts AS k ON k.concept_id = c.condition_concept_id
+        WHERE k.pathway = {sql_string(p.name)}
+          AND (a.admission = 'emergency' OR a.concept IN ({emergency}))
+          AND (c.visit_occurrence_id = a.id OR c.visit_occurrence_id = a.preceding
+               OR (c.visit_occurrence_id IS NULL
+                   AND c.condition_start_date BETWEEN a.start AND a.stop))
+    """  # noqa: S608 - quoted
+    is_related = "r.id IS NOT NULL" if p.conditions else "true"
+    con.execute(
+        f"""
+        CREATE TABLE {sql_ident(p.name)} AS
+        WITH related AS ({related}),
+        members AS ({_members(p, window_start, ref)}),
+        w AS (
+            SELECT a.person_id, a.admission, a.concept, a.stop - a.start AS los,
+                   {is_related} AS related, coalesce(s.is_readmission, false) AS readmission
+            FROM b_acute AS a
+            JOIN members AS m ON m.person_id = a.person_id
+            LEFT JOIN related AS r ON r.id = a.id
+            LEFT JOIN b_stay AS s ON s.id = a.id
+            WHERE a.start BETWEEN {window_start} AND {ref}
+              AND (a.admission = 'emergency' OR a.concept IN ({emergency}))
+        ),
+        o AS (
+            SELECT person_id,
+                   count(*) FILTER (WHERE admission = 'emergency') AS admissions,
+                   count(*) FILTER (WHERE admission = 'emergency' AND related)
+                       AS related_admissions,
+                   CAST(coalesce(sum(los) FILTER (WHERE admission = 'emergency'), 0) AS BIGINT)
+                       AS bed_days,
+                   count(*) FILTER (WHERE admission = 'emergency' AND readmission)
+                       AS readmissions,
+                   count(*) FILTER (WHERE concept IN ({emergency})) AS ed_attendances
+            FROM w GROUP BY person_id
+        )
+        SELECT p.person_id, CAST(p.sex AS chc_sex) AS sex, p.age,
+               CAST({_age_band("p.age")} AS chc_age_band) AS age_band,
+               CAST(p.imd_quintile AS chc_imd) AS imd_quintile,
+               CAST(p.deceased AS chc_yes_no) AS deceased,
+               least(coalesce(o.admissions, 0), {cat.MAX_ADMISSIONS}) AS admissions,
+               least(coalesce(o.related_admissions, 0), {cat.MAX_ADMISSIONS})
+                   AS related_admissions,
+               CAST(CASE WHEN coalesce(o.related_admissions, 0) > 0 THEN 'yes' ELSE 'no' END
+                   AS chc_yes_no) AS admitted,
+               least(coalesce(o.bed_days, 0), {cat.MAX_BED_DAYS}) AS bed_days,
+               least(coalesce(o.readmissions, 0), {cat.MAX_READMISSIONS}) AS readmissions,
+               CAST(CASE WHEN coalesce(o.readmissions, 0) > 0 THEN 'yes' ELSE 'no' END
+                   AS chc_yes_no) AS readmitted,
+               least(coalesce(o.ed_attendances, 0), {cat.MAX_ED_ATTENDANCES}) AS ed_attendances,
+               CAST(CASE WHEN p.death_date >= {window_start} THEN 'yes' ELSE 'no' END
+                   AS chc_yes_no) AS died_in_window
+        FROM b_person AS p
+        JOIN members AS m ON m.person_id = p.person_id
+        LEFT JOIN o ON o.person_id = p.person_id
+        WHERE (p.death_date IS NULL OR p.death_date >= {window_start})
+          AND p.age BETWEEN {int(p.age_min)} AND {int(p.age_max)}
+        """  # noqa: S608 - the name is a checked identifier, quoted; the rest generated
+    )
+
+
+def create_types(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
+    """ENUM types for the public domains: a byte per value instead of a string, so the
+    views take a fraction of the memory (queries compare them with strings as before)."""
+    domains = {
+        "chc_sex": cat.SEXES,
+        "chc_age_band": cat.age_bands(),
+        "chc_imd": cat.IMD_QUINTILES,
+        "chc_yes_no": cat.YES_NO,
+        "chc_visit_type": cat.VISIT_TYPES,
+        "chc_admission": cat.ADMISSIONS,
+        "chc_readmitted": cat.READMITTED,
+        "chc_year": cat.visit_years(reference_date),
+    }
+    for name, values in domains.items():
+        con.execute(f"CREATE TYPE {name} AS ENUM ({', '.join(sql_string(v) for v in values)})")
+
+
+def build_views(
+    con: duckdb.DuckDBPyConnection, pathways: Sequence[Pathway], reference_date: date
+) -> None:
+    """Every analysis view, from the staged tables; the working tables are dropped after."""
+    create_types(con, reference_date)
+    build_base(con, reference_date)
+    build_persons(con)
+    build_visits(con, reference_date)
+    for p in pathways:
+        build_cohort(con, p, reference_date)
+    for table in WORK_TABLES[::-1]:
+        con.execute(f"DROP TABLE IF EXISTS {table}")

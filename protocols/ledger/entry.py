@@ -1,0 +1,149 @@
+"""The ledger entry format: the contract between the node that writes a ledger and the
+auditor who checks it (docs/ledger.md).
+
+An entry's body is canonical JSON (sorted keys, compact separators, ASCII) signed with the
+node's Ed25519 ledger key; each names the SHA-256 of the previous entry (body + signature),
+and a signed head names the last. Both the node's SQLite ledger (node/budget/) and the
+auditor's tools (coordinator/audit/) use exactly these definitions, as both sides of the gRPC
+contract use the same .proto files.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from queries import spec
+from queries.errors import ConfigError
+
+FORMAT = 1
+ENTRY_RECORD = "chc.ledger.entry"
+HEAD_RECORD = "chc.ledger.head"
+ZERO_HASH = "0" * 64
+RELEASED = "released"
+REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class SignedEntry:
+    """One ledger entry as stored: canonical JSON body and the node's signature over it."""
+
+    sequence: int
+    body: bytes
+    signature: bytes
+    # True for the signed head that ends a stream (body names the last entry and its hash).
+    head: bool = False
+
+
+def canonical_json(obj: object) -> bytes:
+    """The one encoding of ledger bodies: sorted keys, compact, ASCII, no NaN."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def entry_hash(body: bytes, signature: bytes) -> str:
+    """What the next entry's prev_hash must be: SHA-256 of body then signature, in hex."""
+    return hashlib.sha256(body + signature).hexdigest()
+
+
+def format_time(when: datetime) -> str:
+    """UTC ISO 8601 with milliseconds, e.g. 2025-06-01T09:30:00.123Z."""
+    utc = when.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    """Inverse of format_time."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def truncate_ms(when: datetime) -> datetime:
+    """A time at the precision entries record (milliseconds)."""
+    return when.replace(microsecond=when.microsecond // 1000 * 1000)
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Parse an entry or head body, refusing anything but a JSON object."""
+    parsed = json.loads(body)
+    if not isinstance(parsed, dict):
+        raise ValueError("the body is not a JSON object")
+    return parsed
+
+
+def query_text(query: bytes) -> str:
+    """The canonical query as text (bytes that are not UTF-8 are escaped, never dropped)."""
+    return query.decode("utf-8", errors="backslashreplace")
+
+
+def views_of(query: bytes) -> list[str]:
+    """Best effort for refusals, whose query may not even parse: the view it names."""
+    if len(query) > spec.MAX_SPEC_BYTES:
+        return []  # refused unparsed; not worth parsing here either
+    try:
+        view = json.loads(query).get("view")
+        return [spec.check_identifier(view, "view")]
+    except (ValueError, AttributeError, RecursionError):
+        return []
+
+
+# ---- keys ---------------------------------------------------------------------------------
+
+
+def default_key_path(ledger: Path) -> Path:
+    """The ledger's signing key beside it: nwc.ledger.sqlite -> nwc.ledger.key."""
+    return ledger.with_suffix(".key")
+
+
+def public_key_path(key_path: Path) -> Path:
+    """Where the public half is published beside the key: nwc.ledger.pub."""
+    return key_path.with_suffix(".pub")
+
+
+def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key (what Describe sends as ledger_public_key)."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_public_key(path: Path) -> bytes:
+    """A raw Ed25519 public key from a PEM public key, a PEM private key, or hex/base64 text."""
+    data = path.read_bytes()
+    try:
+        if b"PRIVATE KEY" in data:
+            private = serialization.load_pem_private_key(data, password=None)
+            if isinstance(private, Ed25519PrivateKey):
+                return public_key_bytes(private)
+        elif b"PUBLIC KEY" in data:
+            public = serialization.load_pem_public_key(data)
+            if isinstance(public, Ed25519PublicKey):
+                return public.public_bytes(
+                    serialization.Encoding.Raw, serialization.PublicFormat.Raw
+                )
+        else:
+            text = data.decode("ascii").strip()
+            raw = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text)
+            if len(raw) == 32:
+                return raw
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"{path} holds no Ed25519 public key (expected PEM, or 32 bytes as hex or base64)"
+    )
+
+
+def signature_ok(public_key: bytes, body: bytes, signature: bytes) -> bool:
+    """Whether signature is the Ed25519 signature of body under the raw public key."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, body)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
