@@ -8,51 +8,40 @@ is recorded at zero cost and answered with a precise status and message.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import pyarrow as pa
 from cryptography import x509
-from google.protobuf.message import DecodeError
 
 from node import engine
 from node.access import AccessPolicy
 from node.budget.accounting import Accountant, Charge, RateLimited, Refusal
 from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
 from node.data.store import OmopStore
+from node.guards import NonceStore, RefusalLimiter, check_deadline
 from protocols import serde
 from protocols.budget.rules import per_query_refusal
-from protocols.ledger.entry import SignedEntry
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
-from protocols.security import (
+from protocols.security.envelope import (
     Call,
-    Peer,
-    Role,
     SignedQuery,
     VerifiedAnalyst,
     check_audience,
     check_operation,
-    now_ms,
-    peer_of,
     verify_analyst,
 )
+from protocols.security.pki import Role
+from protocols.security.tls import Peer, peer_of
 from protocols.v1 import node_pb2, node_pb2_grpc
-from queries import mechanisms, plan, spec
-from queries.errors import (
-    AuthenticationError,
-    ChcError,
-    DeadlineExceededError,
-    PermissionDeniedError,
-)
+from queries import mechanisms, plan, spec, spec_io
+from queries.errors import AuthenticationError, ChcError, PermissionDeniedError
 from queries.results import NodeDescription, ReleaseRules
 from queries.schema import Catalog
 
@@ -62,103 +51,6 @@ log = logging.getLogger(__name__)
 # analyst may also call a node directly. Auditors read the ledger; nodes never query.
 QUERY_ROLES = frozenset({Role.HUB, Role.ANALYST})
 LEDGER_ROLES = frozenset({Role.AUDITOR})
-
-
-@dataclass(frozen=True)
-class Admission:
-    """What to do with one refusal: record it, and whether it starts rate limiting."""
-
-    record: bool
-    starts: bool  # the first refusal over the limit: recorded once, saying so
-    refusals: int  # refusals from this peer in its window, this one included
-    remaining_s: float  # until its window ends
-
-
-class RefusalLimiter:
-    """At most `limit` refusals per peer per window reach the ledger, plus one saying so.
-
-    A peer's window opens at its first refusal (after its last window ended) and lasts
-    `window_s`. Its first `limit` refusals are recorded; the next is recorded as the start of
-    rate limiting; the rest until the window ends are answered but not recorded. So a peer
-    that is refused without end costs at most limit + 1 entries per window.
-    """
-
-    # Peers tracked at once; beyond this (possible only without TLS, where the key is the
-    # claimed analyst), peers whose windows have not ended share one window.
-    MAX_PEERS = 10_000
-    OTHERS = "(other callers)"
-
-    def __init__(
-        self, limit: int, window_s: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if limit < 1 or not window_s > 0:
-            raise ValueError("a refusal limit needs limit >= 1 and a positive window")
-        self.limit = limit
-        self.window_s = window_s
-        self._clock = clock
-        self._windows: dict[str, tuple[float, int]] = {}  # peer: (window start, refusals)
-        self._lock = threading.Lock()
-
-    def admit(self, peer: str) -> Admission:
-        """Count one refusal from peer and say whether (and how) to record it."""
-        with self._lock:
-            now = self._clock()
-            if peer not in self._windows and len(self._windows) >= self.MAX_PEERS:
-                self._windows = {
-                    p: w for p, w in self._windows.items() if now - w[0] < self.window_s
-                }
-                if len(self._windows) >= self.MAX_PEERS:
-                    peer = self.OTHERS
-            start, count = self._windows.get(peer, (now, 0))
-            if now - start >= self.window_s:
-                start, count = now, 0
-            count += 1
-            self._windows[peer] = (start, count)
-        return Admission(
-            record=count <= self.limit + 1,
-            starts=count == self.limit + 1,
-            refusals=count,
-            remaining_s=max(0.0, start + self.window_s - now),
-        )
-
-
-class NonceStore:
-    """Nonces seen, kept until their envelope expires, so a replay is refused."""
-
-    def __init__(self) -> None:
-        self._seen: dict[bytes, int] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, nonce: bytes, expires_at_ms: int) -> None:
-        """Record a fresh nonce, or raise AuthenticationError if it was seen before."""
-        now = now_ms()
-        with self._lock:
-            if len(self._seen) > 10_000:
-                self._seen = {n: e for n, e in self._seen.items() if e > now}
-            if nonce in self._seen:
-                raise AuthenticationError("this query envelope was already used; sign it again")
-            self._seen[nonce] = expires_at_ms
-
-    def seed(self, entries: Iterable[SignedEntry]) -> int:
-        """Remember the nonces of released queries still within their validity window.
-
-        Without this a restarted node would accept a replay of an envelope it had already
-        answered; the ledger is the durable record of what was released.
-        """
-        now = now_ms()
-        seeded = 0
-        for entry in entries:
-            try:
-                body = json.loads(entry.body)
-                if body.get("outcome") != "released":
-                    continue
-                envelope = node_pb2.QueryEnvelope.FromString(base64.b64decode(body["envelope"]))
-            except (ValueError, KeyError, TypeError, DecodeError):
-                continue  # not a query entry (e.g. a signed head)
-            if envelope.expires_at_ms > now:
-                self._seen[envelope.nonce] = envelope.expires_at_ms
-                seeded += 1
-        return seeded
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
@@ -241,7 +133,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self, signed: SignedQuery, analyst: VerifiedAnalyst
     ) -> tuple[spec.Query, plan.Plan, tuple[engine.ComponentRelease, ...], float]:
         """Parse, authorise against the access policy, plan and calibrate; touches no data."""
-        query = spec.from_json(signed.query)
+        query = spec_io.from_json(signed.query)
         self.access.check(analyst=analyst.name, organisation=analyst.organisation, view=query.view)
         # The per-query cap is public: refuse above it before planning and calibrating, so that
         # an absurd rho is a clear refusal, never a calibration failure.
@@ -321,12 +213,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.nonces.claim(signed.nonce, signed.expires_at_ms)
         query_id = uuid.uuid4().hex
         started = time.perf_counter()
-        _check_deadline(context, "before computing")
+        check_deadline(context, "before computing")
         table = self._release(compiled, releases)
         epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
         # The caller has given up: charging now would spend budget on an answer nobody
         # receives. Checked last before the charge (the charge itself takes about a ms).
-        _check_deadline(context, "before charging")
+        check_deadline(context, "before charging")
         # Charge before release (principle 2): the noisy table is ready but leaves only once
         # the charge is durable; from here a failure loses the result, never the charge.
         budget, sequence = self.accountant.charge(
@@ -455,14 +347,4 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 sequence=e.sequence, body=e.body, signature=e.signature, head=e.head
             )
             for e in self.accountant.stream(max(1, request.from_sequence))
-        )
-
-
-def _check_deadline(context: grpc.ServicerContext, when: str) -> None:
-    """Refuse at no cost if the caller's propagated deadline has already passed."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceededError(
-            f"the caller's deadline passed {when} the release; nothing was charged: "
-            "allow more time (e.g. a longer --deadline)"
         )

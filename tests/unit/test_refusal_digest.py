@@ -12,17 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.audit import ledgers as audit
+from coordinator.audit.sources import LedgerSource, open_file
+from coordinator.audit.verification import verify
 from node.budget.accounting import MemoryAccountant, RateLimited, Refusal
 from node.budget.book import REFUSAL_ENVELOPE_BYTES, REFUSAL_QUERY_BYTES
 from node.budget.ledger import SqliteLedger
-from node.service import RefusalLimiter
-from protocols import security, serde
+from node.guards import RefusalLimiter
+from protocols import serde
 from protocols.budget.policy import BudgetPolicy
 from protocols.ledger.entry import REFUSED, canonical_json, query_text
+from protocols.security.envelope import sign_query
 from protocols.v1 import node_pb2
 from queries.spec import Query, canonical_bytes
-from tests.unit.test_accounting_contract import Pki, make_pki, signed_charge, source_of
+from tests.unit._accounting_helpers import Pki, make_pki, signed_charge, source_of
 
 POLICY = BudgetPolicy(total_rho=10.0, max_rho_per_query=1.0)
 JUNK = 5 * 1024 * 1024
@@ -75,14 +77,14 @@ def test_a_huge_refusal_is_a_few_kb_and_verifies(pki: Pki) -> None:
     assert len(body["reason"]) <= 1000
     assert body["reason"].startswith("demo-auditor has role auditor")
     assert body["views"] == []  # the view it names is not a valid name
-    result = audit.verify(source_of(a), ca_pem=pki.ca_pem)
+    result = verify(source_of(a), ca_pem=pki.ca_pem)
     assert result.ok, [str(x) for x in result.anomalies]
     assert result.refused == 1
 
 
 def test_a_small_refusal_keeps_its_query_whole(pki: Pki) -> None:
     a = MemoryAccountant(POLICY, node="nwc")
-    signed = security.sign_query(pki.alice, canonical_bytes(Query("copd", 0.1)))
+    signed = sign_query(pki.alice, canonical_bytes(Query("copd", 0.1)))
     envelope = serde.signed_query_to_proto(signed).SerializeToString(deterministic=True)
     a.refuse(Refusal("alice", signed.query, envelope, "no such view", "INVALID_ARGUMENT"))
     body = last_body(a)
@@ -92,7 +94,7 @@ def test_a_small_refusal_keeps_its_query_whole(pki: Pki) -> None:
     assert body["analyst"] == "alice"
     # The envelope (certificate included) is larger than the prefix kept.
     assert body["envelope_size"] == len(envelope) > REFUSAL_ENVELOPE_BYTES
-    assert audit.verify(source_of(a), ca_pem=pki.ca_pem).ok
+    assert verify(source_of(a), ca_pem=pki.ca_pem).ok
 
 
 def test_the_ledger_file_grows_by_a_few_kb_per_huge_refusal(tmp_path: Path) -> None:
@@ -107,7 +109,7 @@ def test_the_ledger_file_grows_by_a_few_kb_per_huge_refusal(tmp_path: Path) -> N
         ledger.refuse(junk_refusal(1024 * 1024))
     assert size() - before < 3 * 32 * 1024
     ledger.close()
-    assert audit.verify(audit.open_file(path)).ok
+    assert verify(open_file(path)).ok
 
 
 def old_style_refusal(a: MemoryAccountant, refusal: Refusal) -> None:
@@ -141,7 +143,7 @@ def test_old_and_new_refusal_entries_verify_together(pki: Pki) -> None:
     old_style_refusal(a, junk_refusal(10_000))
     bodies = [json.loads(e.body) for e in a.entries()]
     assert ["envelope" in b for b in bodies[1:]] == [True, True, False, True]
-    result = audit.verify(source_of(a), ca_pem=pki.ca_pem)
+    result = verify(source_of(a), ca_pem=pki.ca_pem)
     assert result.ok, [str(x) for x in result.anomalies]
     assert (result.released, result.refused) == (1, 3)
 
@@ -173,17 +175,17 @@ def resign_last(a: MemoryAccountant, **changes: object) -> None:
 def test_an_edited_digest_is_named(changes: dict[str, object], words: str) -> None:
     a = MemoryAccountant(POLICY, node="nwc")
     a.refuse(Refusal("alice", b'{"view": "copd"}', b"\x0a\x02{}", "no", "INVALID_ARGUMENT"))
-    assert audit.verify(source_of(a)).ok
+    assert verify(source_of(a)).ok
     resign_last(a, **changes)
     head = a._book.head(after=list(a.entries())[-1])
-    source = audit.LedgerSource(
+    source = LedgerSource(
         label="edited",
         node="",
         public_key=a.public_key,
         key_origin="test",
         read=lambda: iter([*a.entries(), head]),
     )
-    result = audit.verify(source)
+    result = verify(source)
     assert any(words in x.problem for x in result.anomalies), [str(x) for x in result.anomalies]
 
 
@@ -199,7 +201,7 @@ def test_the_rate_limiting_entry_is_recorded_and_noted() -> None:
         "window_seconds": 60.0,
         "until": "2030-01-01T00:00:00.000Z",
     }
-    result = audit.verify(source_of(a))
+    result = verify(source_of(a))
     assert result.ok, [str(x) for x in result.anomalies]
     assert any("refusals from demo-auditor were rate-limited after 30" in n for n in result.notes)
 

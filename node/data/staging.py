@@ -1,0 +1,170 @@
+"""The source-table pass of validation: structure, one quality scan per table, and staging.
+
+Each OMOP table the node needs is checked against its requirements (node/data/omop.py: which
+tables and columns must exist), scanned once for NOT NULL violations, unconvertible values and
+rows of unknown persons, and read once more into a temporary table of the typed columns the
+node uses (STAGED). This reads the custodian's source; the checks that follow work on the
+staged tables alone (node/data/staged_checks.py), and node/data/validate.py runs them in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import duckdb
+
+from node.data.findings import Level, ValidationReport
+from node.data.omop import OMOP_TABLES, ColumnReq, OmopSource, SourceTable, TableReq
+from queries.pathway import Pathway
+
+STAGED: Final = {
+    "person": "s_person_raw",
+    "visit_occurrence": "s_visit",
+    "condition_occurrence": "s_condition",
+    "death": "s_death_raw",
+    "location": "s_location_raw",
+    "concept_ancestor": "s_ancestor",
+}
+
+
+def check_structure(source: OmopSource, report: ValidationReport) -> None:
+    for req in OMOP_TABLES:
+        table = source.table(req.name)
+        if table is None:
+            if req.required:
+                report.add(
+                    Level.ERROR,
+                    req.name,
+                    f"required table missing: expected {req.name}.parquet or {req.name}.csv "
+                    f"(any case) in the folder, or a table {req.name} in the DuckDB file",
+                )
+            else:
+                report.add(Level.NOTE, req.name, f"no such table: {req.if_absent}")
+            continue
+        for col in req.columns:
+            if table.has(col.name):
+                continue
+            if col.required:
+                report.add(
+                    Level.ERROR,
+                    f"{req.name}.{col.name}",
+                    f"required column missing from {table.origin}",
+                )
+            else:
+                report.add(
+                    Level.WARNING,
+                    f"{req.name}.{col.name}",
+                    f"column absent from {table.origin}: read as empty ({_if_absent(col)})",
+                )
+
+
+def _if_absent(col: ColumnReq) -> str:
+    return {
+        "month_of_birth": "births are taken as 1 July",
+        "day_of_birth": "births are taken as the 1st of the month",
+        "location_id": "imd_quintile is 'unknown'",
+        "preceding_visit_occurrence_id": "emergency admissions are found by date only",
+        "visit_occurrence_id": "conditions are matched to stays by date only",
+    }.get(col.name, "treated as unknown")
+
+
+def quality_scan(
+    con: duckdb.DuckDBPyConnection, req: TableReq, table: SourceTable, report: ValidationReport
+) -> None:
+    """One pass over a source table: NOT NULL violations, unconvertible values, orphans."""
+    present = [c for c in req.columns if table.has(c.name)]
+    parts: list[str] = ["count(*)"]
+    labels: list[tuple[str, ColumnReq]] = []
+    for col in present:
+        raw, typed = table.raw(col.name), table.typed(col)
+        if col.not_null:
+            parts.append(f"count(*) FILTER (WHERE {raw} IS NULL)")
+            labels.append(("null", col))
+        if not table.native(col):
+            bad = f"{raw} IS NOT NULL AND ({typed}) IS NULL"
+            parts.append(f"count(*) FILTER (WHERE {bad})")
+            parts.append(f"min(CAST({raw} AS VARCHAR)) FILTER (WHERE {bad})")
+            labels.append(("bad", col))
+            labels.append(("example", col))
+    join = ""
+    if req.name != "person" and table.has("person_id") and req.name in STAGED:
+        pid = table.typed(next(c for c in present if c.name == "person_id"))
+        join = (
+            f" LEFT JOIN (SELECT DISTINCT person_id AS known_id FROM s_person_raw) AS known "  # noqa: S608
+            f"ON known.known_id = {pid}"
+        )
+        parts.append(f"count(*) FILTER (WHERE {pid} IS NOT NULL AND known.known_id IS NULL)")
+        labels.append(("orphan", present[0]))
+    sql = f"SELECT {', '.join(parts)} FROM {table.relation} AS src{join}"  # noqa: S608
+    try:
+        row = con.execute(sql).fetchall()[0]
+    except duckdb.Error as exc:
+        report.add(Level.ERROR, req.name, f"cannot read {table.origin}: {first_line(exc)}")
+        return
+    values = list(row[1:])
+    for (what, col), value in zip(labels, values, strict=True):
+        where = f"{req.name}.{col.name}"
+        if what == "null" and value:
+            report.add(Level.ERROR, where, "NOT NULL column has empty values", int(value))
+        elif what == "bad" and value:
+            example = values[labels.index(("example", col))]
+            kind = "dates" if col.kind.value == "DATE" else "whole numbers"
+            report.add(
+                Level.ERROR,
+                where,
+                f"values that are not {kind} (e.g. {str(example)[:30]!r})",
+                int(value),
+            )
+        elif what == "orphan" and value:
+            report.add(
+                Level.WARNING,
+                f"{req.name}.person_id",
+                "rows whose person_id has no person row; they are ignored",
+                int(value),
+            )
+
+
+def stage(
+    con: duckdb.DuckDBPyConnection, req: TableReq, table: SourceTable, where: str = ""
+) -> None:
+    select = ", ".join(f"{table.typed(c)} AS {c.name}" for c in req.columns)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {STAGED[req.name]} AS "  # noqa: S608 - quoted
+        f"SELECT {select} FROM {table.relation} {where}"
+    )
+
+
+def stage_concepts(
+    con: duckdb.DuckDBPyConnection,
+    source: OmopSource,
+    pathways: Sequence[Pathway],
+) -> None:
+    """s_concepts(pathway, concept_id): every pathway's concept set, with descendants."""
+    rows = [(p.name, c) for p in pathways for c in p.conditions]
+    con.execute("CREATE OR REPLACE TEMP TABLE s_concepts (pathway VARCHAR, concept_id BIGINT)")
+    if rows:
+        con.executemany("INSERT INTO s_concepts VALUES (?, ?)", rows)
+    ancestor = source.table("concept_ancestor")
+    expand = [p.name for p in pathways if p.descendants and p.conditions]
+    if ancestor is None or not expand:
+        return
+    req = next(t for t in OMOP_TABLES if t.name == "concept_ancestor")
+    listed = ", ".join(str(int(c)) for _, c in rows)
+    stage(con, req, ancestor, f"WHERE {ancestor.typed(req.columns[0])} IN ({listed})")
+    names = ", ".join(f"'{n}'" for n in expand)
+    con.execute(
+        f"""
+        INSERT INTO s_concepts
+        SELECT DISTINCT c.pathway, a.descendant_concept_id FROM s_concepts AS c
+        JOIN s_ancestor AS a ON a.ancestor_concept_id = c.concept_id
+        WHERE c.pathway IN ({names}) AND a.descendant_concept_id IS NOT NULL
+        EXCEPT SELECT pathway, concept_id FROM s_concepts
+        """  # noqa: S608 - names are checked identifiers
+    )
+    con.execute("DROP TABLE s_ancestor")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
