@@ -1,6 +1,7 @@
 """The budget half of `chc audit verify`: policy entries, the caps in force, and spend.
 
-coordinator/audit.py checks the chain, the signatures and the analysts' envelopes, and hands
+coordinator/audit/verification.py checks the chain and the signatures, and
+coordinator/audit/query_checks.py the analysts' envelopes; both hand
 every entry's budget fields here. A ledger's policy entries (protocols/budget_log.py) say
 which caps were in force from when: each must name the policy it replaces exactly, record
 exactly how it loosens it, and carry a custodian's reason if it does. Every later entry must
@@ -21,15 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from protocols.budget.changes import loosenings, policy_record, read_change, summary
 from protocols.budget.policy import BudgetPolicy, period_bounds
-from protocols.budget.rules import (
-    SpendTally,
-    cap_exceeded,
-    loosenings,
-    policy_record,
-    read_change,
-    summary,
-)
+from protocols.budget.rules import cap_exceeded
+from protocols.budget.tally import SpendTally
 from queries.errors import ConfigError
 
 

@@ -12,12 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from coordinator.audit import ledgers as audit
 from coordinator.audit import report as audit_report
+from coordinator.audit import verification
+from coordinator.audit.export import export
+from coordinator.audit.sources import LedgerSource, node_addresses, open_file, open_remote
 from coordinator.local.demo import read_demo_state
 from protocols.cli import ChcGroup, CommandFailedError, ExitCode, read_identity
 from protocols.ledger.entry import load_public_key
-from protocols.security import Identity, Role
+from protocols.security.pki import Identity, Role
 from queries.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -76,25 +78,25 @@ def _sources(
     nodes: list[str] | None,
     identity: Path | None,
     public_key: Path | None,
-) -> list[audit.LedgerSource]:
+) -> list[LedgerSource]:
     key = load_public_key(public_key) if public_key is not None else None
-    sources = [audit.open_file(p, public_key=key) for p in paths or []]
+    sources = [open_file(p, public_key=key) for p in paths or []]
     if not sources and hub is None and not nodes:
         hub = read_demo_state().get("hub")
         if hub is None:
             raise ConfigError("give ledger files, --hub ADDRESS or --node NAME=ADDRESS")
     if hub is not None or nodes:
         ident = _identity(identity, Role.AUDITOR)
-        addresses = audit.node_addresses(hub, ident) if hub is not None else {}
+        addresses = node_addresses(hub, ident) if hub is not None else {}
         for item in nodes or []:
             name, sep, address = item.partition("=")
             if not sep or not name or not address:
                 raise ConfigError(f"--node {item!r} must look like NAME=HOST:PORT")
             addresses[name] = address
         for name, address in sorted(addresses.items()):
-            source = audit.open_remote(name, address, ident)
+            source = open_remote(name, address, ident)
             if key is not None:
-                source = audit.LedgerSource(source.label, source.node, key, "given", source.read)
+                source = LedgerSource(source.label, source.node, key, "given", source.read)
             sources.append(source)
     if key is not None and len(sources) > 1:
         raise ConfigError("--public-key checks one ledger; give one file or one --node")
@@ -139,12 +141,12 @@ def verify(
     """
     sources = _sources(paths, hub, node, identity, public_key)
     ca_pem = _ca(ca, identity, hub is not None or bool(node))
-    results = [audit.verify(s, ca_pem=ca_pem) for s in sources]
-    for earlier in (audit.open_file(p) for p in previous or []):
+    results = [verification.verify(s, ca_pem=ca_pem) for s in sources]
+    for earlier in (open_file(p) for p in previous or []):
         matches = [i for i, s in enumerate(sources) if s.node == earlier.node]
         if len(matches) != 1:
             raise ConfigError(f"--previous {earlier.label}: no single ledger of {earlier.node!r}")
-        found = audit.compare_with_earlier(sources[matches[0]], earlier)
+        found = verification.compare_with_earlier(sources[matches[0]], earlier)
         results[matches[0]].anomalies.extend(found)
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -198,7 +200,7 @@ def export_cmd(
         out.mkdir(parents=True, exist_ok=True)
     for s in sources:
         target = out / f"{s.node or Path(s.label).stem}.{fmt}" if to_folder else out
-        count = audit.export(s, target)
+        count = export(s, target)
         console.print(f"exported {count} entries of {s.node or s.label} to {target}")
 
 

@@ -12,8 +12,8 @@ from typing import TextIO
 from xml.sax.saxutils import escape
 
 from coordinator.audit.budget import BudgetChecks, PolicyNote, number
-from coordinator.audit.ledgers import LedgerSource
-from protocols.budget.rules import POLICY_RECORD
+from coordinator.audit.sources import LedgerSource
+from protocols.budget.changes import POLICY_RECORD
 from protocols.ledger.entry import RELEASED, decode_body
 from queries.errors import ConfigError
 from queries.mechanisms import rho_to_epsilon

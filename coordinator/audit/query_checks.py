@@ -1,0 +1,274 @@
+"""What a query entry of a ledger records, checked against the analyst's signed envelope.
+
+`chc audit verify` (coordinator/audit/verification.py) checks the chain, the sequence, the
+node's signatures and the head, and hands every query entry's content here: its query and
+hashes against the envelope it released under (or, for a refusal, the bounded digest of the
+request), its outcome and cost, whether the envelope was replayed or charged outside its
+validity, the analyst's signature against the federation CA and what the envelope allowed.
+Budget fields go on to coordinator/audit/budget.py. It is separate because it is about what
+was released and to whom, not about whether the ledger is intact.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from coordinator.audit.budget import BudgetChecks, Flag, close, number
+from protocols import serde
+from protocols.budget.rules import cap_exceeded
+from protocols.ledger.entry import REFUSED, RELEASED, format_time, parse_time, query_text
+from protocols.security.envelope import (
+    CLOCK_SKEW_MS,
+    LEDGER_PAYLOAD_VERSIONS,
+    LEGACY_PAYLOAD_VERSION,
+    Operation,
+    SignedQuery,
+    verify_query,
+)
+from protocols.v1 import node_pb2
+from queries.errors import AuthenticationError
+from queries.mechanisms import rho_to_epsilon
+
+# A release is charged after the query ran, so its time may follow the envelope's expiry by
+# as long as a query may take; anything later means the node charged an expired envelope.
+EXPIRY_GRACE_MS = 10 * 60 * 1000
+# Said once per ledger that holds releases signed before envelopes named what they were for.
+_LEGACY_NOTE = "some releases carry version-1 envelopes"
+
+
+def _count(value: object) -> int | None:
+    """A count (a whole number, at least 0), or None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _sha256(value: object) -> bool:
+    """Whether value is a SHA-256 in lower-case hex."""
+    return isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
+
+
+class QueryChecks:
+    """Checks each query entry's content as it comes, and tallies releases and refusals."""
+
+    def __init__(
+        self, flag: Flag, budget: BudgetChecks, notes: list[str], ca_pem: bytes | None
+    ) -> None:
+        self.flag = flag
+        self.budget = budget
+        self.notes = notes  # the verification's notes, appended to in entry order
+        self.ca = ca_pem
+        self.released = 0
+        self.refused = 0
+        self.rho_released = 0.0
+        self.nonces: dict[bytes, int] = {}
+        self.rate_limits = 0  # refusal entries that started rate limiting a peer
+
+    def _envelope(self, label: int, body: dict[str, Any]) -> node_pb2.QueryEnvelope | None:
+        raw = body.get("envelope")
+        try:
+            data = base64.b64decode(str(raw), validate=True)
+            envelope = node_pb2.QueryEnvelope.FromString(data)
+        except (ValueError, DecodeError):
+            self.flag(label, "its envelope is not a base64 serialised QueryEnvelope")
+            return None
+        return envelope if data else None
+
+    def entry(self, label: int, body: dict[str, Any], when: datetime) -> None:
+        """One query entry (a release or a refusal) whose time has been read."""
+        query = body.get("query")
+        envelope: node_pb2.QueryEnvelope | None = None
+        if body.get("outcome") == REFUSED and "envelope" not in body:
+            # Refusals are recorded as a bounded digest of the request (docs/ledger.md);
+            # older refusal entries keep the whole envelope and are checked below.
+            self._refusal_digest(label, body, when)
+        else:
+            envelope = self._envelope(label, body)
+            raw_query = envelope.query if envelope is not None else str(query).encode("utf-8")
+            if body.get("query_sha256") != hashlib.sha256(raw_query).hexdigest():
+                self.flag(label, "its query_sha256 is not the SHA-256 of the query it records")
+            if envelope is not None and query_text(envelope.query) != query:
+                self.flag(label, "its query is not the query in the analyst's envelope")
+        outcome = body.get("outcome")
+        rho, epsilon, delta = (number(body.get(k)) for k in ("rho", "epsilon", "delta"))
+        caps = body.get("caps")
+        spent = body.get("spent")
+        if rho is None or epsilon is None or delta is None:
+            self.flag(label, "rho, epsilon and delta must be numbers")
+            return
+        if not isinstance(caps, dict) or not isinstance(spent, dict):
+            self.flag(label, "it records no caps or spend")
+            return
+        analyst = str(body.get("analyst"))
+        key, per_query = self.budget.caps(label, analyst, caps, delta, when)
+        if outcome == RELEASED:
+            self.released += 1
+            self.rho_released += rho
+            self._release(label, body, envelope, when, rho, epsilon, delta, per_query)
+            self.budget.spend(label, analyst, when, rho, key, caps, spent)
+        elif outcome == REFUSED:
+            self.refused += 1
+            if rho != 0 or epsilon != 0:
+                self.flag(label, f"a refusal must cost nothing but records rho {rho:g}")
+            if not body.get("reason"):
+                self.flag(label, "a refusal without a reason")
+            self.budget.spend(label, analyst, when, 0.0, key, caps, spent)
+        else:
+            self.flag(label, f"unknown outcome {outcome!r}")
+
+    def _refusal_digest(self, label: int, body: dict[str, Any], when: datetime) -> None:
+        """A refusal's digest of its request: well formed, and its hashes match what it keeps."""
+        query, cut, prefix = (
+            body.get("query"),
+            body.get("query_truncated"),
+            body.get("envelope_prefix"),
+        )
+        size, envelope_size = _count(body.get("query_size")), _count(body.get("envelope_size"))
+        if (
+            not isinstance(query, str)
+            or not isinstance(cut, bool)
+            or not isinstance(prefix, str)
+            or size is None
+            or envelope_size is None
+            or not _sha256(body.get("query_sha256"))
+            or not _sha256(body.get("envelope_sha256"))
+        ):
+            self.flag(
+                label,
+                "a refusal without its request: neither an envelope nor a well-formed digest "
+                "(query, query_size, query_truncated, query_sha256, envelope_size, "
+                "envelope_sha256, envelope_prefix)",
+            )
+            return
+        # A query kept whole and valid UTF-8 encodes back to exactly its size: check its hash.
+        whole = query.encode("utf-8", errors="surrogatepass")
+        if (
+            not cut
+            and len(whole) == size
+            and hashlib.sha256(whole).hexdigest() != body.get("query_sha256")
+        ):
+            self.flag(label, "its query_sha256 is not the SHA-256 of the query it records")
+        try:
+            head = base64.b64decode(prefix, validate=True)
+        except ValueError:
+            self.flag(label, "its envelope_prefix is not base64")
+            return
+        if len(head) > envelope_size:
+            self.flag(label, "its envelope_prefix is longer than its envelope_size")
+        elif len(head) == envelope_size and hashlib.sha256(head).hexdigest() != body.get(
+            "envelope_sha256"
+        ):
+            self.flag(label, "its envelope_sha256 is not the SHA-256 of the envelope it records")
+        if "rate_limited" in body:
+            self._rate_limited(label, body["rate_limited"], when)
+
+    def _rate_limited(self, label: int, limited: object, when: datetime) -> None:
+        """The one entry that says refusals from a peer stopped being recorded for a while."""
+        fields = limited if isinstance(limited, dict) else {}
+        peer, refusals = fields.get("peer"), _count(fields.get("refusals"))
+        window = number(fields.get("window_seconds"))
+        try:
+            until: datetime | None = parse_time(str(fields.get("until")))
+        except ValueError:
+            until = None
+        if (
+            not isinstance(peer, str)
+            or refusals is None
+            or window is None
+            or not window > 0
+            or until is None
+            or until < when
+        ):
+            self.flag(label, f"its rate_limited record is malformed: {limited!r:.200}")
+            return
+        self.rate_limits += 1
+        if self.rate_limits <= 20:  # a note per episode, within reason
+            self.notes.append(
+                f"entry {label}: refusals from {peer} were rate-limited after {refusals} in "
+                f"{window:g} s; until {format_time(until)} further refusals from it were "
+                "answered but not recorded"
+            )
+
+    def _release(
+        self,
+        label: int,
+        body: dict[str, Any],
+        envelope: node_pb2.QueryEnvelope | None,
+        when: datetime,
+        rho: float,
+        epsilon: float,
+        delta: float,
+        per_query: float | None,
+    ) -> None:
+        if not (math.isfinite(rho) and rho > 0):
+            self.flag(label, f"a release must cost a positive rho, records {rho!r}")
+            return
+        if 0 < delta < 1 and not close(epsilon, rho_to_epsilon(rho, delta)):
+            self.flag(
+                label, f"epsilon {epsilon:g} is not the equivalent of rho {rho:g} at {delta:g}"
+            )
+        if per_query is None or cap_exceeded(rho, per_query):
+            self.flag(label, f"rho {rho:g} is above the per-query cap {per_query} in force")
+        if envelope is None:
+            self.flag(label, "a release without the analyst's signed envelope")
+            return
+        if envelope.analyst != body.get("analyst"):
+            self.flag(
+                label,
+                f"is charged to {body.get('analyst')!r} but the envelope was signed by "
+                f"{envelope.analyst!r}",
+            )
+        earlier = self.nonces.get(envelope.nonce)
+        if earlier is not None:
+            self.flag(label, f"replays the envelope already released as entry {earlier}")
+        self.nonces[envelope.nonce] = label
+        when_ms = int(when.timestamp() * 1000)
+        if when_ms < envelope.issued_at_ms - CLOCK_SKEW_MS:
+            self.flag(label, "was charged before the analyst signed the query")
+        if when_ms > envelope.expires_at_ms + EXPIRY_GRACE_MS:
+            self.flag(label, "was charged long after the analyst's envelope expired")
+        if self.ca is not None:
+            signed = serde.signed_query_from_proto(envelope)
+            self._analyst_signature(label, body, signed, self.ca)
+
+    def _analyst_signature(
+        self, label: int, body: dict[str, Any], signed: SignedQuery, ca: bytes
+    ) -> None:
+        """The envelope's signature, in the payload version it was signed in, and what it allows."""
+        try:
+            # Ledgers keep every envelope as it was released, in the payload version of its
+            # day, so old entries are verified as what they are: version 1 or 2.
+            verify_query(signed, ca, at_ms=signed.issued_at_ms, versions=LEDGER_PAYLOAD_VERSIONS)
+        except (AuthenticationError, ValueError) as exc:
+            self.flag(
+                label,
+                f"the analyst's signature in its envelope does not verify against the "
+                f"federation CA: {exc}",
+            )
+            return
+        if signed.payload_version == LEGACY_PAYLOAD_VERSION:
+            if not any(n.startswith(_LEGACY_NOTE) for n in self.notes):
+                self.notes.append(
+                    f"{_LEGACY_NOTE} (the first: entry {label}): their signatures verify, but "
+                    "version 1 did not say which operation or which hub and nodes they were for"
+                )
+            return
+        if signed.operation is not Operation.EXECUTE:
+            what = signed.operation.value if signed.operation else "no operation"
+            self.flag(
+                label,
+                f"was released under an envelope the analyst signed for {what}, not to execute",
+            )
+        node = body.get("node")
+        if signed.audience.nodes and node not in signed.audience.nodes:
+            self.flag(
+                label,
+                f"was released by node {node!r}, which the analyst's envelope does not address "
+                f"(it names {', '.join(signed.audience.canonical_nodes())})",
+            )
