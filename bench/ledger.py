@@ -33,9 +33,12 @@ from pathlib import Path
 from coordinator.local import synth
 from node.budget.accounting import Accountant, Charge, MemoryAccountant
 from node.budget.ledger import SqliteLedger
-from protocols import security, serde
+from protocols import serde
 from protocols.budget.policy import BudgetPolicy
 from protocols.process import read_ready_file
+from protocols.security.envelope import sign_query
+from protocols.security.pki import Identity, Role, create_ca, issue, load_identity
+from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.mechanisms import rho_to_epsilon
 from queries.spec import Query, canonical_bytes
@@ -58,12 +61,12 @@ def _summary(xs: list[float]) -> dict[str, float]:
     }
 
 
-def _charges(analyst: security.Identity, n: int) -> list[Charge]:
+def _charges(analyst: Identity, n: int) -> list[Charge]:
     """Realistic charges: a signed envelope (with certificate) in every entry."""
     query = Query(view="asthma_children", rho=0.001, group_by=("sex", "age_band"))
     out = []
     for i in range(n):
-        signed = security.sign_query(analyst, canonical_bytes(query))
+        signed = sign_query(analyst, canonical_bytes(query))
         envelope = serde.signed_query_to_proto(signed).SerializeToString(deterministic=True)
         out.append(
             Charge(
@@ -126,8 +129,8 @@ def _query_latency(
 ) -> dict[str, dict[str, float]]:
     omop = root / "data" / NODE
     synth.generate_region(synth.region_by_slug(NODE), persons, omop, seed=11)
-    node_id = security.issue(pki, role=security.Role.NODE, name=NODE)
-    analyst = security.load_identity(pki / "analyst" / "bench-analyst")
+    node_id = issue(pki, role=Role.NODE, name=NODE)
+    analyst = load_identity(pki / "analyst" / "bench-analyst")
     query = canonical_bytes(Query(view="asthma_children", rho=0.001, group_by=("sex",)))
     configs = {
         kind: _write_node_toml(root / kind, omop.resolve(), node_id.resolve(), kind)
@@ -141,12 +144,12 @@ def _query_latency(
         stubs = {}
         channels = []
         for kind, port in (("memory", memory_port), ("sqlite", sqlite_port)):
-            channel = security.secure_channel(f"127.0.0.1:{port}", analyst, server_name=NODE)
+            channel = secure_channel(f"127.0.0.1:{port}", analyst, server_name=NODE)
             channels.append(channel)
             stubs[kind] = node_pb2_grpc.NodeStub(channel)
         for i in range(repeats + 5):
             for kind in ("memory", "sqlite") if i % 2 else ("sqlite", "memory"):
-                envelope = serde.signed_query_to_proto(security.sign_query(analyst, query))
+                envelope = serde.signed_query_to_proto(sign_query(analyst, query))
                 request = node_pb2.ExecuteRequest(envelope=envelope)
                 started = time.perf_counter()
                 stubs[kind].Execute(request, timeout=60)
@@ -170,10 +173,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix=".chc-bench-ledger-", dir=base) as tmp:
         root = Path(tmp)
         pki = root / "pki"
-        security.create_ca(pki)
-        analyst = security.load_identity(
-            security.issue(pki, role=security.Role.ANALYST, name="bench-analyst")
-        )
+        create_ca(pki)
+        analyst = load_identity(issue(pki, role=Role.ANALYST, name="bench-analyst"))
         charges = _charges(analyst, args.appends)
         ledger = SqliteLedger(root / "bench.ledger.sqlite", node=NODE, policy=POLICY)
         sqlite_ms = _append_latency(ledger, charges)

@@ -29,8 +29,8 @@ from node.data import views
 from node.data.consent import ConsentPolicy
 from node.data.store import OmopStore
 from node.data.validate import DataSettings, prepare
-from protocols import security
 from protocols.process import read_ready_file
+from protocols.security.pki import Role, create_ca, issue
 from queries.pathway import load_pathways
 
 REF = date(2025, 12, 31)
@@ -63,8 +63,8 @@ def _child_peak(data: Path, lookup: Path | None) -> float:
 
 def _serve_ready(root: Path, data: Path, lookup: Path | None) -> float:
     pki = root / "pki"
-    security.create_ca(pki)
-    identity = security.issue(pki, role=security.Role.NODE, name="bench")
+    create_ca(pki)
+    identity = issue(pki, role=Role.NODE, name="bench")
     config = root / "node.toml"
     lines = [
         'name = "bench"',

@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 
 from bench.timing import summary, timings
-from protocols import revocation, security
+from protocols import revocation
+from protocols.security.envelope import sign_query, verify_analyst
+from protocols.security.pki import Role, create_ca, issue, load_identity
 from queries.spec import Query, canonical_bytes
 
 
@@ -21,19 +23,19 @@ def main() -> None:
     """Print the JSON figures."""
     with tempfile.TemporaryDirectory() as tmp:
         pki = Path(tmp)
-        security.create_ca(pki)
-        analyst = security.load_identity(security.issue(pki, role=security.Role.ANALYST, name="a"))
+        create_ca(pki)
+        analyst = load_identity(issue(pki, role=Role.ANALYST, name="a"))
         for i in range(100):  # a CRL with 100 revoked certificates
-            security.issue(pki, role=security.Role.ANALYST, name=f"old{i}")
+            issue(pki, role=Role.ANALYST, name=f"old{i}")
             revocation.revoke(pki, f"old{i}")
         crl = revocation.RevocationList(pki / revocation.CRL_FILE, analyst.ca_pem)
         query = canonical_bytes(Query(view="copd", rho=0.1, group_by=("sex", "age_band")))
-        signed = security.sign_query(analyst, query)
+        signed = sign_query(analyst, query)
         repeats = 2000
-        sign = summary(timings(lambda: security.sign_query(analyst, query), repeats), 4)
+        sign = summary(timings(lambda: sign_query(analyst, query), repeats), 4)
         verify = summary(
             timings(
-                lambda: security.verify_analyst(signed, analyst.ca_pem, is_revoked=crl.is_revoked),
+                lambda: verify_analyst(signed, analyst.ca_pem, is_revoked=crl.is_revoked),
                 repeats,
             ),
             4,

@@ -17,7 +17,7 @@ from protocols.cli import ChcGroup, DebugOpt, read_identity
 from protocols.process import serve_until_signalled, setup_logging, write_ready_file
 from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import INSECURE_WARNING, make_server
-from protocols.security import Role
+from protocols.security.pki import Role
 from protocols.v1 import node_pb2_grpc
 from queries.errors import ChcError
 

@@ -12,7 +12,7 @@ from typing import Any
 from node.access import AccessPolicy, parse_access
 from node.data.consent import ConsentPolicy, parse_consent
 from protocols.budget.policy import PERIODS, BudgetPolicy
-from protocols.security import Identity, Role
+from protocols.security.pki import Identity, Role
 from queries.errors import ConfigError
 from queries.results import ReleaseRules
 

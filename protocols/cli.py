@@ -22,8 +22,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from typer.core import TyperGroup
 
-from protocols import security
-from protocols.security import Identity
+from protocols.security.pki import CA_FILE, CERT_FILE, KEY_FILE, Identity, load_identity
 from queries.errors import ChcError, ConfigError, DataError, LedgerIntegrityError
 
 
@@ -157,31 +156,29 @@ DebugOpt = Annotated[
 
 
 def read_identity(folder: Path, *, flag: str = "--identity") -> Identity:
-    """security.load_identity, with a ConfigError naming the file if a PEM is malformed.
+    """load_identity, with a ConfigError naming the file if a PEM is malformed.
 
     load_identity parses only cert.pem; a bad key.pem or ca.pem would otherwise fail later,
     inside gRPC or signing, naming neither the file nor what to do.
     """
-    files = {f: folder / f for f in (security.CERT_FILE, security.KEY_FILE, security.CA_FILE)}
+    files = {f: folder / f for f in (CERT_FILE, KEY_FILE, CA_FILE)}
     fix = f"re-issue it with `chc pki issue` ({flag} names {folder})"
     try:
-        identity = security.load_identity(folder)
+        identity = load_identity(folder)
     except ChcError:
         raise
     except OSError as exc:
         raise ConfigError(f"cannot read identity {folder} ({flag}): {error_message(exc)}") from None
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ConfigError(
-            f"{files[security.CERT_FILE]} is not a valid certificate: {fix}"
-        ) from None
+        raise ConfigError(f"{files[CERT_FILE]} is not a valid certificate: {fix}") from None
     try:
         serialization.load_pem_private_key(identity.key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError(
-            f"{files[security.KEY_FILE]} is not an unencrypted PEM private key: {fix}"
+            f"{files[KEY_FILE]} is not an unencrypted PEM private key: {fix}"
         ) from None
     try:
         x509.load_pem_x509_certificates(identity.ca_pem)
     except ValueError:
-        raise ConfigError(f"{files[security.CA_FILE]} is not a PEM certificate: {fix}") from None
+        raise ConfigError(f"{files[CA_FILE]} is not a PEM certificate: {fix}") from None
     return identity

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocols.security import CA_FILE, CA_KEY_FILE, ISSUED_FILE
+from protocols.security.pki import CA_FILE, CA_KEY_FILE, ISSUED_FILE
 from queries.errors import ConfigError
 
 log = logging.getLogger(__name__)

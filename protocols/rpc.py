@@ -11,7 +11,8 @@ from typing import TypeVar
 
 import grpc
 
-from protocols.security import GRPC_OPTIONS, Identity, server_credentials
+from protocols.security.pki import Identity
+from protocols.security.tls import GRPC_OPTIONS, server_credentials
 from queries.errors import ChcError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import math
 
 import pyarrow as pa
 
-from protocols.security import LEGACY_PAYLOAD_VERSION, Audience, Operation, SignedQuery
+from protocols.security.envelope import LEGACY_PAYLOAD_VERSION, Audience, Operation, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
 from queries.errors import DataError
 from queries.results import (
@@ -80,7 +80,7 @@ def signed_query_to_proto(signed: SignedQuery) -> node_pb2.QueryEnvelope:
 
 
 def signed_query_from_proto(msg: node_pb2.QueryEnvelope) -> SignedQuery:
-    """Envelope from the wire (verified separately by protocols.security.verify_analyst)."""
+    """Envelope from the wire (verified separately by security.envelope.verify_analyst)."""
     return SignedQuery(
         query=msg.query,
         analyst=msg.analyst,

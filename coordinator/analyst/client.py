@@ -10,14 +10,9 @@ from types import TracebackType
 import grpc
 
 from protocols import serde
-from protocols.security import (
-    Audience,
-    Identity,
-    Operation,
-    load_identity,
-    secure_channel,
-    sign_query,
-)
+from protocols.security.envelope import Audience, Operation, sign_query
+from protocols.security.pki import Identity, load_identity
+from protocols.security.tls import secure_channel
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
 from queries.errors import (
     AuthenticationError,

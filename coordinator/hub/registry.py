@@ -9,7 +9,8 @@ from typing import Any
 
 import grpc
 
-from protocols.security import Identity, secure_channel
+from protocols.security.pki import Identity
+from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2_grpc
 from queries.errors import ConfigError
 from queries.results import ReleaseRules

@@ -10,7 +10,7 @@ from coordinator.hub.service import HubService
 from protocols.process import serve_until_signalled, write_ready_file
 from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import make_server
-from protocols.security import Role, load_identity
+from protocols.security.pki import Role, load_identity
 from protocols.v1 import hub_pb2_grpc
 from queries.errors import ConfigError
 

@@ -16,9 +16,9 @@ from datetime import date
 from pathlib import Path
 from types import TracebackType
 
-from protocols import security
 from protocols.process import read_ready_file
 from protocols.revocation import CRL_FILE
+from protocols.security.pki import CA_FILE, CERT_FILE, Role, create_ca, issue
 from queries.errors import ChcError
 
 HUB_NAME = "hub"
@@ -101,14 +101,14 @@ class LocalFederation:
         """Where analysts reach the hub."""
         return f"127.0.0.1:{self.hub_port}"
 
-    def identity_dir(self, role: security.Role, name: str) -> Path:
+    def identity_dir(self, role: Role, name: str) -> Path:
         """The identity folder for a party of this federation."""
         return self.pki / role.value / name
 
     @property
     def analyst_identity(self) -> Path:
         """The demo analyst's identity folder."""
-        return self.identity_dir(security.Role.ANALYST, ANALYST_NAME)
+        return self.identity_dir(Role.ANALYST, ANALYST_NAME)
 
     def node_port(self, name: str) -> int:
         """The loopback port a node listens on."""
@@ -116,16 +116,16 @@ class LocalFederation:
 
     def create_pki(self) -> None:
         """A fresh CA and certificates for every node, the hub, an analyst and an auditor."""
-        if not (self.pki / security.CA_FILE).exists():
-            security.create_ca(self.pki)
-        wanted = [(security.Role.NODE, n.name) for n in self.nodes] + [
-            (security.Role.HUB, HUB_NAME),
-            (security.Role.ANALYST, ANALYST_NAME),
-            (security.Role.AUDITOR, AUDITOR_NAME),
+        if not (self.pki / CA_FILE).exists():
+            create_ca(self.pki)
+        wanted = [(Role.NODE, n.name) for n in self.nodes] + [
+            (Role.HUB, HUB_NAME),
+            (Role.ANALYST, ANALYST_NAME),
+            (Role.AUDITOR, AUDITOR_NAME),
         ]
         for role, name in wanted:
-            if not (self.identity_dir(role, name) / security.CERT_FILE).exists():
-                security.issue(self.pki, role=role, name=name)
+            if not (self.identity_dir(role, name) / CERT_FILE).exists():
+                issue(self.pki, role=role, name=name)
 
     def _spawn(self, name: str, args: list[str]) -> _Proc:
         logs = self.workdir / "logs"
@@ -180,7 +180,7 @@ class LocalFederation:
                     f"name = {_toml_str(setup.name)}",
                     f"omop = {_toml_str(str(setup.omop.resolve()))}",
                     "identity = "
-                    + _toml_str(str(self.identity_dir(security.Role.NODE, setup.name).resolve())),
+                    + _toml_str(str(self.identity_dir(Role.NODE, setup.name).resolve())),
                     f'listen = "127.0.0.1:{port}"',
                     f"reference_date = {self.reference_date.isoformat()}",
                     # The federation's own CRL, so `chc pki revoke` takes effect at once.
@@ -207,8 +207,7 @@ class LocalFederation:
         self._wait_ready([self._procs[n.name] for n in self.nodes])
         hub_conf = self.workdir / "conf" / "hub.toml"
         lines = [
-            "identity = "
-            + _toml_str(str(self.identity_dir(security.Role.HUB, HUB_NAME).resolve())),
+            "identity = " + _toml_str(str(self.identity_dir(Role.HUB, HUB_NAME).resolve())),
             'listen = "127.0.0.1:0"',
             f"deadline_ms = {self.deadline_ms}",
             f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",

@@ -1,8 +1,10 @@
-"""Federation PKI, mutual-TLS credentials and analyst-signed query envelopes.
+"""Analyst-signed query envelopes: what an analyst signs, signing, and verifying it.
 
-TLS uses ECDSA P-256 certificates because gRPC's TLS stack rejects Ed25519 leaves (DESIGN.md).
-A certificate's role (node, hub, analyst, auditor) is its subject's organizational unit, so the
-role travels with the identity and every server reads it from the verified peer certificate.
+An envelope binds a query to the analyst who signed it, the one operation it authorises and
+the audience (hub, nodes) that may present it, in a versioned payload. Verification checks the
+analyst's certificate against the federation CA (`pki`) and the signature; what the envelope
+authorises is checked per call. It is kept apart from mutual TLS (`tls`) because it proves
+the analyst's intent end to end, whoever relays it.
 """
 
 from __future__ import annotations
@@ -10,344 +12,31 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import enum
-import fcntl
-import ipaddress
 import json
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocols.security.pki import (
+    Identity,
+    Role,
+    check_name,
+    common_name,
+    organisation_of,
+    role_of,
+)
 from queries.errors import AuthenticationError, ConfigError
 
 SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
-CERT_FILE = "cert.pem"
-KEY_FILE = "key.pem"
-CA_FILE = "ca.pem"
-CA_KEY_FILE = "ca.key"
 # Envelopes may not live longer than this, so that a node's nonce store stays small.
 MAX_ENVELOPE_TTL_MS = 24 * 3600 * 1000
 # Tolerated clock difference between an analyst's machine and a node.
 CLOCK_SKEW_MS = 5 * 60 * 1000
-
-
-class Role(enum.StrEnum):
-    """What a certificate holder may do in the federation."""
-
-    NODE = "node"
-    HUB = "hub"
-    ANALYST = "analyst"
-    AUDITOR = "auditor"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A party's certificate, private key and the federation CA, as PEM bytes."""
-
-    name: str
-    role: Role
-    cert_pem: bytes
-    key_pem: bytes
-    ca_pem: bytes
-
-    def __repr__(self) -> str:  # never print the private key
-        return f"Identity(name={self.name!r}, role={self.role.value!r})"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only (0600), refusing to follow a symlink."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink():
-        raise ConfigError(f"{path} is a symbolic link; refusing to write a private key there")
-    # O_NOFOLLOW closes the gap between the check above and the open.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def create_ca(pki_dir: Path, *, common_name: str = "chc federation CA", days: int = 3650) -> Path:
-    """Create a federation CA (ECDSA P-256) in pki_dir; refuse to overwrite an existing one."""
-    cert_path, key_path = pki_dir / CA_FILE, pki_dir / CA_KEY_FILE
-    if cert_path.exists() or key_path.exists():
-        raise ConfigError(f"a CA already exists in {pki_dir}; use another folder or remove it")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    pki_dir.mkdir(parents=True, exist_ok=True)
-    _write_private(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path
-
-
-def _check_name(name: str) -> None:
-    if (
-        not name
-        or len(name) > 64
-        or not all((c.isascii() and c.isalnum()) or c in "-_." for c in name)
-    ):
-        raise ConfigError(
-            f"identity name {name!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.'"
-        )
-    if name.startswith("."):
-        raise ConfigError(f"identity name {name!r} may not start with '.'")
-
-
-def issue(
-    pki_dir: Path,
-    *,
-    role: Role,
-    name: str,
-    out_dir: Path | None = None,
-    hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-    days: int = 365,
-    organisation: str | None = None,
-) -> Path:
-    """Issue an ECDSA P-256 certificate for name with role; returns its identity folder.
-
-    The folder holds cert.pem, key.pem (0600) and a copy of the CA certificate, which is all a
-    party needs. Servers get the name and hosts as subject alternative names.
-    """
-    _check_name(name)
-    ca_key_pem = (pki_dir / CA_KEY_FILE).read_bytes()
-    ca_pem = (pki_dir / CA_FILE).read_bytes()
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ConfigError(f"{pki_dir / CA_KEY_FILE} is not an ECDSA key")
-    ca_cert = x509.load_pem_x509_certificate(ca_pem)
-    key = ec.generate_private_key(ec.SECP256R1())
-    attributes = [
-        x509.NameAttribute(NameOID.COMMON_NAME, name),
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-    ]
-    if organisation:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation))
-    subject = x509.Name(attributes)
-    sans: list[x509.GeneralName] = [x509.DNSName(name)]
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    folder = out_dir if out_dir is not None else pki_dir / role.value / name
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_private(folder / KEY_FILE, _key_pem(key))
-    (folder / CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / CA_FILE).write_bytes(ca_pem)
-    _record_issued(pki_dir, name=name, role=role, cert=cert, folder=folder)
-    return folder
-
-
-ISSUED_FILE = "issued.json"
-
-
-def _record_issued(
-    pki_dir: Path, *, name: str, role: Role, cert: x509.Certificate, folder: Path
-) -> None:
-    """Keep an index of issued certificates so that `chc pki revoke NAME` finds them."""
-    index_path = pki_dir / ISSUED_FILE
-    # An exclusive lock so that two concurrent `chc pki issue` runs cannot lose an entry.
-    with (pki_dir / ".issued.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        index = json.loads(index_path.read_text()) if index_path.exists() else []
-        _append_issued(index, name=name, role=role, cert=cert, folder=folder)
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=2))
-        tmp.replace(index_path)
-
-
-def _append_issued(
-    index: list[dict[str, str]], *, name: str, role: Role, cert: x509.Certificate, folder: Path
-) -> None:
-    index.append(
-        {
-            "name": name,
-            "role": role.value,
-            "serial": format(cert.serial_number, "x"),
-            "not_after": cert.not_valid_after_utc.isoformat(),
-            "folder": str(folder),
-        }
-    )
-
-
-def organisation_of(cert: x509.Certificate) -> str:
-    """The certificate's organisation (empty if none), used by node access policies."""
-    names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    return str(names[0].value) if names else ""
-
-
-def role_of(cert: x509.Certificate) -> Role:
-    """The role carried in a certificate's organizational unit."""
-    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    values = {str(u.value) for u in units}
-    for role in Role:
-        if role.value in values:
-            return role
-    raise AuthenticationError(
-        "the certificate carries no chc role; ask the federation to reissue it"
-    )
-
-
-def common_name(cert: x509.Certificate) -> str:
-    """The certificate's common name, the party's identity in the federation."""
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names:
-        raise AuthenticationError("the certificate has no common name")
-    return str(names[0].value)
-
-
-def load_identity(folder: Path) -> Identity:
-    """Load an identity folder written by issue(), with a clear error if anything is missing."""
-    paths = {f: folder / f for f in (CERT_FILE, KEY_FILE, CA_FILE)}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise ConfigError(
-            f"identity folder {folder} is incomplete (missing {', '.join(missing)}); "
-            "create it with `chc pki issue`"
-        )
-    cert_pem = paths[CERT_FILE].read_bytes()
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return Identity(
-        name=common_name(cert),
-        role=role_of(cert),
-        cert_pem=cert_pem,
-        key_pem=paths[KEY_FILE].read_bytes(),
-        ca_pem=paths[CA_FILE].read_bytes(),
-    )
-
-
-# Raise gRPC's 4 MB default deliberately: releases are small, but a grouped table with many
-# public keys or a catalog can grow; 64 MB is a ceiling, not an expectation.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-)
-
-
-def server_credentials(identity: Identity) -> grpc.ServerCredentials:
-    """Server-side mutual TLS: clients must present a certificate from the federation CA."""
-    return grpc.ssl_server_credentials(
-        [(identity.key_pem, identity.cert_pem)],
-        root_certificates=identity.ca_pem,
-        require_client_auth=True,
-    )
-
-
-def secure_channel(address: str, identity: Identity, *, server_name: str) -> grpc.Channel:
-    """A mutual-TLS channel that accepts only a server whose certificate names server_name."""
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=identity.ca_pem,
-        private_key=identity.key_pem,
-        certificate_chain=identity.cert_pem,
-    )
-    options = (*GRPC_OPTIONS, ("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(address, creds, options=options)
-
-
-@dataclass(frozen=True)
-class Peer:
-    """The authenticated party at the other end of a mutual-TLS connection."""
-
-    name: str
-    role: Role
-
-
-def peer_of(
-    context: grpc.ServicerContext,
-    *,
-    is_revoked: Callable[[x509.Certificate], bool] | None = None,
-) -> Peer:
-    """Read the caller's identity and role from its verified TLS certificate.
-
-    gRPC has already checked the chain to the CA; revocation is checked here because gRPC's
-    Python API does not take a CRL.
-    """
-    # gRPC returns a list of values per key (grpc-stubs types it as bytes).
-    raw: object = context.auth_context().get("x509_pem_cert")
-    pem = raw[0] if isinstance(raw, list | tuple) and raw else raw
-    if not isinstance(pem, bytes):
-        raise AuthenticationError("no client certificate; connect with mutual TLS")
-    cert = x509.load_pem_x509_certificate(pem)
-    if is_revoked is not None and is_revoked(cert):
-        raise AuthenticationError(
-            f"the certificate of {common_name(cert)} has been revoked; ask for a new one"
-        )
-    return Peer(name=common_name(cert), role=role_of(cert))
-
-
-# ---- analyst-signed envelopes -------------------------------------------------------------
 
 
 class Operation(enum.StrEnum):
@@ -517,7 +206,7 @@ def _version_problem(version: int) -> str:
 
 def now_ms() -> int:
     """Milliseconds since the Unix epoch, UTC."""
-    return int(_now().timestamp() * 1000)
+    return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
 
 
 def sign_query(
@@ -541,7 +230,7 @@ def sign_query(
         raise ConfigError(f"ttl_ms must be between 1 and {MAX_ENVELOPE_TTL_MS}")
     # Names as certificates carry them, so that a typo fails here rather than at every node.
     for name in ([audience.hub] if audience.hub else []) + list(audience.nodes):
-        _check_name(name)
+        check_name(name)
     audience = Audience(hub=audience.hub, nodes=tuple(audience.canonical_nodes()))
     key = serialization.load_pem_private_key(identity.key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -15,10 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.audit import ledgers as audit
+from coordinator.audit.sources import open_file
+from coordinator.audit.verification import verify
 from coordinator.local import synth
 from coordinator.local.federation import LocalFederation, NodeSetup
-from protocols import security, serde
+from protocols import serde
+from protocols.security.envelope import sign_query
+from protocols.security.pki import CA_FILE, load_identity
+from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.spec import Query, canonical_bytes
 
@@ -38,14 +42,14 @@ def test_sigkill_mid_run_loses_no_charge(tmp_path: Path) -> None:
     lock = threading.Lock()
     stop = threading.Event()
     with LocalFederation(workdir=tmp_path, nodes=(setup,), deadline_ms=5_000) as fed:
-        analyst = security.load_identity(fed.analyst_identity)
+        analyst = load_identity(fed.analyst_identity)
         address = f"127.0.0.1:{fed.node_port(NODE)}"
         query = canonical_bytes(Query(view="persons", rho=0.001, group_by=("sex",)))
 
         def worker() -> None:
-            channel = security.secure_channel(address, analyst, server_name=NODE)
+            channel = secure_channel(address, analyst, server_name=NODE)
             while not stop.is_set():
-                envelope = serde.signed_query_to_proto(security.sign_query(analyst, query))
+                envelope = serde.signed_query_to_proto(sign_query(analyst, query))
                 request = node_pb2.ExecuteRequest(envelope=envelope)
                 try:
                     reply = node_pb2_grpc.NodeStub(channel).Execute(request, timeout=15)
@@ -55,7 +59,7 @@ def test_sigkill_mid_run_loses_no_charge(tmp_path: Path) -> None:
                     # A fresh channel reconnects at once, without gRPC's backoff.
                     channel.close()
                     time.sleep(0.05)
-                    channel = security.secure_channel(address, analyst, server_name=NODE)
+                    channel = secure_channel(address, analyst, server_name=NODE)
                     continue
                 with lock:
                     received.append((reply.query_id, reply.ledger_sequence))
@@ -79,12 +83,12 @@ def test_sigkill_mid_run_loses_no_charge(tmp_path: Path) -> None:
             for t in threads:
                 t.join(timeout=30)
         fed.stop_process(NODE)
-        ca_pem = (fed.pki / security.CA_FILE).read_bytes()
+        ca_pem = (fed.pki / CA_FILE).read_bytes()
 
     ledger = tmp_path / "conf" / f"{NODE}.ledger.sqlite"
-    result = audit.verify(audit.open_file(ledger), ca_pem=ca_pem)
+    result = verify(open_file(ledger), ca_pem=ca_pem)
     assert result.ok, [str(a) for a in result.anomalies]
-    bodies = {e.sequence: json.loads(e.body) for e in audit.open_file(ledger).read() if not e.head}
+    bodies = {e.sequence: json.loads(e.body) for e in open_file(ledger).read() if not e.head}
     assert len(received) >= TOTAL
     assert len({seq for _, seq in received}) == len(received)
     for query_id, sequence in received:

@@ -25,12 +25,14 @@ from node.budget.accounting import MemoryAccountant
 from node.data.catalog import build_catalog
 from node.data.store import OmopStore
 from node.service import NodeService
-from protocols import rpc, security, serde
+from protocols import rpc, serde
 from protocols.budget.policy import BudgetPolicy
+from protocols.security.envelope import sign_query
+from protocols.security.pki import Identity, Role, create_ca, issue, load_identity
+from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2, node_pb2_grpc
-from queries import combine
+from queries import combine, spec_io
 from queries import release as release_rules
-from queries import spec as spec_mod
 from queries.pathway import load_pathways
 
 pytestmark = pytest.mark.integration
@@ -41,12 +43,12 @@ class Node:
     """A node service on loopback and an analyst's stub for it."""
 
     stub: node_pb2_grpc.NodeStub
-    analyst: security.Identity
+    analyst: Identity
     accountant: MemoryAccountant
     # A second analyst for the deadline test: the node rate-limits the recording of one
     # peer's refusals, and the property test makes the first analyst refused many times.
     late_stub: node_pb2_grpc.NodeStub
-    late: security.Identity
+    late: Identity
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     root = tmp_path_factory.mktemp("charge")
     synth.generate_region(synth.region_by_slug("nwc"), 2_000, root / "data", seed=5)
     pki = root / "pki"
-    security.create_ca(pki)
-    node_id = security.load_identity(security.issue(pki, role=security.Role.NODE, name="nwc"))
-    analyst = security.load_identity(security.issue(pki, role=security.Role.ANALYST, name="prober"))
+    create_ca(pki)
+    node_id = load_identity(issue(pki, role=Role.NODE, name="nwc"))
+    analyst = load_identity(issue(pki, role=Role.ANALYST, name="prober"))
     pathways = load_pathways(None)
     store = OmopStore(root / "data", pathways)
     accountant = MemoryAccountant(
@@ -72,9 +74,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     server, port = rpc.make_server("127.0.0.1:0", node_id)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
     server.start()
-    late = security.load_identity(security.issue(pki, role=security.Role.ANALYST, name="late"))
-    channel = security.secure_channel(f"127.0.0.1:{port}", analyst, server_name="nwc")
-    late_channel = security.secure_channel(f"127.0.0.1:{port}", late, server_name="nwc")
+    late = load_identity(issue(pki, role=Role.ANALYST, name="late"))
+    channel = secure_channel(f"127.0.0.1:{port}", analyst, server_name="nwc")
+    late_channel = secure_channel(f"127.0.0.1:{port}", late, server_name="nwc")
     try:
         yield Node(
             node_pb2_grpc.NodeStub(channel),
@@ -136,7 +138,7 @@ def specs(draw: st.DrawFn) -> dict[str, object]:
 def _outcome(node: Node, spec: dict[str, object]) -> str:
     """'answered' or 'refused', checking the invariant either way."""
     body = json.dumps(spec).encode()
-    envelope = serde.signed_query_to_proto(security.sign_query(node.analyst, body))
+    envelope = serde.signed_query_to_proto(sign_query(node.analyst, body))
     before = node.accountant.spent()
     try:
         reply = node.stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=30)
@@ -151,7 +153,7 @@ def _outcome(node: Node, spec: dict[str, object]) -> str:
         return "refused"
     release = serde.release_from_proto(reply)
     assert node.accountant.spent() > before
-    query = spec_mod.from_json(body)
+    query = spec_io.from_json(body)
     table = combine.combine(query, [("nwc", release)])
     rules = release.rules or release_rules.NO_RULES
     published = release_rules.apply(table, rules, query.group_by)
@@ -217,9 +219,7 @@ def test_a_node_charges_nothing_once_the_deadline_has_passed(node: Node) -> None
     spent = node.accountant.spent()
     codes = set()
     for _ in range(10):
-        envelope = serde.signed_query_to_proto(
-            security.sign_query(node.late, json.dumps(spec).encode())
-        )
+        envelope = serde.signed_query_to_proto(sign_query(node.late, json.dumps(spec).encode()))
         with pytest.raises(grpc.RpcError) as info:
             node.late_stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=took / 10)
         codes.add(info.value.code())

@@ -18,11 +18,19 @@ from coordinator.local.federation import AUDITOR_NAME, LocalFederation
 from node import engine
 from node.data.catalog import build_catalog
 from node.data.store import OmopStore
-from protocols import security, serde
+from protocols import serde
+from protocols.security.envelope import sign_query
+from protocols.security.pki import CA_FILE, Identity, Role, create_ca, issue, load_identity
+from protocols.security.tls import secure_channel
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2, node_pb2_grpc
 from queries import plan
 from queries.combine import POOLED, Z95
-from queries.errors import BudgetExceededError, PermissionDeniedError, QueryError
+from queries.errors import (
+    AuthenticationError,
+    BudgetExceededError,
+    PermissionDeniedError,
+    QueryError,
+)
 from queries.pathway import load_pathways
 from queries.results import NodeStatus
 from queries.spec import Filter, Query, canonical_bytes
@@ -131,7 +139,7 @@ def test_refused_query_is_invalid_argument_and_costs_nothing(
 
 def test_client_without_certificate_is_refused(federation: LocalFederation) -> None:
     """Plaintext, and TLS without a client certificate, both fail (gRPC says UNAVAILABLE)."""
-    ca = (federation.pki / security.CA_FILE).read_bytes()
+    ca = (federation.pki / CA_FILE).read_bytes()
     targets = [
         (f"127.0.0.1:{federation.node_port('nwc')}", "nwc", "node"),
         (federation.hub_address, "hub", "hub"),
@@ -163,27 +171,27 @@ def test_certificate_from_another_ca_is_refused(
     federation: LocalFederation, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     rogue = tmp_path_factory.mktemp("rogue")
-    security.create_ca(rogue)
-    ident_dir = security.issue(rogue, role=security.Role.ANALYST, name="demo-analyst")
-    rogue_identity = security.load_identity(ident_dir)
+    create_ca(rogue)
+    ident_dir = issue(rogue, role=Role.ANALYST, name="demo-analyst")
+    rogue_identity = load_identity(ident_dir)
     # Trust the real CA for the server, but present a certificate the federation never issued.
-    identity = security.Identity(
+    identity = Identity(
         name=rogue_identity.name,
         role=rogue_identity.role,
         cert_pem=rogue_identity.cert_pem,
         key_pem=rogue_identity.key_pem,
-        ca_pem=(federation.pki / security.CA_FILE).read_bytes(),
+        ca_pem=(federation.pki / CA_FILE).read_bytes(),
     )
     with Federation(federation.hub_address, identity) as fed, pytest.raises(HubUnavailableError):
         fed.query(Query(view="persons", rho=0.01))
 
 
 def test_auditor_cannot_submit_queries(federation: LocalFederation) -> None:
-    auditor = federation.identity_dir(security.Role.AUDITOR, AUDITOR_NAME)
-    identity = security.load_identity(auditor)
-    channel = security.secure_channel(federation.hub_address, identity, server_name="hub")
-    analyst = security.load_identity(federation.analyst_identity)
-    signed = security.sign_query(analyst, canonical_bytes(Query(view="persons", rho=0.01)))
+    auditor = federation.identity_dir(Role.AUDITOR, AUDITOR_NAME)
+    identity = load_identity(auditor)
+    channel = secure_channel(federation.hub_address, identity, server_name="hub")
+    analyst = load_identity(federation.analyst_identity)
+    signed = sign_query(analyst, canonical_bytes(Query(view="persons", rho=0.01)))
     with pytest.raises(grpc.RpcError) as info:
         hub_pb2_grpc.HubStub(channel).Submit(
             hub_pb2.SubmitRequest(envelope=serde.signed_query_to_proto(signed)), timeout=10
@@ -194,12 +202,10 @@ def test_auditor_cannot_submit_queries(federation: LocalFederation) -> None:
 
 
 def test_replayed_envelope_is_refused_by_the_node(federation: LocalFederation) -> None:
-    analyst = security.load_identity(federation.analyst_identity)
-    channel = security.secure_channel(
-        f"127.0.0.1:{federation.node_port('yh')}", analyst, server_name="yh"
-    )
+    analyst = load_identity(federation.analyst_identity)
+    channel = secure_channel(f"127.0.0.1:{federation.node_port('yh')}", analyst, server_name="yh")
     stub = node_pb2_grpc.NodeStub(channel)
-    signed = security.sign_query(analyst, canonical_bytes(Query(view="persons", rho=0.01)))
+    signed = sign_query(analyst, canonical_bytes(Query(view="persons", rho=0.01)))
     request = node_pb2.ExecuteRequest(envelope=serde.signed_query_to_proto(signed))
     first = stub.Execute(request, timeout=10)
     spent = first.budget.rho_spent
@@ -248,11 +254,11 @@ def test_budget_is_enforced_and_never_exceeded(fresh_federation: LocalFederation
 def test_hub_refuses_an_analyst_relaying_someone_elses_envelope(
     federation: LocalFederation,
 ) -> None:
-    other_dir = security.issue(federation.pki, role=security.Role.ANALYST, name="other-analyst")
-    other = security.load_identity(other_dir)
-    analyst = security.load_identity(federation.analyst_identity)
-    signed = security.sign_query(analyst, canonical_bytes(Query(view="persons", rho=0.01)))
-    channel = security.secure_channel(federation.hub_address, other, server_name="hub")
+    other_dir = issue(federation.pki, role=Role.ANALYST, name="other-analyst")
+    other = load_identity(other_dir)
+    analyst = load_identity(federation.analyst_identity)
+    signed = sign_query(analyst, canonical_bytes(Query(view="persons", rho=0.01)))
+    channel = secure_channel(federation.hub_address, other, server_name="hub")
     with pytest.raises(grpc.RpcError) as info:
         hub_pb2_grpc.HubStub(channel).Submit(
             hub_pb2.SubmitRequest(envelope=serde.signed_query_to_proto(signed)), timeout=10
@@ -262,10 +268,10 @@ def test_hub_refuses_an_analyst_relaying_someone_elses_envelope(
 
 
 def test_node_identity_cannot_query(federation: LocalFederation) -> None:
-    node_identity = security.load_identity(federation.identity_dir(security.Role.NODE, "nenc"))
+    node_identity = load_identity(federation.identity_dir(Role.NODE, "nenc"))
     with pytest.raises(Exception) as info:  # noqa: PT011 - either layer may refuse
         Federation(federation.hub_address, node_identity).query(Query(view="persons", rho=0.01))
-    assert isinstance(info.value, PermissionDeniedError | security.AuthenticationError)
+    assert isinstance(info.value, PermissionDeniedError | AuthenticationError)
 
 
 def test_reference_date_is_the_synth_one(federation: LocalFederation) -> None:

@@ -20,7 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.analyst.client import Federation
-from coordinator.audit import ledgers as audit
+from coordinator.audit.sources import open_file, open_remote
+from coordinator.audit.verification import verify
 from coordinator.cli import app
 from coordinator.local import synth
 from coordinator.local.federation import (
@@ -33,10 +34,13 @@ from coordinator.local.federation import (
 from node.budget.accounting import Charge
 from node.budget.ledger import SqliteLedger
 from node.cli import app as node_app
-from protocols import security, serde
+from protocols import serde
+from protocols.budget.changes import POLICY_RECORD
 from protocols.budget.policy import BudgetPolicy
-from protocols.budget.rules import POLICY_RECORD
 from protocols.process import read_ready_file
+from protocols.security.envelope import sign_query
+from protocols.security.pki import CA_FILE, Role, load_identity
+from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.results import NodeStatus
 from queries.spec import Query, canonical_bytes
@@ -44,39 +48,37 @@ from queries.spec import Query, canonical_bytes
 pytestmark = pytest.mark.integration
 
 
-def _identity_dir(fed: LocalFederation, role: security.Role) -> Path:
-    names = {security.Role.AUDITOR: AUDITOR_NAME, security.Role.HUB: HUB_NAME}
-    if role is security.Role.ANALYST:
+def _identity_dir(fed: LocalFederation, role: Role) -> Path:
+    names = {Role.AUDITOR: AUDITOR_NAME, Role.HUB: HUB_NAME}
+    if role is Role.ANALYST:
         return fed.analyst_identity
     return fed.identity_dir(role, names[role])
 
 
 def _stub(
-    fed: LocalFederation, node: str, role: security.Role
+    fed: LocalFederation, node: str, role: Role
 ) -> tuple[grpc.Channel, node_pb2_grpc.NodeStub]:
-    identity = security.load_identity(_identity_dir(fed, role))
-    channel = security.secure_channel(
-        f"127.0.0.1:{fed.node_port(node)}", identity, server_name=node
-    )
+    identity = load_identity(_identity_dir(fed, role))
+    channel = secure_channel(f"127.0.0.1:{fed.node_port(node)}", identity, server_name=node)
     return channel, node_pb2_grpc.NodeStub(channel)
 
 
 def _execute(
     stub: node_pb2_grpc.NodeStub, fed: LocalFederation, query: Query
 ) -> tuple[node_pb2.QueryEnvelope, node_pb2.ExecuteResponse]:
-    analyst = security.load_identity(fed.analyst_identity)
-    envelope = serde.signed_query_to_proto(security.sign_query(analyst, canonical_bytes(query)))
+    analyst = load_identity(fed.analyst_identity)
+    envelope = serde.signed_query_to_proto(sign_query(analyst, canonical_bytes(query)))
     return envelope, stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=30)
 
 
 def test_only_auditors_stream_the_ledger(federation: LocalFederation) -> None:
-    for role in (security.Role.ANALYST, security.Role.HUB):
+    for role in (Role.ANALYST, Role.HUB):
         channel, stub = _stub(federation, "gm", role)
         with pytest.raises(grpc.RpcError) as info:
             list(stub.StreamLedger(node_pb2.LedgerRequest(), timeout=10))
         assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
         channel.close()
-    channel, stub = _stub(federation, "gm", security.Role.AUDITOR)
+    channel, stub = _stub(federation, "gm", Role.AUDITOR)
     streamed = list(stub.StreamLedger(node_pb2.LedgerRequest(), timeout=10))
     channel.close()
     assert streamed[-1].head
@@ -85,10 +87,10 @@ def test_only_auditors_stream_the_ledger(federation: LocalFederation) -> None:
 
 def test_every_release_has_its_entry(federation: LocalFederation) -> None:
     query = Query(view="asthma_children", rho=0.02, group_by=("sex",))
-    channel, stub = _stub(federation, "nwc", security.Role.ANALYST)
+    channel, stub = _stub(federation, "nwc", Role.ANALYST)
     envelope, reply = _execute(stub, federation, query)
     channel.close()
-    channel, stub = _stub(federation, "nwc", security.Role.AUDITOR)
+    channel, stub = _stub(federation, "nwc", Role.AUDITOR)
     entries = {
         e.sequence: json.loads(e.body)
         for e in stub.StreamLedger(node_pb2.LedgerRequest(from_sequence=1), timeout=10)
@@ -115,7 +117,7 @@ def test_auditor_reads_every_node_directly(federation: LocalFederation, tmp_path
         fed.query(Query(view="persons", rho=0.01, group_by=("sex",)))
         with pytest.raises(Exception, match="did you mean"):
             fed.query(Query(view="asthma_child", rho=0.01))
-    auditor = _identity_dir(federation, security.Role.AUDITOR)
+    auditor = _identity_dir(federation, Role.AUDITOR)
     with Federation(federation.hub_address, auditor) as fed:
         addresses = fed.addresses()
     assert addresses == {
@@ -137,7 +139,7 @@ def test_auditor_reads_every_node_directly(federation: LocalFederation, tmp_path
     assert run.exit_code == 0, run.output
     files = sorted(out.iterdir())
     assert [f.name for f in files] == sorted(f"{n}.parquet" for n in addresses)
-    ca = federation.pki / security.CA_FILE
+    ca = federation.pki / CA_FILE
     run = runner.invoke(app, ["audit", "verify", *map(str, files), "--ca", str(ca)])
     assert run.exit_code == 0, run.output
     chart = tmp_path / "spend.svg"
@@ -177,17 +179,16 @@ def test_parallel_queries_never_overspend(fresh_federation: LocalFederation) -> 
     fed = fresh_federation  # total_rho 1.0, max_rho_per_query 0.5 at every node
     node = "yh"
     query = Query(view="persons", rho=0.07, group_by=("sex",))
-    channel, stub = _stub(fed, node, security.Role.ANALYST)
-    analyst = security.load_identity(fed.analyst_identity)
-    probe = serde.signed_query_to_proto(security.sign_query(analyst, canonical_bytes(query)))
+    channel, stub = _stub(fed, node, Role.ANALYST)
+    analyst = load_identity(fed.analyst_identity)
+    probe = serde.signed_query_to_proto(sign_query(analyst, canonical_bytes(query)))
     rho = stub.Explain(node_pb2.ExecuteRequest(envelope=probe), timeout=10).rho
     fits = 0
     while (fits + 1) * rho <= 1.0 * (1 + 1e-9):
         fits += 1
     n = fits + 8
     envelopes = [
-        serde.signed_query_to_proto(security.sign_query(analyst, canonical_bytes(query)))
-        for _ in range(n)
+        serde.signed_query_to_proto(sign_query(analyst, canonical_bytes(query))) for _ in range(n)
     ]
     start = threading.Barrier(n)
     codes: list[grpc.StatusCode] = []
@@ -212,9 +213,9 @@ def test_parallel_queries_never_overspend(fresh_federation: LocalFederation) -> 
     channel.close()
     assert codes.count(grpc.StatusCode.OK) == fits
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == n - fits
-    auditor = security.load_identity(_identity_dir(fed, security.Role.AUDITOR))
-    source = audit.open_remote(node, f"127.0.0.1:{fed.node_port(node)}", auditor)
-    result = audit.verify(source, ca_pem=auditor.ca_pem)
+    auditor = load_identity(_identity_dir(fed, Role.AUDITOR))
+    source = open_remote(node, f"127.0.0.1:{fed.node_port(node)}", auditor)
+    result = verify(source, ca_pem=auditor.ca_pem)
     assert result.ok, [str(a) for a in result.anomalies]
     assert (result.released, result.refused) == (fits, n - fits)
     assert result.rho_released <= 1.0 * (1 + 1e-9)
@@ -222,7 +223,7 @@ def test_parallel_queries_never_overspend(fresh_federation: LocalFederation) -> 
 
 
 def _bodies(ledger: Path) -> list[dict[str, object]]:
-    return [json.loads(e.body) for e in audit.open_file(ledger).read() if not e.head]
+    return [json.loads(e.body) for e in open_file(ledger).read() if not e.head]
 
 
 def test_a_node_enforces_its_lifetime_cap_and_its_recorded_policy(tmp_path: Path) -> None:
@@ -247,10 +248,10 @@ def test_a_node_enforces_its_lifetime_cap_and_its_recorded_policy(tmp_path: Path
             seeded.charge(Charge(f"old-{year}-{i}", "demo-analyst", b"{}", b"", (), 0.495, 1.0))
     seeded.close()
     with LocalFederation(workdir=tmp_path, nodes=(setup,), deadline_ms=5_000) as fed:
-        channel, stub = _stub(fed, region.slug, security.Role.ANALYST)
+        channel, stub = _stub(fed, region.slug, Role.ANALYST)
         query = Query(view="persons", rho=0.07, group_by=("sex",))
-        analyst = security.load_identity(fed.analyst_identity)
-        probe = serde.signed_query_to_proto(security.sign_query(analyst, canonical_bytes(query)))
+        analyst = load_identity(fed.analyst_identity)
+        probe = serde.signed_query_to_proto(sign_query(analyst, canonical_bytes(query)))
         explained = stub.Explain(node_pb2.ExecuteRequest(envelope=probe), timeout=10)
         assert explained.rho == pytest.approx(0.07)
         assert explained.budget.rho_spent == 0.0  # nothing yet this financial year...

@@ -9,7 +9,7 @@ import pytest
 
 from node.budget.accounting import default_ledger_path
 from node.config import NodeConfig, check_node_certificate, check_node_name, load_config
-from protocols import security
+from protocols.security.pki import Role, create_ca, issue, load_identity
 from queries.errors import ConfigError
 
 BAD_NAMES: list[object] = [
@@ -79,13 +79,9 @@ def test_an_explicit_ledger_path_is_used_as_given(tmp_path: Path) -> None:
 
 
 def test_the_certificate_must_be_this_nodes(tmp_path: Path) -> None:
-    security.create_ca(tmp_path / "pki")
-    nwc = security.load_identity(
-        security.issue(tmp_path / "pki", role=security.Role.NODE, name="nwc")
-    )
-    analyst = security.load_identity(
-        security.issue(tmp_path / "pki", role=security.Role.ANALYST, name="york")
-    )
+    create_ca(tmp_path / "pki")
+    nwc = load_identity(issue(tmp_path / "pki", role=Role.NODE, name="nwc"))
+    analyst = load_identity(issue(tmp_path / "pki", role=Role.ANALYST, name="york"))
     cfg = NodeConfig(name="york", omop=tmp_path, identity=tmp_path / "identity")
     with pytest.raises(ConfigError, match=r"name 'york' does not match .* issued to 'nwc'"):
         check_node_certificate(cfg, nwc, "node.toml")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from node.data.catalog import build_catalog
 from protocols import serde
-from protocols.security import SIGNATURE_ALGORITHM, SignedQuery
+from protocols.security.envelope import SIGNATURE_ALGORITHM, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
 from queries.errors import DataError
 from queries.pathway import builtin_pathways
