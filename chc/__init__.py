@@ -1,0 +1,52 @@
+"""chc for analysts in Python: the one import path of the public API.
+
+    from chc import Federation, Query, Measure, Filter, Statistic
+
+`Federation` talks to the hub with the analyst's own identity (every call signed); queries
+are frozen dataclasses (or `parse_sql` text); every error chc raises on purpose is a
+`ChcError` that also inherits the matching built-in (a `QueryError` is a `ValueError`).
+The names live in their packages by role (docs/architecture.md); this module only gathers
+them, so that a notebook needs one import and a reorganisation of the packages breaks no
+user's code. Nothing inside chc imports this module.
+"""
+
+from __future__ import annotations
+
+from coordinator.analyst.client import Federation, HubUnavailableError, NodeBudget
+from queries.errors import (
+    AuthenticationError,
+    BudgetExceededError,
+    ChcError,
+    ConfigError,
+    DataError,
+    DeadlineExceededError,
+    LedgerIntegrityError,
+    PermissionDeniedError,
+    QueryError,
+)
+from queries.results import BudgetStatus, FederatedResult, NodeStatus
+from queries.spec import Filter, Measure, Query, Statistic
+from queries.sql import parse_sql
+
+__all__ = [
+    "AuthenticationError",
+    "BudgetExceededError",
+    "BudgetStatus",
+    "ChcError",
+    "ConfigError",
+    "DataError",
+    "DeadlineExceededError",
+    "FederatedResult",
+    "Federation",
+    "Filter",
+    "HubUnavailableError",
+    "LedgerIntegrityError",
+    "Measure",
+    "NodeBudget",
+    "NodeStatus",
+    "PermissionDeniedError",
+    "Query",
+    "QueryError",
+    "Statistic",
+    "parse_sql",
+]
