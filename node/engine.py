@@ -17,6 +17,7 @@ import sqlglot
 from sqlglot import exp
 
 from queries import mechanisms, plan
+from queries.components import Component
 from queries.errors import ConfigError
 from queries.results import (
     RELEASE_COLUMNS,
@@ -43,7 +44,7 @@ class SqlRunner(Protocol):
 class ComponentRelease:
     """One component's calibration, fixed before the data is touched."""
 
-    component: plan.Component
+    component: Component
     calibration: mechanisms.Calibration
 
     @property

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from queries import estimators
+from queries.components import role_keys
 from queries.errors import ConfigError
 from queries.estimators import Z95, Figure
-from queries.plan import role_keys
 from queries.results import RELEASE_COLUMNS, NodeRelease
 from queries.sensitivity import COUNT_KINDS, Kind
 from queries.spec import Measure, Query, Statistic

@@ -4,7 +4,8 @@ A plan lists the integer vectors ("components") the node will release, each with
 sensitivity, fixed-point unit and rho, and the SQL that computes them exactly (built with
 sqlglot, so identifiers and literals are quoted by a parser, never by string formatting).
 Building a plan touches no data and spends no budget, so it is also the "explain" step.
-Measures map to components by role:
+What each measure needs is built in components.py and the SQL text in plan_sql.py; this
+module combines them for a whole query. Measures map to components by role:
 
     count       -> n: persons                  mean            -> n: rows, s: sum
     count_rows  -> n: rows                     variance/stddev -> n: rows, s: sum, ss: sumsq
@@ -30,46 +31,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import sqlglot
-from sqlglot import exp
-
-from queries import mechanisms
+from queries import mechanisms, plan_sql
+from queries.components import Component, measure_components
 from queries.errors import QueryError
-from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
-from queries.sensitivity import Kind, sensitivity
+from queries.schema import Catalog, ColumnType, ViewSpec
+from queries.sensitivity import Kind
 from queries.spec import Measure, Query, Statistic
 
 # A release with more cells than this is refused: each cell costs noise and transfer.
 MAX_CELLS = 20_000
-# Default grid for quantiles and histograms of float columns.
-DEFAULT_FLOAT_BINS = 200
-# Significant digits kept by fixed-point sums.
-FIXED_POINT_DIGITS = 4
-
-
-@dataclass(frozen=True)
-class Component:
-    """One integer vector the node releases (one value per group, or per group and bin)."""
-
-    key: str  # what it computes, e.g. 'sum:age' or 'bins:los/61'; its name on the wire
-    kind: Kind
-    column: str | None
-    lower: float | None  # clamping bounds (None for counts)
-    upper: float | None
-    exponent: int  # fixed-point unit is 10**exponent (0 for counts)
-    sensitivity: float  # L2, in units
-    max_abs: int  # public bound on |exact value| of one cell, in units
-    edges: tuple[float, ...] = ()  # bin edges for BINS (len = bins + 1)
-
-    @property
-    def unit(self) -> float:
-        """Value of one fixed-point unit."""
-        return float(10.0**self.exponent)
-
-    @property
-    def bins(self) -> int:
-        """Number of bins (0 if not binned)."""
-        return max(0, len(self.edges) - 1)
 
 
 @dataclass(frozen=True)
@@ -168,7 +138,7 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
     unique: dict[str, Component] = {}
     measure_roles: list[tuple[Measure, dict[str, Component]]] = []
     for m in query.measures:
-        roles = _components(m, view, query.group_by, n_groups)
+        roles = measure_components(m, view, query.group_by, n_groups)
         for c in roles.values():
             unique.setdefault(c.key, c)
         measure_roles.append((m, roles))
@@ -199,9 +169,9 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
         components=components,
         measures=tuple(measures),
         rho=tuple(rho.items()),
-        scalar_sql=_scalar_sql(view.name, query.group_by, components, filters),
+        scalar_sql=plan_sql.scalar_sql(view.name, query.group_by, components, filters),
         binned_sql=tuple(
-            (c.key, _binned_sql(view.name, query.group_by, c, filters))
+            (c.key, plan_sql.binned_sql(view.name, query.group_by, c, filters))
             for c in components
             if c.kind is Kind.BINS
         ),
@@ -281,248 +251,3 @@ def _filters(query: Query, view: ViewSpec) -> dict[str, tuple[str, ...]]:
         # Keep the declared order so that outputs are stable whatever order the analyst used.
         filters[f.column] = tuple(v for v in col.domain if v in f.values)
     return filters
-
-
-def _numeric(view: ViewSpec, name: str, measure: Measure) -> tuple[ColumnSpec, float, float]:
-    col = view.column(name)
-    if col.type not in {ColumnType.INTEGER, ColumnType.FLOAT}:
-        raise QueryError(
-            f"measure {measure.name!r}: column {name!r} is not numeric; numeric columns of "
-            f"{view.name!r}: {[c.name for c in view.columns if c.bounded]}"
-        )
-    if not col.bounded or col.lower is None or col.upper is None:
-        raise QueryError(
-            f"measure {measure.name!r}: column {name!r} has no public bounds; "
-            f"use CLAMP({name}, lower, upper)"
-        )
-    lo, hi = col.lower, col.upper
-    fractional = measure.clamp is not None and not all(float(b).is_integer() for b in measure.clamp)
-    if fractional and col.type is ColumnType.INTEGER:
-        # Integer columns are summed in whole units, so a fractional bound would be rounded
-        # row by row (CLAMP(age, 0, 0.4) would sum to 0): refuse it.
-        raise QueryError(
-            f"measure {measure.name!r}: {name!r} is a whole-number column, so its CLAMP "
-            f"bounds must be whole numbers, got {list(measure.clamp or ())}"
-        )
-    if measure.clamp is not None:
-        lo, hi = max(lo, measure.clamp[0]), min(hi, measure.clamp[1])
-        if lo >= hi:
-            raise QueryError(
-                f"measure {measure.name!r}: clamp {measure.clamp} does not overlap the public "
-                f"bounds [{col.lower:g}, {col.upper:g}] of {name!r}"
-            )
-    return col, lo, hi
-
-
-def fixed_point_exponent(largest: float, *, integer: bool) -> int:
-    """Exponent e of the unit 10**e keeping FIXED_POINT_DIGITS significant digits."""
-    if largest <= 0:
-        return 0
-    e = math.floor(math.log10(largest)) - FIXED_POINT_DIGITS + 1
-    return max(0, e) if integer else e
-
-
-def _units(value: float, exponent: int) -> int:
-    # Same rounding as DuckDB's ROUND (half away from zero) so bounds match the SQL.
-    scaled = value / 10.0**exponent
-    return int(math.copysign(math.floor(abs(scaled) + 0.5), scaled))
-
-
-def _clamp_tag(m: Measure) -> str:
-    return "" if m.clamp is None else f"@{m.clamp[0]!r},{m.clamp[1]!r}"
-
-
-def role_keys(m: Measure) -> dict[str, str]:
-    """The component key of each role of a measure (derivable from the query alone, so the
-    hub finds a measure's components without the node's catalog)."""
-    col, tag = m.column or "", _clamp_tag(m)
-    stat = m.statistic
-    if stat is Statistic.COUNT:
-        return {"n": "persons"}
-    if stat is Statistic.COUNT_ROWS:
-        return {"n": "rows"}
-    if stat is Statistic.SUM:
-        return {"s": f"sum:{col}{tag}"}
-    if stat is Statistic.MEAN:
-        return {"n": f"rows:{col}", "s": f"sum:{col}{tag}"}
-    if stat in {Statistic.VARIANCE, Statistic.STDDEV}:
-        return {"n": f"rows:{col}", "s": f"sum:{col}{tag}", "ss": f"sumsq:{col}{tag}"}
-    if stat in {Statistic.QUANTILE, Statistic.HISTOGRAM}:
-        # The default grid follows from the column and clamp; an explicit one is named.
-        return {"h": f"bins:{col}{tag}" + ("" if m.bins is None else f"/{m.bins}")}
-    return {
-        "num": "rows" if m.column is None else f"sum:{m.column}{tag}",
-        "den": "rows" if m.denominator is None else f"sum:{m.denominator}{tag}",
-    }
-
-
-def _components(
-    m: Measure, view: ViewSpec, group_by: tuple[str, ...], n_groups: int
-) -> dict[str, Component]:
-    keys = role_keys(m)
-
-    def count(role: str, kind: Kind, column: str | None = None) -> Component:
-        return Component(
-            key=keys[role],
-            kind=kind,
-            column=column,
-            lower=None,
-            upper=None,
-            exponent=0,
-            sensitivity=sensitivity(kind, view, group_by, n_groups),
-            max_abs=view.max_persons if kind is Kind.PERSONS else view.max_rows,
-        )
-
-    def total(role: str, kind: Kind, column: str) -> Component:
-        col, lo, hi = _numeric(view, column, m)
-        largest = max(lo * lo, hi * hi) if kind is Kind.SUMSQ else max(abs(lo), abs(hi))
-        e = fixed_point_exponent(largest, integer=col.type is ColumnType.INTEGER)
-        if kind is Kind.SUMSQ:
-            bound = max(_units(lo * lo, e), _units(hi * hi, e))
-        else:
-            bound = max(abs(_units(lo, e)), abs(_units(hi, e)))
-        return Component(
-            key=keys[role],
-            kind=kind,
-            column=column,
-            lower=lo,
-            upper=hi,
-            exponent=e,
-            sensitivity=sensitivity(kind, view, group_by, n_groups, max_abs_units=bound),
-            max_abs=view.max_rows * max(1, bound),
-        )
-
-    def binned(column: str) -> Component:
-        col, lo, hi = _numeric(view, column, m)
-        if m.bins is not None:
-            bins = m.bins
-        elif col.type is ColumnType.INTEGER and hi - lo < 1000:
-            bins = int(hi - lo) + 1  # one bin per whole value
-        else:
-            bins = DEFAULT_FLOAT_BINS
-        if col.type is ColumnType.INTEGER and m.bins is None:
-            edges = tuple(lo + i for i in range(bins + 1))  # [v, v + 1) holds the value v
-        else:
-            width = (hi - lo) / bins
-            edges = (*(lo + i * width for i in range(bins)), hi)
-        return Component(
-            key=keys["h"],
-            kind=Kind.BINS,
-            column=column,
-            lower=lo,
-            upper=hi,
-            exponent=0,
-            sensitivity=sensitivity(Kind.BINS, view, group_by, n_groups),
-            max_abs=view.max_rows,
-            edges=edges,
-        )
-
-    stat = m.statistic
-    if stat is Statistic.COUNT:
-        return {"n": count("n", Kind.PERSONS)}
-    if stat is Statistic.COUNT_ROWS:
-        return {"n": count("n", Kind.ROWS)}
-    column = m.column or ""
-    if stat is Statistic.SUM:
-        return {"s": total("s", Kind.SUM, column)}
-    if stat is Statistic.MEAN:
-        # total() checks that the column is numeric and bounded.
-        return {"n": count("n", Kind.ROWS, column), "s": total("s", Kind.SUM, column)}
-    if stat in {Statistic.VARIANCE, Statistic.STDDEV}:
-        return {
-            "n": count("n", Kind.ROWS, column),
-            "s": total("s", Kind.SUM, column),
-            "ss": total("ss", Kind.SUMSQ, column),
-        }
-    if stat in {Statistic.QUANTILE, Statistic.HISTOGRAM}:
-        return {"h": binned(column)}
-    # RATIO: numerator and denominator are clamped sums, or row counts where a side is None.
-    return {
-        "num": count("num", Kind.ROWS) if m.column is None else total("num", Kind.SUM, m.column),
-        "den": (
-            count("den", Kind.ROWS)
-            if m.denominator is None
-            else total("den", Kind.SUM, m.denominator)
-        ),
-    }
-
-
-def _col(name: str) -> exp.Column:
-    return exp.column(name, quoted=True)
-
-
-def _num(value: float) -> exp.Expr:
-    literal = exp.Literal.number(repr(float(value)))
-    return exp.Neg(this=exp.Literal.number(repr(-float(value)))) if value < 0 else literal
-
-
-def _clamped(c: Component) -> exp.Expr:
-    lower = c.lower if c.lower is not None else 0.0
-    upper = c.upper if c.upper is not None else 0.0
-    value = exp.cast(_col(c.column or ""), "DOUBLE")
-    clamped = exp.func("LEAST", exp.func("GREATEST", value, _num(lower)), _num(upper))
-    # GREATEST skips NULLs, so a missing value would become the lower bound and be summed;
-    # keep it NULL so that SUM ignores it, as the row count of the column does.
-    return exp.If(
-        this=exp.Is(this=value.copy(), expression=exp.Null()), true=exp.Null(), false=clamped
-    )
-
-
-def _component_expr(c: Component) -> exp.Expr:
-    if c.kind is Kind.PERSONS:
-        return exp.Count(this=exp.Distinct(expressions=[_col("person_id")]))
-    if c.kind is Kind.ROWS:
-        return exp.Count(this=_col(c.column) if c.column else exp.Star())
-    value = _clamped(c)
-    if c.kind is Kind.SUMSQ:
-        value = exp.Mul(this=value, expression=value.copy())
-    scaled = exp.Div(this=value, expression=_num(10.0**c.exponent))
-    rounded = exp.cast(exp.func("ROUND", exp.Paren(this=scaled)), "BIGINT")
-    return exp.Sum(this=rounded)
-
-
-def _where(stmt: exp.Select, filters: dict[str, tuple[str, ...]]) -> exp.Select:
-    for column, values in filters.items():
-        stmt = stmt.where(_col(column).isin(*[exp.Literal.string(v) for v in values]))
-    return stmt
-
-
-def _scalar_sql(
-    view: str,
-    group_by: tuple[str, ...],
-    components: tuple[Component, ...],
-    filters: dict[str, tuple[str, ...]],
-) -> str | None:
-    scalar = [c for c in components if c.kind is not Kind.BINS]
-    if not scalar:
-        return None
-    select: list[exp.Expr] = [_col(c) for c in group_by]
-    for c in scalar:
-        select.append(exp.alias_(_component_expr(c), c.key, quoted=True))
-    stmt = _where(sqlglot.select(*select).from_(exp.to_table(view, quoted=True)), filters)
-    if group_by:
-        stmt = stmt.group_by(*[_col(c) for c in group_by])
-    return stmt.sql(dialect="duckdb")
-
-
-def _binned_sql(
-    view: str, group_by: tuple[str, ...], c: Component, filters: dict[str, tuple[str, ...]]
-) -> str:
-    lo, hi = c.edges[0], c.edges[-1]
-    width = (hi - lo) / c.bins
-    position = exp.Div(
-        this=exp.Paren(this=exp.Sub(this=_clamped(c), expression=_num(lo))),
-        expression=_num(width),
-    )
-    # The top edge belongs to the last bin, so clamp the index to bins - 1.
-    index = exp.func(
-        "LEAST", exp.cast(exp.func("FLOOR", position), "BIGINT"), exp.Literal.number(c.bins - 1)
-    )
-    select: list[exp.Expr] = [_col(g) for g in group_by]
-    select += [exp.alias_(index, "bin", quoted=True), exp.alias_(exp.Count(this=exp.Star()), "n")]
-    stmt = sqlglot.select(*select).from_(exp.to_table(view, quoted=True))
-    stmt = _where(
-        stmt.where(exp.Not(this=exp.Is(this=_col(c.column or ""), expression=exp.Null()))), filters
-    )
-    stmt = stmt.group_by(*[_col(g) for g in group_by], exp.column("bin", quoted=True))
-    return stmt.sql(dialect="duckdb")

@@ -6,6 +6,8 @@ Aggregates: COUNT(*), COUNT(DISTINCT person_id), SUM(x), AVG(x), VARIANCE(x), ST
 MEDIAN(x), QUANTILE(x, q), HISTOGRAM(x[, bins]), and ratios such as SUM(a) / SUM(b) or
 SUM(a) / COUNT(*). Any x may be CLAMP(column, lower, upper). Everything else is refused
 with a message that says why and what to write instead; nothing is ever executed as given.
+The subset's rules (allow-list, forbidden constructs, arities, nesting) are in sql_rules.py,
+and printing a Query back as SQL is in sql_print.py.
 """
 
 from __future__ import annotations
@@ -13,86 +15,13 @@ from __future__ import annotations
 import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
-from sqlglot.tokenizer_core import TokenType
-from sqlglot.tokens import Tokenizer
 
 from queries.errors import QueryError
 from queries.spec import Filter, Measure, Query, Statistic, check_identifier
+from queries.sql_rules import ALLOWED, FORBIDDEN, MAX_NESTING, POPULATION, check_tokens
 
 # Queries longer than this are refused before parsing (a parser is no place for megabytes).
 MAX_SQL_CHARS = 20_000
-# Deeper nesting of parentheses than this is refused before parsing: no query of the subset
-# needs more than a few levels, and the parser recurses on each one.
-MAX_NESTING = 20
-
-# Everything the planner implements, node type by node type. Anything else in the parsed
-# statement (TABLESAMPLE, QUALIFY, casts, other functions...) is refused, never ignored.
-_ALLOWED: frozenset[type[exp.Expr]] = frozenset(
-    {
-        exp.Select,
-        exp.From,
-        exp.Table,
-        exp.Identifier,
-        exp.Column,
-        exp.Alias,
-        exp.Count,
-        exp.Distinct,
-        exp.Star,
-        exp.Sum,
-        exp.Avg,
-        exp.Variance,
-        exp.Stddev,
-        exp.StddevSamp,
-        exp.Median,
-        exp.Quantile,
-        exp.PercentileCont,
-        exp.Anonymous,
-        exp.Div,
-        exp.Literal,
-        exp.Neg,
-        exp.Where,
-        exp.And,
-        exp.EQ,
-        exp.In,
-        exp.Paren,
-        exp.Group,
-    }
-)
-# Population variance and SD would be silently computed as the sample ones.
-_POPULATION: dict[type[exp.Expr], str] = {
-    exp.VariancePop: "VAR_POP is not supported: use VARIANCE (the sample variance)",
-    exp.StddevPop: "STDDEV_POP is not supported: use STDDEV (the sample standard deviation)",
-}
-# How many arguments each function of the subset takes. The parser drops extra arguments of
-# some functions (QUANTILE(x, 0.5, 0.9) parses as QUANTILE(x, 0.5)), so they are counted on
-# the tokens before parsing.
-_ARITY: dict[str, tuple[int, int]] = {
-    "COUNT": (1, 1),
-    "SUM": (1, 1),
-    "AVG": (1, 1),
-    "VARIANCE": (1, 1),
-    "VAR_SAMP": (1, 1),
-    "STDDEV": (1, 1),
-    "STDDEV_SAMP": (1, 1),
-    "MEDIAN": (1, 1),
-    "QUANTILE": (2, 2),
-    "QUANTILE_CONT": (2, 2),
-    "PERCENTILE_CONT": (2, 2),
-    "HISTOGRAM": (1, 2),
-    "CLAMP": (3, 3),
-}
-
-_FORBIDDEN: tuple[tuple[type[exp.Expr], str], ...] = (
-    (exp.Join, "joins are not allowed: query one view at a time"),
-    (exp.Subquery, "subqueries are not allowed: query one view directly"),
-    (exp.Window, "window functions are not allowed"),
-    (exp.With, "WITH (common table expressions) is not allowed"),
-    (exp.Union, "UNION is not allowed: run separate queries"),
-    (exp.Having, "HAVING is not allowed: filter on public columns in WHERE"),
-    (exp.Order, "ORDER BY is not allowed: results come in the public order of the groups"),
-    (exp.Limit, "LIMIT is not allowed: every public group is released"),
-    (exp.Star, ""),  # allowed only inside COUNT(*), checked below
-)
 
 
 def _position(node: exp.Expr) -> str:
@@ -112,7 +41,7 @@ def parse_sql(sql: str, *, rho: float) -> Query:
         )
     if len(sql) > MAX_SQL_CHARS:
         raise QueryError(f"the SQL is longer than {MAX_SQL_CHARS} characters")
-    _check_tokens(sql)
+    check_tokens(sql)
     try:
         statements = sqlglot.parse(sql, dialect="duckdb")
     except ParseError as exc:
@@ -134,11 +63,11 @@ def parse_sql(sql: str, *, rho: float) -> Query:
     if any(isinstance(item, exp.Star) for item in stmt.expressions):
         raise QueryError("SELECT * is not allowed: only aggregates over public groups are released")
     for node in stmt.walk():
-        for kind, message in _FORBIDDEN:
+        for kind, message in FORBIDDEN:
             if isinstance(node, kind) and message:
                 raise QueryError(message + _position(node))
-        if type(node) in _POPULATION:
-            raise QueryError(_POPULATION[type(node)] + _position(node))
+        if type(node) in POPULATION:
+            raise QueryError(POPULATION[type(node)] + _position(node))
     if stmt.args.get("distinct"):
         raise QueryError("SELECT DISTINCT is not allowed: group by public columns instead")
     view = _view(stmt)
@@ -167,7 +96,7 @@ def parse_sql(sql: str, *, rho: float) -> Query:
     # Last, so that the specific messages above come first: anything left that the planner
     # does not implement is refused rather than ignored.
     for node in stmt.walk():
-        if type(node) not in _ALLOWED:
+        if type(node) not in ALLOWED:
             raise QueryError(
                 f"{_describe(node)} is not supported: the query would not run as written, so "
                 "it is refused (write SELECT, aggregates, FROM one view, WHERE column = 'v' or "
@@ -181,39 +110,6 @@ def _describe(node: exp.Expr) -> str:
     text = node.sql(dialect="duckdb")
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{node.key.upper()} ({text!r})"
-
-
-def _check_tokens(sql: str) -> None:
-    """Refuse deep nesting and wrong argument counts before the parser sees the text."""
-    try:
-        tokens = Tokenizer(dialect="duckdb").tokenize(sql)
-    except (TokenError, ValueError) as exc:
-        raise QueryError(f"SQL could not be read: {exc}") from None
-    depth = 0
-    # For each open parenthesis: the function it belongs to (or None) and its comma count.
-    stack: list[tuple[str | None, int]] = []
-    for i, tok in enumerate(tokens):
-        if tok.token_type is TokenType.L_PAREN:
-            depth += 1
-            if depth > MAX_NESTING:
-                raise QueryError(f"the SQL is nested too deeply (at most {MAX_NESTING} levels)")
-            prev = tokens[i - 1].text.upper() if i > 0 else ""
-            stack.append((prev if prev in _ARITY else None, 0))
-        elif tok.token_type is TokenType.COMMA and stack:
-            func, commas = stack[-1]
-            stack[-1] = (func, commas + 1)
-        elif tok.token_type is TokenType.R_PAREN and stack:
-            depth -= 1
-            func, commas = stack.pop()
-            empty = i > 0 and tokens[i - 1].token_type is TokenType.L_PAREN
-            args = 0 if empty else commas + 1
-            if func is not None:
-                low, high = _ARITY[func]
-                if not low <= args <= high:
-                    want = str(low) if low == high else f"{low} or {high}"
-                    raise QueryError(
-                        f"{func} takes {want} argument(s), got {args} (line {tok.line})"
-                    )
 
 
 def _view(stmt: exp.Select) -> str:
@@ -404,67 +300,3 @@ def _measure(e: exp.Expr, alias: str | None, index: int) -> Measure:
         f"unsupported expression {e.sql()!r}: use COUNT(*), COUNT(DISTINCT person_id), SUM, "
         "AVG, VARIANCE, STDDEV, MEDIAN, QUANTILE, HISTOGRAM or a ratio of SUM/COUNT" + _position(e)
     )
-
-
-def _q(name: str) -> str:
-    # Identifiers are checked lower-case names; quoting keeps keywords such as "count" safe.
-    return f'"{name}"'
-
-
-def _arg_sql(column: str, clamp: tuple[float, float] | None) -> str:
-    if clamp is None:
-        return _q(column)
-    return f"CLAMP({_q(column)}, {clamp[0]!r}, {clamp[1]!r})"
-
-
-def _measure_sql(m: Measure) -> str:
-    stat, col = m.statistic, m.column or ""
-    if stat is Statistic.COUNT:
-        body = "COUNT(DISTINCT person_id)"
-    elif stat is Statistic.COUNT_ROWS:
-        body = "COUNT(*)"
-    elif stat is Statistic.QUANTILE:
-        body = f"QUANTILE({_arg_sql(col, m.clamp)}, {m.quantile!r})"
-    elif stat is Statistic.HISTOGRAM:
-        bins = f", {m.bins}" if m.bins is not None else ""
-        body = f"HISTOGRAM({_arg_sql(col, m.clamp)}{bins})"
-    elif stat is Statistic.RATIO:
-        num = f"SUM({_q(m.column)})" if m.column else "COUNT(*)"
-        den = f"SUM({_q(m.denominator)})" if m.denominator else "COUNT(*)"
-        body = f"{num} / {den}"
-    else:
-        func = {
-            Statistic.SUM: "SUM",
-            Statistic.MEAN: "AVG",
-            Statistic.VARIANCE: "VARIANCE",
-            Statistic.STDDEV: "STDDEV",
-        }[stat]
-        body = f"{func}({_arg_sql(col, m.clamp)})"
-    return f"{body} AS {_q(m.name)}"
-
-
-def to_sql(query: Query) -> str:
-    """The SQL text of a query (rho travels beside it); parse_sql(to_sql(q), rho=q.rho) == q.
-
-    Measure weights and quantile grids have no SQL spelling; queries using them are
-    refused here so that the round trip never silently changes a query.
-    """
-    for m in query.measures:
-        if m.weight != 1.0:
-            raise QueryError(f"measure {m.name!r} has a weight, which SQL cannot express")
-        if m.statistic is Statistic.QUANTILE and m.bins is not None:
-            raise QueryError(f"measure {m.name!r} sets quantile bins, which SQL cannot express")
-        if m.statistic is Statistic.RATIO and m.clamp is not None:
-            raise QueryError(f"measure {m.name!r} clamps a ratio, which SQL cannot express")
-    items = [*(_q(c) for c in query.group_by), *(_measure_sql(m) for m in query.measures)]
-    # Never executed: this text is only ever parsed back by parse_sql.
-    sql = f"SELECT {', '.join(items)} FROM {_q(query.view)}"  # noqa: S608
-    if query.where:
-        terms = []
-        for f in query.where:
-            values = ", ".join("'" + v.replace("'", "''") + "'" for v in f.values)
-            terms.append(f"{_q(f.column)} IN ({values})")
-        sql += " WHERE " + " AND ".join(terms)
-    if query.group_by:
-        sql += " GROUP BY " + ", ".join(_q(c) for c in query.group_by)
-    return sql

@@ -14,9 +14,11 @@ from coordinator.hub.registry import NodeHandle, Registry
 from protocols import serde
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
-from protocols.security import Call, Role, check_operation, check_payload_version, peer_of
+from protocols.security.envelope import Call, check_operation, check_payload_version
+from protocols.security.pki import Role
+from protocols.security.tls import peer_of
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
-from queries import combine, spec
+from queries import combine, spec, spec_io
 from queries import release as release_rules
 from queries.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
 from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus, ReleaseRules
@@ -85,7 +87,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         self._check_analyst(request, context)
         _check_signed_for(request.envelope, Call.EXECUTE)
         # Parse for combining only; every node validates and verifies the envelope itself.
-        query = spec.from_json(request.envelope.query)
+        query = spec_io.from_json(request.envelope.query)
         deadline_s = self._deadline_s(request)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
 
@@ -103,7 +105,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         """Relay a signed query to every node's Explain; nothing is run or spent."""
         self._check_analyst(request, context)
         _check_signed_for(request.envelope, Call.EXPLAIN)
-        spec.from_json(request.envelope.query)
+        spec_io.from_json(request.envelope.query)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
 
         def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:

@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from queries import spec
+from queries import spec, spec_io
 from queries.errors import ConfigError
 
 FORMAT = 1
@@ -87,7 +87,7 @@ def query_text(query: bytes) -> str:
 
 def views_of(query: bytes) -> list[str]:
     """Best effort for refusals, whose query may not even parse: the view it names."""
-    if len(query) > spec.MAX_SPEC_BYTES:
+    if len(query) > spec_io.MAX_SPEC_BYTES:
         return []  # refused unparsed; not worth parsing here either
     try:
         view = json.loads(query).get("view")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from queries import spec
+from queries import spec, spec_io
 from queries.errors import QueryError
 from queries.spec import Measure, Query, Statistic
 
@@ -97,14 +97,14 @@ def test_quote_does_not_expand_shared_references() -> None:
     ids=["view", "rho", "group_by", "version", "key", "statistic", "column", "list-column"],
 )
 def test_rejected_values_are_quoted_short(data: dict[str, Any], match: str) -> None:
-    message = refused(spec.from_dict, data, match)
+    message = refused(spec_io.from_dict, data, match)
     assert len(message) < 600, message
 
 
 def test_many_unknown_fields_are_summarised() -> None:
     data: dict[str, object] = {"view": "persons", "rho": 0.1}
     data.update({f"junk{i}": i for i in range(5_000)})
-    message = refused(spec.from_dict, data, r"unknown field.*and 4990 more")
+    message = refused(spec_io.from_dict, data, r"unknown field.*and 4990 more")
     assert "'junk0'" in message
 
 
@@ -112,21 +112,23 @@ def test_many_unknown_fields_are_summarised() -> None:
 
 
 def test_a_large_json_spec_is_refused_before_parsing() -> None:
-    padding = " " * (spec.MAX_SPEC_BYTES + 1)
+    padding = " " * (spec_io.MAX_SPEC_BYTES + 1)
     raw = '{"view": "persons", "rho": 0.1}' + padding
-    refused(spec.from_json, raw, "larger than 256 KB")
-    refused(spec.from_json, raw.encode(), "larger than 256 KB")
+    refused(spec_io.from_json, raw, "larger than 256 KB")
+    refused(spec_io.from_json, raw.encode(), "larger than 256 KB")
     # Characters are not bytes: 100,000 three-byte characters are 300 KB.
-    refused(spec.from_json, json.dumps({"view": "\u20ac" * 100_000}, ensure_ascii=False), "KB")
-    assert spec.from_json('{"view": "persons", "rho": 0.1}' + " " * 1000) == Query("persons", 0.1)
+    refused(spec_io.from_json, json.dumps({"view": "\u20ac" * 100_000}, ensure_ascii=False), "KB")
+    assert spec_io.from_json('{"view": "persons", "rho": 0.1}' + " " * 1000) == Query(
+        "persons", 0.1
+    )
 
 
 def test_a_50_mb_spec_is_refused_at_once() -> None:
     raw = b'{"view": "persons", "rho": 0.1, "group_by": ["' + b"x" * 50_000_000 + b'"]}'
     with bounded(peak_bytes=1024 * 1024):
-        refused(spec.from_json, raw, "larger than")
+        refused(spec_io.from_json, raw, "larger than")
     with bounded(peak_bytes=1024 * 1024):
-        refused(spec.from_yaml, raw, "larger than")
+        refused(spec_io.from_yaml, raw, "larger than")
 
 
 def test_five_million_filter_values_are_refused_quickly() -> None:
@@ -135,22 +137,24 @@ def test_five_million_filter_values_are_refused_quickly() -> None:
     raw = json.dumps({"view": "persons", "rho": 0.1, "where": where})
     assert len(raw) > 40_000_000
     with bounded(peak_bytes=1024 * 1024):
-        refused(spec.from_json, raw, "larger than")
+        refused(spec_io.from_json, raw, "larger than")
     # Already parsed (e.g. by a caller's own loader): refused by its count, before any of the
     # values is looked at or copied.
     with bounded(seconds=0.5, peak_bytes=2 * 1024 * 1024):
-        refused(spec.from_dict, {"view": "persons", "rho": 0.1, "where": where}, "more than")
+        refused(spec_io.from_dict, {"view": "persons", "rho": 0.1, "where": where}, "more than")
     with bounded(seconds=0.5, peak_bytes=2 * 1024 * 1024):
-        refused(spec.from_dict, {"view": "persons", "rho": 0.1, "where": {"sex": values}}, "more")
+        refused(
+            spec_io.from_dict, {"view": "persons", "rho": 0.1, "where": {"sex": values}}, "more"
+        )
 
 
 def test_a_filter_over_its_value_limit_is_refused_by_count() -> None:
     too_many = {"sex": [str(i) for i in range(spec.MAX_FILTER_VALUES + 1)]}
-    refused(spec.from_dict, {"view": "persons", "rho": 0.1, "where": too_many}, "more than 1000")
+    refused(spec_io.from_dict, {"view": "persons", "rho": 0.1, "where": too_many}, "more than 1000")
     fine = {"sex": [str(i) for i in range(spec.MAX_FILTER_VALUES)]}
-    assert len(spec.from_dict({"view": "persons", "rho": 0.1, "where": fine}).where[0].values) == (
-        spec.MAX_FILTER_VALUES
-    )
+    assert len(
+        spec_io.from_dict({"view": "persons", "rho": 0.1, "where": fine}).where[0].values
+    ) == (spec.MAX_FILTER_VALUES)
 
 
 @pytest.mark.parametrize(
@@ -162,17 +166,17 @@ def test_a_filter_over_its_value_limit_is_refused_by_count() -> None:
     ],
 )
 def test_counts_are_checked_before_building(field: str, value: object, match: str) -> None:
-    refused(spec.from_dict, {"view": "persons", "rho": 0.1, field: value}, match)
+    refused(spec_io.from_dict, {"view": "persons", "rho": 0.1, field: value}, match)
 
 
 def test_deep_nesting_is_refused() -> None:
     deep: object = 1
-    for _ in range(spec.MAX_SPEC_DEPTH):
+    for _ in range(spec_io.MAX_SPEC_DEPTH):
         deep = [deep]
     raw = json.dumps({"view": "persons", "rho": 0.1, "measures": deep})
-    refused(spec.from_json, raw, "nests lists and mappings more than 8 deep")
-    refused(spec.from_yaml, raw, "nests lists and mappings more than 8 deep")
-    refused(spec.from_json, "[" * 100_000, "nested too deeply|nests")
+    refused(spec_io.from_json, raw, "nests lists and mappings more than 8 deep")
+    refused(spec_io.from_yaml, raw, "nests lists and mappings more than 8 deep")
+    refused(spec_io.from_json, "[" * 100_000, "nested too deeply|nests")
 
 
 def test_the_fullest_legitimate_spec_fits_every_limit() -> None:
@@ -187,9 +191,9 @@ def test_the_fullest_legitimate_spec_fits_every_limit() -> None:
     ]
     data = {"view": "persons", "rho": 0.5, "measures": measures, "where": where}
     raw = json.dumps(data)
-    assert len(raw) < spec.MAX_SPEC_BYTES
-    query = spec.from_json(raw)
-    assert spec.from_yaml(yaml.safe_dump(data)) == query
+    assert len(raw) < spec_io.MAX_SPEC_BYTES
+    query = spec_io.from_json(raw)
+    assert spec_io.from_yaml(yaml.safe_dump(data)) == query
 
 
 # ---- YAML -----------------------------------------------------------------------------------
@@ -208,19 +212,19 @@ BOMB = "\n".join(
 
 def test_a_yaml_alias_bomb_is_refused_fast_and_small() -> None:
     with bounded(seconds=0.5, peak_bytes=2 * 1024 * 1024):
-        refused(spec.from_yaml, BOMB, "anchors and aliases")
+        refused(spec_io.from_yaml, BOMB, "anchors and aliases")
     # Loaded by the plain safe loader (shared references, 3 * 9**9 nominal strings) and given
     # to from_dict, it is refused by its size without being expanded.
     data = yaml.safe_load(BOMB)
     with bounded(seconds=0.5, peak_bytes=2 * 1024 * 1024):
-        refused(spec.from_dict, data, "unknown field|more than")
+        refused(spec_io.from_dict, data, "unknown field|more than")
     data = {"view": "persons", "rho": 0.1, "group_by": data["group_by"]}
     with bounded(seconds=0.5, peak_bytes=2 * 1024 * 1024):
-        refused(spec.from_dict, data, "nests lists and mappings more than 8 deep")
+        refused(spec_io.from_dict, data, "nests lists and mappings more than 8 deep")
     # Shallow but wide: a million nominal values in a structure of shared references.
     wide = {"view": "persons", "rho": 0.1, "group_by": [["sex"] * 1000] * 1000}
     with bounded(seconds=0.5, peak_bytes=2 * 1024 * 1024):
-        refused(spec.from_dict, wide, "more than 20000 values")
+        refused(spec_io.from_dict, wide, "more than 20000 values")
 
 
 @pytest.mark.parametrize(
@@ -234,15 +238,15 @@ def test_a_yaml_alias_bomb_is_refused_fast_and_small() -> None:
     ids=["anchor", "merge", "python-tag", "syntax"],
 )
 def test_unsafe_or_broken_yaml_is_a_query_error(text: str) -> None:
-    refused(spec.from_yaml, text, "YAML")
+    refused(spec_io.from_yaml, text, "YAML")
 
 
 def test_a_yaml_spec_parses() -> None:
     text = "view: persons\nrho: 0.1\ngroup_by: [sex]\nwhere: {deceased: no_such}\n"
-    assert spec.from_yaml(text) == spec.from_dict(
+    assert spec_io.from_yaml(text) == spec_io.from_dict(
         {"view": "persons", "rho": 0.1, "group_by": ["sex"], "where": {"deceased": "no_such"}}
     )
-    assert spec.from_yaml(text.encode()) == spec.from_yaml(text)
+    assert spec_io.from_yaml(text.encode()) == spec_io.from_yaml(text)
 
 
 # ---- number ranges --------------------------------------------------------------------------
@@ -267,14 +271,14 @@ def test_a_yaml_spec_parses() -> None:
     ],
 )
 def test_budget_numbers_have_public_ranges(data: dict[str, object], match: str) -> None:
-    refused(spec.from_dict, {"view": "persons", **data}, match)
+    refused(spec_io.from_dict, {"view": "persons", **data}, match)
 
 
 def test_the_ends_of_the_budget_ranges_are_accepted() -> None:
     assert Query("persons", 1e-12).rho == 1e-12
     assert Query("persons", 1e3).rho == 1e3
-    assert spec.from_dict({"view": "persons", "epsilon": 1e3, "delta": 1e-30}).rho < 1e3
-    assert spec.from_dict({"view": "persons", "epsilon": 1.0, "delta": 0.1}).rho > 0
+    assert spec_io.from_dict({"view": "persons", "epsilon": 1e3, "delta": 1e-30}).rho < 1e3
+    assert spec_io.from_dict({"view": "persons", "epsilon": 1.0, "delta": 0.1}).rho > 0
 
 
 @pytest.mark.parametrize(
@@ -302,7 +306,7 @@ def test_the_ends_of_the_budget_ranges_are_accepted() -> None:
     ],
 )
 def test_measure_numbers_have_public_ranges(measure: dict[str, object], match: str) -> None:
-    refused(spec.from_dict, {"view": "persons", "rho": 0.1, "measures": [measure]}, match)
+    refused(spec_io.from_dict, {"view": "persons", "rho": 0.1, "measures": [measure]}, match)
 
 
 def test_a_bad_quantile_level_is_named_before_the_name_derived_from_it() -> None:

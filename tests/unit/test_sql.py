@@ -9,8 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from queries.errors import QueryError
-from queries.spec import Filter, Measure, Query, Statistic, canonical_bytes, from_json
-from queries.sql import parse_sql, to_sql
+from queries.spec import Filter, Measure, Query, Statistic, canonical_bytes
+from queries.spec_io import from_json
+from queries.sql import parse_sql
+from queries.sql_print import to_sql
 
 names = st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True)
 values = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=8)
