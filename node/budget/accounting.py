@@ -24,7 +24,7 @@ from queries.results import BudgetStatus
 
 if TYPE_CHECKING:
     from node.budget.book import LedgerBook
-    from protocols.budget.rules import PolicyChange
+    from protocols.budget.changes import PolicyChange
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.budget.accounting import Charge, RateLimited, Refusal
+from protocols.budget.changes import POLICY_RECORD, PolicyChange, plan_change, read_change
 from protocols.budget.policy import BudgetPolicy
-from protocols.budget.rules import (
-    POLICY_RECORD,
-    PolicyChange,
-    SpendTally,
-    budget_refusal,
-    budget_status,
-    plan_change,
-    read_change,
-)
+from protocols.budget.rules import budget_refusal, budget_status
+from protocols.budget.tally import SpendTally
 from protocols.ledger.entry import (
     ENTRY_RECORD,
     FORMAT,

@@ -26,6 +26,13 @@ def _positive(value: object) -> bool:
     )
 
 
+def as_number(value: object) -> float | None:
+    """A JSON number as a float, or None for anything else (booleans included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def period_bounds(period: str, when: datetime) -> tuple[date | None, date | None]:
     """The budget period containing `when`: [start, end) dates, or (None, None) for "none"."""
     day = when.astimezone(UTC).date()

@@ -69,10 +69,12 @@ import numpy as np
 import pytest
 
 from protocols import serde
-from queries import combine, plan
+from queries import combine
+from queries.components import role_keys
 from queries.sensitivity import COUNT_KINDS, Kind
 from queries.spec import Measure, Query, Statistic
 from tests.stats import coverage_harness as h
+from tests.stats import coverage_rates as cr
 
 pytestmark = pytest.mark.stats
 
@@ -209,7 +211,7 @@ INTEGER_QUANTILES = _cases(_integer_quantile)
 
 def _report(case: Case, truth: str = h.NOISELESS) -> tuple[list[float], str]:
     """Coverage of each of a case's figures (of one truth), and a message naming them."""
-    cov = h.simulate(case.setting, case.measure.name, DRAWS)
+    cov = cr.simulate(case.setting, case.measure.name, DRAWS)
     fig = cov.figures
     rows = fig.rows(case.measure.name, case.region)
     assert rows, f"no figure for {case.id}"
@@ -261,21 +263,21 @@ def test_integer_quantile_interval_covers_at_least_95_percent(case: Case) -> Non
 
 def test_the_number_of_draws_makes_false_failures_rare() -> None:
     """The rates stated in the docstrings, computed exactly from the binomial distribution."""
-    per_figure = h.binomial_outside(DRAWS, 0.95, LOW, HIGH)
+    per_figure = cr.binomial_outside(DRAWS, 0.95, LOW, HIGH)
     assert 1.1e-7 < per_figure < 1.15e-7
     # The fewest draws, in hundreds, keeping a 4-figure case below one in a million.
-    assert 4 * h.binomial_outside(3_200, 0.95, LOW, HIGH) > 1e-6
-    assert 4 * h.binomial_outside(3_300, 0.95, LOW, HIGH) < 1e-6
+    assert 4 * cr.binomial_outside(3_200, 0.95, LOW, HIGH) > 1e-6
+    assert 4 * cr.binomial_outside(3_300, 0.95, LOW, HIGH) < 1e-6
     assert 4 * per_figure < 4.6e-7 < 1e-6  # a histogram case checks 4 bins
-    assert h.binomial_below(DRAWS, 0.95, LOW) < per_figure
+    assert cr.binomial_below(DRAWS, 0.95, LOW) < per_figure
     figures = sum(
-        len(h.noiseless(c.setting, c.measure.name).rows(c.measure.name, c.region))
+        len(cr.noiseless(c.setting, c.measure.name).rows(c.measure.name, c.region))
         for c in TWO_SIDED + INTEGER_QUANTILES
     )
     assert figures == 352
     assert figures * per_figure < 4.1e-5
-    assert h.binomial_outside(DRAWS, 0.948, LOW, HIGH) < 2.0e-6
-    assert h.binomial_outside(DRAWS, 0.953, LOW, HIGH) < 1.7e-7
+    assert cr.binomial_outside(DRAWS, 0.948, LOW, HIGH) < 2.0e-6
+    assert cr.binomial_outside(DRAWS, 0.953, LOW, HIGH) < 1.7e-7
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=[s.name for s in SETTINGS])
@@ -288,12 +290,12 @@ def test_counts_here_are_not_rounded_by_the_node(setting: h.Setting) -> None:
     that only feed a mean or a variance at small n are rounded, and those figures still cover
     within the band: the hub widens for the rounding's bound.)
     """
-    for qi, region_plans in enumerate(h.prepare(setting).plans):
+    for qi, region_plans in enumerate(cr.prepare(setting).plans):
         published = {
             key
             for m in setting.queries[qi].measures
             if m.statistic in combine.COUNT_LIKE
-            for key in plan.role_keys(m).values()
+            for key in role_keys(m).values()
         }
         for _, rp in region_plans:
             for r in rp.releases:
@@ -310,7 +312,7 @@ def test_histogram_bins_are_never_empty(setting: h.Setting) -> None:
     """
     for m in setting.measures():
         if m.statistic is S.HISTOGRAM:
-            fig = h.noiseless(setting, m.name)
+            fig = cr.noiseless(setting, m.name)
             rows = [i for region in fig.regions(m.name).values() for i in region]
             assert len(rows) == 4 * (len(setting.regions) + 1), m.name
             assert all(fig.truth[i] >= 20 for i in rows), (m.name, fig.truth[rows])
@@ -323,7 +325,7 @@ def test_denominators_are_far_from_zero(setting: h.Setting) -> None:
     So the noise is not overwhelming: a correct interval is bounded (a Fieller interval is
     unbounded only within z sds of zero) and no figure should lack an estimate.
     """
-    plans = h.prepare(setting).plans
+    plans = cr.prepare(setting).plans
     for qi, q in enumerate(setting.queries):
         for m in q.measures:
             if m.statistic in {S.MEAN, S.VARIANCE, S.STDDEV}:
@@ -348,7 +350,7 @@ def test_denominators_are_far_from_zero(setting: h.Setting) -> None:
 
 def test_data_have_the_stated_shape() -> None:
     """Symmetric age and weight_change; skewed, heavy-tailed los and cost (large, pooled)."""
-    runner = h.prepare(LARGE).runners[POOLED]
+    runner = cr.prepare(LARGE).runners[POOLED]
     shape = {
         c: (
             runner.scalar(f"SELECT skewness({c}) FROM stays"),  # noqa: S608
@@ -373,7 +375,7 @@ def test_the_harness_releases_are_the_node_s(setting: h.Setting) -> None:
     Besides two real draws, three made-up ones exercise the node's small-cell rule: every
     count at suppress_below (released), then below it, then all zero (the group withheld).
     """
-    plans = h.prepare(setting).plans
+    plans = cr.prepare(setting).plans
     for q, region_plans in zip(setting.queries, plans, strict=True):
         for _, rp in region_plans:
             real = h.draw_noisy(rp, 2)
@@ -423,17 +425,17 @@ def test_noiseless_figure_is_the_census_aggregate(setting: h.Setting, statistic:
     exact (counts, integer columns in units of 1, integer quantiles, histograms); one bin
     width for a quantile interpolated on a continuous grid.
     """
-    runners = h.prepare(setting).runners
+    runners = cr.prepare(setting).runners
     checked = 0
     for m in setting.measures():
         if m.statistic is not statistic:
             continue
-        fig = h.noiseless(setting, m.name)
+        fig = cr.noiseless(setting, m.name)
         for region, runner in runners.items():
             rows = fig.rows(m.name, region)
             got = [float(fig.truth[i]) for i in rows]
             edges = [fig.bin_lower[i] for i in rows] + [fig.bin_upper[rows[-1]]]
-            want, tolerance = h.census(runner, setting, m, edges)
+            want, tolerance = cr.census(runner, setting, m, edges)
             assert len(got) == len(want)
             for g, w in zip(got, want, strict=True):
                 slack = tolerance + 1e-9 * max(1.0, abs(w))

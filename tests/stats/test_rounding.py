@@ -18,7 +18,7 @@ from queries import combine, plan
 from queries.results import BudgetStatus, NodeRelease, ReleaseRules
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Query
-from tests.stats import coverage_harness as h
+from tests.stats import coverage_rates as h
 
 DRAWS = 3_500
 GROUPS = tuple(f"g{i}" for i in range(5))

@@ -1,7 +1,7 @@
 """Hostile input at the command line: one `error:` line, a documented exit code, no traceback.
 
-Real files throughout (a spec that is not UTF-8, a FIFO and /dev/zero, a node.toml with a 0xff
-byte, a junk ledger, malformed PEMs); the hub address is a closed loopback port.
+Real files throughout (a node.toml with a 0xff byte, a junk ledger, malformed PEMs); the hub
+address is a closed loopback port. Hostile `--spec` files are in test_cli_spec_files.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,36 +20,20 @@ from typer.testing import CliRunner
 
 from coordinator import cli as chc_cli
 from coordinator.audit import cli as audit_cli
-from coordinator.cli import MAX_SPEC_BYTES
+from coordinator.hub import cli as hub_cli
 from coordinator.local import synth
 from node import cli as node_cli
 from node.bootstrap import init_node
-from protocols import security
 from protocols.cli import ChcGroup, DebugOpt, ExitCode
+from protocols.security.pki import CA_FILE, CA_KEY_FILE, CERT_FILE, KEY_FILE, Role, create_ca, issue
+from tests.unit._cli_helpers import chc, error_line
 
-# Two lines of a file no analyst should see echoed: a spec symlinked to it must not show them.
-SYSTEM_LINE = "root:$6$saltsalt$hashedpasswordhashedpassword:19000:0:99999:7:::"
-PRIVATE_TEXT = "hunter2-correct-horse-battery"
 # A certificate PEM whose body is cut short: it parses as PEM framing but not as DER.
 BROKEN_PEM = (
     "-----BEGIN CERTIFICATE-----\n"
     "MIIBkTCB+wIJAKHBfpegPjMCMA0GCSqGSIb3DQEBBQUAMBExDzANBgNVBAMMBnNl\n"
     "-----END CERTIFICATE-----\n"
 )
-
-
-def error_line(run: Result) -> str:
-    """The one `error:` line a failed command printed on stderr, checked for tracebacks."""
-    assert "Traceback" not in run.output, run.output
-    assert run.exception is None or isinstance(run.exception, SystemExit), run.exception
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-def chc(*args: str) -> Result:
-    return CliRunner().invoke(chc_cli.app, list(args))
 
 
 def chc_node(*args: str) -> Result:
@@ -69,8 +51,8 @@ def closed_port() -> int:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pki")
-    security.create_ca(folder)
-    security.issue(folder, role=security.Role.ANALYST, name="alice", out_dir=folder / "alice")
+    create_ca(folder)
+    issue(folder, role=Role.ANALYST, name="alice", out_dir=folder / "alice")
     return folder
 
 
@@ -88,7 +70,7 @@ def node_dir(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Path:
     synth.generate_region(synth.region_by_slug("nwc"), 300, data, seed=3)
     config, report = init_node(root / "node", name="nwc", omop=data, pathways=["copd"])
     assert report.ok
-    security.issue(pki, role=security.Role.NODE, name="nwc", out_dir=config.parent / "identity")
+    issue(pki, role=Role.NODE, name="nwc", out_dir=config.parent / "identity")
     return config.parent
 
 
@@ -103,7 +85,7 @@ def copy_node(node_dir: Path, to: Path) -> Path:
 
 def test_no_typer_app_shows_local_variables_in_tracebacks() -> None:
     """rich's locals would print certificate and key bytes held in local variables."""
-    apps = [chc_cli.app, chc_cli.hub_app, chc_cli.pki_app, audit_cli.audit_app, node_cli.app]
+    apps = [chc_cli.app, hub_cli.hub_app, hub_cli.pki_app, audit_cli.audit_app, node_cli.app]
     assert [a.pretty_exceptions_show_locals for a in apps] == [False] * len(apps)
 
 
@@ -159,156 +141,6 @@ def test_a_malformed_export_never_shows_a_traceback(tmp_path: Path) -> None:
     error_line(run)
 
 
-# ---- spec files ----------------------------------------------------------------------------
-
-
-def test_a_spec_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
-    spec = tmp_path / "query.yaml"
-    spec.write_bytes(b"view: persons\nrho: 0.1\ngroup_by: [sex]  # caf\xe9\n")
-    run = chc("query", "--spec", str(spec))
-    assert run.exit_code == ExitCode.USAGE
-    line = error_line(run)
-    assert str(spec) in line
-    assert "not UTF-8" in line
-
-
-def test_a_spec_from_a_fifo_is_read_only_up_to_the_limit(tmp_path: Path) -> None:
-    """The reader stops one byte past MAX_SPEC_BYTES: the writer sees the pipe close."""
-    fifo = tmp_path / "spec.fifo"
-    os.mkfifo(fifo)
-    outcome: list[str] = []
-
-    def feed() -> None:
-        try:
-            with fifo.open("wb", buffering=0) as f:
-                for _ in range(4):
-                    f.write(b"#" * (MAX_SPEC_BYTES // 2))
-            outcome.append("all sent")
-        except BrokenPipeError:
-            outcome.append("reader stopped")
-
-    writer = threading.Thread(target=feed, daemon=True)
-    writer.start()
-    try:
-        run = chc("query", "--spec", str(fifo), "--rho", "0.1")
-    finally:
-        writer.join(timeout=10)
-        if writer.is_alive():  # the command never opened the FIFO: release the writer
-            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-            writer.join(timeout=10)
-    assert run.exit_code == ExitCode.USAGE
-    line = error_line(run)
-    assert f"--spec {fifo} is larger than 256 KB" in line
-    assert outcome == ["reader stopped"]
-
-
-@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
-def test_a_spec_from_dev_zero_is_refused_without_reading_it_all() -> None:
-    run = chc("query", "--spec", "/dev/zero", "--rho", "0.1")
-    assert run.exit_code == ExitCode.USAGE
-    assert "--spec /dev/zero is larger than 256 KB" in error_line(run)
-
-
-def test_a_yaml_alias_bomb_in_a_spec_is_refused_at_once(tmp_path: Path) -> None:
-    """It used to hang the CLI and grow to GBs while the error message expanded it."""
-    lines = ['a0: &a0 ["x"]']
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
-    bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("\n".join([*lines, "view: persons", "rho: 0.1", "group_by: *a9"]) + "\n")
-    started = time.perf_counter()
-    run = chc("query", "--spec", str(bomb))
-    assert time.perf_counter() - started < 5
-    assert run.exit_code == ExitCode.USAGE
-    line = error_line(run)
-    assert "alias" in line or "anchor" in line, line
-    assert len(line) < 500
-
-
-def test_a_spec_that_cannot_be_read_names_the_flag(tmp_path: Path) -> None:
-    run = chc("query", "--spec", str(tmp_path))  # a folder
-    assert run.exit_code == ExitCode.USAGE
-    assert f"--spec {tmp_path}: cannot read it" in error_line(run)
-
-
-@pytest.fixture
-def system_file(tmp_path: Path) -> Path:
-    """Stands in for a readable system file, outside the analyst's project folder."""
-    target = tmp_path / "etc" / "shadow-like"
-    target.parent.mkdir()
-    return target
-
-
-def spec_link(tmp_path: Path, target: Path, text: str) -> Path:
-    target.write_text(text, encoding="utf-8")
-    link = tmp_path / "query.yaml"
-    link.symlink_to(target)
-    return link
-
-
-def test_unknown_fields_are_quoted_as_short_names_only(tmp_path: Path, system_file: Path) -> None:
-    spec = spec_link(tmp_path, system_file, f"view: persons\n{SYSTEM_LINE}: {PRIVATE_TEXT}\n")
-    run = chc("query", "--spec", str(spec))
-    assert run.exit_code == ExitCode.REFUSED
-    line = error_line(run)
-    assert f"unknown field(s) '{SYSTEM_LINE[:23]}…'; a query spec has delta, epsilon" in line
-    assert PRIVATE_TEXT not in run.output
-    assert SYSTEM_LINE not in run.output
-    spec.unlink()
-    lines = [f"key_{i:02}: {PRIVATE_TEXT}" for i in range(40)]
-    spec = spec_link(tmp_path, system_file, "\n".join(lines) + "\n")
-    run = chc("query", "--spec", str(spec))
-    line = error_line(run)
-    assert "unknown field(s) 'key_00', 'key_01', 'key_02', 'key_03', 'key_04' and 35 more" in line
-    assert PRIVATE_TEXT not in run.output
-    assert len(line) < 400
-
-
-def test_nested_unknown_fields_and_values_are_not_echoed(tmp_path: Path, system_file: Path) -> None:
-    spec = spec_link(
-        tmp_path,
-        system_file,
-        f"view: persons\nrho: 0.1\nmeasures:\n  - {{statistic: count, '{SYSTEM_LINE}': 1}}\n",
-    )
-    run = chc("query", "--spec", str(spec))
-    assert run.exit_code == ExitCode.REFUSED
-    line = error_line(run)
-    assert "measures[0]: unknown field(s)" in line
-    assert SYSTEM_LINE not in run.output
-    spec.unlink()
-    spec = spec_link(tmp_path, system_file, f"view: '{SYSTEM_LINE}'\nrho: 0.1\n")
-    run = chc("query", "--spec", str(spec))
-    assert run.exit_code == ExitCode.REFUSED
-    line = error_line(run)
-    assert "view '…' is not a valid name" in line
-    assert SYSTEM_LINE not in run.output
-    # A name-like value is what the analyst typed as a name: it is quoted back.
-    spec.unlink()
-    spec = spec_link(
-        tmp_path, system_file, "view: persons\nrho: 0.1\nmeasures: [{statistic: medain}]\n"
-    )
-    assert "'medain' is not supported" in error_line(chc("query", "--spec", str(spec)))
-
-
-def test_yaml_errors_say_where_without_quoting_the_line(tmp_path: Path, system_file: Path) -> None:
-    spec = spec_link(tmp_path, system_file, f"password: {PRIVATE_TEXT}: x\n")
-    run = chc("query", "--spec", str(spec))
-    assert run.exit_code == ExitCode.USAGE
-    line = error_line(run)
-    assert "is not valid YAML or JSON at line 1" in line
-    assert PRIVATE_TEXT not in run.output
-
-
-def test_a_spec_that_is_not_a_mapping_says_what_it_holds(tmp_path: Path) -> None:
-    account = "alice:x:1000:1000:Alice,,,:/home/alice:/bin/bash"
-    spec = tmp_path / "passwd"
-    spec.write_text(f"{account}\n{account}\n", encoding="utf-8")
-    run = chc("query", "--spec", str(spec))
-    assert run.exit_code == ExitCode.REFUSED
-    line = error_line(run)
-    assert "holds a str, not a query spec" in line
-    assert "alice" not in run.output
-
-
 # ---- flags ---------------------------------------------------------------------------------
 
 
@@ -353,7 +185,7 @@ def test_synth_flags_are_usage_errors(tmp_path: Path) -> None:
 # ---- identities ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("broken", [security.CERT_FILE, security.KEY_FILE, security.CA_FILE])
+@pytest.mark.parametrize("broken", [CERT_FILE, KEY_FILE, CA_FILE])
 def test_a_malformed_identity_pem_names_the_file(
     broken: str, pki: Path, tmp_path: Path, hub_args: list[str]
 ) -> None:
@@ -373,7 +205,7 @@ def test_a_malformed_identity_pem_names_the_file(
 def test_a_malformed_ca_key_names_the_pki_folder(pki: Path, tmp_path: Path) -> None:
     folder = tmp_path / "pki"
     shutil.copytree(pki, folder)
-    (folder / security.CA_KEY_FILE).write_text(BROKEN_PEM)
+    (folder / CA_KEY_FILE).write_text(BROKEN_PEM)
     run = chc("pki", "issue", str(folder), "--role", "analyst", "--name", "bob")
     assert run.exit_code == ExitCode.USAGE
     assert f"{folder} does not hold a readable CA" in error_line(run)
@@ -406,7 +238,7 @@ def test_check_with_a_ledger_that_is_not_sqlite(node_dir: Path, tmp_path: Path) 
 
 def test_check_with_a_malformed_node_certificate(node_dir: Path, tmp_path: Path) -> None:
     config = copy_node(node_dir, tmp_path / "node")
-    cert = config.parent / "identity" / security.CERT_FILE
+    cert = config.parent / "identity" / CERT_FILE
     cert.write_text(BROKEN_PEM)
     run = chc_node("check", "--config", str(config))
     assert run.exit_code == ExitCode.USAGE

@@ -18,16 +18,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from coordinator.audit import ledgers as audit
+from coordinator.audit.sources import open_file
+from coordinator.audit.verification import verify
 from coordinator.cli import app
 from node.budget.accounting import Charge, open_accountant
 from node.budget.ledger import SqliteLedger
 from node.config import load_config
+from protocols.budget.changes import POLICY_RECORD, policy_record
 from protocols.budget.policy import BudgetPolicy, period_bounds
-from protocols.budget.rules import POLICY_RECORD, policy_record
 from protocols.ledger.entry import canonical_json, default_key_path, entry_hash, format_time
 from queries.errors import BudgetExceededError, ConfigError, LedgerIntegrityError
-from tests.unit.test_accounting_contract import Clock, Pki, make_pki, signed_charge
+from tests.unit._accounting_helpers import Clock, Pki, make_pki, signed_charge
 
 POLICY = BudgetPolicy(total_rho=2.0, max_rho_per_query=0.5)
 
@@ -46,7 +47,7 @@ def bodies(path: Path) -> list[dict[str, Any]]:
 
 
 def problems(path: Path, pki: Pki) -> list[str]:
-    return [str(a) for a in audit.verify(audit.open_file(path), ca_pem=pki.ca_pem).anomalies]
+    return [str(a) for a in verify(open_file(path), ca_pem=pki.ca_pem).anomalies]
 
 
 def node_key(path: Path) -> Ed25519PrivateKey:
@@ -131,7 +132,7 @@ def test_a_loosened_policy_is_refused_at_start_unless_a_custodian_overrides_it(
     # Restarting on the same (now recorded) policy needs no override and records nothing.
     open_ledger(path, looser).close()
     assert len(bodies(path)) == 4
-    result = audit.verify(audit.open_file(path), ca_pem=pki.ca_pem)
+    result = verify(open_file(path), ca_pem=pki.ca_pem)
     assert result.ok, [str(a) for a in result.anomalies]
     assert [(p.entry, p.loosened, p.override) for p in result.policies] == [
         (1, [], None),
@@ -158,7 +159,7 @@ def test_a_tightened_policy_is_recorded_and_then_in_force(tmp_path: Path, pki: P
     # Going back to the old caps is now a loosening.
     with pytest.raises(ConfigError, match=r"budget\.total_rho from 0\.8 to 2"):
         open_ledger(path)
-    assert audit.verify(audit.open_file(path), ca_pem=pki.ca_pem).ok
+    assert verify(open_file(path), ca_pem=pki.ca_pem).ok
 
 
 def test_check_only_opening_records_nothing(tmp_path: Path, pki: Pki) -> None:
@@ -246,7 +247,7 @@ def test_a_node_refuses_to_open_a_ledger_whose_policy_entry_was_edited(tmp_path:
     con.close()
     with pytest.raises(LedgerIntegrityError, match="entry 1: its signature does not verify"):
         open_ledger(path, BudgetPolicy(total_rho=100.0, max_rho_per_query=0.5))
-    result = audit.verify(audit.open_file(path))
+    result = verify(open_file(path))
     assert any(a.entry == 1 and "signature does not verify" in a.problem for a in result.anomalies)
 
 
@@ -396,7 +397,7 @@ def test_a_ledger_from_before_policy_entries_verifies_and_is_upgraded(
             }
         )
     write_chain(path, legacy, keep=0)
-    result = audit.verify(audit.open_file(path), ca_pem=pki.ca_pem)
+    result = verify(open_file(path), ca_pem=pki.ca_pem)
     assert result.ok, [str(a) for a in result.anomalies]
     assert (result.entries, result.policies) == (3, [])
     ledger = open_ledger(
@@ -411,6 +412,6 @@ def test_a_ledger_from_before_policy_entries_verifies_and_is_upgraded(
         ledger.check("bob", 0.1)
     ledger.close()
     assert [b["record"] for b in bodies(path)][3:] == [POLICY_RECORD, "chc.ledger.entry"]
-    result = audit.verify(audit.open_file(path), ca_pem=pki.ca_pem)
+    result = verify(open_file(path), ca_pem=pki.ca_pem)
     assert result.ok, [str(a) for a in result.anomalies]
     assert [(p.entry, p.first) for p in result.policies] == [(4, True)]

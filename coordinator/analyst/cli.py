@@ -1,0 +1,289 @@
+"""`chc query` and `chc nodes`: the analyst's commands, and reading a query spec file safely.
+
+The top-level app (coordinator/cli.py) registers these commands. They are kept here, with
+the hub connection they share and the reading of `--spec FILE`, because that reading is
+the analyst-facing half of the spec's defences: a spec may be any file the analyst can
+read, so it is read with a size cap and its errors quote field names only, never its text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from coordinator.analyst import report
+from coordinator.analyst.client import Federation
+from coordinator.hub.service import MAX_DEADLINE_MS
+from coordinator.local.demo import read_demo_state
+from protocols.cli import CommandFailedError, ExitCode, read_identity
+from queries import spec, spec_io
+from queries.errors import ConfigError, QueryError
+from queries.sql import parse_sql
+
+# A query spec is a few lines; reading stops one byte past this, so `--spec /dev/zero` or a
+# FIFO that never ends costs a megabyte, not the machine's memory (README, "Command line").
+# The spec parser's own limit: a query spec is a few lines of YAML or JSON.
+MAX_SPEC_BYTES = spec_io.MAX_SPEC_BYTES
+# Fields of a query spec: those of the canonical form, and the budget as (epsilon, delta).
+SPEC_FIELDS = frozenset(spec.Query(view="persons", rho=1.0).to_dict()) | {"epsilon", "delta"}
+# Longest error about a spec file, and longest field name quoted in it: a spec may be any
+# file the analyst can read, and its text must not come back in the error.
+_MAX_SPEC_ERROR = 400
+_MAX_FIELD_NAME = 24
+# A string of the spec that is a name (view, column, statistic) may be quoted back.
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _connect(hub: str | None, identity: Path | None) -> Federation:
+    defaults = read_demo_state()
+    hub = hub or defaults.get("hub")
+    ident = identity or (Path(defaults["identity"]) if "identity" in defaults else None)
+    if hub is None or ident is None:
+        raise ConfigError(
+            "give --hub ADDRESS and --identity DIR (or start `chc demo --keep-running`, whose "
+            "hub and analyst identity are then the defaults)"
+        )
+    return Federation(hub, read_identity(ident))
+
+
+def _deadline(seconds: float) -> float:
+    """--deadline, checked: the hub takes whole milliseconds, up to its maximum."""
+    longest = MAX_DEADLINE_MS / 1000
+    # Below a millisecond the request would say 0, which the hub reads as "its default".
+    if not (math.isfinite(seconds) and 0.001 <= seconds <= longest):
+        raise ConfigError(
+            f"--deadline {seconds:g} is out of range: give the seconds to wait for the nodes, "
+            f"from 0.001 to {longest:g} (the hub's maximum)"
+        )
+    return seconds
+
+
+def _read_spec(path: Path) -> object:
+    """The parsed YAML or JSON of --spec FILE: at most MAX_SPEC_BYTES, strict UTF-8."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"--spec {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ConfigError(
+            f"--spec {path} is larger than {MAX_SPEC_BYTES // 1024} KB: a query spec "
+            "is a few lines of YAML or JSON"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--spec {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
+    try:
+        # The spec module's loader: no YAML anchors or aliases, bounded size and depth.
+        return spec_io.load_yaml(text)
+    except QueryError as exc:
+        raise ConfigError(f"--spec {path}: {exc}") from None
+
+
+def _strings(data: object) -> tuple[set[str], set[str]]:
+    """The field names and the string values in a parsed spec.
+
+    Each object is visited once, so YAML aliases cannot make the walk longer than the file
+    (at most MAX_SPEC_BYTES) is.
+    """
+    keys: set[str] = set()
+    values: set[str] = set()
+    seen: set[int] = set()
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            keys.update(str(k) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            values.add(item)
+    return keys, values
+
+
+def _field_name(name: str) -> str:
+    """A field name as an error quotes it: shortened, control characters escaped by repr."""
+    return name if len(name) <= _MAX_FIELD_NAME else name[: _MAX_FIELD_NAME - 1] + "…"
+
+
+def _spec_error(path: Path, message: str, data: object) -> str:
+    """An error about a spec file that quotes its field names (shortened) and names only.
+
+    spec.py quotes what it refuses with repr(); any other string from the file, which may be
+    a system file's lines, is replaced by '…'.
+    """
+    keys, values = _strings(data)
+    for text in sorted(keys | values, key=len, reverse=True):
+        if _NAME.fullmatch(text):
+            continue
+        shown = _field_name(text) if text in keys else "…"
+        message = message.replace(repr(text), repr(shown))
+        if len(text) >= 8:
+            message = message.replace(text, shown)
+    message = f"--spec {path}: {message}"
+    if len(message) > _MAX_SPEC_ERROR:
+        message = message[: _MAX_SPEC_ERROR - 1] + "…"
+    return message
+
+
+def _spec_query(path: Path, data: object, budget: float | None) -> spec.Query:
+    """The Query of a parsed spec file; errors quote its field names only."""
+    if not isinstance(data, dict):
+        kind = "nothing" if data is None else f"a {type(data).__name__}"
+        raise QueryError(
+            f"--spec {path} holds {kind}, not a query spec: a mapping with at least view and rho"
+        )
+    unknown = sorted(str(k) for k in data if k not in SPEC_FIELDS)
+    if unknown:
+        shown = ", ".join(repr(_field_name(k)) for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise QueryError(
+            f"--spec {path}: unknown field(s) {shown}{more}; a query spec has "
+            + ", ".join(sorted(SPEC_FIELDS))
+        )
+    if budget is not None:
+        data = {k: v for k, v in data.items() if k not in {"rho", "epsilon", "delta"}}
+        data["rho"] = budget
+    try:
+        return spec_io.from_dict(data)
+    except QueryError as exc:
+        raise QueryError(_spec_error(path, str(exc), data)) from None
+    except RecursionError:
+        raise QueryError(f"--spec {path} is nested too deeply") from None
+
+
+def _budget(rho: float | None, epsilon: float | None, delta: float) -> float:
+    if rho is not None and epsilon is not None:
+        raise ConfigError("give --rho or --epsilon, not both")
+    if epsilon is not None:
+        return spec.rho_from_epsilon(epsilon, delta)
+    if rho is None:
+        raise ConfigError("give the privacy budget per node: --rho R (zCDP) or --epsilon E")
+    return rho
+
+
+def _build_query(
+    sql_text: str | None,
+    spec_file: Path | None,
+    view: str | None,
+    group_by: list[str] | None,
+    where: list[str] | None,
+    rho: float | None,
+    epsilon: float | None,
+    delta: float,
+) -> spec.Query:
+    chosen = [x for x in (sql_text, spec_file, view) if x is not None]
+    if len(chosen) != 1:
+        raise ConfigError("give exactly one of --sql, --spec FILE or --view")
+    if spec_file is not None:
+        data = _read_spec(spec_file)
+        given = rho is not None or epsilon is not None
+        return _spec_query(spec_file, data, _budget(rho, epsilon, delta) if given else None)
+    budget = _budget(rho, epsilon, delta)
+    if sql_text is not None:
+        try:
+            return parse_sql(sql_text, rho=budget)
+        except RecursionError:  # queries/sql.py bounds the nesting; this is the backstop
+            raise QueryError("--sql is nested too deeply") from None
+    filters = []
+    for w in where or []:
+        column, sep, values = w.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--where {w!r} must look like COLUMN=V1,V2")
+        filters.append(spec.Filter(column=column.strip(), values=tuple(values.split(","))))
+    return spec.Query(
+        view=view or "", rho=budget, group_by=tuple(group_by or ()), where=tuple(filters)
+    )
+
+
+def query(
+    sql_text: Annotated[
+        str | None, typer.Option("--sql", help='e.g. "SELECT sex, COUNT(*) FROM copd GROUP BY sex"')
+    ] = None,
+    spec_file: Annotated[
+        Path | None, typer.Option("--spec", help="a YAML or JSON query spec")
+    ] = None,
+    view: Annotated[str | None, typer.Option(help="count persons in this view")] = None,
+    group_by: Annotated[
+        list[str] | None, typer.Option("--group-by", "-g", help="public column (repeatable)")
+    ] = None,
+    where: Annotated[
+        list[str] | None, typer.Option(help="COLUMN=V1,V2 on a public column (repeatable)")
+    ] = None,
+    rho: Annotated[float | None, typer.Option(help="zCDP budget charged at each node")] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="budget as (epsilon, delta)-DP, converted to rho")
+    ] = None,
+    delta: Annotated[float, typer.Option(help="delta for --epsilon")] = 1e-6,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="show the plan, cost and noise; spend nothing")
+    ] = False,
+    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
+    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
+    deadline: Annotated[float, typer.Option(help="seconds to wait for nodes")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
+) -> None:
+    """Run a federated DP query at every node; print per-region and pooled estimates."""
+    q = _build_query(sql_text, spec_file, view, group_by, where, rho, epsilon, delta)
+    deadline = _deadline(deadline)
+    console = Console()
+    with _connect(hub, identity) as fed:
+        if explain:
+            explains = fed.explain(q, deadline_s=deadline)
+            if as_json:
+                console.print_json(report.to_json([report.explain_to_dict(e) for e in explains]))
+            else:
+                report.print_explain(console, explains, q)
+            _fail_on(report.explain_failure(explains))
+            return
+        result = fed.query(q, deadline_s=deadline)
+    if as_json:
+        console.print_json(report.to_json(report.result_to_dict(result, q)))
+    elif as_csv:
+        typer.echo(report.result_to_csv(result, q), nl=False)
+    else:
+        report.print_result(console, result, q)
+    _fail_on(report.result_failure(result))
+
+
+def _fail_on(failure: report.Failure | None) -> None:
+    """Exit non-zero, after the output, if no node answered or the answer is empty."""
+    if failure is not None:
+        code = ExitCode.REFUSED if failure.refused else ExitCode.NO_ANSWER
+        raise CommandFailedError(code, failure.reason)
+
+
+def nodes(
+    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
+    identity: Annotated[Path | None, typer.Option(help="identity folder")] = None,
+) -> None:
+    """List every node's views and remaining privacy budget."""
+    console = Console()
+    with _connect(hub, identity) as fed:
+        found, missing = fed.nodes()
+    for d in found:
+        b = d.budget
+        console.print(
+            f"[bold]{d.node}[/] ({d.protocol_version}): rho {b.rho_spent:.4g} spent of "
+            f"{b.rho_total:.4g}, at most {b.max_rho_per_query:.4g} per query"
+        )
+        for v in d.catalog.views:
+            cols = ", ".join(c.name for c in v.columns if c.type.value == "category")
+            console.print(f"  {v.name}: {v.description} [dim](group by: {cols})[/]")
+    for o in missing:
+        console.print(f"[red]{o.node}: {o.status.value}[/] {o.message}")
+    if not found:
+        _fail_on(report.nobody_answered(missing))
