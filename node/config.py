@@ -22,7 +22,7 @@ BUDGET_KEYS = frozenset(
 )
 
 
-# Refusals from one peer that reach the ledger per window (node.service.RefusalLimiter,
+# Refusals from one peer that reach the ledger per window (node.guards.RefusalLimiter,
 # docs/threat-model.md "Bounded work"): 30 a minute is far more than an analyst fixing a
 # query or a hub relaying a busy federation's mistakes produce, and caps what an authenticated
 # peer can make the node write by being refused at 31 entries (about 100 KB) a minute.
@@ -62,7 +62,7 @@ class NodeConfig:
     # The federation's certificate revocation list (default: crl.pem in the identity folder).
     crl: Path | None = None
     # The privacy ledger (default: <name>.ledger.sqlite beside node.toml, see
-    # node.accounting.open_accountant) and its Ed25519 signing key (default: beside it).
+    # node.budget.accounting.open_accountant) and its Ed25519 signing key (default: beside it).
     ledger: Path | None = None
     ledger_key: Path | None = None
     # Data layer (docs/data.md): the schema of a DuckDB source, the LSOA -> IMD lookup, a

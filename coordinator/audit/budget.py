@@ -2,7 +2,7 @@
 
 coordinator/audit/verification.py checks the chain and the signatures, and
 coordinator/audit/query_checks.py the analysts' envelopes; both hand
-every entry's budget fields here. A ledger's policy entries (protocols/budget_log.py) say
+every entry's budget fields here. A ledger's policy entries (protocols/budget/changes.py) say
 which caps were in force from when: each must name the policy it replaces exactly, record
 exactly how it loosens it, and carry a custodian's reason if it does. Every later entry must
 record those caps, and every release must fit them: the period caps over the period that

@@ -1,6 +1,6 @@
 """Verifying a ledger entry by entry: what `chc audit verify` checks and what it found.
 
-`verify` checks everything the entry format (node/ledger.py, docs/ledger.md) promises: the
+`verify` checks everything the entry format (protocols/ledger/, docs/ledger.md) promises: the
 hash chain, every signature against the node's public key, the sequence (gaps, repeats,
 reordering), the signed head (deletions at the end), every released query's envelope against
 the federation CA, and that recorded totals never exceeded the caps in force. It names the

@@ -1,7 +1,7 @@
 """The node's privacy accounting interface: check, charge, refuse, and read back.
 
 Flower's state pattern: one abstract class, implementations (in memory for tests and dev;
-the signed, hash-chained SQLite ledger in node/ledger.py for real nodes), and one contract
+the signed, hash-chained SQLite ledger in node/budget/ledger.py for real nodes), and one contract
 test suite run against every implementation. Budgets are derived from what was recorded,
 never from a separate counter.
 """
@@ -54,7 +54,7 @@ class RateLimited:
 class Refusal:
     """A refused request, recorded at zero cost.
 
-    The ledger keeps a bounded digest of what was sent (node/ledger.py: refusal_entry), never
+    The ledger keeps a bounded digest of what was sent (node/budget/book.py: refusal_fields), never
     the whole query or envelope, so a refusal costs a few KB however much the caller sent.
     """
 
@@ -144,7 +144,7 @@ class Accountant(abc.ABC):
 class MemoryAccountant(Accountant):
     """The ledger kept in memory, signed with a throwaway key: for tests and development.
 
-    It builds exactly the entries the SQLite ledger stores (node.ledger.LedgerBook), so one
+    It builds exactly the entries the SQLite ledger stores (node.budget.book.LedgerBook), so one
     contract suite covers both, and a verifier can check them; nothing survives a restart.
     """
 
@@ -156,7 +156,7 @@ class MemoryAccountant(Accountant):
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         super().__init__(policy, clock=clock)
-        # Imported here: node.ledger builds on this module.
+        # Imported here: node.budget.book builds on this module.
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from node.budget.book import LedgerBook

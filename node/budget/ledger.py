@@ -8,7 +8,7 @@ against, and the SHA-256 of the previous entry (body + signature). The node sign
 with its ledger key. A signed *head* (the last sequence number and its hash) is rewritten in
 the same transaction as every append, so deleting entries at the end is detected too.
 
-The caps in force are the ledger's own: a signed *policy* entry (protocols/budget/rules.py)
+The caps in force are the ledger's own: a signed *policy* entry (protocols/budget/changes.py)
 records the whole budget policy whenever the node opens the ledger with a new one.
 
 Charge before release (DESIGN principle 2): `charge()` checks every cap and appends inside one

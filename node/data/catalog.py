@@ -2,7 +2,7 @@
 
 Every domain, bound and row cap below is declared in code or taken from the node's
 configuration (the reference date, the pathway files), so publishing the catalog through
-`Describe` leaks nothing about patients. The SQL in node/views.py builds the views to match:
+`Describe` leaks nothing about patients. The SQL in node/data/views.py builds the views to match:
 it maps every value onto these domains, clamps numeric columns to these bounds and keeps at
 most `max_rows_per_person` rows per person, which is what the query engine's sensitivities
 rely on.

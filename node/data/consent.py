@@ -34,7 +34,7 @@ be readable and valid, or the node refuses to start: it fails closed, never open
 is read exactly (digits only, within BIGINT), never through a floating-point or lenient cast
 that could move a decision to another person (node/data/registers.py reads and checks the
 files). A running node re-reads the registers when they change (register_states here, the
-rebuild in node/store.py).
+rebuild in node/data/store.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """DuckDB over a node's OMOP CDM: source tables read in place, analysis views rebuilt when
 the consent registers change.
 
-At start the store checks and stages the OMOP tables it needs (node/validate.py), applies
-opt-outs and children's consent (node/consent.py), and builds the analysis views in memory
-(node/views.py). It then detaches the source, drops every working table and locks DuckDB
-down, so queries see only the views of the catalog (node/catalog.py) and can read no file.
+At start the store checks and stages the OMOP tables it needs (node/data/validate.py), applies
+opt-outs and children's consent (node/data/consent.py), and builds the analysis views in memory
+(node/data/views.py). It then detaches the source, drops every working table and locks DuckDB
+down, so queries see only the views of the catalog (node/data/catalog.py) and can read no file.
 The source is never written to: files are only read and a DuckDB file is attached READ_ONLY.
 
 A running store watches its consent registers: a stat of each file every few seconds, and a

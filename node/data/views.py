@@ -1,9 +1,9 @@
 """Build the analysis views (persons, visits, one per pathway) from the staged OMOP tables.
 
-Runs after node/validate.py has staged the typed columns (s_person, s_visit, s_condition,
-s_death_raw, s_area, s_concepts) and node/consent.py has listed the excluded persons
+Runs after node/data/validate.py has staged the typed columns (s_person, s_visit, s_condition,
+s_death_raw, s_area, s_concepts) and node/data/consent.py has listed the excluded persons
 (consent_excluded). The first step drops every excluded person from the base tables, so no
-view can see them. Every view then follows its catalog entry (node/catalog.py): each value
+view can see them. Every view then follows its catalog entry (node/data/catalog.py): each value
 lies in its column's public domain or bounds, and no person has more rows than the view's
 max_rows_per_person. Definitions are in docs/data.md.
 """

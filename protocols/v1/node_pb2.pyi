@@ -83,10 +83,10 @@ class QueryEnvelope(_message.Message):
     analyst_certificate: _builtins.bytes
     """The analyst's certificate (PEM) so that nodes can verify the chain to the CA."""
     signature_algorithm: _builtins.str
-    """e.g. "ecdsa-p256-sha256"; the signature covers protocols.security.signed_payload()."""
+    """e.g. "ecdsa-p256-sha256"; the signature covers protocols.security.envelope.signed_payload()."""
     signature: _builtins.bytes
     payload_version: _builtins.int
-    """Which layout of protocols.security.signed_payload() the signature covers. 0 (absent)
+    """Which layout of protocols.security.envelope.signed_payload() the signature covers. 0 (absent)
     is version 1, which covered fields 1-5 only: nodes refuse it, auditors still verify it
     in ledgers written before version 2.
     """
@@ -545,7 +545,7 @@ Global___LedgerRequest: _TypeAlias = LedgerRequest  # noqa: Y015
 @_typing.final
 class LedgerEntry(_message.Message):
     """One ledger entry exactly as the node signed it: `body` is canonical JSON (see
-    node/ledger.py for its fields, including prev_hash), `signature` is Ed25519 over body.
+    protocols/ledger/entry.py for its fields, including prev_hash), `signature` is Ed25519 over body.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -1,4 +1,4 @@
-"""The public catalog (node.catalog) against the views the store builds (node.views).
+"""The public catalog (node.data.catalog) against the views the store builds (node.data.views).
 
 Sensitivities rest on the catalog: every value a view holds must lie in its column's public
 domain or bounds, no person may have more rows than max_rows_per_person, and person-level

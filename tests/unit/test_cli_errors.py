@@ -133,7 +133,7 @@ def test_debug_prints_the_plain_traceback_without_locals() -> None:
 
 
 def test_a_malformed_export_never_shows_a_traceback(tmp_path: Path) -> None:
-    """A truncated Parquet export (today an internal error in coordinator/audit.py)."""
+    """A truncated Parquet export (today an internal error in the auditor's tools)."""
     export = tmp_path / "nwc.parquet"
     export.write_bytes(b"PAR1" + b"\x00" * 8 + b"PAR1")
     run = chc("audit", "verify", str(export))

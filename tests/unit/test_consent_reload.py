@@ -1,4 +1,4 @@
-"""A running store re-reads its consent registers when they change (node.store.OmopStore).
+"""A running store re-reads its consent registers when they change (node.data.store.OmopStore).
 
 Real files under a real store: a register is rewritten, the store notices, rebuilds its views
 in a DuckDB of their own while the old views keep answering, and switches to them; an opted-

@@ -1,4 +1,4 @@
-"""The SQLite ledger (node.ledger): restarts, durability, keys, processes and configuration.
+"""The SQLite ledger (node.budget.ledger): restarts, durability, keys, processes and configuration.
 
 Tamper tests are in test_ledger_tampering.py, exports and reports in test_ledger_exports.py;
 the contract shared with the in-memory accountant is in test_accounting_contract.py.

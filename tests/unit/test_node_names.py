@@ -1,4 +1,4 @@
-"""Node names (node.policy): plain names that can never be paths, and matching the node's
+"""Node names (node.config): plain names that can never be paths, and matching the node's
 certificate; the default ledger stays in node.toml's folder."""
 
 from __future__ import annotations

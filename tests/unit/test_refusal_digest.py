@@ -1,6 +1,6 @@
-"""Refusals are recorded as bounded digests (node.ledger.refusal_entry), verified by
+"""Refusals are recorded as bounded digests (node.budget.book.LedgerBook.refusal_entry), verified by
 coordinator.audit alongside older refusal entries that keep the whole envelope, and rate
-limited per peer (node.service.RefusalLimiter)."""
+limited per peer (node.guards.RefusalLimiter)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OmopStore (node.store): every input format, the views row by row, and the lock-down.
+"""OmopStore (node.data.store): every input format, the views row by row, and the lock-down.
 
 The dataset is tests/unit/omop_testdata.example(); its comments say what each person is for.
 Exact paths only: no noise anywhere in this module.

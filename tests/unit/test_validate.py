@@ -1,4 +1,4 @@
-"""Validation of a custodian's OMOP data (node.validate): each failure is reported, not raised.
+"""Validation of a custodian's OMOP data (node.data.validate): each failure is reported, not raised.
 
 Every problem must come back as a finding that says what, where and how many; errors refuse
 the data (OmopStore raises DataError carrying the report), warnings do not. Nothing may
