@@ -35,7 +35,7 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# Regenerate the committed protobuf/gRPC stubs (with grpcio-tools 1.81, see DESIGN.md).
+# Regenerate the committed protobuf/gRPC stubs (with grpcio-tools 1.81, pinned in constraints.txt: its output runs on the pinned protobuf).
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \

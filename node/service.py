@@ -1,4 +1,4 @@
-"""The node's gRPC servicer: the enforcer of policy, noise and budget (DESIGN principle 1).
+"""The node's gRPC servicer: the enforcer of policy, noise and budget (README, "Architecture").
 
 Order of work for a query: authenticate the caller (mTLS) and the analyst (signature), parse
 and plan against the catalog, check the budget, claim the nonce, compute the exact

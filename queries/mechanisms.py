@@ -1,6 +1,6 @@
 """Noise and accounting: the only module that imports OpenDP.
 
-Privacy accounting is in zero-concentrated DP (rho). Facts used, cited as in DESIGN.md:
+Privacy accounting is in zero-concentrated DP (rho). Facts used, with their sources:
 - The discrete Gaussian with scale sigma on an integer query of L2 sensitivity D satisfies
   rho = D^2 / (2 sigma^2)-zCDP (Canonne, Kamath & Steinke 2020), and its variance is at most
   sigma^2 (same paper, Proposition 19), so sigma^2 is a safe variance for intervals.

@@ -2,8 +2,8 @@
 
 A pathway says who is in a cohort (a concept set, an entry event and age limits) and over
 which window its outcomes are counted. The node turns each served pathway into one view with
-one row per person (node/data/views.py); the catalog describes it (node/data/catalog.py). A file looks
-like this, and every key but name and conditions has a default:
+one row per person (node/data/views.py); the catalog describes it (node/data/catalog.py).
+A file looks like this, and every key but name and conditions has a default:
 
     name: copd                    # the view's name: lower-case letters, digits, '_'
     title: COPD

@@ -1,9 +1,9 @@
 """Disclosure rules on what analysts see: small-cell suppression and rounding.
 
-NHS and OpenSAFELY practice (DOMAIN.md section 2): counts 0-7 are suppressed and the rest
-rounded to the nearest 5 in published tables; figures derived from a suppressed cell are
-suppressed too. These rules apply to DP releases, so they cost no budget (suppression is
-decided on the noisy value, never the exact one, which would leak).
+NHS and OpenSAFELY practice (docs/statistics.md, "Disclosure rules"): counts 0-7 are
+suppressed and the rest rounded to the nearest 5 in published tables; figures derived from a
+suppressed cell are suppressed too. These rules apply to DP releases, so they cost no budget
+(suppression is decided on the noisy value, never the exact one, which would leak).
 
 Primary suppression. A (region, group) cell is suppressed as a whole, every measure of it,
 when one of its counts or the noisy number of rows behind one of its derived figures (`n`)

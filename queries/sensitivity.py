@@ -1,6 +1,6 @@
 """Every L2 sensitivity chc uses, computed in one place from public contribution bounds.
 
-The privacy unit is one person (DESIGN principle 3). A view declares `max_rows_per_person`
+The privacy unit is one person. A view declares `max_rows_per_person`
 (c) and enforces it; numeric values are clamped to public bounds and summed as integers in
 fixed-point units. Under adding or removing one person:
 - a distinct-person count per group changes by at most 1 in each of the m groups the person

@@ -11,7 +11,7 @@ the same transaction as every append, so deleting entries at the end is detected
 The caps in force are the ledger's own: a signed *policy* entry (protocols/budget/changes.py)
 records the whole budget policy whenever the node opens the ledger with a new one.
 
-Charge before release (DESIGN principle 2): `charge()` checks every cap and appends inside one
+Charge before release (docs/ledger.md): `charge()` checks every cap and appends inside one
 `BEGIN IMMEDIATE` transaction, under a process lock, and returns only once SQLite has
 committed with `synchronous=FULL` (the WAL is fsync'd). Budgets are sums of the entries (in
 the current period, and since the ledger began), never a separate counter: `LedgerBook` folds

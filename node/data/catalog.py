@@ -35,7 +35,8 @@ YES_NO: Final = ("no", "yes")
 # Index of Multiple Deprivation 2019 quintiles of the person's LSOA, 1 = most deprived.
 IMD_QUINTILES: Final = ("1", "2", "3", "4", "5", "unknown")
 
-# visit_concept_id -> visit_type (DOMAIN.md section 4); anything else is "other".
+# visit_concept_id -> visit_type (OMOP standard visit concepts, docs/data.md); anything else
+# is "other".
 VISIT_TYPES: Final = ("inpatient", "outpatient", "emergency", "other")
 VISIT_TYPE_CONCEPTS: Final[dict[int, str]] = {
     9201: "inpatient",

@@ -12,7 +12,8 @@ without regard to case (only person_id and date are required):
     decided_by          self | parent (or guardian)                     default: self
     gillick_competent   yes/no, true/false, 1/0: a child's own decision default: no
 
-Which decision counts (DOMAIN.md section 3; the ages are configurable in node.toml):
+Which decision counts (docs/data.md, "Consent and opt-outs"; the ages are configurable in
+node.toml):
 
 - A person's own decision applies if they made it at `own_decision_from` (16) or older, or
   at `parent_decides_under` (13) or older while recorded as Gillick-competent.

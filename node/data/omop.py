@@ -33,7 +33,7 @@ class Kind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ColumnReq:
-    """A column the node reads; `not_null` follows the OMOP v5.4 DDL (DOMAIN.md section 4)."""
+    """A column the node reads; `not_null` follows the OHDSI CommonDataModel v5.4 DDL."""
 
     name: str
     kind: Kind

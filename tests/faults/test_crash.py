@@ -1,6 +1,6 @@
 """Crash safety of the ledger: a node killed with SIGKILL mid-run loses no charge.
 
-Charge before release (DESIGN principle 2): every result a client received must have its
+Charge before release (docs/ledger.md): every result a client received must have its
 ledger entry after the node is killed and restarted, and the chain must still verify.
 """
 

@@ -2,7 +2,8 @@
 
 For each kind of measure, on random data that respects the view's per-person row cap,
 removing any one person moves every released vector by at most its claimed L2 sensitivity
-(DESIGN: "add or remove one person, the exact aggregate moves by at most the sensitivity").
+(the privacy unit: "add or remove one person, the exact aggregate moves by at most the
+sensitivity").
 """
 
 from __future__ import annotations

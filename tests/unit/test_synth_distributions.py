@@ -160,7 +160,8 @@ def test_conditions_are_recorded_on_acute_visits(nenc: View) -> None:
 def test_emergency_attendance_rate(nenc: View) -> None:
     everyone = np.ones(nenc.n, dtype=np.bool_)
     per_year = nenc.emergency_counts() / nenc.years_at_risk()
-    # 0.36 a person-year nationally (DOMAIN.md); the skew towards deprivation lifts the North.
+    # 0.36 a person-year nationally (docs/synthetic-data.md); the skew towards deprivation lifts
+    # the North.
     assert 0.33 <= nenc.standardised(per_year, everyone) <= 0.40
     assert nenc.emergency_per_person_year(everyone) > 0.37
     copd = nenc.has(COPD)
@@ -182,7 +183,8 @@ def test_admissions_and_length_of_stay(nenc: View) -> None:
 
 
 def test_readmissions(nenc: View, gm: View) -> None:
-    # 30-day emergency readmissions: regions ~10-12% in 2011/12 (DOMAIN.md), plus deprivation.
+    # 30-day emergency readmissions: regions ~10-12% in 2011/12 (docs/synthetic-data.md), plus
+    # deprivation.
     assert 0.10 <= nenc.readmission_rate() <= 0.17
     # Designed: Greater Manchester readmits about 1.4 times as often.
     assert 1.25 <= gm.readmission_rate() / nenc.readmission_rate() <= 1.8

@@ -79,7 +79,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         ("country_source_value", pa.string()),
     ],
 }
-# NOT NULL columns in the OMOP v5.4 DDL (DOMAIN.md section 4).
+# NOT NULL columns in the OMOP v5.4 DDL (the OHDSI CommonDataModel DDL).
 REQUIRED: dict[str, set[str]] = {
     "person": {
         "person_id",
