@@ -7,6 +7,7 @@ malformed message becomes a clear error rather than a crash deeper in.
 from __future__ import annotations
 
 import math
+from datetime import date
 
 import pyarrow as pa
 
@@ -164,6 +165,9 @@ def description_to_proto(desc: NodeDescription) -> node_pb2.DescribeResponse:
             for v in desc.catalog.views
         ],
         budget=budget_to_proto(desc.budget),
+        reference_date=(
+            desc.catalog.reference_date.isoformat() if desc.catalog.reference_date else ""
+        ),
     )
 
 
@@ -182,9 +186,18 @@ def description_from_proto(msg: node_pb2.DescribeResponse) -> NodeDescription:
     return NodeDescription(
         node=msg.node,
         protocol_version=msg.protocol_version,
-        catalog=Catalog(views=views),
+        catalog=Catalog(views=views, reference_date=_date_or_none(msg.reference_date)),
         budget=budget_from_proto(msg.budget),
     )
+
+
+def _date_or_none(text: str) -> date | None:
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise DataError(f"peer described an invalid reference date {text[:40]!r}") from None
 
 
 def noise_to_proto(noise: NoiseInfo) -> node_pb2.NoiseInfo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import enum
 from dataclasses import dataclass
+from datetime import date
 
 from queries.errors import QueryError
 
@@ -88,6 +89,9 @@ class Catalog:
     """Every view a node serves, by name."""
 
     views: tuple[ViewSpec, ...]
+    # The day the views' windows end (ages, the ten-year windows, the visit years): public,
+    # so analysts know what period an answer covers. None when a peer did not say.
+    reference_date: date | None = None
 
     def view(self, name: str) -> ViewSpec:
         """The named view, or a QueryError suggesting the closest names."""

@@ -240,4 +240,4 @@ def build_catalog(
     """The node's public catalog: persons, visits and one cohort view per served pathway."""
     views = [persons_view(), visits_view(reference_date)]
     views += [cohort_view(p) for p in pathways]
-    return Catalog(views=tuple(views))
+    return Catalog(views=tuple(views), reference_date=reference_date)

@@ -287,10 +287,13 @@ class DescribeResponse(_message.Message):
     VIEWS_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
     LEDGER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    REFERENCE_DATE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     protocol_version: _builtins.str
     ledger_public_key: _builtins.bytes
     """Raw Ed25519 public key that signs this node's ledger entries (for auditors)."""
+    reference_date: _builtins.str
+    """The day the views' windows end (ISO 8601, e.g. "2019-12-31"); empty if not known."""
     @_builtins.property
     def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___ViewInfo]: ...
     @_builtins.property
@@ -303,10 +306,11 @@ class DescribeResponse(_message.Message):
         views: _abc.Iterable[Global___ViewInfo] | None = ...,
         budget: Global___BudgetStatus | None = ...,
         ledger_public_key: _builtins.bytes = ...,
+        reference_date: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "ledger_public_key", b"ledger_public_key", "node", b"node", "protocol_version", b"protocol_version", "views", b"views"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "ledger_public_key", b"ledger_public_key", "node", b"node", "protocol_version", b"protocol_version", "reference_date", b"reference_date", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

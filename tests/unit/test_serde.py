@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import date
 
 import pyarrow as pa
 import pytest
@@ -159,14 +160,26 @@ def test_description_round_trips() -> None:
     desc = NodeDescription(
         node="leeds",
         protocol_version=serde.PROTOCOL_VERSION,
-        catalog=Catalog(views=(*catalog.views, extra)),
+        catalog=Catalog(views=(*catalog.views, extra), reference_date=date(2019, 6, 30)),
         budget=BUDGET,
     )
     msg = serde.description_to_proto(desc)
+    assert msg.reference_date == "2019-06-30"
     wire = node_pb2.DescribeResponse.FromString(msg.SerializeToString())
     back = serde.description_from_proto(wire)
     assert back == desc
     assert back.catalog.view("stays").column("weight").lower is None
+
+
+def test_a_node_that_states_no_reference_date_is_described_without_one() -> None:
+    msg = serde.description_to_proto(
+        NodeDescription("n", serde.PROTOCOL_VERSION, Catalog(views=()), BUDGET)
+    )
+    assert msg.reference_date == ""
+    assert serde.description_from_proto(msg).catalog.reference_date is None
+    msg.reference_date = "31/12/2019"
+    with pytest.raises(DataError, match="invalid reference date"):
+        serde.description_from_proto(msg)
 
 
 def test_a_column_of_unknown_type_is_a_data_error() -> None:
