@@ -27,6 +27,9 @@ MAX_MEASURES = 50
 # Group-by columns and filters name distinct public columns, of which a view has a handful.
 MAX_GROUP_BY = 20
 MAX_FILTERS = 50
+# An analyst's per-person contribution cap (rows_per_person) is at least 1; a node refuses one
+# above its view's own cap. Views cap persons at far fewer rows than this.
+MAX_ROWS_PER_PERSON = 10_000
 
 # Error messages quote at most this many characters of a rejected value.
 QUOTE_CHARS = 200
@@ -242,9 +245,20 @@ class Query:
     measures: tuple[Measure, ...] = (Measure(),)
     group_by: tuple[str, ...] = ()
     where: tuple[Filter, ...] = field(default=())
+    # The analyst's cap on rows counted per person (bias against noise): None means the
+    # view's own max_rows_per_person; a lower cap scales every sensitivity down with it.
+    rows_per_person: int | None = None
 
     def __post_init__(self) -> None:
         check_identifier(self.view, "view")
+        cap = self.rows_per_person
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_ROWS_PER_PERSON
+        ):
+            raise QueryError(
+                f"rows_per_person must be a whole number from 1 to {MAX_ROWS_PER_PERSON} "
+                f"(or absent, for the view's own cap), got {quote(cap)}"
+            )
         rho = _in_range(self.rho, "rho", RHO_RANGE)
         # Store a float so that equal queries have equal canonical bytes (1 vs 1.0).
         object.__setattr__(self, "rho", rho)
@@ -281,6 +295,8 @@ class Query:
             "measures": [m.to_dict() for m in self.measures],
             "group_by": list(self.group_by),
             "where": [{"column": f.column, "values": list(f.values)} for f in self.where],
+            # Only when chosen, so that every query without one keeps its canonical bytes.
+            **({"rows_per_person": self.rows_per_person} if self.rows_per_person else {}),
         }
 
 

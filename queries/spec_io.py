@@ -92,6 +92,7 @@ def from_dict(data: object) -> Query:
         raise QueryError("a query spec must be a mapping with at least 'view' and 'rho'")
     _check_shape(data)
     known = {"version", "view", "rho", "epsilon", "delta", "measures", "group_by", "where"}
+    known |= {"rows_per_person"}
     unknown = _names(set(data) - known)
     if unknown:
         raise QueryError(f"unknown field(s) {unknown} in query spec; known: {sorted(known)}")
@@ -149,6 +150,7 @@ def from_dict(data: object) -> Query:
         measures=tuple(measures),
         group_by=tuple(group_by),
         where=tuple(where),
+        rows_per_person=data.get("rows_per_person"),
     )
 
 
