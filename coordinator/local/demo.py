@@ -8,21 +8,20 @@ import signal
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from coordinator.analyst import report
 from coordinator.analyst.client import Federation
-from coordinator.local import synth
+from coordinator.local import node_toml, synth
 from coordinator.local.federation import LocalFederation, NodeSetup
 from queries.errors import ConfigError
 from queries.results import FederatedResult
+from queries.schema import Catalog
 from queries.spec import Filter, Measure, Query, Statistic
 
 DEMO_STATE = Path.home() / ".chc" / "demo.json"
@@ -83,12 +82,56 @@ def demo_queries(rho: float) -> tuple[DemoQuery, ...]:
     )
 
 
-def custom_node_setups(specs: Sequence[str]) -> tuple[NodeSetup, ...]:
-    """NodeSetups from `--node NAME=PATH`: PATH is OMOP data or a `chc-node init` node.toml.
+def generic_queries(rho: float) -> tuple[DemoQuery, ...]:
+    """Questions every node can answer: its `persons` and `visits` views, on any OMOP data."""
+    return (
+        DemoQuery(
+            "Persons, by region, sex and age band",
+            Query(view="persons", rho=rho, group_by=("sex", "age_band"), where=(_sexes(),)),
+        ),
+        DemoQuery(
+            "Visits, by region, visit type and calendar year",
+            Query(
+                view="visits",
+                rho=rho,
+                measures=(Measure(Statistic.COUNT_ROWS, "visits"),),
+                group_by=("visit_type", "year"),
+            ),
+        ),
+    )
 
-    From a node.toml the demo takes the data settings (omop, imd_lookup, pathways, consent
-    registers, omop_schema); its own PKI, ports and budget replace the rest. For OMOP data
-    given directly, an lsoa_imd.csv beside the tables is used as the IMD lookup.
+
+def _answerable(query: Query, catalog: Catalog) -> bool:
+    """Whether the catalog serves the query's view with every column the query names."""
+    view = next((v for v in catalog.views if v.name == query.view), None)
+    if view is None:
+        return False
+    named = {*query.group_by, *(f.column for f in query.where)}
+    named |= {m.column for m in query.measures if m.column is not None}
+    return named <= {c.name for c in view.columns}
+
+
+def choose_queries(rho: float, catalogs: Sequence[Catalog]) -> tuple[DemoQuery, ...]:
+    """The pathway questions every node's catalog can answer, else the generic ones.
+
+    Decided from what the nodes publish (Describe), never from their data: a question one node
+    cannot plan would be refused there and the table would be partial, and a custodian's node
+    may serve none of the demo's pathways (its own pathways only, or none).
+    """
+    fitting = tuple(
+        dq for dq in demo_queries(rho) if all(_answerable(dq.query, c) for c in catalogs)
+    )
+    return fitting or generic_queries(rho)
+
+
+def custom_node_setups(specs: Sequence[str]) -> tuple[NodeSetup, ...]:
+    """NodeSetups from `--node NAME=PATH`: PATH is OMOP data or a custodian's node.toml.
+
+    A node.toml is used as it is, but for the keys the demo owns (node_toml.OWNED_KEYS: the
+    node's name, identity, CRL, listen address and ledger), so the node serves the custodian's
+    own pathways, reference date, budget, disclosure rules and consent settings, and never
+    touches the custodian's ledger. For OMOP data given directly, an lsoa_imd.csv beside the
+    tables is used as the IMD lookup.
     """
     setups: list[NodeSetup] = []
     for spec in specs:
@@ -113,39 +156,19 @@ def custom_node_setups(specs: Sequence[str]) -> tuple[NodeSetup, ...]:
 
 
 def _setup_from_node_toml(name: str, path: Path) -> NodeSetup:
-    """The data settings of a custodian's node.toml, its relative paths taken from its folder.
+    """A node on a custodian's node.toml, read here only to refuse an unreadable file early.
 
-    Only read here, not checked: the node started from them checks them with its own loader
-    and refuses with its own message (the hub side never imports the node's code).
+    Not checked here: the node started from it checks it with its own loader and refuses with
+    its own message (the hub side never imports the node's code).
     """
-    try:
-        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"--node {name}={path}: cannot read it as TOML: {exc}") from None
-
-    def where(key: str, raw: object) -> Path:
-        if not isinstance(raw, str):
-            raise ConfigError(f"{path}: {key} must be a path (a string)")
-        return (path.parent / Path(raw).expanduser()).resolve()
-
-    if "omop" not in data:
-        raise ConfigError(f"{path}: no `omop =` setting; which data should node {name} serve?")
-    consent = data.get("consent", {})
-    registers = consent.get("registers", []) if isinstance(consent, dict) else []
-    if isinstance(registers, str):
-        registers = [registers]
-    pathways = data.get("pathways")
-    return NodeSetup(
-        name=name,
-        omop=where("omop", data["omop"]),
-        title=name,
-        imd_lookup=where("imd_lookup", data["imd_lookup"]) if "imd_lookup" in data else None,
-        pathways=tuple(str(p) for p in pathways) if isinstance(pathways, list) else None,
-        omop_schema=str(data["omop_schema"]) if "omop_schema" in data else None,
-        consent_registers=tuple(where("consent.registers", r) for r in registers)
-        if isinstance(registers, list)
-        else (),
-    )
+    source = f"--node {name}={path}"
+    table = node_toml.custodian_table(path, source=source)
+    omop = table.get("omop")
+    if not isinstance(omop, str) or not omop:
+        raise ConfigError(
+            f'{source}: no `omop = "PATH"` setting; which data should node {name} serve?'
+        )
+    return NodeSetup(name=name, omop=Path(omop), title=name, config=path)
 
 
 def _sexes() -> Filter:
@@ -204,13 +227,19 @@ def run_demo(
         fed = LocalFederation(workdir=root, nodes=setups)
         with _step(
             console,
-            f"Creating the federation PKI and starting {len(setups)} nodes and the hub (mTLS)",
+            f"Creating the federation PKI and starting {len(setups)} "
+            f"node{'s' if len(setups) > 1 else ''} and the hub (mTLS)",
         ):
             fed.start()
         try:
             results: list[tuple[DemoQuery, FederatedResult]] = []
             with Federation(fed.hub_address, fed.analyst_identity) as client:
-                for dq in demo_queries(rho):
+                described, _ = client.nodes()
+                questions = choose_queries(rho, [d.catalog for d in described])
+                note = _skipped_note(questions, rho)
+                if note:
+                    console.print(note)
+                for dq in questions:
                     with _step(console, f"Query: {dq.title} (rho={rho:g} per node)"):
                         results.append((dq, client.query(dq.query)))
             titles = {s.name: s.title or s.name for s in setups}
@@ -228,7 +257,7 @@ def run_demo(
                     report.print_result(out, r, dq.query, title=dq.title, labels=titles)
                     out.print()
             if keep_running:
-                _keep_running(console, fed)
+                _keep_running(console, fed, questions[0].query)
         finally:
             with _step(console, "Stopping the federation"):
                 fed.stop()
@@ -238,7 +267,21 @@ def run_demo(
     return 0
 
 
-def _keep_running(console: Console, fed: LocalFederation) -> None:
+def _skipped_note(asked: Sequence[DemoQuery], rho: float) -> str:
+    """What the demo left out because some node does not serve it, or "" if nothing."""
+    skipped = {dq.query.view for dq in demo_queries(rho)} - {dq.query.view for dq in asked}
+    if not skipped:
+        return ""
+    instead = (
+        "; it asks about persons and visits instead" if tuple(asked) == generic_queries(rho) else ""
+    )
+    return (
+        f"[yellow]![/] Not every node serves {', '.join(sorted(skipped))} (from the nodes' "
+        f"catalogs): the demo skips those questions{instead}"
+    )
+
+
+def _keep_running(console: Console, fed: LocalFederation, example: Query) -> None:
     DEMO_STATE.parent.mkdir(parents=True, exist_ok=True)
     DEMO_STATE.write_text(
         json.dumps({"hub": fed.hub_address, "identity": str(fed.analyst_identity.resolve())})
@@ -247,7 +290,7 @@ def _keep_running(console: Console, fed: LocalFederation) -> None:
         f"\n[bold]The federation is running.[/] Hub: [cyan]{fed.hub_address}[/]\n"
         f"Analyst identity: {fed.analyst_identity}\n"
         f"Try: [cyan]chc nodes[/]  or  "
-        f"[cyan]chc query --view asthma_children --group-by age_band --rho 0.05[/]\n"
+        f"[cyan]chc query --view {example.view} --group-by {example.group_by[-1]} --rho 0.05[/]\n"
         "(the demo's hub and identity are the defaults while it runs). Ctrl-C stops it."
     )
     stop = threading.Event()

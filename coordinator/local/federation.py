@@ -11,11 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from coordinator.local import node_toml
 from protocols.process import read_ready_file
 from protocols.revocation import CRL_FILE
 from protocols.security.pki import CA_FILE, CERT_FILE, Role, create_ca, issue
@@ -32,14 +35,16 @@ class FederationStartError(RuntimeError, ChcError):
 
 @dataclass(frozen=True)
 class NodeSetup:
-    """How to start one node."""
+    """How to start one node: generated settings, or a custodian's own node.toml (config)."""
 
     name: str
+    # Where the node's OMOP data is. With config, what that file says (for callers to show):
+    # the node reads the file's own setting.
     omop: Path
     title: str = ""
     total_rho: float = 10.0
     max_rho_per_query: float = 1.0
-    # Extra node.toml tables (e.g. an [access] policy), appended verbatim.
+    # Extra node.toml tables (e.g. an [access] policy), merged into the generated file.
     extra_toml: str = ""
     # Data settings (docs/data.md): LSOA -> IMD lookup, pathways served (None: all), the
     # schema of a DuckDB source, and opt-out / consent registers.
@@ -47,27 +52,39 @@ class NodeSetup:
     pathways: tuple[str, ...] | None = None
     omop_schema: str | None = None
     consent_registers: tuple[Path, ...] = ()
+    # A custodian's node.toml, used as it is but for the keys the local federation owns
+    # (coordinator/local/node_toml.py OWNED_KEYS); every setting above but name, omop and
+    # title then comes from that file instead, so none may be given.
+    config: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            return
+        generated = NodeSetup(name=self.name, omop=self.omop, title=self.title)
+        if replace(self, config=None) != generated:
+            raise ValueError(f"node {self.name}: settings come from {self.config}; give no others")
 
 
-def _toml_str(value: str) -> str:
-    # TOML basic strings: escape backslashes and quotes (paths may contain either).
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _data_toml(setup: NodeSetup) -> tuple[list[str], list[str]]:
-    """node.toml lines for a node's data settings: (top-level keys, tables)."""
-    keys: list[str] = []
+def _generated_table(setup: NodeSetup, reference_date: date) -> dict[str, Any]:
+    """The node.toml table of a node on generated settings (synthetic regions, tests)."""
+    table: dict[str, Any] = {
+        "omop": str(setup.omop.resolve()),
+        "reference_date": reference_date,
+    }
     if setup.imd_lookup is not None:
-        keys.append(f"imd_lookup = {_toml_str(str(setup.imd_lookup.resolve()))}")
+        table["imd_lookup"] = str(setup.imd_lookup.resolve())
     if setup.pathways is not None:
-        keys.append(f"pathways = [{', '.join(_toml_str(p) for p in setup.pathways)}]")
+        table["pathways"] = list(setup.pathways)
     if setup.omop_schema is not None:
-        keys.append(f"omop_schema = {_toml_str(setup.omop_schema)}")
-    tables: list[str] = []
+        table["omop_schema"] = setup.omop_schema
+    table["budget"] = {
+        "total_rho": setup.total_rho,
+        "max_rho_per_query": setup.max_rho_per_query,
+    }
     if setup.consent_registers:
-        paths = ", ".join(_toml_str(str(p.resolve())) for p in setup.consent_registers)
-        tables = ["[consent]", f"registers = [{paths}]", ""]
-    return keys, tables
+        table["consent"] = {"registers": [str(p.resolve()) for p in setup.consent_registers]}
+    table.update(tomllib.loads(setup.extra_toml))
+    return table
 
 
 @dataclass
@@ -85,6 +102,8 @@ class LocalFederation:
 
     workdir: Path
     nodes: tuple[NodeSetup, ...]
+    # For nodes on generated settings; a custodian's node.toml keeps its own (or the node's
+    # default when it sets none).
     reference_date: date = date(2025, 12, 31)
     deadline_ms: int = 30_000
     startup_timeout_s: float = 60.0
@@ -173,30 +192,27 @@ class LocalFederation:
         conf_dir = self.workdir / "conf"
         conf_dir.mkdir(parents=True, exist_ok=True)
         config = conf_dir / f"{setup.name}.toml"
-        data_keys, data_tables = _data_toml(setup)
-        config.write_text(
-            "\n".join(
-                [
-                    f"name = {_toml_str(setup.name)}",
-                    f"omop = {_toml_str(str(setup.omop.resolve()))}",
-                    "identity = "
-                    + _toml_str(str(self.identity_dir(Role.NODE, setup.name).resolve())),
-                    f'listen = "127.0.0.1:{port}"',
-                    f"reference_date = {self.reference_date.isoformat()}",
-                    # The federation's own CRL, so `chc pki revoke` takes effect at once.
-                    f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
-                    *data_keys,
-                    "",
-                    "[budget]",
-                    f"total_rho = {setup.total_rho!r}",
-                    f"max_rho_per_query = {setup.max_rho_per_query!r}",
-                    "",
-                    setup.extra_toml,
-                    "",
-                    *data_tables,
-                ]
+        if setup.config is not None:
+            table = node_toml.custodian_table(setup.config, source=f"node {setup.name}")
+            comment = (
+                f"Written by the local federation from {setup.config.absolute()}: that\n"
+                "file's settings, relative paths made absolute, but for the keys the federation\n"
+                f"owns ({', '.join(node_toml.OWNED_KEYS)}; coordinator/local/node_toml.py)."
             )
+        else:
+            table = _generated_table(setup, self.reference_date)
+            comment = "Written by the local federation (coordinator/local/federation.py)."
+        table = node_toml.with_owned_keys(
+            table,
+            name=setup.name,
+            identity=self.identity_dir(Role.NODE, setup.name),
+            # The federation's own CRL, so `chc pki revoke` takes effect at once.
+            crl=self.pki / CRL_FILE,
+            listen=f"127.0.0.1:{port}",
+            # Beside this node.toml (where the node's default would put it): a fresh ledger.
+            ledger=conf_dir / f"{setup.name}.ledger.sqlite",
         )
+        config.write_text(node_toml.dumps(table, comment=comment), encoding="utf-8")
         self._spawn(setup.name, ["node", "serve", "--config", str(config)])
 
     def start(self) -> None:
@@ -206,21 +222,24 @@ class LocalFederation:
             self.start_node(setup)
         self._wait_ready([self._procs[n.name] for n in self.nodes])
         hub_conf = self.workdir / "conf" / "hub.toml"
-        lines = [
-            "identity = " + _toml_str(str(self.identity_dir(Role.HUB, HUB_NAME).resolve())),
-            'listen = "127.0.0.1:0"',
-            f"deadline_ms = {self.deadline_ms}",
-            f"crl = {_toml_str(str((self.pki / CRL_FILE).resolve()))}",
-        ]
-        for n in self.nodes:
-            lines += [
-                "",
-                "[[nodes]]",
-                f"name = {_toml_str(n.name)}",
-                f"title = {_toml_str(n.title or n.name)}",
-                f'address = "127.0.0.1:{self._procs[n.name].port}"',
-            ]
-        hub_conf.write_text("\n".join(lines) + "\n")
+        hub_table = {
+            "identity": str(self.identity_dir(Role.HUB, HUB_NAME).resolve()),
+            "listen": "127.0.0.1:0",
+            "deadline_ms": self.deadline_ms,
+            "crl": str((self.pki / CRL_FILE).resolve()),
+            "nodes": [
+                {
+                    "name": n.name,
+                    "title": n.title or n.name,
+                    "address": f"127.0.0.1:{self._procs[n.name].port}",
+                }
+                for n in self.nodes
+            ],
+        }
+        hub_conf.write_text(
+            node_toml.dumps(hub_table, comment="Written by the local federation."),
+            encoding="utf-8",
+        )
         hub = self._spawn(HUB_NAME, ["coordinator", "hub", "serve", "--config", str(hub_conf)])
         self._wait_ready([hub])
         self.hub_port = hub.port
