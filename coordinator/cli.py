@@ -11,7 +11,7 @@ import typer
 
 from coordinator.analyst.cli import nodes, query
 from coordinator.audit.cli import audit_app, budget
-from coordinator.hub.cli import hub_app, pki_app
+from coordinator.hub.cli import federation_app, hub_app, pki_app
 from coordinator.local.cli import demo, synth_cmd
 from protocols.cli import ChcGroup, DebugOpt
 
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(hub_app, name="hub")
 app.add_typer(pki_app, name="pki")
+app.add_typer(federation_app, name="federation")
 app.add_typer(audit_app, name="audit")
 app.command("budget")(budget)
 # The order of registration is the order of `chc --help`.

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from queries.errors import ConfigError, PermissionDeniedError
 
 ANY = "*"
+# The keys of [access] (documented in docs/configuration.md).
+ACCESS_KEYS = frozenset({"analysts", "organisations", "views", "analyst_views"})
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def parse_access(raw: object, source: str) -> AccessPolicy:
         return AccessPolicy()
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: [access] must be a table")
-    known = {"analysts", "organisations", "views", "analyst_views"}
+    known = ACCESS_KEYS
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown [access] key(s) {unknown}; known: {sorted(known)}")

@@ -5,18 +5,44 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from queries.combine import COUNT_LIKE, POOLED
-from queries.results import FederatedResult, NodeExplain, NodeOutcome, NodeStatus
+from queries.results import FederatedResult, NodeDescription, NodeExplain, NodeOutcome, NodeStatus
+from queries.schema import ColumnSpec, ViewSpec
 from queries.spec import Query, Statistic
 
 FIGURE_KEYS = ("estimate", "std_error", "ci_low", "ci_high", "n")
 FLAG_KEYS = ("suppressed", "approximate", "partial")
+
+# Output that is not a terminal (a pipe, a file, CI logs) has no width to fit: rich would
+# assume 80 columns and wrap tables mid-cell, so such output gets room for the widest table
+# here (COLUMNS, if set, still wins).
+PIPE_WIDTH = 240
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich Console as wide as the terminal it writes to, or PIPE_WIDTH when not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return Console(stderr=stderr, width=int(columns), height=25)  # height: see below
+    try:
+        size = os.get_terminal_size(stream.fileno()) if stream.isatty() else None
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a test's buffer)
+        size = None
+    if size is not None and size.columns > 0:
+        # The stream's own terminal (rich would take stdin's), with its height too: rich
+        # ignores a width given alone under TERM=dumb and says 80.
+        return Console(stderr=stderr, width=size.columns, height=size.lines or 25)
+    return Console(stderr=stderr, width=PIPE_WIDTH)
 
 
 def result_rows(result: FederatedResult, query: Query) -> list[dict[str, Any]]:
@@ -261,3 +287,97 @@ def explain_failure(explains: Sequence[NodeExplain]) -> Failure | None:
     if any(e.status is NodeStatus.OK for e in explains):
         return None
     return nobody_answered(explains)
+
+
+def _bounds(c: ColumnSpec) -> list[float] | None:
+    return [c.lower, c.upper] if c.lower is not None and c.upper is not None else None
+
+
+def view_to_dict(v: ViewSpec) -> dict[str, Any]:
+    """A view's public metadata: every column with its kind, bounds and domain."""
+    return {
+        "name": v.name,
+        "description": v.description,
+        "max_rows_per_person": v.max_rows_per_person,
+        "max_persons": v.max_persons,
+        "columns": [
+            {
+                "name": c.name,
+                "kind": c.type.value,
+                "description": c.description,
+                "person_level": c.person_level,
+                "bounds": _bounds(c),
+                "domain": list(c.domain),
+            }
+            for c in v.columns
+        ],
+    }
+
+
+def nodes_to_dict(
+    found: Sequence[NodeDescription], missing: Sequence[NodeOutcome]
+) -> dict[str, Any]:
+    """`chc nodes --json`: each node's reference date, budget and catalog, and who is missing."""
+    return {
+        "nodes": [
+            {
+                "node": d.node,
+                "protocol_version": d.protocol_version,
+                "reference_date": (
+                    d.catalog.reference_date.isoformat() if d.catalog.reference_date else None
+                ),
+                "budget": {
+                    "rho_total": d.budget.rho_total,
+                    "rho_spent": d.budget.rho_spent,
+                    "rho_remaining": d.budget.rho_remaining,
+                    "max_rho_per_query": d.budget.max_rho_per_query,
+                    "delta": d.budget.delta,
+                },
+                "views": [view_to_dict(v) for v in d.catalog.views],
+            }
+            for d in found
+        ],
+        "unavailable": [
+            {"node": o.node, "status": o.status.value, "message": o.message} for o in missing
+        ],
+    }
+
+
+def _number(x: float) -> str:
+    return f"{x:g}" if not float(x).is_integer() else f"{int(x)}"
+
+
+def print_catalogs(
+    console: Console, found: Sequence[NodeDescription], missing: Sequence[NodeOutcome]
+) -> None:
+    """`chc nodes`: per node its budget and reference date, then a table of columns per view."""
+    for d in found:
+        b = d.budget
+        ref = d.catalog.reference_date.isoformat() if d.catalog.reference_date else "not given"
+        # Names and descriptions come from the node: escaped, so no text is read as markup.
+        console.print(
+            f"[bold]{escape(d.node)}[/] ({escape(d.protocol_version)}): rho {b.rho_spent:.4g} "
+            f"spent of {b.rho_total:.4g}, at most {b.max_rho_per_query:.4g} per query; "
+            f"reference date {ref}"
+        )
+        for v in d.catalog.views:
+            # The view's line is printed, not a table title: a title is padded to the width.
+            console.print(
+                f"[bold]{escape(v.name)}[/]: {escape(v.description)} "
+                f"[dim](at most {v.max_rows_per_person} row(s) per person)[/]"
+            )
+            table = Table()
+            for col in ("column", "kind", "bounds", "domain", "description"):
+                table.add_column(col)
+            for c in v.columns:
+                bounds = _bounds(c)
+                table.add_row(
+                    escape(c.name),
+                    c.type.value,
+                    f"{_number(bounds[0])} to {_number(bounds[1])}" if bounds else "",
+                    escape(", ".join(c.domain)),
+                    escape(c.description),
+                )
+            console.print(table)
+    for o in missing:
+        console.print(f"[red]{escape(o.node)}: {o.status.value}[/] {escape(o.message)}")

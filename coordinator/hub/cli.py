@@ -31,6 +31,12 @@ pki_app = typer.Typer(
     cls=ChcGroup,
     pretty_exceptions_show_locals=False,
 )
+federation_app = typer.Typer(
+    help="Lay out a whole federation: CA, identities, hub.toml and node.toml files.",
+    no_args_is_help=True,
+    cls=ChcGroup,
+    pretty_exceptions_show_locals=False,
+)
 
 
 @hub_app.command("serve")
@@ -78,17 +84,37 @@ def pki_issue(
     host: Annotated[
         list[str] | None, typer.Option(help="extra DNS name or IP for servers (repeatable)")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="identity folder to write")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="identity folder to write (default: FOLDER/ROLE/NAME/identity for a node or "
+            "the hub, beside its node.toml or hub.toml; FOLDER/ROLE/NAME for an analyst or "
+            "an auditor, what --identity takes)"
+        ),
+    ] = None,
     org: Annotated[str | None, typer.Option(help="organisation, for node access policies")] = None,
     days: Annotated[int, typer.Option(help="validity in days")] = 365,
 ) -> None:
     """Issue a certificate and key for a node, the hub, an analyst or an auditor."""
     hosts = ("localhost", "127.0.0.1", *(host or []))
+    target = out if out is not None else default_identity_dir(folder, role, name)
     with _ca_folder(folder):
         path = issue(
-            folder, role=role, name=name, out_dir=out, hosts=hosts, organisation=org, days=days
+            folder, role=role, name=name, out_dir=target, hosts=hosts, organisation=org, days=days
         )
     typer.echo(f"issued {role.value} identity {name} in {path} (key.pem is 0600)")
+    if out is None and role in SERVER_ROLES:
+        config = "node.toml" if role is Role.NODE else "hub.toml"
+        typer.echo(
+            f'{config} in {path.parent} finds it as identity = "{path.name}" '
+            + (
+                f"(chc-node init {path.parent} --name {name} --omop OMOP writes one)"
+                if role is Role.NODE
+                else "(chc federation init writes one)"
+            )
+        )
+    elif out is None:
+        typer.echo(f"use it as --identity {path}")
 
 
 @pki_app.command("revoke")
@@ -106,6 +132,66 @@ def pki_revoke(
         f"revoked {len(serials)} certificate(s) of {name}; distribute {folder / CRL_FILE} "
         "to every node and the hub (they re-read it when it changes)"
     )
+
+
+# Servers keep their configuration beside their identity (node.toml's `identity = "identity"`,
+# as `chc-node init` and `chc federation init` write it); people's identity folder is what
+# `chc --identity` takes. Both live under the CA folder as ROLE/NAME, like the demo's.
+SERVER_ROLES = frozenset({Role.NODE, Role.HUB})
+IDENTITY_DIR = "identity"
+
+
+def default_identity_dir(folder: Path, role: Role, name: str) -> Path:
+    """Where `chc pki issue` writes an identity without --out."""
+    party = folder / role.value / name
+    return party / IDENTITY_DIR if role in SERVER_ROLES else party
+
+
+@federation_app.command("init")
+def federation_init(
+    folder: Annotated[Path, typer.Argument(help="the new federation folder (the CA folder)")],
+    node: Annotated[
+        list[str],
+        typer.Option(
+            help="NAME[=OMOP_PATH][@HOST:PORT]: a node, its OMOP data on its machine and where "
+            "the hub reaches it (default 127.0.0.1:50051, 50052, ...); repeat per node",
+        ),
+    ],
+    hub: Annotated[
+        str, typer.Option(help="HOST:PORT where analysts reach the hub")
+    ] = "127.0.0.1:50050",
+    hub_host: Annotated[
+        list[str] | None, typer.Option(help="extra DNS name or IP on the hub's certificate")
+    ] = None,
+    analyst: Annotated[str, typer.Option(help="the first analyst's name")] = "analyst",
+    analyst_org: Annotated[
+        str | None, typer.Option(help="the analyst's organisation (for [access] policies)")
+    ] = None,
+    auditor: Annotated[str, typer.Option(help="the first auditor's name")] = "auditor",
+    days: Annotated[int, typer.Option(help="certificate validity in days")] = 365,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="replace an existing federation folder (never one holding a ledger)"
+        ),
+    ] = False,
+) -> None:
+    """Create a CA, every identity, hub.toml and one node.toml per node, one folder each."""
+    from coordinator.hub.federation_init import init_federation, next_steps, parse_node
+
+    specs = [parse_node(text, i) for i, text in enumerate(node)]
+    layout = init_federation(
+        folder,
+        specs,
+        hub_address=hub,
+        hub_hosts=hub_host or (),
+        analyst=analyst,
+        analyst_org=analyst_org,
+        auditor=auditor,
+        days=days,
+        force=force,
+    )
+    typer.echo(next_steps(layout))
 
 
 @contextmanager

@@ -15,6 +15,12 @@ from protocols.v1 import node_pb2_grpc
 from queries.errors import ConfigError
 from queries.results import ReleaseRules
 
+# The keys load_hub_config accepts: top level, in each [[nodes]] and in [release]; every one
+# is documented in docs/configuration.md (tests/unit/test_configuration_doc.py checks).
+HUB_KEYS = frozenset({"identity", "nodes", "listen", "deadline_ms", "release", "crl"})
+HUB_NODE_KEYS = frozenset({"name", "address", "title"})
+HUB_RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
+
 
 @dataclass(frozen=True)
 class NodeEntry:
@@ -46,9 +52,9 @@ def load_hub_config(path: Path) -> HubConfig:
         raise ConfigError(f"hub config {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"identity", "nodes", "listen", "deadline_ms", "release", "crl"})
+    unknown = sorted(set(data) - HUB_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}")
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(HUB_KEYS)}")
     if "identity" not in data:
         raise ConfigError(f"{path}: missing 'identity' (the hub's certificate folder)")
     raw_nodes = data.get("nodes", [])
@@ -58,6 +64,13 @@ def load_hub_config(path: Path) -> HubConfig:
     for i, n in enumerate(raw_nodes):
         if not isinstance(n, dict) or "name" not in n or "address" not in n:
             raise ConfigError(f"{path}: nodes[{i}] needs 'name' and 'address'")
+        # A misspelt key (say `adress` beside `address`, or `tilte`) must not pass silently.
+        unknown_node = sorted(set(n) - HUB_NODE_KEYS)
+        if unknown_node:
+            raise ConfigError(
+                f"{path}: nodes[{i}] has unknown key(s) {unknown_node}; "
+                f"known: {sorted(HUB_NODE_KEYS)}"
+            )
         nodes.append(
             NodeEntry(
                 name=str(n["name"]), address=str(n["address"]), title=str(n.get("title", n["name"]))
@@ -81,7 +94,7 @@ def load_hub_config(path: Path) -> HubConfig:
 
 
 def _release(raw: object, path: Path) -> ReleaseRules:
-    if not isinstance(raw, dict) or set(raw) - {"suppress_below", "round_to"}:
+    if not isinstance(raw, dict) or set(raw) - HUB_RELEASE_KEYS:
         raise ConfigError(f"{path}: [release] takes suppress_below and round_to")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
         raise ConfigError(f"{path}: release values must be whole numbers")
