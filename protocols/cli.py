@@ -10,6 +10,7 @@ import enum
 import hashlib
 import os
 import sqlite3
+import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +21,7 @@ import typer
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from rich.console import Console
 from typer.core import TyperGroup
 
 from protocols.security.pki import CA_FILE, CERT_FILE, KEY_FILE, Identity, load_identity
@@ -182,3 +184,26 @@ def read_identity(folder: Path, *, flag: str = "--identity") -> Identity:
     except ValueError:
         raise ConfigError(f"{files[CA_FILE]} is not a PEM certificate: {fix}") from None
     return identity
+
+
+# Output that is not a terminal (a pipe, a file, CI logs) has no width to fit: rich would
+# assume 80 columns and wrap tables mid-cell, so such output gets room for the widest table
+# here (COLUMNS, if set, still wins).
+PIPE_WIDTH = 240
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich Console as wide as the terminal it writes to, or PIPE_WIDTH when not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return Console(stderr=stderr, width=int(columns), height=25)  # height: see below
+    try:
+        size = os.get_terminal_size(stream.fileno()) if stream.isatty() else None
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a test's buffer)
+        size = None
+    if size is not None and size.columns > 0:
+        # The stream's own terminal (rich would take stdin's), with its height too: rich
+        # ignores a width given alone under TERM=dumb and says 80.
+        return Console(stderr=stderr, width=size.columns, height=size.lines or 25)
+    return Console(stderr=stderr, width=PIPE_WIDTH)

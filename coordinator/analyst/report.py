@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -21,28 +19,6 @@ from queries.spec import Query, Statistic
 
 FIGURE_KEYS = ("estimate", "std_error", "ci_low", "ci_high", "n")
 FLAG_KEYS = ("suppressed", "approximate", "partial")
-
-# Output that is not a terminal (a pipe, a file, CI logs) has no width to fit: rich would
-# assume 80 columns and wrap tables mid-cell, so such output gets room for the widest table
-# here (COLUMNS, if set, still wins).
-PIPE_WIDTH = 240
-
-
-def console(*, stderr: bool = False) -> Console:
-    """A rich Console as wide as the terminal it writes to, or PIPE_WIDTH when not a terminal."""
-    stream = sys.stderr if stderr else sys.stdout
-    columns = os.environ.get("COLUMNS", "")
-    if columns.isdigit() and int(columns) > 0:
-        return Console(stderr=stderr, width=int(columns), height=25)  # height: see below
-    try:
-        size = os.get_terminal_size(stream.fileno()) if stream.isatty() else None
-    except (AttributeError, OSError, ValueError):  # no file descriptor (a test's buffer)
-        size = None
-    if size is not None and size.columns > 0:
-        # The stream's own terminal (rich would take stdin's), with its height too: rich
-        # ignores a width given alone under TERM=dumb and says 80.
-        return Console(stderr=stderr, width=size.columns, height=size.lines or 25)
-    return Console(stderr=stderr, width=PIPE_WIDTH)
 
 
 def result_rows(result: FederatedResult, query: Query) -> list[dict[str, Any]]:

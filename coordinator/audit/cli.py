@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -18,6 +17,7 @@ from coordinator.audit.export import export
 from coordinator.audit.sources import LedgerSource, node_addresses, open_file, open_remote
 from coordinator.local.demo import read_demo_state
 from protocols.cli import ChcGroup, CommandFailedError, ExitCode, read_identity
+from protocols.cli import console as rich_console
 from protocols.ledger.entry import load_public_key
 from protocols.security.pki import Identity, Role
 from queries.errors import ConfigError
@@ -151,7 +151,7 @@ def verify(
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
-        console = Console()
+        console = rich_console()
         for r in results:
             summary = (
                 f"{r.entries} entries ({r.released} released, {r.refused} refused, "
@@ -194,7 +194,7 @@ def export_cmd(
     if fmt not in ("jsonl", "parquet"):
         raise ConfigError("--format must be jsonl or parquet")
     sources = _sources(paths, hub, node, identity, None)
-    console = Console(stderr=True)
+    console = rich_console(stderr=True)
     to_folder = len(sources) > 1 or out.is_dir() or out.suffix == ""
     if to_folder:
         out.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ def report(
             )
         )
         return
-    console = Console()
+    console = rich_console()
     table = Table(title="Privacy budget spent (zCDP rho; epsilon at each node's delta)")
     for col in ("node", "period", "analyst", "view / pathway", "released", "refused"):
         table.add_column(col, justify="right" if col in ("released", "refused") else "left")
@@ -342,7 +342,7 @@ def budget(
             f"{mine.rho_spent:.6g}" if mine else "?",
             f"{mine.rho_remaining:.6g}" if mine else "?",
         )
-    console = Console()
+    console = rich_console()
     console.print(table)
     for b in found:
         if b.message:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from coordinator.local import synth
 from coordinator.local.demo import run_demo
+from protocols.cli import console as rich_console
 from queries.errors import ConfigError
 
 
@@ -68,6 +68,6 @@ def synth_cmd(
     except ValueError as exc:  # synth's own check, a plain ValueError
         raise ConfigError(f"--region: {exc}") from None
     counts = synth.generate_region(chosen, persons, out, seed=seed)
-    Console(stderr=True).print(
+    rich_console(stderr=True).print(
         "wrote " + ", ".join(f"{k}: {v:,}" for k, v in counts.items()) + f" to {out}"
     )

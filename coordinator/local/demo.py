@@ -19,6 +19,7 @@ from coordinator.analyst import report
 from coordinator.analyst.client import Federation
 from coordinator.local import node_toml, synth
 from coordinator.local.federation import LocalFederation, NodeSetup
+from protocols.cli import console as rich_console
 from queries.errors import ConfigError
 from queries.results import FederatedResult
 from queries.schema import Catalog
@@ -200,8 +201,8 @@ def run_demo(
     """
     custom = custom_node_setups(nodes) if nodes else ()
     # Progress goes to stderr so that --json output on stdout stays machine-readable.
-    console = Console(stderr=True)
-    out = Console()
+    console = rich_console(stderr=True)
+    out = rich_console()
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="chc-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""report.console(): tables fit the terminal they are printed on, and never wrap at 80 in a pipe."""
+"""protocols.cli.console(): tables fit the terminal they print on, never wrap at 80 in a pipe."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator.analyst import report
+from protocols import cli
 
 
 @pytest.fixture
@@ -36,16 +36,16 @@ def test_a_terminal_gives_its_own_width_even_when_dumb(
     monkeypatch.setenv("TERM", "dumb")  # rich alone would say 80 here
     # Set here, not in the fixture: pytest's capture puts its own sys.stdout back after setup.
     monkeypatch.setattr(sys, "stdout", terminal)
-    assert report.console().width == 150
+    assert cli.console().width == 150
 
 
 def test_output_that_is_not_a_terminal_is_wide(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.setattr(sys, "stdout", io.StringIO())
-    assert report.console().width == report.PIPE_WIDTH > 80
+    assert cli.console().width == cli.PIPE_WIDTH > 80
 
 
 def test_columns_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "123")
     monkeypatch.setattr(sys, "stdout", io.StringIO())
-    assert report.console().width == 123
+    assert cli.console().width == 123
