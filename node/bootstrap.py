@@ -14,10 +14,10 @@ from pathlib import Path
 import duckdb
 
 from node.config import load_config
-from node.data.catalog import DEFAULT_REFERENCE_DATE
 from node.data.consent import ConsentPolicy, consent_toml
 from node.data.findings import Level, ValidationReport
-from node.data.omop import OMOP_TABLES, open_source, sql_string
+from node.data.tables import OMOP_TABLES
+from node.data.omop import open_source, sql_string
 from node.data.validate import DataSettings, validate
 from queries.errors import ConfigError
 from queries.pathway import builtin_pathways, load_pathways
@@ -39,14 +39,28 @@ def node_toml(
     omop: Path,
     identity: str,
     listen: str,
-    reference_date: date,
+    reference_date: date | None,
     pathways: Sequence[str],
     imd_lookup: Path | None,
     omop_schema: str | None,
     consent: ConsentPolicy,
+    derived: date | None = None,
 ) -> str:
-    """The text of a node.toml with these settings and the default budget."""
+    """The text of a node.toml with these settings and the default budget.
+
+    Without a reference_date the line is written commented out, with `derived` (the end of
+    the data, which is the default) as its value, so that the date follows the data."""
     names = ", ".join(_toml_str(p) for p in pathways)
+    if reference_date is not None:
+        ref_line = (
+            f"reference_date = {reference_date.isoformat()}        # ages and windows end here"
+        )
+    else:
+        shown = derived.isoformat() if derived is not None else "2025-12-31"
+        ref_line = (
+            f"# reference_date = {shown}      # ages and windows end here; default: the end of "
+            "the data, rounded up to a month end (docs/data.md)"
+        )
     lines = [
         f"# chc node configuration, written by `chc-node init` on {date.today().isoformat()}.",
         "# Review it, then: chc-node check --config node.toml; chc-node serve --config node.toml",
@@ -54,8 +68,9 @@ def node_toml(
         f"omop = {_toml_str(str(omop))}   # read in place, never written",
         f"identity = {_toml_str(identity)}           # cert.pem, key.pem (0600), ca.pem",
         f"listen = {_toml_str(listen)}",
-        f"reference_date = {reference_date.isoformat()}        # ages and windows end here",
+        ref_line,
         f"pathways = [{names}]",
+        '# pathways_dir = "pathways"  # your pathway files (*.yaml): add to or replace the library',
     ]
     if imd_lookup is not None:
         lines.append(f"imd_lookup = {_toml_str(str(imd_lookup))}  # LSOA code -> IMD quintile")
@@ -112,7 +127,7 @@ def init_node(
     omop: Path,
     imd_lookup: Path | None = None,
     registers: Sequence[Path] = (),
-    reference_date: date = DEFAULT_REFERENCE_DATE,
+    reference_date: date | None = None,
     pathways: Sequence[str] | None = None,
     listen: str = "0.0.0.0:50051",
     omop_schema: str | None = None,
@@ -165,8 +180,9 @@ def init_node(
             f"to {target}: node.toml reads the copy; protect it like the source"
         )
         omop, omop_schema = target.resolve(), None
-    config.write_text(
-        node_toml(
+
+    def text(derived: date | None = None) -> str:
+        return node_toml(
             name=name,
             omop=omop,
             identity="identity",
@@ -176,9 +192,10 @@ def init_node(
             imd_lookup=imd_lookup,
             omop_schema=omop_schema,
             consent=consent,
-        ),
-        encoding="utf-8",
-    )
+            derived=derived,
+        )
+
+    config.write_text(text(), encoding="utf-8")
     cfg = load_config(config)  # what we wrote must read back
     report = validate(
         DataSettings(
@@ -190,6 +207,9 @@ def init_node(
         ),
         served,
     )
+    if reference_date is None:
+        # The same settings; only the comment now shows the date the data gave.
+        config.write_text(text(report.reference_date), encoding="utf-8")
     for note in notes:
         report.add(Level.NOTE, "init", note)
     return config, report

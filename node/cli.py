@@ -10,7 +10,6 @@ import typer
 
 from node.budget.accounting import default_ledger_path, open_accountant
 from node.config import check_node_certificate, load_config
-from node.data.catalog import build_catalog
 from node.data.store import OmopStore, node_pathways
 from node.service import NodeService
 from protocols.cli import ChcGroup, DebugOpt, read_identity
@@ -67,7 +66,7 @@ def check(
     check_node_certificate(cfg, identity, str(config))
     store = OmopStore.from_config(cfg)  # refuses bad data with the validation report
     typer.echo(store.report.render())
-    for view in build_catalog(store.pathways, reference_date=cfg.reference_date).views:
+    for view in store.catalog().views:
         typer.echo(f"view {view.name}: ok")
     typer.echo(
         f"node {cfg.name} ({identity.role.value} certificate {identity.name}) is ready: "
@@ -129,7 +128,7 @@ def serve(
     service = NodeService(
         name=cfg.name,
         store=store,
-        catalog=build_catalog(store.pathways, reference_date=cfg.reference_date),
+        catalog=store.catalog(),  # carries the reference date the views were built with
         accountant=accountant,
         ca_pem=identity.ca_pem,
         require_tls=not insecure,
@@ -141,11 +140,13 @@ def serve(
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
     server.start()
     log.info(
-        "node %s serving %s on port %d (views built in %.2f s)",
+        "node %s serving %s on port %d (views built in %.2f s; reference date %s, %s)",
         cfg.name,
         cfg.omop,
         port,
         store.build_seconds,
+        store.reference_date.isoformat(),
+        store.report.reference_origin,
     )
     if ready_file is not None:
         write_ready_file(ready_file, port=port, name=cfg.name)
@@ -170,8 +171,12 @@ def init(
         typer.Option("--opt-outs", help="opt-out / consent register (repeat for several)"),
     ] = None,
     reference_date: Annotated[
-        str, typer.Option(help="ages and outcome windows end on this date")
-    ] = "2025-12-31",
+        str | None,
+        typer.Option(
+            help="ages and outcome windows end on this date (default: the end of the data, "
+            "rounded up to a month end)"
+        ),
+    ] = None,
     pathways: Annotated[
         str | None, typer.Option(help="comma-separated pathways to serve (default: all)")
     ] = None,
@@ -191,7 +196,7 @@ def init(
     from node.bootstrap import init_node
 
     try:
-        ref = date.fromisoformat(reference_date)
+        ref = date.fromisoformat(reference_date) if reference_date is not None else None
     except ValueError:
         raise ChcError(
             f"--reference-date {reference_date!r} is not a date like 2025-12-31"

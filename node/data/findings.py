@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 
 from queries.errors import DataError
 
@@ -48,6 +49,12 @@ class ValidationReport:
 
     source: str
     findings: list[Finding] = field(default_factory=list)
+    # The reference date the views use and where it came from (node/data/reference.py);
+    # None until validation has got that far.
+    reference_date: date | None = None
+    reference_origin: str = ""
+    # Optional OMOP tables absent, empty or unusable: the node serves without them.
+    absent: frozenset[str] = frozenset()
 
     def add(self, level: Level, where: str, message: str, count: int | None = None) -> None:
         """Record one finding."""
@@ -85,6 +92,10 @@ class ValidationReport:
             else f"data REFUSED: {len(self.errors)} error(s) must be fixed"
         )
         lines = [f"Validation of {self.source}: {verdict}, {len(self.warnings)} warning(s)"]
+        if self.reference_date is not None:
+            lines.append(
+                f"  reference date {self.reference_date.isoformat()} ({self.reference_origin})"
+            )
         lines += [f"  {f.render()}" for f in shown]
         return "\n".join(lines)
 

@@ -6,12 +6,12 @@ regard to case, integers of any width (and decimals or text holding whole number
 as BIGINT, and dates may be DATE, TIMESTAMP or text (ISO 8601, or DD/MM/YYYY as in many UK
 exports). Tables the node does not use are ignored. Nothing is ever written to the source.
 
-Only the columns the node uses are read (OMOP_TABLES below); the rest of a table is ignored.
+Only the columns the node uses are read (OMOP_TABLES, in node/data/tables.py); the rest of a
+table is ignored.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,94 +20,8 @@ from typing import Final
 import duckdb
 
 from node.data.findings import Finding, Level
+from node.data.tables import TABLES_BY_NAME, ColumnReq, Kind
 from queries.errors import DataError
-
-
-class Kind(enum.StrEnum):
-    """The type the node reads a column as."""
-
-    INT = "BIGINT"
-    DATE = "DATE"
-    TEXT = "VARCHAR"
-
-
-@dataclass(frozen=True)
-class ColumnReq:
-    """A column the node reads; `not_null` follows the OHDSI CommonDataModel v5.4 DDL."""
-
-    name: str
-    kind: Kind
-    not_null: bool = False
-    # Required columns must exist; an optional one may be absent and reads as NULL.
-    required: bool = True
-
-
-@dataclass(frozen=True)
-class TableReq:
-    """An OMOP table the node reads."""
-
-    name: str
-    columns: tuple[ColumnReq, ...]
-    required: bool = True
-    # What the node loses without an optional table (for the report).
-    if_absent: str = ""
-
-
-def _nn(name: str, kind: Kind = Kind.INT) -> ColumnReq:
-    return ColumnReq(name, kind, not_null=True)
-
-
-def _opt(name: str, kind: Kind = Kind.INT) -> ColumnReq:
-    return ColumnReq(name, kind, required=False)
-
-
-OMOP_TABLES: Final[tuple[TableReq, ...]] = (
-    TableReq(
-        "person",
-        (
-            _nn("person_id"),
-            _nn("gender_concept_id"),
-            _nn("year_of_birth"),
-            _opt("month_of_birth"),
-            _opt("day_of_birth"),
-            _opt("location_id"),
-        ),
-    ),
-    TableReq(
-        "visit_occurrence",
-        (
-            _nn("visit_occurrence_id"),
-            _nn("person_id"),
-            _nn("visit_concept_id"),
-            _nn("visit_start_date", Kind.DATE),
-            _nn("visit_end_date", Kind.DATE),
-            _opt("preceding_visit_occurrence_id"),
-        ),
-    ),
-    TableReq(
-        "condition_occurrence",
-        (
-            _nn("person_id"),
-            _nn("condition_concept_id"),
-            _nn("condition_start_date", Kind.DATE),
-            _opt("visit_occurrence_id"),
-        ),
-    ),
-    TableReq("death", (_nn("person_id"), _nn("death_date", Kind.DATE))),
-    TableReq(
-        "location",
-        (_nn("location_id"), ColumnReq("location_source_value", Kind.TEXT)),
-        required=False,
-        if_absent="imd_quintile is 'unknown' for everyone",
-    ),
-    TableReq(
-        "concept_ancestor",
-        (_nn("ancestor_concept_id"), _nn("descendant_concept_id")),
-        required=False,
-        if_absent="pathway concept sets match the listed concept ids only, not their descendants",
-    ),
-)
-TABLES_BY_NAME: Final = {t.name: t for t in OMOP_TABLES}
 
 _FILE_SUFFIXES: Final = {
     ".parquet": "parquet",
@@ -225,8 +139,10 @@ def _reader(fmt: str, target: str) -> str:
     if fmt == "parquet":
         return f"read_parquet({sql_string(target)})"
     # Every field as text: the node converts the columns it needs and counts what fails,
-    # rather than trusting a type guessed from a sample.
-    return f"read_csv({sql_string(target)}, header = true, all_varchar = true)"
+    # rather than trusting a type guessed from a sample. The header row is detected, not
+    # assumed: a header-less export then has columns column0, column1, ... and the report
+    # says so, instead of naming columns after the first patient's values.
+    return f"read_csv({sql_string(target)}, all_varchar = true)"
 
 
 def _folder_candidates(folder: Path) -> dict[str, list[tuple[str, str]]]:
@@ -255,6 +171,14 @@ def _folder_candidates(folder: Path) -> dict[str, list[tuple[str, str]]]:
                 (str(entry), _reader(fmt, str(entry.resolve())))
             )
     return found
+
+
+def unreadable(name: str, origin: str, exc: BaseException) -> Finding:
+    """A table that cannot be read: refused if the node needs it, else served as absent."""
+    req = TABLES_BY_NAME[name]
+    if req.required:
+        return Finding(Level.ERROR, name, f"cannot read {origin}: {_first(exc)}")
+    return Finding(Level.WARNING, name, f"cannot read {origin} ({_first(exc)}): {req.if_absent}")
 
 
 def _describe(con: duckdb.DuckDBPyConnection, relation: str) -> list[tuple[str, str]]:
@@ -310,7 +234,7 @@ def _open_folder(con: duckdb.DuckDBPyConnection, folder: Path) -> OmopSource:
         try:
             described = _describe(con, relation)
         except duckdb.Error as exc:
-            findings.append(Finding(Level.ERROR, name, f"cannot read {origin}: {_first(exc)}"))
+            findings.append(unreadable(name, origin, exc))
             continue
         columns = _columns(name, described, findings)
         tables[name] = SourceTable(name, relation, origin, columns)
@@ -360,7 +284,7 @@ def _open_duckdb(con: duckdb.DuckDBPyConnection, path: Path, schema: str | None)
         try:
             described = _describe(con, relation)
         except duckdb.Error as exc:
-            findings.append(Finding(Level.ERROR, lower, f"cannot read {actual}: {_first(exc)}"))
+            findings.append(unreadable(lower, actual, exc))
             continue
         columns = _columns(lower, described, findings)
         tables[lower] = SourceTable(lower, relation, f"{path}:{chosen}.{actual}", columns)

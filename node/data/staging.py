@@ -15,7 +15,8 @@ from typing import Final
 import duckdb
 
 from node.data.findings import Level, ValidationReport
-from node.data.omop import OMOP_TABLES, ColumnReq, OmopSource, SourceTable, TableReq
+from node.data.tables import OMOP_TABLES, ColumnReq, TableReq
+from node.data.omop import OmopSource, SourceTable
 from queries.pathway import Pathway
 
 STAGED: Final = {
@@ -24,11 +25,21 @@ STAGED: Final = {
     "condition_occurrence": "s_condition",
     "death": "s_death_raw",
     "location": "s_location_raw",
+    "observation_period": "s_observation",
     "concept_ancestor": "s_ancestor",
 }
 
 
+def _found(table: SourceTable) -> str:
+    names = [c.name for c in table.columns.values()]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    return f"columns {shown} found"
+
+
 def check_structure(source: OmopSource, report: ValidationReport) -> None:
+    """Required tables and columns: refused if missing. An optional table that lacks one of
+    its required columns (a header-less export, say) is dropped from `source` with a warning,
+    so that everything after serves exactly what it serves without that table."""
     for req in OMOP_TABLES:
         table = source.table(req.name)
         if table is None:
@@ -39,8 +50,18 @@ def check_structure(source: OmopSource, report: ValidationReport) -> None:
                     f"required table missing: expected {req.name}.parquet or {req.name}.csv "
                     f"(any case) in the folder, or a table {req.name} in the DuckDB file",
                 )
-            else:
+            elif not any(f.where == req.name for f in source.findings):  # else: unreadable
                 report.add(Level.NOTE, req.name, f"no such table: {req.if_absent}")
+            continue
+        missing = [c.name for c in req.columns if c.required and not table.has(c.name)]
+        if missing and not req.required:
+            expected = ", ".join(c.name for c in req.columns if c.required)
+            report.add(
+                Level.WARNING,
+                req.name,
+                f"{_found(table)}, expected {expected}; {req.if_absent} ({table.origin})",
+            )
+            del source.tables[req.name]
             continue
         for col in req.columns:
             if table.has(col.name):
@@ -49,7 +70,7 @@ def check_structure(source: OmopSource, report: ValidationReport) -> None:
                 report.add(
                     Level.ERROR,
                     f"{req.name}.{col.name}",
-                    f"required column missing from {table.origin}",
+                    f"required column missing from {table.origin} ({_found(table)})",
                 )
             else:
                 report.add(
@@ -71,8 +92,10 @@ def _if_absent(col: ColumnReq) -> str:
 
 def quality_scan(
     con: duckdb.DuckDBPyConnection, req: TableReq, table: SourceTable, report: ValidationReport
-) -> None:
-    """One pass over a source table: NOT NULL violations, unconvertible values, orphans."""
+) -> int | None:
+    """One pass over a source table: NOT NULL violations, unconvertible values, orphans.
+
+    Returns the table's row count, or None if it could not be read."""
     present = [c for c in req.columns if table.has(c.name)]
     parts: list[str] = ["count(*)"]
     labels: list[tuple[str, ColumnReq]] = []
@@ -100,20 +123,23 @@ def quality_scan(
     try:
         row = con.execute(sql).fetchall()[0]
     except duckdb.Error as exc:
-        report.add(Level.ERROR, req.name, f"cannot read {table.origin}: {first_line(exc)}")
-        return
+        level = Level.ERROR if req.required else Level.WARNING
+        lost = "" if req.required else f"; {req.if_absent}"
+        report.add(level, req.name, f"cannot read {table.origin}: {first_line(exc)}{lost}")
+        return None
     values = list(row[1:])
+    level, ignored = (Level.ERROR, "") if req.strict else (Level.WARNING, ": ignored")
     for (what, col), value in zip(labels, values, strict=True):
         where = f"{req.name}.{col.name}"
         if what == "null" and value:
-            report.add(Level.ERROR, where, "NOT NULL column has empty values", int(value))
+            report.add(level, where, f"NOT NULL column has empty values{ignored}", int(value))
         elif what == "bad" and value:
             example = values[labels.index(("example", col))]
             kind = "dates" if col.kind.value == "DATE" else "whole numbers"
             report.add(
-                Level.ERROR,
+                level,
                 where,
-                f"values that are not {kind} (e.g. {str(example)[:30]!r})",
+                f"values that are not {kind} (e.g. {str(example)[:30]!r}){ignored}",
                 int(value),
             )
         elif what == "orphan" and value:
@@ -123,6 +149,7 @@ def quality_scan(
                 "rows whose person_id has no person row; they are ignored",
                 int(value),
             )
+    return int(row[0])
 
 
 def stage(

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import duckdb
 
-from node.data import consent, imd, registers
-from node.data.catalog import DEFAULT_REFERENCE_DATE
+from node.data import cohorts, consent, imd, reference, registers
 from node.data.findings import Finding, Level, ValidationReport
-from node.data.omop import OMOP_TABLES, OmopSource, open_source
+from node.data.tables import OMOP_TABLES
+from node.data.omop import OmopSource, open_source, sql_string
 from node.data.staged_checks import death_checks, person_checks, visit_checks
 from node.data.staging import check_structure, first_line, quality_scan, stage, stage_concepts
 from queries.errors import DataError
@@ -34,14 +34,56 @@ class DataSettings:
     """Where a node's data is and how to read it (from node.toml)."""
 
     omop: Path
-    reference_date: date = DEFAULT_REFERENCE_DATE
+    # None: the end of the data (node/data/reference.py), found when the data is read.
+    reference_date: date | None = None
     imd_lookup: Path | None = None
     consent: consent.ConsentPolicy = field(default_factory=consent.ConsentPolicy)
     omop_schema: str | None = None
+    # Ad hoc cohorts ([cohorts]): what condition records to keep for them (node/data/cohorts.py).
+    cohorts: cohorts.CohortPolicy = field(default_factory=cohorts.CohortPolicy)
 
 
-def _ref(settings: DataSettings) -> str:
-    return f"DATE '{settings.reference_date.isoformat()}'"
+# Staged as empty when the source has no usable table, so the views need no special case.
+_EMPTY: dict[str, str] = {
+    "death": "s_death_raw (person_id BIGINT, death_date DATE)",
+    "location": "s_location_raw (location_id BIGINT, location_source_value VARCHAR)",
+}
+
+
+def _stage_tables(
+    con: duckdb.DuckDBPyConnection, source: OmopSource, report: ValidationReport
+) -> None:
+    """Scan and stage every table but person and concept_ancestor; an optional table that
+    cannot be read or has no rows is dropped from `source` with a warning."""
+    for req in OMOP_TABLES:
+        table = source.table(req.name)
+        if req.name in {"person", "concept_ancestor"} or table is None:
+            continue
+        rows = quality_scan(con, req, table, report)
+        if not req.required and not rows:
+            if rows == 0:
+                report.add(Level.WARNING, req.name, f"{table.origin} has no rows: {req.if_absent}")
+            del source.tables[req.name]
+            continue
+        where = ""
+        if req.name == "condition_occurrence":
+            concept = table.typed(req.columns[1])
+            where = f"WHERE {concept} IN (SELECT concept_id FROM s_concepts)"  # noqa: S608
+        stage(con, req, table, where)
+    ancestor = source.table("concept_ancestor")
+    if (
+        ancestor is not None
+        and not con.execute(
+            f"SELECT 1 FROM {ancestor.relation} LIMIT 1"  # noqa: S608 - quoted
+        ).fetchall()
+    ):
+        req = next(t for t in OMOP_TABLES if t.name == "concept_ancestor")
+        report.add(Level.WARNING, req.name, f"{ancestor.origin} has no rows: {req.if_absent}")
+        del source.tables[req.name]
+    for name, columns in _EMPTY.items():
+        if source.table(name) is None:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {columns}")
+    report.absent = frozenset(t.name for t in OMOP_TABLES if source.table(t.name) is None)
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> int:
@@ -142,33 +184,24 @@ def prepare(
     check_structure(source, report)
     if not report.ok:
         return report
-    ref = _ref(settings)
     person_req = next(t for t in OMOP_TABLES if t.name == "person")
     person = source.tables["person"]
     try:
         quality_scan(con, person_req, person, report)
         stage(con, person_req, person)
+        # s_concepts first: staging condition_occurrence keeps only the rows of its concepts.
         stage_concepts(con, source, pathways)
-        for req in OMOP_TABLES:
-            table = source.table(req.name)
-            if req.name in {"person", "concept_ancestor"} or table is None:
-                continue
-            quality_scan(con, req, table, report)
-            where = ""
-            if req.name == "condition_occurrence":
-                concept = table.typed(req.columns[1])
-                where = f"WHERE {concept} IN (SELECT concept_id FROM s_concepts)"  # noqa: S608
-            stage(con, req, table, where)
+        _stage_tables(con, source, report)
         if not report.ok:
             return report
+        cohorts.stage_sources(con, source, settings.cohorts)
+        reference_date = reference.resolve(con, settings.reference_date, source, report)
+        ref = f"DATE {sql_string(reference_date.isoformat())}"
         person_checks(con, ref, report)
         visit_checks(con, ref, report)
         death_checks(con, ref, report)
-        if source.table("location") is None:
-            con.execute(
-                "CREATE OR REPLACE TEMP TABLE s_location_raw "
-                "(location_id BIGINT, location_source_value VARCHAR)"
-            )
+        end = reference.end_of_data(con, source) if settings.reference_date else None
+        reference.window_checks(con, report, end)
         _imd(con, source, settings, report)
         report.extend(registers.load_registers(con, settings.consent))
         if not report.ok:
@@ -178,7 +211,7 @@ def prepare(
                 con,
                 settings.consent,
                 persons="(SELECT person_id, birth_date FROM s_person WHERE birth_date IS NOT NULL)",
-                reference_date=settings.reference_date,
+                reference_date=reference_date,
             )
         )
     except duckdb.Error as exc:

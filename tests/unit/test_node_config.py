@@ -49,7 +49,7 @@ def test_a_good_file(tmp_path: Path) -> None:
 def test_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
     assert config.listen == "127.0.0.1:50051"
-    assert config.reference_date == date(2025, 12, 31)
+    assert config.reference_date is None  # the end of the data (node/data/reference.py)
     assert config.pathways is None
     assert config.budget == BudgetPolicy()
 

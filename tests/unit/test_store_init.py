@@ -68,12 +68,19 @@ def test_init_from_the_command_line(tmp_path: Path) -> None:
     assert "data accepted" in done.output
     assert "WARNING condition_occurrence.person_id [1]" in done.output
     assert (tmp_path / "n" / "node.toml").exists()
+    # Without the (optional) death table the node serves without mortality outcomes.
     (source / "DEATH.csv").unlink()
-    refused = runner.invoke(
+    served = runner.invoke(
         app, ["init", str(tmp_path / "m"), "--name", "yh", "--omop", str(source)]
     )
+    assert served.exit_code == 0, served.output
+    assert "NOTE    death: no such table: mortality outcomes" in served.output
+    (source / "VISIT_OCCURRENCE.csv").unlink()
+    refused = runner.invoke(
+        app, ["init", str(tmp_path / "k"), "--name", "yh", "--omop", str(source)]
+    )
     assert refused.exit_code == 1
-    assert "ERROR   death: required table missing" in refused.output
+    assert "ERROR   visit_occurrence: required table missing" in refused.output
 
 
 def test_init_copy_makes_typed_parquet_with_the_same_views(tmp_path: Path) -> None:
@@ -125,7 +132,7 @@ def test_demo_nodes_from_data_or_config(tmp_path: Path) -> None:
     assert [s.name for s in setups] == ["gm", "yh", "x"]
     assert setups[0].imd_lookup == folder / synth.LOOKUP_FILE
     assert setups[1].omop == duck.resolve()
-    assert setups[1].imd_lookup == (tmp_path / "i.csv").resolve()
+    assert setups[1].config == config  # used as it is: the node reads its imd_lookup
     assert setups[2].imd_lookup is None
     for bad, message in [
         ("gm", "NAME=PATH"),

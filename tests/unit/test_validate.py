@@ -79,11 +79,11 @@ def test_an_empty_folder_lists_every_missing_table(tmp_path: Path) -> None:
     (tmp_path / "omop").mkdir()
     report = check(tmp_path / "omop")
     missing = {f.where for f in report.errors}
-    assert missing == {"person", "visit_occurrence", "condition_occurrence", "death"}
+    assert missing == {"person", "visit_occurrence", "condition_occurrence"}
     assert all("required table missing" in f.message for f in report.errors)
 
 
-@pytest.mark.parametrize("table", ["person", "visit_occurrence", "condition_occurrence", "death"])
+@pytest.mark.parametrize("table", ["person", "visit_occurrence", "condition_occurrence"])
 def test_a_missing_table_is_refused(tmp_path: Path, table: str) -> None:
     omop = example()
     del omop.tables[table]
@@ -102,7 +102,6 @@ def test_a_missing_table_is_refused(tmp_path: Path, table: str) -> None:
         ("visit_occurrence", "visit_start_date"),
         ("visit_occurrence", "visit_concept_id"),
         ("condition_occurrence", "condition_concept_id"),
-        ("death", "death_date"),
     ],
 )
 def test_a_missing_column_is_refused(tmp_path: Path, table: str, column: str) -> None:
@@ -110,6 +109,33 @@ def test_a_missing_column_is_refused(tmp_path: Path, table: str, column: str) ->
     error = found(report, Level.ERROR, f"{table}.{column}")
     assert "required column missing" in error.message
     assert len(report.errors) == 1
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "expected", "lost"),
+    [
+        ("death", "death_date", "person_id, death_date", "mortality outcomes"),
+        ("location", "location_id", "location_id, location_source_value", "'unknown'"),
+        (
+            "concept_ancestor",
+            "descendant_concept_id",
+            "ancestor_concept_id, descendant_concept_id",
+            "listed concept ids only",
+        ),
+    ],
+)
+def test_an_optional_table_missing_a_column_is_served_as_absent(
+    tmp_path: Path, table: str, column: str, expected: str, lost: str
+) -> None:
+    omop = example()
+    omop.rows("concept_ancestor").append({"ancestor_concept_id": 1, "descendant_concept_id": 2})
+    report = check(write(drop_column(omop, table, column), tmp_path / "omop"))
+    assert report.ok
+    warning = found(report, Level.WARNING, table).message
+    assert f"found, expected {expected};" in warning
+    assert column not in warning.split(" found")[0]  # the columns found, without the missing
+    assert lost in warning
+    assert table in report.absent
 
 
 @pytest.mark.parametrize(
@@ -245,10 +271,15 @@ def test_orphans_and_odd_dates_are_warnings(tmp_path: Path) -> None:
 
 def test_a_corrupt_file_is_reported(tmp_path: Path) -> None:
     folder = write(example(), tmp_path / "omop")
+    (folder / "visit_occurrence.parquet").write_bytes(b"PAR1 but not really" * 10)
     (folder / "death.parquet").write_bytes(b"PAR1 but not really" * 10)
     report = check(folder)
-    error = found(report, Level.ERROR, "death")
-    assert "cannot read" in error.message
+    assert "cannot read" in found(report, Level.ERROR, "visit_occurrence").message
+    # An optional table that cannot be read is served as absent, with a warning.
+    warning = found(report, Level.WARNING, "death")
+    assert "cannot read" in warning.message
+    assert "mortality outcomes" in warning.message
+    assert not [f for f in report.findings if f.level is Level.NOTE and f.where == "death"]
 
 
 def test_two_files_for_one_table_are_refused(tmp_path: Path) -> None:
