@@ -16,8 +16,8 @@ import duckdb
 from node.config import load_config
 from node.data.consent import ConsentPolicy, consent_toml
 from node.data.findings import Level, ValidationReport
-from node.data.tables import OMOP_TABLES
 from node.data.omop import open_source, sql_string
+from node.data.tables import OMOP_TABLES
 from node.data.validate import DataSettings, validate
 from queries.errors import ConfigError
 from queries.pathway import builtin_pathways, load_pathways

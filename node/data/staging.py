@@ -15,8 +15,8 @@ from typing import Final
 import duckdb
 
 from node.data.findings import Level, ValidationReport
-from node.data.tables import OMOP_TABLES, ColumnReq, TableReq
 from node.data.omop import OmopSource, SourceTable
+from node.data.tables import OMOP_TABLES, ColumnReq, TableReq
 from queries.pathway import Pathway
 
 STAGED: Final = {

@@ -21,10 +21,10 @@ import duckdb
 
 from node.data import cohorts, consent, imd, reference, registers
 from node.data.findings import Finding, Level, ValidationReport
-from node.data.tables import OMOP_TABLES
 from node.data.omop import OmopSource, open_source, sql_string
 from node.data.staged_checks import death_checks, person_checks, visit_checks
 from node.data.staging import check_structure, first_line, quality_scan, stage, stage_concepts
+from node.data.tables import OMOP_TABLES
 from queries.errors import DataError
 from queries.pathway import Pathway
 
