@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from node.access import AccessPolicy, parse_access
+from node.data.cohorts import CohortPolicy, parse_cohorts
 from node.data.consent import ConsentPolicy, parse_consent
 from protocols.budget.policy import PERIODS, BudgetPolicy
 from protocols.security.pki import Identity, Role
@@ -20,6 +21,16 @@ BUDGET_KEYS = frozenset(
     {"total_rho", "max_rho_per_query", "delta", "period", "analyst_rho", "analysts"}
     | {"lifetime_rho", "analyst_lifetime_rho", "analysts_lifetime"}
 )
+# The keys load_config accepts at the top level of node.toml, and in [release]; every one is
+# documented in docs/configuration.md (tests/unit/test_configuration_doc.py checks).
+NODE_KEYS = frozenset(
+    {"name", "omop", "identity", "listen", "reference_date", "pathways", "budget"}
+    | {"release", "access", "crl"}
+    | {"ledger", "ledger_key"}
+    | {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
+    | {"cohorts"}
+)
+RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
 
 
 # Refusals from one peer that reach the ledger per window (node.guards.RefusalLimiter,
@@ -54,7 +65,8 @@ class NodeConfig:
     omop: Path
     identity: Path
     listen: str = "127.0.0.1:50051"
-    reference_date: date = date(2025, 12, 31)
+    # None: the end of the data, rounded up to a month end (node/data/reference.py).
+    reference_date: date | None = None
     pathways: tuple[str, ...] | None = None
     budget: BudgetPolicy = field(default_factory=BudgetPolicy)
     release: ReleaseRules = field(default_factory=ReleaseRules)
@@ -71,6 +83,8 @@ class NodeConfig:
     imd_lookup: Path | None = None
     pathways_dir: Path | None = None
     consent: ConsentPolicy = field(default_factory=ConsentPolicy)
+    # Analysts' ad hoc cohorts ([cohorts], node/data/cohorts.py): none unless allowed.
+    cohorts: CohortPolicy = field(default_factory=CohortPolicy)
 
     def __post_init__(self) -> None:
         check_node_name(self.name)
@@ -120,10 +134,7 @@ def load_config(path: Path) -> NodeConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     base = path.parent
-    known = {"name", "omop", "identity", "listen", "reference_date", "pathways", "budget"}
-    known |= {"release", "access", "crl"}
-    known |= {"ledger", "ledger_key"}
-    known |= {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
+    known = NODE_KEYS
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -136,8 +147,8 @@ def load_config(path: Path) -> NodeConfig:
     unknown_budget = sorted(set(budget_raw) - BUDGET_KEYS)
     if unknown_budget:
         raise ConfigError(f"{path}: unknown [budget] key(s) {unknown_budget}")
-    ref = data.get("reference_date", date(2025, 12, 31))
-    if isinstance(ref, datetime) or not isinstance(ref, date):
+    ref = data.get("reference_date")
+    if ref is not None and (isinstance(ref, datetime) or not isinstance(ref, date)):
         raise ConfigError(f"{path}: reference_date must be a TOML date such as 2025-12-31")
     pathways = data.get("pathways")
     if pathways is not None and not (
@@ -163,6 +174,7 @@ def load_config(path: Path) -> NodeConfig:
             _path(base, data["pathways_dir"], "pathways_dir") if "pathways_dir" in data else None
         ),
         consent=parse_consent(data.get("consent", {}), base, str(path)),
+        cohorts=parse_cohorts(data.get("cohorts"), str(path)),
     )
 
 
@@ -188,7 +200,7 @@ def _release_rules(raw: object, source: str) -> ReleaseRules:
     """[release] suppress_below / round_to, the node's disclosure rules."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [release] must be a table")
-    unknown = sorted(set(raw) - {"suppress_below", "round_to"})
+    unknown = sorted(set(raw) - RELEASE_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unknown [release] key(s) {unknown}")
     values = {k: v for k, v in raw.items()}

@@ -23,7 +23,8 @@ from node import engine
 from node.access import AccessPolicy
 from node.budget.accounting import Accountant, Charge, RateLimited, Refusal
 from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
-from node.data.store import OmopStore
+from node.data.catalog import describe_cohort, with_cohort
+from node.data.store import OmopStore, cohort_runner
 from node.guards import NonceStore, RefusalLimiter, check_deadline
 from protocols import serde
 from protocols.budget.rules import per_query_refusal
@@ -140,7 +141,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
         refused = per_query_refusal(self.accountant.policy, query.rho)
         if refused is not None:
             raise refused
-        compiled = plan.compile_query(query, self.catalog)
+        catalog = self.catalog
+        if query.cohort is not None:
+            # The custodian's governance of ad hoc cohorts: refused here, before any charge.
+            self.store.settings.cohorts.check(query.cohort)
+            catalog = with_cohort(catalog, query.cohort, mortality=self.store.mortality)
+        compiled = plan.compile_query(query, catalog)
         releases = engine.calibrations(compiled)
         return query, compiled, releases, sum(r.calibration.rho for r in releases)
 
@@ -170,10 +176,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         # Spending nothing, Explain claims no nonce: the envelopes it takes (explain, budget,
         # and execute ones, which it only prices) may be explained again until they expire.
         signed, analyst = self._authorise(request.envelope, context, Call.EXPLAIN)
-        _, compiled, releases, rho = self._price(signed, analyst)
+        query, compiled, releases, rho = self._price(signed, analyst)
+        text = compiled.describe()
+        if query.cohort is not None:
+            ancestor = self.store.concept_ancestor
+            text += "\n" + describe_cohort(query.cohort, concept_ancestor=ancestor)
         status = self.accountant.status(analyst.name)
         return node_pb2.ExplainResponse(
-            plan=compiled.describe(),
+            plan=text,
             measures=[serde.measure_noise_to_proto(r.measure_noise()) for r in releases],
             rho=rho,
             epsilon=mechanisms.rho_to_epsilon(rho, status.delta),
@@ -260,8 +270,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         an exception's message could carry an exact value, so only its type is recorded.
         """
         try:
-            with self.store.snapshot() as views:
-                exact = engine.exact_values(compiled, views)
+            # An ad hoc cohort is built here (or found in the views' cache), before the charge.
+            with self.store.snapshot() as views, cohort_runner(views, compiled.query) as runner:
+                exact = engine.exact_values(compiled, runner)
             noisy = engine.add_noise(releases, exact)
             del exact  # nothing exact outlives this function
             shown = engine.withhold_small_cells(compiled, releases, noisy, self.rules)

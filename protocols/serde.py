@@ -161,6 +161,7 @@ def description_to_proto(desc: NodeDescription) -> node_pb2.DescribeResponse:
                 columns=[_column_to_proto(c) for c in v.columns],
                 max_rows_per_person=v.max_rows_per_person,
                 max_persons=v.max_persons,
+                rank_column=v.rank_column or "",
             )
             for v in desc.catalog.views
         ],
@@ -180,6 +181,7 @@ def description_from_proto(msg: node_pb2.DescribeResponse) -> NodeDescription:
             columns=tuple(_column_from_proto(c) for c in v.columns),
             max_rows_per_person=v.max_rows_per_person,
             max_persons=v.max_persons or MAX_PERSONS,
+            rank_column=v.rank_column or None,
         )
         for v in msg.views
     )

@@ -123,10 +123,15 @@ def role_keys(m: Measure) -> dict[str, str]:
 
 
 def measure_components(
-    m: Measure, view: ViewSpec, group_by: tuple[str, ...], n_groups: int
+    m: Measure, view: ViewSpec, group_by: tuple[str, ...], n_groups: int, cap: int | None = None
 ) -> dict[str, Component]:
-    """The component of each role of a measure, checked against the view's public bounds."""
+    """The component of each role of a measure, checked against the view's public bounds.
+
+    `cap` is the rows per person the query counts (sensitivity.effective_cap; the view's if
+    None): sensitivities and the public bounds on cells scale with it.
+    """
     keys = role_keys(m)
+    rows = view.max_persons * (view.max_rows_per_person if cap is None else cap)
 
     def count(role: str, kind: Kind, column: str | None = None) -> Component:
         return Component(
@@ -136,8 +141,8 @@ def measure_components(
             lower=None,
             upper=None,
             exponent=0,
-            sensitivity=sensitivity(kind, view, group_by, n_groups),
-            max_abs=view.max_persons if kind is Kind.PERSONS else view.max_rows,
+            sensitivity=sensitivity(kind, view, group_by, n_groups, cap=cap),
+            max_abs=view.max_persons if kind is Kind.PERSONS else rows,
         )
 
     def total(role: str, kind: Kind, column: str) -> Component:
@@ -155,8 +160,8 @@ def measure_components(
             lower=lo,
             upper=hi,
             exponent=e,
-            sensitivity=sensitivity(kind, view, group_by, n_groups, max_abs_units=bound),
-            max_abs=view.max_rows * max(1, bound),
+            sensitivity=sensitivity(kind, view, group_by, n_groups, max_abs_units=bound, cap=cap),
+            max_abs=rows * max(1, bound),
         )
 
     def binned(column: str) -> Component:
@@ -179,8 +184,8 @@ def measure_components(
             lower=lo,
             upper=hi,
             exponent=0,
-            sensitivity=sensitivity(Kind.BINS, view, group_by, n_groups),
-            max_abs=view.max_rows,
+            sensitivity=sensitivity(Kind.BINS, view, group_by, n_groups, cap=cap),
+            max_abs=rows,
             edges=edges,
         )
 

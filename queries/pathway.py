@@ -23,15 +23,17 @@ import enum
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeGuard
 
 import yaml
 
-from queries.errors import ConfigError, QueryError
-from queries.spec import check_identifier
+from queries.errors import ChcError, ConfigError, QueryError
+from queries.spec import check_identifier, quote
 
 MAX_AGE = 120
 MAX_WINDOW_DAYS = 3_660
-RESERVED_NAMES = frozenset({"persons", "visits"})
+# "cohort" is the view of an analyst's ad hoc cohort (queries/cohort.py).
+RESERVED_NAMES = frozenset({"persons", "visits", "cohort"})
 
 
 class Entry(enum.StrEnum):
@@ -61,6 +63,52 @@ _KEYS = frozenset(
 )
 
 
+# Concept ids are staged as BIGINT (OMOP's are 32-bit; local ones may be larger).
+MAX_CONCEPT_ID = 2**63 - 1
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_definition(
+    what: str,
+    *,
+    conditions: object,
+    entry: object,
+    age_min: object,
+    age_max: object,
+    window_days: object,
+    descendants: object,
+    error: type[ChcError],
+) -> None:
+    """Raise `error` naming `what` unless the parts of a cohort definition are valid.
+
+    Shared by custodians' pathways (ConfigError) and analysts' ad hoc cohorts (QueryError),
+    so that both obey the same rules and the views built from them are alike.
+    """
+    if not isinstance(entry, Entry):
+        raise error(f"{what}: entry must be one of {[e.value for e in Entry]}")
+    if not isinstance(conditions, tuple):
+        raise error(f"{what}: conditions must be a list of OMOP concept ids")
+    if not conditions and entry is not Entry.EMERGENCY_VISIT:
+        raise error(
+            f"{what} lists no condition concept ids; only an "
+            "emergency_visit pathway may leave `conditions` empty"
+        )
+    if any(not _whole(c) or not 0 < c <= MAX_CONCEPT_ID for c in conditions):
+        raise error(f"{what}: concept ids must be positive integers")
+    if len(set(conditions)) != len(conditions):
+        twice = sorted({c for c in conditions if conditions.count(c) > 1})
+        raise error(f"{what} lists a concept id twice ({quote(twice)})")
+    if not isinstance(descendants, bool):
+        raise error(f"{what}: descendants must be true or false")
+    if not (_whole(age_min) and _whole(age_max) and 0 <= age_min <= age_max <= MAX_AGE):
+        raise error(f"{what}: need 0 <= age_min <= age_max <= {MAX_AGE} (whole years)")
+    if not (_whole(window_days) and 1 <= window_days <= MAX_WINDOW_DAYS):
+        raise error(f"{what}: window_days must be between 1 and {MAX_WINDOW_DAYS}")
+
+
 @dataclass(frozen=True)
 class Pathway:
     """A cohort: who joins (concept set, entry event, ages) and the outcome window."""
@@ -82,23 +130,16 @@ class Pathway:
             raise ConfigError(str(exc)) from None
         if self.name in RESERVED_NAMES:
             raise ConfigError(f"pathway name {self.name!r} is taken by a built-in view")
-        if not isinstance(self.entry, Entry):
-            raise ConfigError(f"pathway {self.name!r}: entry must be an Entry")
-        if not self.conditions and self.entry is not Entry.EMERGENCY_VISIT:
-            raise ConfigError(
-                f"pathway {self.name!r} lists no condition concept ids; only an "
-                "emergency_visit pathway may leave `conditions` empty"
-            )
-        if any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in self.conditions):
-            raise ConfigError(f"pathway {self.name!r}: concept ids must be positive integers")
-        if len(set(self.conditions)) != len(self.conditions):
-            raise ConfigError(f"pathway {self.name!r} lists a concept id twice")
-        if not 0 <= self.age_min <= self.age_max <= MAX_AGE:
-            raise ConfigError(f"pathway {self.name!r}: need 0 <= age_min <= age_max <= {MAX_AGE}")
-        if not 1 <= self.window_days <= MAX_WINDOW_DAYS:
-            raise ConfigError(
-                f"pathway {self.name!r}: window_days must be between 1 and {MAX_WINDOW_DAYS}"
-            )
+        check_definition(
+            f"pathway {self.name!r}",
+            conditions=self.conditions,
+            entry=self.entry,
+            age_min=self.age_min,
+            age_max=self.age_max,
+            window_days=self.window_days,
+            descendants=self.descendants,
+            error=ConfigError,
+        )
 
 
 def _int(data: dict[str, object], key: str, default: int, source: str) -> int:

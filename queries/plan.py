@@ -18,6 +18,11 @@ once. Each measure's share of rho (by weight) is split over its components to mi
 noise variance of the figure it produces (see `_split`), and a shared component receives the
 sum of what its measures give it.
 
+The rows per person a plan counts are the query's rows_per_person if set (at most the view's
+max_rows_per_person, the custodian's cap; a higher one is refused here), else the view's; every
+sensitivity scales with it and, below the view's cap, the SQL keeps at most that many rows per
+person (plan_sql.Truncation, in the view's declared keep order).
+
 Everything that could fail later is refused here, from public bounds only: a plan whose exact
 integers plus noise could leave the 64-bit range, too many cells, a grid that is too fine.
 After a query has planned, nothing about the data can change its status or message.
@@ -35,7 +40,7 @@ from queries import mechanisms, plan_sql
 from queries.components import Component, measure_components
 from queries.errors import QueryError
 from queries.schema import Catalog, ColumnType, ViewSpec
-from queries.sensitivity import Kind
+from queries.sensitivity import Kind, effective_cap
 from queries.spec import Measure, Query, Statistic
 
 # A release with more cells than this is refused: each cell costs noise and transfer.
@@ -69,6 +74,8 @@ class Plan:
     rho: tuple[tuple[str, float], ...]  # (component key, rho), summing to query.rho
     scalar_sql: str | None  # one row per group, one column per non-binned component
     binned_sql: tuple[tuple[str, str], ...]  # (component key, SQL giving group, bin, n)
+    # Rows per person the plan counts: the query's rows_per_person, else the view's cap.
+    rows_per_person: int = 1
 
     @property
     def cells(self) -> int:
@@ -86,9 +93,18 @@ class Plan:
     def describe(self) -> str:
         """A readable account of what the node will compute (no data involved)."""
         groups = ", ".join(self.group_by) or "(no grouping)"
+        cap = self.view.max_rows_per_person
+        if self.rows_per_person < cap:
+            rows = (
+                f"counting at most {self.rows_per_person} of each person's rows, the query's "
+                f"rows_per_person: the first by {self.view.rank_column} of those that pass the "
+                f"filters; the view keeps up to {cap}"
+            )
+        else:
+            rows = f"at most {cap} row(s) per person"
         lines = [
-            f"view {self.view.name} (at most {self.view.max_rows_per_person} row(s) per "
-            f"person); group by {groups}: {len(self.domain)} public group(s)",
+            f"view {self.view.name} ({rows}); group by {groups}: "
+            f"{len(self.domain)} public group(s)",
         ]
         shares = self.rho_shares()
         for c in self.components:
@@ -124,6 +140,12 @@ def compile_query(query: Query, catalog: Catalog) -> Plan:
 @functools.lru_cache(maxsize=512)
 def _compile(query: Query, catalog: Catalog) -> Plan:
     view = catalog.view(query.view)
+    cap = effective_cap(view, query.rows_per_person)
+    truncation = (
+        plan_sql.Truncation(cap=cap, rank_column=view.rank_column)
+        if cap < view.max_rows_per_person and view.rank_column is not None
+        else None
+    )
     filters = _filters(query, view)
     domains: list[tuple[str, ...]] = []
     for name in query.group_by:
@@ -138,7 +160,7 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
     unique: dict[str, Component] = {}
     measure_roles: list[tuple[Measure, dict[str, Component]]] = []
     for m in query.measures:
-        roles = measure_components(m, view, query.group_by, n_groups)
+        roles = measure_components(m, view, query.group_by, n_groups, cap)
         for c in roles.values():
             unique.setdefault(c.key, c)
         measure_roles.append((m, roles))
@@ -169,12 +191,13 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
         components=components,
         measures=tuple(measures),
         rho=tuple(rho.items()),
-        scalar_sql=plan_sql.scalar_sql(view.name, query.group_by, components, filters),
+        scalar_sql=plan_sql.scalar_sql(view.name, query.group_by, components, filters, truncation),
         binned_sql=tuple(
-            (c.key, plan_sql.binned_sql(view.name, query.group_by, c, filters))
+            (c.key, plan_sql.binned_sql(view.name, query.group_by, c, filters, truncation))
             for c in components
             if c.kind is Kind.BINS
         ),
+        rows_per_person=cap,
     )
 
 

@@ -4,15 +4,31 @@ Statements are built as sqlglot trees, so identifiers and literals are quoted by
 never by string formatting. One statement gives every non-binned component per group, and
 one per binned component gives its counts per group and bin. It is separate from the planner
 because it only renders components already checked; nothing here can refuse a query.
+
+Under an analyst's lower cap (Truncation) every statement reads the same truncated rows: of
+each person's rows that pass the filters, the `cap` first in the view's keep order (its rank
+column), so that every component of a query counts the same rows (an AVG's count and sum, a
+MEDIAN's histogram) and no person contributes more than `cap` rows to any of them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import sqlglot
 from sqlglot import exp
 
 from queries.components import Component
 from queries.sensitivity import Kind
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Keep at most `cap` rows per person: those with the smallest `rank_column` values."""
+
+    cap: int
+    rank_column: str
+    person_column: str = "person_id"
 
 
 def _col(name: str) -> exp.Column:
@@ -55,11 +71,35 @@ def _where(stmt: exp.Select, filters: dict[str, tuple[str, ...]]) -> exp.Select:
     return stmt
 
 
+def _rows(
+    select: list[exp.Expr],
+    view: str,
+    filters: dict[str, tuple[str, ...]],
+    truncation: Truncation | None,
+) -> exp.Select:
+    """SELECT `select` FROM the view's filtered rows, truncated per person if asked."""
+    table = exp.to_table(view, quoted=True)
+    if truncation is None:
+        return _where(sqlglot.select(*select).from_(table), filters)
+    # WHERE runs before the window, so the cap counts only rows that pass the filters: a
+    # person's emergency visits are not crowded out by their other visits.
+    place = exp.Window(
+        this=exp.RowNumber(),
+        partition_by=[_col(truncation.person_column)],
+        order=exp.Order(expressions=[exp.Ordered(this=_col(truncation.rank_column))]),
+    )
+    kept = _where(sqlglot.select(exp.Star()).from_(table), filters).qualify(
+        exp.LTE(this=place, expression=exp.Literal.number(truncation.cap))
+    )
+    return sqlglot.select(*select).from_(kept.subquery("capped", copy=False))
+
+
 def scalar_sql(
     view: str,
     group_by: tuple[str, ...],
     components: tuple[Component, ...],
     filters: dict[str, tuple[str, ...]],
+    truncation: Truncation | None = None,
 ) -> str | None:
     """One row per group, one column per non-binned component (None if all are binned)."""
     scalar = [c for c in components if c.kind is not Kind.BINS]
@@ -68,14 +108,18 @@ def scalar_sql(
     select: list[exp.Expr] = [_col(c) for c in group_by]
     for c in scalar:
         select.append(exp.alias_(_component_expr(c), c.key, quoted=True))
-    stmt = _where(sqlglot.select(*select).from_(exp.to_table(view, quoted=True)), filters)
+    stmt = _rows(select, view, filters, truncation)
     if group_by:
         stmt = stmt.group_by(*[_col(c) for c in group_by])
     return stmt.sql(dialect="duckdb")
 
 
 def binned_sql(
-    view: str, group_by: tuple[str, ...], c: Component, filters: dict[str, tuple[str, ...]]
+    view: str,
+    group_by: tuple[str, ...],
+    c: Component,
+    filters: dict[str, tuple[str, ...]],
+    truncation: Truncation | None = None,
 ) -> str:
     """The rows of one binned component: group columns, bin index and count."""
     lo, hi = c.edges[0], c.edges[-1]
@@ -90,9 +134,10 @@ def binned_sql(
     )
     select: list[exp.Expr] = [_col(g) for g in group_by]
     select += [exp.alias_(index, "bin", quoted=True), exp.alias_(exp.Count(this=exp.Star()), "n")]
-    stmt = sqlglot.select(*select).from_(exp.to_table(view, quoted=True))
-    stmt = _where(
-        stmt.where(exp.Not(this=exp.Is(this=_col(c.column or ""), expression=exp.Null()))), filters
+    # The null test is outside the truncation, as COUNT(column) is: every component counts
+    # the same truncated rows, each its own non-null values.
+    stmt = _rows(select, view, filters, truncation).where(
+        exp.Not(this=exp.Is(this=_col(c.column or ""), expression=exp.Null()))
     )
     stmt = stmt.group_by(*[_col(g) for g in group_by], exp.column("bin", quoted=True))
     return stmt.sql(dialect="duckdb")

@@ -67,6 +67,18 @@ class ViewSpec:
     # Public bound on distinct persons in the view; with max_rows_per_person it bounds every
     # exact aggregate, which is what lets overflow be ruled out before any data is read.
     max_persons: int = MAX_PERSONS
+    # The table column holding each row's place (1, 2, ...) in its person's fixed keep order,
+    # or None. An analyst's lower cap (Query.rows_per_person = N) keeps, of each person's rows
+    # that pass the query's filters, the N placed first. It is not among `columns`: no query
+    # may group by, filter on or measure it (docs/statistics.md, "Analyst-chosen caps").
+    rank_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank_column is not None and any(c.name == self.rank_column for c in self.columns):
+            raise ValueError(
+                f"view {self.name!r}: rank column {self.rank_column!r} must not be an "
+                "analysable column"
+            )
 
     @property
     def max_rows(self) -> int:

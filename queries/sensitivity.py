@@ -1,8 +1,10 @@
 """Every L2 sensitivity chc uses, computed in one place from public contribution bounds.
 
-The privacy unit is one person. A view declares `max_rows_per_person`
-(c) and enforces it; numeric values are clamped to public bounds and summed as integers in
-fixed-point units. Under adding or removing one person:
+The privacy unit is one person. A view declares `max_rows_per_person` and enforces it; an
+analyst may choose a lower cap (Query.rows_per_person), which the exact SQL enforces by keeping
+at most that many of each person's rows (effective_cap; plan_sql.py). c below is the cap in
+force, the query's if it set one, else the view's. Numeric values are clamped to public bounds
+and summed as integers in fixed-point units. Under adding or removing one person:
 - a distinct-person count per group changes by at most 1 in each of the m groups the person
   touches, so L2 = sqrt(m), where m = 1 if every group column is constant per person, else
   min(c, number of groups);
@@ -17,6 +19,7 @@ from __future__ import annotations
 import enum
 import math
 
+from queries.errors import QueryError
 from queries.schema import ViewSpec
 
 
@@ -41,11 +44,34 @@ def histogram_sensitivity(*, max_groups_per_person: int, max_rows_per_group: int
     return max_rows_per_group * math.sqrt(max_groups_per_person)
 
 
-def groups_per_person(view: ViewSpec, group_by: tuple[str, ...], n_groups: int) -> int:
-    """How many output groups one person can fall into."""
+def effective_cap(view: ViewSpec, rows_per_person: int | None) -> int:
+    """The rows per person a query counts: its own cap, at most the view's (the custodian's)."""
+    c = view.max_rows_per_person
+    if c < 1:
+        raise ValueError(f"view {view.name!r} declares max_rows_per_person < 1")
+    if rows_per_person is None or rows_per_person == c:
+        return c
+    if rows_per_person > c:
+        raise QueryError(
+            f"rows_per_person {rows_per_person} is above the cap of view {view.name!r}, which "
+            f"keeps at most {c} row(s) per person: the custodian's cap is the maximum; ask for "
+            f"1 to {c}, or leave rows_per_person out for {c}"
+        )
+    if view.rank_column is None:
+        raise QueryError(
+            f"view {view.name!r} declares no order in which to keep fewer of a person's rows, "
+            f"so rows_per_person must be {c} (its own cap) or left out, got {rows_per_person}"
+        )
+    return rows_per_person
+
+
+def groups_per_person(
+    view: ViewSpec, group_by: tuple[str, ...], n_groups: int, cap: int | None = None
+) -> int:
+    """How many output groups one person can fall into, with at most `cap` rows each."""
     if all(view.column(c).person_level for c in group_by):
         return 1
-    return max(1, min(view.max_rows_per_person, n_groups))
+    return max(1, min(view.max_rows_per_person if cap is None else cap, n_groups))
 
 
 def sensitivity(
@@ -55,14 +81,18 @@ def sensitivity(
     n_groups: int,
     *,
     max_abs_units: int = 1,
+    cap: int | None = None,
 ) -> float:
-    """L2 sensitivity of one released vector under adding or removing one person."""
-    c = view.max_rows_per_person
-    if c < 1:
-        raise ValueError(f"view {view.name!r} declares max_rows_per_person < 1")
+    """L2 sensitivity of one released vector under adding or removing one person.
+
+    `cap` is the rows per person the query counts (effective_cap), the view's if None.
+    """
+    c = view.max_rows_per_person if cap is None else cap
+    if c < 1 or c > view.max_rows_per_person:
+        raise ValueError(f"view {view.name!r}: a cap of {c} rows per person is out of range")
     if kind is Kind.PERSONS:
         return histogram_sensitivity(
-            max_groups_per_person=groups_per_person(view, group_by, n_groups)
+            max_groups_per_person=groups_per_person(view, group_by, n_groups, c)
         )
     if kind in {Kind.ROWS, Kind.BINS}:
         return float(c)

@@ -14,9 +14,13 @@ import math
 import re
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from queries.errors import QueryError
+
+if TYPE_CHECKING:
+    # queries.cohort builds on this module (names, quoting), so it is imported lazily.
+    from queries.cohort import Cohort
 
 SPEC_VERSION = "chc.query/1"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -248,9 +252,14 @@ class Query:
     # The analyst's cap on rows counted per person (bias against noise): None means the
     # view's own max_rows_per_person; a lower cap scales every sensitivity down with it.
     rows_per_person: int | None = None
+    # An ad hoc cohort (queries/cohort.py): the view is then the reserved "cohort".
+    cohort: Cohort | None = None
 
     def __post_init__(self) -> None:
         check_identifier(self.view, "view")
+        from queries.cohort import check_view  # lazy: queries.cohort imports this module
+
+        check_view(self.view, self.cohort)
         cap = self.rows_per_person
         if cap is not None and (
             isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_ROWS_PER_PERSON
@@ -297,6 +306,7 @@ class Query:
             "where": [{"column": f.column, "values": list(f.values)} for f in self.where],
             # Only when chosen, so that every query without one keeps its canonical bytes.
             **({"rows_per_person": self.rows_per_person} if self.rows_per_person else {}),
+            **({"cohort": self.cohort.to_dict()} if self.cohort is not None else {}),
         }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from queries.cohort import cohort_from_dict
 from queries.errors import QueryError
 from queries.spec import (
     MAX_FILTER_VALUES,
@@ -92,7 +93,7 @@ def from_dict(data: object) -> Query:
         raise QueryError("a query spec must be a mapping with at least 'view' and 'rho'")
     _check_shape(data)
     known = {"version", "view", "rho", "epsilon", "delta", "measures", "group_by", "where"}
-    known |= {"rows_per_person"}
+    known |= {"rows_per_person", "cohort"}
     unknown = _names(set(data) - known)
     if unknown:
         raise QueryError(f"unknown field(s) {unknown} in query spec; known: {sorted(known)}")
@@ -151,6 +152,7 @@ def from_dict(data: object) -> Query:
         group_by=tuple(group_by),
         where=tuple(where),
         rows_per_person=data.get("rows_per_person"),
+        cohort=cohort_from_dict(data["cohort"]) if "cohort" in data else None,
     )
 
 

@@ -1,13 +1,15 @@
 """SQL front end: the safe DP subset of SELECT, parsed with sqlglot into a Query.
 
-Accepted:  SELECT <group columns and aggregates> FROM <view>
+Accepted:  SELECT <group columns and aggregates> FROM <view>[(<name> => <literal>, ...)]
            [WHERE <public column> = 'v' | IN ('a', 'b') [AND ...]] [GROUP BY <columns>]
 Aggregates: COUNT(*), COUNT(DISTINCT person_id), SUM(x), AVG(x), VARIANCE(x), STDDEV(x),
 MEDIAN(x), QUANTILE(x, q), HISTOGRAM(x[, bins]), and ratios such as SUM(a) / SUM(b) or
 SUM(a) / COUNT(*). Any x may be CLAMP(column, lower, upper). Everything else is refused
 with a message that says why and what to write instead; nothing is ever executed as given.
-The subset's rules (allow-list, forbidden constructs, arities, nesting) are in sql_rules.py,
-and printing a Query back as SQL is in sql_print.py.
+The subset's rules (allow-list, forbidden constructs, arities, nesting, table arguments) are
+in sql_rules.py, the FROM clause with its named arguments (rows_per_person on any view, an ad
+hoc cohort's definition on the cohort view) in sql_from.py, and printing a Query back as SQL
+in sql_print.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlglot.errors import ParseError, TokenError
 
 from queries.errors import QueryError
 from queries.spec import Filter, Measure, Query, Statistic, check_identifier
+from queries.sql_from import parse_source
 from queries.sql_rules import ALLOWED, FORBIDDEN, MAX_NESTING, POPULATION, check_tokens
 
 # Queries longer than this are refused before parsing (a parser is no place for megabytes).
@@ -70,7 +73,7 @@ def parse_sql(sql: str, *, rho: float) -> Query:
             raise QueryError(POPULATION[type(node)] + _position(node))
     if stmt.args.get("distinct"):
         raise QueryError("SELECT DISTINCT is not allowed: group by public columns instead")
-    view = _view(stmt)
+    source = parse_source(stmt)
     group_by = _group_by(stmt)
     measures: list[Measure] = []
     for item in stmt.expressions:
@@ -95,14 +98,23 @@ def parse_sql(sql: str, *, rho: float) -> Query:
     filters = _filters(stmt.args.get("where"))
     # Last, so that the specific messages above come first: anything left that the planner
     # does not implement is refused rather than ignored.
-    for node in stmt.walk():
+    # The FROM clause's table arguments are literals parse_source has read and checked.
+    for node in stmt.walk(prune=lambda n: n is source.arguments):
         if type(node) not in ALLOWED:
             raise QueryError(
                 f"{_describe(node)} is not supported: the query would not run as written, so "
                 "it is refused (write SELECT, aggregates, FROM one view, WHERE column = 'v' or "
                 "IN (...) joined by AND, GROUP BY)" + _position(node)
             )
-    return Query(view=view, rho=rho, measures=tuple(measures), group_by=group_by, where=filters)
+    return Query(
+        view=source.view,
+        rho=rho,
+        measures=tuple(measures),
+        group_by=group_by,
+        where=filters,
+        rows_per_person=source.rows_per_person,
+        cohort=source.cohort,
+    )
 
 
 def _describe(node: exp.Expr) -> str:
@@ -110,21 +122,6 @@ def _describe(node: exp.Expr) -> str:
     text = node.sql(dialect="duckdb")
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{node.key.upper()} ({text!r})"
-
-
-def _view(stmt: exp.Select) -> str:
-    source = stmt.args.get("from") or stmt.args.get("from_")
-    if source is None:
-        raise QueryError("the query has no FROM; name the view, e.g. FROM persons")
-    table = source.this
-    if (
-        not isinstance(table, exp.Table)
-        or not isinstance(table.this, exp.Identifier)
-        or table.args.get("db")
-        or table.args.get("catalog")
-    ):
-        raise QueryError("FROM must name one view of the node's catalog (no schemas or functions)")
-    return check_identifier(table.name.lower(), "view")
 
 
 def _column_name(col: exp.Column) -> str:

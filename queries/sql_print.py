@@ -3,13 +3,15 @@
 The text is only ever parsed back by parse_sql, never executed; the round trip
 parse_sql(to_sql(q), rho=q.rho) == q holds for every query it accepts, and a query SQL cannot
 spell (weights, quantile grids, clamped ratios) is refused rather than printed differently.
-It is separate from the parser because it needs none of the subset's rules or sqlglot.
+It is separate from the parser because it needs none of the subset's rules; the FROM clause
+(a view's table arguments) is printed by sql_from.source_sql, beside its parser.
 """
 
 from __future__ import annotations
 
 from queries.errors import QueryError
 from queries.spec import Measure, Query, Statistic
+from queries.sql_from import source_sql
 
 
 def _q(name: str) -> str:
@@ -64,7 +66,8 @@ def to_sql(query: Query) -> str:
             raise QueryError(f"measure {m.name!r} clamps a ratio, which SQL cannot express")
     items = [*(_q(c) for c in query.group_by), *(_measure_sql(m) for m in query.measures)]
     # Never executed: this text is only ever parsed back by parse_sql.
-    sql = f"SELECT {', '.join(items)} FROM {_q(query.view)}"  # noqa: S608
+    source = source_sql(query.view, query.rows_per_person, query.cohort)
+    sql = f"SELECT {', '.join(items)} FROM {source}"  # noqa: S608
     if query.where:
         terms = []
         for f in query.where:

@@ -10,6 +10,8 @@ statement these rules have already let through.
 
 from __future__ import annotations
 
+import enum
+
 from sqlglot import exp
 from sqlglot.errors import TokenError
 from sqlglot.tokenizer_core import TokenType
@@ -76,6 +78,29 @@ ARITY: dict[str, tuple[int, int]] = {
     "PERCENTILE_CONT": (2, 2),
     "HISTOGRAM": (1, 2),
     "CLAMP": (3, 3),
+}
+
+
+class ArgumentKind(enum.Enum):
+    """The literal a named table argument takes (sql_from.py reads it)."""
+
+    INTEGER = "a whole number"
+    INTEGERS = "a list of whole numbers"
+    BOOLEAN = "true or false"
+    STRING = "a quoted string"
+
+
+# Named arguments of a view in FROM, e.g. visits(rows_per_person => 3) or cohort(conditions
+# => [40481087]): the ones any view takes, and the cohort definition's (queries/cohort.py).
+ANY_VIEW_ARGUMENTS: dict[str, ArgumentKind] = {"rows_per_person": ArgumentKind.INTEGER}
+TABLE_ARGUMENTS: dict[str, ArgumentKind] = {
+    **ANY_VIEW_ARGUMENTS,
+    "conditions": ArgumentKind.INTEGERS,
+    "descendants": ArgumentKind.BOOLEAN,
+    "entry": ArgumentKind.STRING,
+    "age_min": ArgumentKind.INTEGER,
+    "age_max": ArgumentKind.INTEGER,
+    "window_days": ArgumentKind.INTEGER,
 }
 
 FORBIDDEN: tuple[tuple[type[exp.Expr], str], ...] = (

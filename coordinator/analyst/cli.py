@@ -8,19 +8,20 @@ read, so it is read with a size cap and its errors quote field names only, never
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from coordinator.analyst import report
 from coordinator.analyst.client import Federation
 from coordinator.hub.service import MAX_DEADLINE_MS
 from coordinator.local.demo import read_demo_state
 from protocols.cli import CommandFailedError, ExitCode, read_identity
+from protocols.cli import console as console_for_output
 from queries import spec, spec_io
 from queries.errors import ConfigError, QueryError
 from queries.sql import parse_sql
@@ -29,8 +30,14 @@ from queries.sql import parse_sql
 # FIFO that never ends costs a megabyte, not the machine's memory (README, "Command line").
 # The spec parser's own limit: a query spec is a few lines of YAML or JSON.
 MAX_SPEC_BYTES = spec_io.MAX_SPEC_BYTES
-# Fields of a query spec: those of the canonical form, and the budget as (epsilon, delta).
-SPEC_FIELDS = frozenset(spec.Query(view="persons", rho=1.0).to_dict()) | {"epsilon", "delta"}
+# Fields of a query spec: those of the canonical form, the query's optional fields (absent
+# from a default query's canonical form, e.g. rows_per_person), and the budget as (epsilon,
+# delta).
+SPEC_FIELDS = (
+    frozenset(spec.Query(view="persons", rho=1.0).to_dict())
+    | {f.name for f in dataclasses.fields(spec.Query)}
+    | {"epsilon", "delta"}
+)
 # Longest error about a spec file, and longest field name quoted in it: a spec may be any
 # file the analyst can read, and its text must not come back in the error.
 _MAX_SPEC_ERROR = 400
@@ -208,6 +215,23 @@ def _build_query(
     )
 
 
+def _with_cap(q: spec.Query, rows_per_person: int | None) -> spec.Query:
+    """The query with --rows-per-person applied (a spec or SQL may set the same cap)."""
+    if rows_per_person is None:
+        return q
+    if not 1 <= rows_per_person <= spec.MAX_ROWS_PER_PERSON:
+        raise ConfigError(
+            f"--rows-per-person {rows_per_person} is out of range: give the rows counted per "
+            f"person, from 1 to the view's own cap (at most {spec.MAX_ROWS_PER_PERSON})"
+        )
+    if q.rows_per_person is not None and q.rows_per_person != rows_per_person:
+        raise ConfigError(
+            f"--rows-per-person {rows_per_person} differs from the query's own rows_per_person "
+            f"{q.rows_per_person}: give the cap once"
+        )
+    return dataclasses.replace(q, rows_per_person=rows_per_person)
+
+
 def query(
     sql_text: Annotated[
         str | None, typer.Option("--sql", help='e.g. "SELECT sex, COUNT(*) FROM copd GROUP BY sex"')
@@ -227,6 +251,13 @@ def query(
         float | None, typer.Option(help="budget as (epsilon, delta)-DP, converted to rho")
     ] = None,
     delta: Annotated[float, typer.Option(help="delta for --epsilon")] = 1e-6,
+    rows_per_person: Annotated[
+        int | None,
+        typer.Option(
+            "--rows-per-person",
+            help="count at most N rows per person (below the view's cap: less noise, some bias)",
+        ),
+    ] = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="show the plan, cost and noise; spend nothing")
     ] = False,
@@ -237,9 +268,12 @@ def query(
     as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
 ) -> None:
     """Run a federated DP query at every node; print per-region and pooled estimates."""
-    q = _build_query(sql_text, spec_file, view, group_by, where, rho, epsilon, delta)
+    q = _with_cap(
+        _build_query(sql_text, spec_file, view, group_by, where, rho, epsilon, delta),
+        rows_per_person,
+    )
     deadline = _deadline(deadline)
-    console = Console()
+    console = console_for_output()
     with _connect(hub, identity) as fed:
         if explain:
             explains = fed.explain(q, deadline_s=deadline)
@@ -269,21 +303,15 @@ def _fail_on(failure: report.Failure | None) -> None:
 def nodes(
     hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
     identity: Annotated[Path | None, typer.Option(help="identity folder")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """List every node's views and remaining privacy budget."""
-    console = Console()
+    """List every node's views, their columns (kind, bounds, domain) and remaining budget."""
+    console = console_for_output()
     with _connect(hub, identity) as fed:
         found, missing = fed.nodes()
-    for d in found:
-        b = d.budget
-        console.print(
-            f"[bold]{d.node}[/] ({d.protocol_version}): rho {b.rho_spent:.4g} spent of "
-            f"{b.rho_total:.4g}, at most {b.max_rho_per_query:.4g} per query"
-        )
-        for v in d.catalog.views:
-            cols = ", ".join(c.name for c in v.columns if c.type.value == "category")
-            console.print(f"  {v.name}: {v.description} [dim](group by: {cols})[/]")
-    for o in missing:
-        console.print(f"[red]{o.node}: {o.status.value}[/] {o.message}")
+    if as_json:
+        console.print_json(report.to_json(report.nodes_to_dict(found, missing)))
+    else:
+        report.print_catalogs(console, found, missing)
     if not found:
         _fail_on(report.nobody_answered(missing))

@@ -1,19 +1,23 @@
-"""The views a node serves and their public metadata. Nothing here is derived from data.
+"""The views a node serves and their public metadata. Nothing here is derived from patients.
 
 Every domain, bound and row cap below is declared in code or taken from the node's
 configuration (the reference date, the pathway files), so publishing the catalog through
-`Describe` leaks nothing about patients. The SQL in node/data/views.py builds the views to match:
-it maps every value onto these domains, clamps numeric columns to these bounds and keeps at
-most `max_rows_per_person` rows per person, which is what the query engine's sensitivities
-rely on.
+`Describe` leaks nothing about patients. Two facts come from the source as a whole: without
+reference_date in node.toml the date is the end of the data rounded up to a month end
+(node/data/reference.py), and without a usable death table the mortality columns are left
+out. The SQL in node/data/views.py builds the views to match: it maps every value onto these
+domains, clamps numeric columns to these bounds and keeps at most `max_rows_per_person` rows
+per person, which is what the query engine's sensitivities rely on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import date
 from typing import Final
 
+from queries.cohort import COHORT_VIEW, Cohort
 from queries.pathway import Entry, Pathway
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 
@@ -57,7 +61,10 @@ READMISSION_DAYS: Final = 30
 # Public bounds. Values beyond them are clamped in the view (and again by the engine).
 MAX_AGE: Final = 120
 MAX_LENGTH_OF_STAY: Final = 60
-MAX_VISITS_PER_PERSON: Final = 50  # rows per person in `visits` (the most recent are kept)
+MAX_VISITS_PER_PERSON: Final = 50  # rows per person in `visits` (the first 50 by VISIT_RANK)
+# The column of `visits` placing each person's visits in a fixed order (by a hash of the
+# visit id): a lower rows_per_person keeps the first N. Not analysable, so not a column.
+VISIT_RANK: Final = "visit_rank"
 VISIT_YEARS: Final = 10  # `visits` covers the calendar years ending with the reference year
 MAX_ADMISSIONS: Final = 20
 MAX_BED_DAYS: Final = 120
@@ -131,7 +138,9 @@ def visits_view(reference_date: date = DEFAULT_REFERENCE_DATE) -> ViewSpec:
         name="visits",
         description=(
             f"One row per visit starting in {years[0]}-{years[-1]} and on or before the "
-            f"reference date; at most {MAX_VISITS_PER_PERSON} per person (the most recent)"
+            f"reference date; at most {MAX_VISITS_PER_PERSON} per person, chosen by a hash of "
+            "the visit id (spread over the years); a lower rows_per_person keeps the first N "
+            "of the same order among the visits that pass the query's filters"
         ),
         columns=(
             ColumnSpec("person_id", ColumnType.IDENTIFIER, "OMOP person_id; never released"),
@@ -168,11 +177,13 @@ def visits_view(reference_date: date = DEFAULT_REFERENCE_DATE) -> ViewSpec:
             _category("imd_quintile", IMD_QUINTILES, "as in persons"),
         ),
         max_rows_per_person=MAX_VISITS_PER_PERSON,
+        rank_column=VISIT_RANK,
     )
 
 
-def cohort_view(p: Pathway) -> ViewSpec:
-    """One row per person on a pathway, with their outcomes over the pathway's window."""
+def cohort_view(p: Pathway, name: str | None = None) -> ViewSpec:
+    """One row per person on a pathway, with their outcomes over the pathway's window
+    (named `name`, default the pathway's: an ad hoc cohort's is always "cohort")."""
     window = f"the {p.window_days} days up to the reference date"
     related = (
         "with a condition of the pathway's concept set recorded on the stay"
@@ -212,7 +223,7 @@ def cohort_view(p: Pathway) -> ViewSpec:
         _category("died_in_window", YES_NO, f"died in {window}"),
     )
     return ViewSpec(
-        name=p.name,
+        name=name or p.name,
         description=f"{p.title}: {p.description} Cohort: {describe_entry(p)}",
         columns=(*person_columns(p.age_min, p.age_max), *outcomes),
     )
@@ -234,10 +245,46 @@ def describe_entry(p: Pathway) -> str:
     return f"persons {ages}, {alive}, with {what}."
 
 
+# Columns built from the death table: a node without a usable one serves none of them (a
+# query on them is refused at planning) rather than 'no' for everyone.
+MORTALITY_COLUMNS: Final = frozenset({"deceased", "died_in_window"})
+
+
 def build_catalog(
-    pathways: Sequence[Pathway], *, reference_date: date = DEFAULT_REFERENCE_DATE
+    pathways: Sequence[Pathway],
+    *,
+    reference_date: date = DEFAULT_REFERENCE_DATE,
+    mortality: bool = True,
 ) -> Catalog:
     """The node's public catalog: persons, visits and one cohort view per served pathway."""
     views = [persons_view(), visits_view(reference_date)]
     views += [cohort_view(p) for p in pathways]
+    if not mortality:
+        views = [
+            dataclasses.replace(
+                v, columns=tuple(c for c in v.columns if c.name not in MORTALITY_COLUMNS)
+            )
+            for v in views
+        ]
     return Catalog(views=tuple(views), reference_date=reference_date)
+
+
+def with_cohort(catalog: Catalog, cohort: Cohort, *, mortality: bool = True) -> Catalog:
+    """The catalog a query with an ad hoc cohort is planned against: the node's views and
+    the cohort's, named "cohort", with the columns of a pathway of the same definition."""
+    view = cohort_view(cohort.pathway("adhoc"), name=COHORT_VIEW)
+    if not mortality:
+        kept = tuple(c for c in view.columns if c.name not in MORTALITY_COLUMNS)
+        view = dataclasses.replace(view, columns=kept)
+    return dataclasses.replace(catalog, views=(*catalog.views, view))
+
+
+def describe_cohort(cohort: Cohort, *, concept_ancestor: bool) -> str:
+    """An ad hoc cohort in words, for Explain: who is in it, as this node will build it."""
+    text = f"ad hoc cohort, built by this node on demand: {describe_entry(cohort.pathway('adhoc'))}"
+    if cohort.descendants and cohort.conditions and not concept_ancestor:
+        text += (
+            " Descendants were asked for, but this node's OMOP data has no concept_ancestor "
+            "table: only the listed concept ids are matched here."
+        )
+    return text

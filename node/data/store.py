@@ -20,6 +20,7 @@ views would count persons who have opted out.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -32,13 +33,17 @@ import pyarrow as pa
 
 from node.config import NodeConfig
 from node.data import consent, views
-from node.data.catalog import DEFAULT_REFERENCE_DATE
+from node.data.catalog import build_catalog
+from node.data.cohort_cache import CohortCache, CohortRunner
+from node.data.cohorts import CohortPolicy
 from node.data.consent import ConsentPolicy, RegisterState
 from node.data.findings import Finding, Level, ValidationReport
 from node.data.omop import ATTACHED
 from node.data.validate import DataSettings, prepare
 from queries.errors import DataError
 from queries.pathway import Pathway, load_pathways
+from queries.schema import Catalog
+from queries.spec import Query
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,14 @@ def node_pathways(cfg: NodeConfig) -> list[Pathway]:
 class _Views:
     """One complete set of analysis views in a sealed in-memory DuckDB."""
 
-    def __init__(self, settings: DataSettings, pathways: tuple[Pathway, ...], threads: int) -> None:
+    def __init__(
+        self,
+        settings: DataSettings,
+        pathways: tuple[Pathway, ...],
+        threads: int,
+        *,
+        mortality: bool | None = None,
+    ) -> None:
         started = time.perf_counter()
         self._con = duckdb.connect(":memory:", config={"threads": threads})
         self._lock = threading.Lock()
@@ -70,8 +82,26 @@ class _Views:
         try:
             self.report: ValidationReport = prepare(self._con, settings, pathways)
             self.report.raise_if_refused()
-            views.build_views(self._con, pathways, settings.reference_date)
+            # The date prepare used: node.toml's, or the end of the data (node/data/reference.py).
+            self.reference_date = _used_date(self.report)
+            self.mortality = "death" not in self.report.absent
+            if mortality is not None:  # a rebuild serves the catalog published at start
+                if mortality and not self.mortality:
+                    raise DataError(
+                        "the death table was usable when the node started and is not now: "
+                        "restore it, or restart the node to serve without mortality columns"
+                    )
+                self.mortality = mortality
+            views.build_views(
+                self._con,
+                pathways,
+                self.reference_date,
+                mortality=self.mortality,
+                keep_cohort_sources=settings.cohorts.enabled,
+            )
             self._seal()
+            # Ad hoc cohorts of these views only: a rebuild (consent reload) starts afresh.
+            self.cohorts = CohortCache(self) if settings.cohorts.enabled else None
         except duckdb.Error as exc:
             self._con.close()
             raise DataError(f"could not build analysis views from {settings.omop}: {exc}") from None
@@ -104,6 +134,11 @@ class _Views:
         finally:
             cursor.close()
 
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor (DuckDB connections are not safe to share between threads)."""
+        with self._lock:
+            return self._con.cursor()
+
     def close(self) -> None:
         """Release DuckDB's memory."""
         self._con.close()
@@ -117,12 +152,13 @@ class OmopStore:
         source: Path,
         pathways: Sequence[Pathway],
         *,
-        reference_date: date = DEFAULT_REFERENCE_DATE,
+        reference_date: date | None = None,
         threads: int = 2,
         imd_lookup: Path | None = None,
         consent: ConsentPolicy | None = None,
         omop_schema: str | None = None,
         recheck_s: float | None = RECHECK_S,
+        cohorts: CohortPolicy | None = None,
     ) -> None:
         self.settings = DataSettings(
             omop=source,
@@ -130,6 +166,7 @@ class OmopStore:
             imd_lookup=imd_lookup,
             consent=consent if consent is not None else ConsentPolicy(),
             omop_schema=omop_schema,
+            cohorts=cohorts if cohorts is not None else CohortPolicy(),
         )
         self.pathways = tuple(pathways)
         # A rebuild uses as many threads as the start did: queries on the old views are
@@ -146,6 +183,10 @@ class OmopStore:
         self._retry_at: float | None = None
         self._unstable = 0  # rebuilds in a row during which a register changed
         self.report = first.report
+        # Fixed from the first build on: a rebuild (consent changed) must serve the catalog
+        # published at start, even if the data's end has moved since.
+        self.reference_date, self.mortality = first.reference_date, first.mortality
+        self.settings = dataclasses.replace(self.settings, reference_date=self.reference_date)
         self.build_seconds = first.build_seconds
         self.generation = 1  # how many sets of views have been served
         self.rebuilding = False
@@ -170,12 +211,27 @@ class OmopStore:
             imd_lookup=cfg.imd_lookup,
             consent=cfg.consent,
             omop_schema=cfg.omop_schema,
+            cohorts=cfg.cohorts,
         )
+
+    @property
+    def concept_ancestor(self) -> bool:
+        """Whether ad hoc cohorts' descendants can be found (the source has concept_ancestor)."""
+        with self._lock:
+            current = self._views
+        return current is not None and current.cohorts is not None and current.cohorts.has_ancestor
 
     @property
     def refusal(self) -> str | None:
         """Why queries are refused now (a register changed and the views could not follow)."""
         return self._refusal
+
+    def catalog(self) -> Catalog:
+        """The public catalog of the views this store serves (its reference date, and the
+        mortality columns only if the source has a usable death table)."""
+        return build_catalog(
+            self.pathways, reference_date=self.reference_date, mortality=self.mortality
+        )
 
     def tables(self) -> list[str]:
         """Names of the views queries can see."""
@@ -247,7 +303,7 @@ class OmopStore:
                 f for f in consent.check_registers(self.settings.consent) if f.level is Level.ERROR
             ]
             if not errors:
-                new = _Views(self.settings, self.pathways, self._threads)
+                new = _Views(self.settings, self.pathways, self._threads, mortality=self.mortality)
         except DataError as exc:
             failure = str(exc)
         except Exception as exc:  # any failure must refuse queries, never crash the watch
@@ -345,6 +401,24 @@ class OmopStore:
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join()
         self._replace(None, "the node's data store is closed")
+
+
+def _used_date(report: ValidationReport) -> date:
+    if report.reference_date is None:  # prepare sets it before any view can be built
+        raise DataError(f"no reference date was found for {report.source}")
+    return report.reference_date
+
+
+@contextlib.contextmanager
+def cohort_runner(views: _Views, query: Query) -> Iterator[_Views | CohortRunner]:
+    """What a query's plan runs on: the views, or its ad hoc cohort (built if not cached)."""
+    if query.cohort is None:
+        yield views
+        return
+    if views.cohorts is None:  # the service refuses such a query first, from the policy
+        raise DataError("this node's views keep nothing for ad hoc cohorts")
+    with views.cohorts.runner(query.cohort) as runner:
+        yield runner
 
 
 def _states(

@@ -16,6 +16,7 @@ from datetime import date, timedelta
 import duckdb
 
 from node.data import catalog as cat
+from node.data import cohorts
 from node.data.omop import sql_ident, sql_string
 from queries.pathway import Entry, Pathway
 
@@ -134,46 +135,43 @@ def build_base(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
     )
 
 
-def build_persons(con: duckdb.DuckDBPyConnection) -> None:
-    """persons: one row per consented person."""
+def build_persons(con: duckdb.DuckDBPyConnection, *, mortality: bool = True) -> None:
+    """persons: one row per consented person (no `deceased` without a usable death table)."""
+    deceased = ", CAST(deceased AS chc_yes_no) AS deceased" if mortality else ""
     con.execute(
         f"""
         CREATE TABLE persons AS
         SELECT person_id, CAST(sex AS chc_sex) AS sex, age,
                CAST({_age_band("age")} AS chc_age_band) AS age_band,
-               CAST(imd_quintile AS chc_imd) AS imd_quintile,
-               CAST(deceased AS chc_yes_no) AS deceased
+               CAST(imd_quintile AS chc_imd) AS imd_quintile{deceased}
         FROM b_person
         """  # noqa: S608 - generated
     )
 
 
 def build_visits(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
-    """visits: one row per visit in the public years, the most recent MAX_VISITS_PER_PERSON."""
+    """visits: one row per visit in the public years, MAX_VISITS_PER_PERSON per person at most."""
     first_year = cat.visit_years(reference_date)[0]
     kinds = " ".join(
         f"WHEN {concept} THEN '{kind}'" for concept, kind in cat.VISIT_TYPE_CONCEPTS.items()
     )
     age = "date_sub('year', p.birth_date, a.start)"
-    # The cap keeps each person's most recent visits. Only persons over it need ranking, so
-    # rank just their visits (a window over every visit costs several times more).
+    # Each person's visits are placed in a fixed pseudo-random order, by the MD5 of the visit
+    # id (ties, which need a hash collision, by the id): it depends only on that person's own
+    # rows and is the same on every build, and the cap (and an analyst's lower one, which keeps
+    # the first N of this order) spreads what it keeps over the years instead of favouring the
+    # most recent. docs/statistics.md, "Analyst-chosen caps".
     cap = cat.MAX_VISITS_PER_PERSON
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE b_over_cap AS
-        WITH heavy AS (
-            SELECT person_id FROM b_acute WHERE start >= DATE '{first_year}-01-01'
-            GROUP BY person_id HAVING count(*) > {cap}
-        )
-        SELECT a.id FROM b_acute AS a SEMI JOIN heavy USING (person_id)
-        WHERE a.start >= DATE '{first_year}-01-01'
-        QUALIFY row_number() OVER (PARTITION BY a.person_id ORDER BY a.start DESC, a.id DESC)
-            > {cap}
-        """  # noqa: S608 - generated constants
-    )
-    con.execute(
-        f"""
         CREATE TABLE visits AS
+        WITH ranked AS (
+            SELECT *, row_number() OVER (
+                PARTITION BY person_id ORDER BY md5(CAST(id AS VARCHAR)), id
+            ) AS {cat.VISIT_RANK}
+            FROM b_acute WHERE start >= DATE '{first_year}-01-01'
+            QUALIFY {cat.VISIT_RANK} <= {cap}
+        )
         SELECT a.person_id,
                CAST(CASE a.concept {kinds} ELSE 'other' END AS chc_visit_type) AS visit_type,
                CAST(a.admission AS chc_admission) AS admission,
@@ -182,15 +180,13 @@ def build_visits(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
                CAST({_age_band(age)} AS chc_age_band) AS age_band,
                CAST(coalesce(s.readmitted_30d, 'n/a') AS chc_readmitted) AS readmitted_30d,
                CAST(p.sex AS chc_sex) AS sex,
-               CAST(p.imd_quintile AS chc_imd) AS imd_quintile
-        FROM b_acute AS a
+               CAST(p.imd_quintile AS chc_imd) AS imd_quintile,
+               a.{cat.VISIT_RANK}
+        FROM ranked AS a
         JOIN b_person AS p ON p.person_id = a.person_id
         LEFT JOIN b_stay AS s ON s.id = a.id
-        ANTI JOIN b_over_cap AS x ON x.id = a.id
-        WHERE a.start >= DATE '{first_year}-01-01'
         """  # noqa: S608 - generated constants
     )
-    con.execute("DROP TABLE b_over_cap")
 
 
 def _members(p: Pathway, window_start: str, ref: str) -> str:
@@ -215,8 +211,16 @@ def _members(p: Pathway, window_start: str, ref: str) -> str:
     """  # noqa: S608 - generated
 
 
-def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: date) -> None:
-    """One row per person on the pathway, with outcomes over its window."""
+def build_cohort(
+    con: duckdb.DuckDBPyConnection,
+    p: Pathway,
+    reference_date: date,
+    *,
+    mortality: bool = True,
+    table: str | None = None,
+) -> None:
+    """One row per person on the pathway, with outcomes over its window (no `deceased` and
+    `died_in_window` without a usable death table), in `table` (default: the pathway's name)."""
     ref = _date(reference_date)
     window_start = _date(reference_date - timedelta(days=p.window_days - 1))
     emergency = _ints(cat.EMERGENCY_CONCEPTS)
@@ -233,9 +237,13 @@ def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: dat
                    AND c.condition_start_date BETWEEN a.start AND a.stop))
     """  # noqa: S608 - quoted
     is_related = "r.id IS NOT NULL" if p.conditions else "true"
+    died = (
+        f", CAST(CASE WHEN p.death_date >= {window_start} THEN 'yes' ELSE 'no' END"
+        " AS chc_yes_no) AS died_in_window"
+    )
     con.execute(
         f"""
-        CREATE TABLE {sql_ident(p.name)} AS
+        CREATE TABLE {table or sql_ident(p.name)} AS
         WITH related AS ({related}),
         members AS ({_members(p, window_start, ref)}),
         w AS (
@@ -263,7 +271,7 @@ def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: dat
         SELECT p.person_id, CAST(p.sex AS chc_sex) AS sex, p.age,
                CAST({_age_band("p.age")} AS chc_age_band) AS age_band,
                CAST(p.imd_quintile AS chc_imd) AS imd_quintile,
-               CAST(p.deceased AS chc_yes_no) AS deceased,
+               {"CAST(p.deceased AS chc_yes_no) AS deceased," if mortality else ""}
                least(coalesce(o.admissions, 0), {cat.MAX_ADMISSIONS}) AS admissions,
                least(coalesce(o.related_admissions, 0), {cat.MAX_ADMISSIONS})
                    AS related_admissions,
@@ -273,9 +281,8 @@ def build_cohort(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: dat
                least(coalesce(o.readmissions, 0), {cat.MAX_READMISSIONS}) AS readmissions,
                CAST(CASE WHEN coalesce(o.readmissions, 0) > 0 THEN 'yes' ELSE 'no' END
                    AS chc_yes_no) AS readmitted,
-               least(coalesce(o.ed_attendances, 0), {cat.MAX_ED_ATTENDANCES}) AS ed_attendances,
-               CAST(CASE WHEN p.death_date >= {window_start} THEN 'yes' ELSE 'no' END
-                   AS chc_yes_no) AS died_in_window
+               least(coalesce(o.ed_attendances, 0), {cat.MAX_ED_ATTENDANCES}) AS ed_attendances
+               {died if mortality else ""}
         FROM b_person AS p
         JOIN members AS m ON m.person_id = p.person_id
         LEFT JOIN o ON o.person_id = p.person_id
@@ -303,14 +310,25 @@ def create_types(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
 
 
 def build_views(
-    con: duckdb.DuckDBPyConnection, pathways: Sequence[Pathway], reference_date: date
+    con: duckdb.DuckDBPyConnection,
+    pathways: Sequence[Pathway],
+    reference_date: date,
+    *,
+    mortality: bool = True,
+    keep_cohort_sources: bool = False,
 ) -> None:
-    """Every analysis view, from the staged tables; the working tables are dropped after."""
+    """Every analysis view, from the staged tables; the working tables are dropped after
+    (with keep_cohort_sources, what ad hoc cohorts are built from is kept: node/data/cohorts.py).
+
+    mortality=False (no usable death table) leaves out the columns built from deaths, as the
+    catalog does (cat.build_catalog), so a query on them is refused at planning."""
     create_types(con, reference_date)
     build_base(con, reference_date)
-    build_persons(con)
+    build_persons(con, mortality=mortality)
     build_visits(con, reference_date)
     for p in pathways:
-        build_cohort(con, p, reference_date)
+        build_cohort(con, p, reference_date, mortality=mortality)
+    if keep_cohort_sources:
+        cohorts.retain_sources(con, reference_date)
     for table in WORK_TABLES[::-1]:
         con.execute(f"DROP TABLE IF EXISTS {table}")

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocols/v1/node.proto\x12\x06\x63hc.v1\"\x9b\x02\n\rQueryEnvelope\x12\r\n\x05query\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61nalyst\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x1b\n\x13\x61nalyst_certificate\x18\x06 \x01(\x0c\x12\x1b\n\x13signature_algorithm\x18\x07 \x01(\t\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x17\n\x0fpayload_version\x18\t \x01(\r\x12$\n\toperation\x18\n \x01(\x0e\x32\x11.chc.v1.Operation\x12\"\n\x08\x61udience\x18\x0b \x01(\x0b\x32\x10.chc.v1.Audience\"&\n\x08\x41udience\x12\x0b\n\x03hub\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x03(\t\"\x11\n\x0f\x44\x65scribeRequest\"\x9f\x01\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0cperson_level\x18\x05 \x01(\x08\x12\x12\n\x05lower\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05upper\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_lowerB\x08\n\x06_upper\"\x84\x01\n\x08ViewInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x12.chc.v1.ColumnInfo\x12\x1b\n\x13max_rows_per_person\x18\x04 \x01(\x05\x12\x13\n\x0bmax_persons\x18\x05 \x01(\x03\"u\n\x0c\x42udgetStatus\x12\x11\n\trho_total\x18\x01 \x01(\x01\x12\x11\n\trho_spent\x18\x02 \x01(\x01\x12\x15\n\rrho_remaining\x18\x03 \x01(\x01\x12\x19\n\x11max_rho_per_query\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\"\xb4\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x1f\n\x05views\x18\x03 \x03(\x0b\x32\x10.chc.v1.ViewInfo\x12$\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12\x19\n\x11ledger_public_key\x18\x05 \x01(\x0c\x12\x16\n\x0ereference_date\x18\x06 \x01(\t\"9\n\x0e\x45xecuteRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\"T\n\tNoiseInfo\x12\x11\n\tmechanism\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x10\n\x08variance\x18\x03 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x04 \x01(\x01\"a\n\x0cMeasureNoise\x12\x0f\n\x07measure\x18\x01 \x01(\t\x12\x11\n\tstatistic\x18\x02 \x01(\t\x12 \n\x05noise\x18\x03 \x01(\x0b\x32\x11.chc.v1.NoiseInfo\x12\x0b\n\x03rho\x18\x04 \x01(\x01\"\x8e\x02\n\x0f\x45xecuteResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12 \n\x05noise\x18\x03 \x01(\x0b\x32\x11.chc.v1.NoiseInfo\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12&\n\x08measures\x18\x07 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x17\n\x0fledger_sequence\x18\x08 \x01(\x03\x12+\n\rrelease_rules\x18\t \x01(\x0b\x32\x14.chc.v1.ReleaseRules\"8\n\x0cReleaseRules\x12\x16\n\x0esuppress_below\x18\x01 \x01(\x05\x12\x10\n\x08round_to\x18\x02 \x01(\x05\"\x9a\x01\n\x0f\x45xplainResponse\x12\x0c\n\x04plan\x18\x01 \x01(\t\x12&\n\x08measures\x18\x02 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x0b\n\x03rho\x18\x03 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\r\n\x05\x63\x65lls\x18\x05 \x01(\x05\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\"&\n\rLedgerRequest\x12\x15\n\rfrom_sequence\x18\x01 \x01(\x03\"N\n\x0bLedgerEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0c\n\x04head\x18\x04 \x01(\x08*j\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x15\n\x11OPERATION_EXECUTE\x10\x01\x12\x15\n\x11OPERATION_EXPLAIN\x10\x02\x12\x14\n\x10OPERATION_BUDGET\x10\x03\x32\xfb\x01\n\x04Node\x12=\n\x08\x44\x65scribe\x12\x17.chc.v1.DescribeRequest\x1a\x18.chc.v1.DescribeResponse\x12:\n\x07\x45xecute\x12\x16.chc.v1.ExecuteRequest\x1a\x17.chc.v1.ExecuteResponse\x12:\n\x07\x45xplain\x12\x16.chc.v1.ExecuteRequest\x1a\x17.chc.v1.ExplainResponse\x12<\n\x0cStreamLedger\x12\x15.chc.v1.LedgerRequest\x1a\x13.chc.v1.LedgerEntry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocols/v1/node.proto\x12\x06\x63hc.v1\"\x9b\x02\n\rQueryEnvelope\x12\r\n\x05query\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61nalyst\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x1b\n\x13\x61nalyst_certificate\x18\x06 \x01(\x0c\x12\x1b\n\x13signature_algorithm\x18\x07 \x01(\t\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x17\n\x0fpayload_version\x18\t \x01(\r\x12$\n\toperation\x18\n \x01(\x0e\x32\x11.chc.v1.Operation\x12\"\n\x08\x61udience\x18\x0b \x01(\x0b\x32\x10.chc.v1.Audience\"&\n\x08\x41udience\x12\x0b\n\x03hub\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x03(\t\"\x11\n\x0f\x44\x65scribeRequest\"\x9f\x01\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0cperson_level\x18\x05 \x01(\x08\x12\x12\n\x05lower\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05upper\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_lowerB\x08\n\x06_upper\"\x99\x01\n\x08ViewInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12#\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x12.chc.v1.ColumnInfo\x12\x1b\n\x13max_rows_per_person\x18\x04 \x01(\x05\x12\x13\n\x0bmax_persons\x18\x05 \x01(\x03\x12\x13\n\x0brank_column\x18\x06 \x01(\t\"u\n\x0c\x42udgetStatus\x12\x11\n\trho_total\x18\x01 \x01(\x01\x12\x11\n\trho_spent\x18\x02 \x01(\x01\x12\x15\n\rrho_remaining\x18\x03 \x01(\x01\x12\x19\n\x11max_rho_per_query\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\"\xb4\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x1f\n\x05views\x18\x03 \x03(\x0b\x32\x10.chc.v1.ViewInfo\x12$\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12\x19\n\x11ledger_public_key\x18\x05 \x01(\x0c\x12\x16\n\x0ereference_date\x18\x06 \x01(\t\"9\n\x0e\x45xecuteRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\"T\n\tNoiseInfo\x12\x11\n\tmechanism\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x10\n\x08variance\x18\x03 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x04 \x01(\x01\"a\n\x0cMeasureNoise\x12\x0f\n\x07measure\x18\x01 \x01(\t\x12\x11\n\tstatistic\x18\x02 \x01(\t\x12 \n\x05noise\x18\x03 \x01(\x0b\x32\x11.chc.v1.NoiseInfo\x12\x0b\n\x03rho\x18\x04 \x01(\x01\"\x8e\x02\n\x0f\x45xecuteResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12 \n\x05noise\x18\x03 \x01(\x0b\x32\x11.chc.v1.NoiseInfo\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12&\n\x08measures\x18\x07 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x17\n\x0fledger_sequence\x18\x08 \x01(\x03\x12+\n\rrelease_rules\x18\t \x01(\x0b\x32\x14.chc.v1.ReleaseRules\"8\n\x0cReleaseRules\x12\x16\n\x0esuppress_below\x18\x01 \x01(\x05\x12\x10\n\x08round_to\x18\x02 \x01(\x05\"\x9a\x01\n\x0f\x45xplainResponse\x12\x0c\n\x04plan\x18\x01 \x01(\t\x12&\n\x08measures\x18\x02 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x0b\n\x03rho\x18\x03 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\r\n\x05\x63\x65lls\x18\x05 \x01(\x05\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\"&\n\rLedgerRequest\x12\x15\n\rfrom_sequence\x18\x01 \x01(\x03\"N\n\x0bLedgerEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0c\n\x04head\x18\x04 \x01(\x08*j\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x15\n\x11OPERATION_EXECUTE\x10\x01\x12\x15\n\x11OPERATION_EXPLAIN\x10\x02\x12\x14\n\x10OPERATION_BUDGET\x10\x03\x32\xfb\x01\n\x04Node\x12=\n\x08\x44\x65scribe\x12\x17.chc.v1.DescribeRequest\x1a\x18.chc.v1.DescribeResponse\x12:\n\x07\x45xecute\x12\x16.chc.v1.ExecuteRequest\x1a\x17.chc.v1.ExecuteResponse\x12:\n\x07\x45xplain\x12\x16.chc.v1.ExecuteRequest\x1a\x17.chc.v1.ExplainResponse\x12<\n\x0cStreamLedger\x12\x15.chc.v1.LedgerRequest\x1a\x13.chc.v1.LedgerEntry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocols.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATION']._serialized_start=1831
-  _globals['_OPERATION']._serialized_end=1937
+  _globals['_OPERATION']._serialized_start=1852
+  _globals['_OPERATION']._serialized_end=1958
   _globals['_QUERYENVELOPE']._serialized_start=36
   _globals['_QUERYENVELOPE']._serialized_end=319
   _globals['_AUDIENCE']._serialized_start=321
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLUMNINFO']._serialized_start=381
   _globals['_COLUMNINFO']._serialized_end=540
   _globals['_VIEWINFO']._serialized_start=543
-  _globals['_VIEWINFO']._serialized_end=675
-  _globals['_BUDGETSTATUS']._serialized_start=677
-  _globals['_BUDGETSTATUS']._serialized_end=794
-  _globals['_DESCRIBERESPONSE']._serialized_start=797
-  _globals['_DESCRIBERESPONSE']._serialized_end=977
-  _globals['_EXECUTEREQUEST']._serialized_start=979
-  _globals['_EXECUTEREQUEST']._serialized_end=1036
-  _globals['_NOISEINFO']._serialized_start=1038
-  _globals['_NOISEINFO']._serialized_end=1122
-  _globals['_MEASURENOISE']._serialized_start=1124
-  _globals['_MEASURENOISE']._serialized_end=1221
-  _globals['_EXECUTERESPONSE']._serialized_start=1224
-  _globals['_EXECUTERESPONSE']._serialized_end=1494
-  _globals['_RELEASERULES']._serialized_start=1496
-  _globals['_RELEASERULES']._serialized_end=1552
-  _globals['_EXPLAINRESPONSE']._serialized_start=1555
-  _globals['_EXPLAINRESPONSE']._serialized_end=1709
-  _globals['_LEDGERREQUEST']._serialized_start=1711
-  _globals['_LEDGERREQUEST']._serialized_end=1749
-  _globals['_LEDGERENTRY']._serialized_start=1751
-  _globals['_LEDGERENTRY']._serialized_end=1829
-  _globals['_NODE']._serialized_start=1940
-  _globals['_NODE']._serialized_end=2191
+  _globals['_VIEWINFO']._serialized_end=696
+  _globals['_BUDGETSTATUS']._serialized_start=698
+  _globals['_BUDGETSTATUS']._serialized_end=815
+  _globals['_DESCRIBERESPONSE']._serialized_start=818
+  _globals['_DESCRIBERESPONSE']._serialized_end=998
+  _globals['_EXECUTEREQUEST']._serialized_start=1000
+  _globals['_EXECUTEREQUEST']._serialized_end=1057
+  _globals['_NOISEINFO']._serialized_start=1059
+  _globals['_NOISEINFO']._serialized_end=1143
+  _globals['_MEASURENOISE']._serialized_start=1145
+  _globals['_MEASURENOISE']._serialized_end=1242
+  _globals['_EXECUTERESPONSE']._serialized_start=1245
+  _globals['_EXECUTERESPONSE']._serialized_end=1515
+  _globals['_RELEASERULES']._serialized_start=1517
+  _globals['_RELEASERULES']._serialized_end=1573
+  _globals['_EXPLAINRESPONSE']._serialized_start=1576
+  _globals['_EXPLAINRESPONSE']._serialized_end=1730
+  _globals['_LEDGERREQUEST']._serialized_start=1732
+  _globals['_LEDGERREQUEST']._serialized_end=1770
+  _globals['_LEDGERENTRY']._serialized_start=1772
+  _globals['_LEDGERENTRY']._serialized_end=1850
+  _globals['_NODE']._serialized_start=1961
+  _globals['_NODE']._serialized_end=2212
 # @@protoc_insertion_point(module_scope)

@@ -223,11 +223,16 @@ class ViewInfo(_message.Message):
     COLUMNS_FIELD_NUMBER: _builtins.int
     MAX_ROWS_PER_PERSON_FIELD_NUMBER: _builtins.int
     MAX_PERSONS_FIELD_NUMBER: _builtins.int
+    RANK_COLUMN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     max_rows_per_person: _builtins.int
     max_persons: _builtins.int
     """Public bound on distinct persons in the view (0: the default, queries.schema.MAX_PERSONS)."""
+    rank_column: _builtins.str
+    """The column placing each person's rows in a fixed keep order, so that a query may count
+    fewer than max_rows_per_person of them (rows_per_person); empty if the view has none.
+    """
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnInfo]: ...
     def __init__(
@@ -238,10 +243,11 @@ class ViewInfo(_message.Message):
         columns: _abc.Iterable[Global___ColumnInfo] | None = ...,
         max_rows_per_person: _builtins.int = ...,
         max_persons: _builtins.int = ...,
+        rank_column: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "max_persons", b"max_persons", "max_rows_per_person", b"max_rows_per_person", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "max_persons", b"max_persons", "max_rows_per_person", b"max_rows_per_person", "name", b"name", "rank_column", b"rank_column"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -132,7 +132,11 @@ def specs(draw: st.DrawFn) -> dict[str, object]:
             m["weight"] = draw(NUMBERS)
         measures.append(m)
     group_by = draw(st.lists(st.sampled_from(GROUPS[view]), max_size=2, unique=True))
-    return {"view": view, "rho": draw(NUMBERS), "measures": measures, "group_by": group_by}
+    spec = {"view": view, "rho": draw(NUMBERS), "measures": measures, "group_by": group_by}
+    if draw(st.integers(0, 3)) == 0:
+        # An analyst's cap: within the view's (truncated SQL), at it, or above it (refused).
+        spec["rows_per_person"] = draw(st.sampled_from([1, 3, 50, 51, 10_000]))
+    return spec
 
 
 def _outcome(node: Node, spec: dict[str, object]) -> str:

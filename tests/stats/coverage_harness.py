@@ -42,10 +42,12 @@ from queries.sensitivity import COUNT_KINDS
 from queries.spec import Measure, Query, Statistic
 
 CAP = 2  # rows per person: 30% of persons have two stays
+RANK = "stay_rank"  # each person's stays in order (1, 2): what a lower rows_per_person keeps
 VIEW = ViewSpec(
     name="stays",
     description="coverage test view: one or two stays per person",
     max_rows_per_person=CAP,
+    rank_column=RANK,
     columns=(
         ColumnSpec("person_id", ColumnType.IDENTIFIER),
         ColumnSpec("age", ColumnType.INTEGER, lower=0, upper=120),
@@ -78,6 +80,9 @@ def region_data(rng: np.random.Generator, rows: int, first_person: int) -> pa.Ta
          most stays 0-3 days with a long tail (skewness ~5, kurtosis ~40; skewed integer).
     cost: per stay, lognormal(5, 0.9) in [0, 2000] (skewness ~3, kurtosis ~17; skewed float).
     Every value is inside its column's public bounds, so the bounds clamp nothing.
+    stay_rank: a person's stays numbered 1, 2 in order (stays are drawn independently, so
+    keeping the first is keeping one at random; it draws nothing, so the data above are
+    unchanged by it).
     """
     per_person = 1 + (rng.random(rows) < 0.3).astype(np.int64)
     persons = int(np.searchsorted(np.cumsum(per_person), rows)) + 1
@@ -88,6 +93,7 @@ def region_data(rng: np.random.Generator, rows: int, first_person: int) -> pa.Ta
     tail = np.floor(rng.lognormal(2.3, 0.55, rows))
     los = np.clip(np.where(rng.random(rows) < 0.05, tail, short), 0, 60).astype(np.int64)
     cost = np.clip(rng.lognormal(5.0, 0.9, rows), 0.0, 2000.0)
+    first_row = np.concatenate([[0], np.cumsum(per_person[:persons])])[person]
     return pa.table(
         {
             "person_id": pa.array(person + first_person, pa.int64()),
@@ -95,6 +101,7 @@ def region_data(rng: np.random.Generator, rows: int, first_person: int) -> pa.Ta
             "weight_change": pa.array(change[person], pa.float64()),
             "los": pa.array(los, pa.int64()),
             "cost": pa.array(cost, pa.float64()),
+            RANK: pa.array(np.arange(rows) - first_row + 1, pa.int64()),
         }
     )
 

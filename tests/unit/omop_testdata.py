@@ -302,7 +302,7 @@ def example() -> Omop:
     # 4: a 17-year-old with asthma and no location.
     o.person(4, d(2008, 1, 1), gender=MALE)
     o.condition(4, ASTHMA, d(2024, 5, 5))
-    # 5: 60 weekly outpatient visits: only the 50 most recent are kept.
+    # 5: 60 weekly outpatient visits: 50 are kept, the first by a hash of the visit id.
     o.person(5, d(1990, 5, 5), gender=FEMALE, location=100)
     for i in range(60):
         o.visit(1000 + i, 5, OUTPATIENT, d.fromordinal(d(2024, 1, 1).toordinal() + 7 * i))
