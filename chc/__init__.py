@@ -1,9 +1,9 @@
 """chc for analysts in Python: the one import path of the public API.
 
-    from chc import Federation, Query, Measure, Filter, Statistic
+    from chc import Federation, Query, Measure, Filter, Statistic, Cohort
 
 `Federation` talks to the hub with the analyst's own identity (every call signed); queries
-are frozen dataclasses (or `parse_sql` text); every error chc raises on purpose is a
+are frozen dataclasses (or `parse_sql` text), over a node's views or an ad hoc `Cohort`; every error chc raises on purpose is a
 `ChcError` that also inherits the matching built-in (a `QueryError` is a `ValueError`).
 The names live in their packages by role (docs/architecture.md); this module only gathers
 them, so that a notebook needs one import and a reorganisation of the packages breaks no
@@ -13,6 +13,7 @@ user's code. Nothing inside chc imports this module.
 from __future__ import annotations
 
 from coordinator.analyst.client import Federation, HubUnavailableError, NodeBudget
+from queries.cohort import COHORT_VIEW, Cohort
 from queries.errors import (
     AuthenticationError,
     BudgetExceededError,
@@ -32,7 +33,9 @@ __all__ = [
     "AuthenticationError",
     "BudgetExceededError",
     "BudgetStatus",
+    "COHORT_VIEW",
     "ChcError",
+    "Cohort",
     "ConfigError",
     "DataError",
     "DeadlineExceededError",

@@ -24,7 +24,8 @@ from node.access import AccessPolicy
 from node.budget.accounting import Accountant, Charge, RateLimited, Refusal
 from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
 from node.data.catalog import describe_cohort, with_cohort
-from node.data.store import OmopStore, cohort_runner
+from node.data.store import OmopStore
+from node.data.view_set import cohort_runner
 from node.guards import NonceStore, RefusalLimiter, check_deadline
 from protocols import serde
 from protocols.budget.rules import per_query_refusal

@@ -35,7 +35,7 @@ MAX_CACHED = 16
 
 
 class Host(Protocol):
-    """The sealed views a cache builds in (node/data/store.py's _Views)."""
+    """The sealed views a cache builds in (node/data/view_set.py's ViewSet)."""
 
     reference_date: date
     mortality: bool

@@ -28,22 +28,19 @@ from collections.abc import Iterator, Sequence
 from datetime import date
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 
 from node.config import NodeConfig
-from node.data import consent, views
+from node.data import consent
 from node.data.catalog import build_catalog
-from node.data.cohort_cache import CohortCache, CohortRunner
 from node.data.cohorts import CohortPolicy
 from node.data.consent import ConsentPolicy, RegisterState
-from node.data.findings import Finding, Level, ValidationReport
-from node.data.omop import ATTACHED
-from node.data.validate import DataSettings, prepare
+from node.data.findings import Finding, Level
+from node.data.validate import DataSettings
+from node.data.view_set import ViewSet
 from queries.errors import DataError
 from queries.pathway import Pathway, load_pathways
 from queries.schema import Catalog
-from queries.spec import Query
 
 log = logging.getLogger(__name__)
 
@@ -61,87 +58,6 @@ def node_pathways(cfg: NodeConfig) -> list[Pathway]:
     the custodian's pathways_dir."""
     names = list(cfg.pathways) if cfg.pathways is not None else None
     return load_pathways(names, cfg.pathways_dir)
-
-
-class _Views:
-    """One complete set of analysis views in a sealed in-memory DuckDB."""
-
-    def __init__(
-        self,
-        settings: DataSettings,
-        pathways: tuple[Pathway, ...],
-        threads: int,
-        *,
-        mortality: bool | None = None,
-    ) -> None:
-        started = time.perf_counter()
-        self._con = duckdb.connect(":memory:", config={"threads": threads})
-        self._lock = threading.Lock()
-        self.users = 0  # queries running on these views; guarded by the store's lock
-        self.retired = False  # replaced: close once the last query on them finishes
-        try:
-            self.report: ValidationReport = prepare(self._con, settings, pathways)
-            self.report.raise_if_refused()
-            # The date prepare used: node.toml's, or the end of the data (node/data/reference.py).
-            self.reference_date = _used_date(self.report)
-            self.mortality = "death" not in self.report.absent
-            if mortality is not None:  # a rebuild serves the catalog published at start
-                if mortality and not self.mortality:
-                    raise DataError(
-                        "the death table was usable when the node started and is not now: "
-                        "restore it, or restart the node to serve without mortality columns"
-                    )
-                self.mortality = mortality
-            views.build_views(
-                self._con,
-                pathways,
-                self.reference_date,
-                mortality=self.mortality,
-                keep_cohort_sources=settings.cohorts.enabled,
-            )
-            self._seal()
-            # Ad hoc cohorts of these views only: a rebuild (consent reload) starts afresh.
-            self.cohorts = CohortCache(self) if settings.cohorts.enabled else None
-        except duckdb.Error as exc:
-            self._con.close()
-            raise DataError(f"could not build analysis views from {settings.omop}: {exc}") from None
-        except BaseException:
-            self._con.close()
-            raise
-        self.build_seconds = time.perf_counter() - started
-
-    def _seal(self) -> None:
-        """Drop everything but the views, detach the source and forbid any file access."""
-        con = self._con
-        temps = con.execute("SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall()
-        for (name,) in temps:
-            con.execute(f'DROP TABLE temp."{name}"')
-        attached = {
-            r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()
-        }
-        if ATTACHED in attached:
-            con.execute(f"DETACH {ATTACHED}")
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-
-    def query(self, sql: str) -> pa.Table:
-        """Run one statement on a fresh cursor."""
-        # A cursor per call: DuckDB connections are not safe to share between threads.
-        with self._lock:
-            cursor = self._con.cursor()
-        try:
-            return cursor.sql(sql).to_arrow_table()
-        finally:
-            cursor.close()
-
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A new cursor (DuckDB connections are not safe to share between threads)."""
-        with self._lock:
-            return self._con.cursor()
-
-    def close(self) -> None:
-        """Release DuckDB's memory."""
-        self._con.close()
 
 
 class OmopStore:
@@ -177,8 +93,8 @@ class OmopStore:
         self._stop = threading.Event()
         # Taken before the registers are read, so a change during the build is seen later.
         self._seen = _states(self.settings)
-        first = _Views(self.settings, self.pathways, threads)  # raises: the node won't start
-        self._views: _Views | None = first
+        first = ViewSet(self.settings, self.pathways, threads)  # raises: the node won't start
+        self._views: ViewSet | None = first
         self._refusal: str | None = None
         self._retry_at: float | None = None
         self._unstable = 0  # rebuilds in a row during which a register changed
@@ -243,7 +159,7 @@ class OmopStore:
             return views.query(sql)
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[_Views]:
+    def snapshot(self) -> Iterator[ViewSet]:
         """One set of views for several statements, so that one release never mixes the
         views from before and after a consent reload."""
         with self._lock:
@@ -256,14 +172,14 @@ class OmopStore:
         finally:
             self._release(current)
 
-    def _release(self, used: _Views) -> None:
+    def _release(self, used: ViewSet) -> None:
         with self._lock:
             used.users -= 1
             done = used.retired and used.users == 0
         if done:
             used.close()
 
-    def _replace(self, new: _Views | None, refusal: str | None) -> None:
+    def _replace(self, new: ViewSet | None, refusal: str | None) -> None:
         """Serve new (or, with None, refuse queries with refusal); free the old views."""
         with self._lock:
             old, self._views, self._refusal = self._views, new, refusal
@@ -292,7 +208,7 @@ class OmopStore:
     def _rebuild(self, states: tuple[RegisterState, ...], changed: list[Path]) -> None:
         what = ", ".join(str(p) for p in changed) or "unchanged since the last failure"
         log.info("consent register(s) changed (%s): rebuilding the analysis views", what)
-        new: _Views | None = None
+        new: ViewSet | None = None
         errors: list[Finding] = []
         failure: str | None = None
         self.rebuilding = True
@@ -303,7 +219,7 @@ class OmopStore:
                 f for f in consent.check_registers(self.settings.consent) if f.level is Level.ERROR
             ]
             if not errors:
-                new = _Views(self.settings, self.pathways, self._threads, mortality=self.mortality)
+                new = ViewSet(self.settings, self.pathways, self._threads, mortality=self.mortality)
         except DataError as exc:
             failure = str(exc)
         except Exception as exc:  # any failure must refuse queries, never crash the watch
@@ -348,7 +264,7 @@ class OmopStore:
                 f"{failure} (retrying every {RETRY_S:g} s and whenever a register changes)",
             )
 
-    def _switch(self, new: _Views) -> None:
+    def _switch(self, new: ViewSet) -> None:
         if self._stop.is_set():
             new.close()
             return
@@ -401,24 +317,6 @@ class OmopStore:
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join()
         self._replace(None, "the node's data store is closed")
-
-
-def _used_date(report: ValidationReport) -> date:
-    if report.reference_date is None:  # prepare sets it before any view can be built
-        raise DataError(f"no reference date was found for {report.source}")
-    return report.reference_date
-
-
-@contextlib.contextmanager
-def cohort_runner(views: _Views, query: Query) -> Iterator[_Views | CohortRunner]:
-    """What a query's plan runs on: the views, or its ad hoc cohort (built if not cached)."""
-    if query.cohort is None:
-        yield views
-        return
-    if views.cohorts is None:  # the service refuses such a query first, from the policy
-        raise DataError("this node's views keep nothing for ad hoc cohorts")
-    with views.cohorts.runner(query.cohort) as runner:
-        yield runner
 
 
 def _states(
