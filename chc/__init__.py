@@ -3,8 +3,9 @@
     from chc import Federation, Query, Measure, Filter, Statistic, Cohort
 
 `Federation` talks to the hub with the analyst's own identity (every call signed); queries
-are frozen dataclasses (or `parse_sql` text), over a node's views or an ad hoc `Cohort`; every error chc raises on purpose is a
-`ChcError` that also inherits the matching built-in (a `QueryError` is a `ValueError`).
+are frozen dataclasses (or `parse_sql` text), over a node's views or an ad hoc `Cohort`;
+every error chc raises on purpose is a `ChcError` that also inherits the matching built-in
+(a `QueryError` is a `ValueError`).
 The names live in their packages by role (docs/architecture.md); this module only gathers
 them, so that a notebook needs one import and a reorganisation of the packages breaks no
 user's code. Nothing inside chc imports this module.
@@ -30,10 +31,10 @@ from queries.spec import Filter, Measure, Query, Statistic
 from queries.sql import parse_sql
 
 __all__ = [
+    "COHORT_VIEW",
     "AuthenticationError",
     "BudgetExceededError",
     "BudgetStatus",
-    "COHORT_VIEW",
     "ChcError",
     "Cohort",
     "ConfigError",

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from node.access import AccessPolicy, parse_access
-from node.data.cohorts import CohortPolicy, parse_cohorts
+from node.data.cohorts import parse_cohorts
 from node.data.consent import ConsentPolicy, parse_consent
 from protocols.budget.policy import PERIODS, BudgetPolicy
 from protocols.security.pki import Identity, Role
+from queries.cohort import CohortPolicy
 from queries.errors import ConfigError
 from queries.results import ReleaseRules
 

@@ -164,6 +164,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 protocol_version=serde.PROTOCOL_VERSION,
                 catalog=self.catalog,
                 budget=self.accountant.status(),
+                cohorts=self.store.settings.cohorts,
             )
         )
         msg.ledger_public_key = self.accountant.public_key

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from protocols.security.envelope import LEGACY_PAYLOAD_VERSION, Audience, Operation, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
+from queries.cohort import Allow, CohortPolicy
 from queries.errors import DataError
 from queries.results import (
     BudgetStatus,
@@ -169,6 +170,9 @@ def description_to_proto(desc: NodeDescription) -> node_pb2.DescribeResponse:
         reference_date=(
             desc.catalog.reference_date.isoformat() if desc.catalog.reference_date else ""
         ),
+        cohorts=node_pb2.CohortAccess(
+            allow=desc.cohorts.allow.value, concepts=list(desc.cohorts.concepts)
+        ),
     )
 
 
@@ -190,7 +194,17 @@ def description_from_proto(msg: node_pb2.DescribeResponse) -> NodeDescription:
         protocol_version=msg.protocol_version,
         catalog=Catalog(views=views, reference_date=_date_or_none(msg.reference_date)),
         budget=budget_from_proto(msg.budget),
+        cohorts=_cohorts_from_proto(msg.cohorts),
     )
+
+
+def _cohorts_from_proto(msg: node_pb2.CohortAccess) -> CohortPolicy:
+    # A node that says nothing (an older one) answers no ad hoc cohorts.
+    try:
+        allow = Allow(msg.allow or Allow.NONE.value)
+        return CohortPolicy(allow, tuple(int(c) for c in msg.concepts))
+    except ValueError as exc:
+        raise DataError(f"peer described an invalid ad hoc cohort policy: {exc}") from None
 
 
 def _date_or_none(text: str) -> date | None:

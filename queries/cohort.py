@@ -18,13 +18,14 @@ definition, and every person still appears at most once in the view.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from queries.errors import QueryError
+from queries.errors import ConfigError, PermissionDeniedError, QueryError
 from queries.pathway import MAX_AGE, Entry, Pathway, check_definition
 from queries.spec import quote
 
@@ -173,3 +174,49 @@ def check_view(view: str, cohort: Cohort | None) -> None:
             f"{COHORT_VIEW}(conditions => [40481087], age_min => 18), or in a spec "
             "`cohort: {conditions: [40481087]}`"
         )
+
+
+class Allow(enum.StrEnum):
+    """Which ad hoc cohorts a node answers."""
+
+    NONE = "none"
+    LISTED = "listed"
+    ANY = "any"
+
+
+@dataclass(frozen=True)
+class CohortPolicy:
+    """Which ad hoc cohorts a node answers: its custodian's [cohorts] table in node.toml,
+    enforced at the node and published in Describe so analysts know before they ask."""
+
+    allow: Allow = Allow.NONE
+    concepts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.allow is Allow.LISTED and not self.concepts:
+            raise ConfigError('cohorts.allow = "listed" needs a non-empty cohorts.concepts list')
+        if self.allow is not Allow.LISTED and self.concepts:
+            raise ConfigError('cohorts.concepts only goes with cohorts.allow = "listed"')
+
+    @property
+    def enabled(self) -> bool:
+        """True if any ad hoc cohort may be answered (so the views keep what they need)."""
+        return self.allow is not Allow.NONE
+
+    def check(self, cohort: Cohort) -> None:
+        """Raise PermissionDeniedError unless this node's custodian allows the cohort."""
+        if self.allow is Allow.NONE:
+            raise PermissionDeniedError(
+                "this node does not answer ad hoc cohorts (its custodian has not allowed them "
+                "in node.toml [cohorts]); query one of its pathway views, or ask the custodian"
+            )
+        if self.allow is Allow.LISTED:
+            unlisted = sorted(set(cohort.conditions) - set(self.concepts))
+            if unlisted:
+                shown = ", ".join(str(c) for c in unlisted[:10])
+                more = f" and {len(unlisted) - 10} more" if len(unlisted) > 10 else ""
+                raise PermissionDeniedError(
+                    f"this node's custodian allows ad hoc cohorts on listed concepts only, and "
+                    f"concept id(s) {shown}{more} are not listed; the listed ones: "
+                    f"{list(self.concepts)[:20]}"
+                )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from queries.cohort import CohortPolicy
 from queries.errors import ConfigError
 from queries.schema import Catalog
 
@@ -175,9 +176,11 @@ class FederatedResult:
 
 @dataclass(frozen=True)
 class NodeDescription:
-    """What a node publishes about itself: name, protocol, catalog and budget."""
+    """What a node publishes about itself: name, protocol, catalog, budget, and which ad hoc
+    cohorts it answers."""
 
     node: str
     protocol_version: str
     catalog: Catalog
     budget: BudgetStatus
+    cohorts: CohortPolicy = field(default_factory=CohortPolicy)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from queries.cohort import Allow, CohortPolicy
 from queries.combine import COUNT_LIKE, POOLED
 from queries.results import FederatedResult, NodeDescription, NodeExplain, NodeOutcome, NodeStatus
 from queries.schema import ColumnSpec, ViewSpec
@@ -310,6 +311,10 @@ def nodes_to_dict(
                     "delta": d.budget.delta,
                 },
                 "views": [view_to_dict(v) for v in d.catalog.views],
+                "ad_hoc_cohorts": {
+                    "allow": d.cohorts.allow.value,
+                    "concepts": list(d.cohorts.concepts),
+                },
             }
             for d in found
         ],
@@ -317,6 +322,15 @@ def nodes_to_dict(
             {"node": o.node, "status": o.status.value, "message": o.message} for o in missing
         ],
     }
+
+
+def cohorts_text(policy: CohortPolicy) -> str:
+    """Which ad hoc cohorts a node answers, in words."""
+    if policy.allow is Allow.LISTED:
+        shown = ", ".join(str(c) for c in policy.concepts[:10])
+        more = f" and {len(policy.concepts) - 10} more" if len(policy.concepts) > 10 else ""
+        return f"on concepts {shown}{more} only"
+    return "any" if policy.allow is Allow.ANY else "none"
 
 
 def _number(x: float) -> str:
@@ -334,7 +348,7 @@ def print_catalogs(
         console.print(
             f"[bold]{escape(d.node)}[/] ({escape(d.protocol_version)}): rho {b.rho_spent:.4g} "
             f"spent of {b.rho_total:.4g}, at most {b.max_rho_per_query:.4g} per query; "
-            f"reference date {ref}"
+            f"reference date {ref}; ad hoc cohorts: {cohorts_text(d.cohorts)}"
         )
         for v in d.catalog.views:
             # The view's line is printed, not a table title: a title is padded to the width.

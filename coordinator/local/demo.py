@@ -222,6 +222,9 @@ def run_demo(
                     omop=folders[r.slug],
                     title=r.name,
                     imd_lookup=folders[r.slug] / synth.LOOKUP_FILE,
+                    # Synthetic regions: analysts may try their own cohorts (a custodian's
+                    # node answers none unless its node.toml [cohorts] says so).
+                    extra_toml=DEMO_COHORTS,
                 )
                 for r in synth.REGIONS
             )
@@ -282,6 +285,13 @@ def _skipped_note(asked: Sequence[DemoQuery], rho: float) -> str:
     )
 
 
+# The [cohorts] policy of the demo's synthetic nodes, and a cohort to try on them (COPD).
+DEMO_COHORTS = '[cohorts]\nallow = "any"\n'
+COHORT_EXAMPLE = (
+    "SELECT sex, COUNT(*) FROM cohort(conditions => [255573], age_min => 40) GROUP BY sex"
+)
+
+
 def _keep_running(console: Console, fed: LocalFederation, example: Query) -> None:
     DEMO_STATE.parent.mkdir(parents=True, exist_ok=True)
     DEMO_STATE.write_text(
@@ -292,7 +302,12 @@ def _keep_running(console: Console, fed: LocalFederation, example: Query) -> Non
         f"Analyst identity: {fed.analyst_identity}\n"
         f"Try: [cyan]chc nodes[/]  or  "
         f"[cyan]chc query --view {example.view} --group-by {example.group_by[-1]} --rho 0.05[/]\n"
-        "(the demo's hub and identity are the defaults while it runs). Ctrl-C stops it."
+        + (
+            f'or an ad hoc cohort: [cyan]chc query --sql "{COHORT_EXAMPLE}" --rho 0.05[/]\n'
+            if any(s.extra_toml == DEMO_COHORTS for s in fed.nodes)
+            else ""
+        )
+        + "(the demo's hub and identity are the defaults while it runs). Ctrl-C stops it."
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -18,9 +18,7 @@ those records' concepts, so that a cohort's descendants are found after the sour
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import date, timedelta
 
 import duckdb
@@ -28,8 +26,8 @@ import duckdb
 from node.data import catalog as cat
 from node.data.omop import OmopSource, sql_string
 from node.data.tables import OMOP_TABLES
-from queries.cohort import Cohort
-from queries.errors import ConfigError, PermissionDeniedError
+from queries.cohort import Allow, CohortPolicy
+from queries.errors import ConfigError
 from queries.pathway import MAX_WINDOW_DAYS
 
 # The keys of [cohorts] (documented in docs/configuration.md).
@@ -49,51 +47,6 @@ KEPT: dict[str, str] = {
     "b_stay": "stay",
     "s_condition": "condition",
 }
-
-
-class Allow(enum.StrEnum):
-    """Which ad hoc cohorts a node answers."""
-
-    NONE = "none"
-    LISTED = "listed"
-    ANY = "any"
-
-
-@dataclass(frozen=True)
-class CohortPolicy:
-    """The node's [cohorts] table."""
-
-    allow: Allow = Allow.NONE
-    concepts: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.allow is Allow.LISTED and not self.concepts:
-            raise ConfigError('cohorts.allow = "listed" needs a non-empty cohorts.concepts list')
-        if self.allow is not Allow.LISTED and self.concepts:
-            raise ConfigError('cohorts.concepts only goes with cohorts.allow = "listed"')
-
-    @property
-    def enabled(self) -> bool:
-        """True if any ad hoc cohort may be answered (so the views keep what they need)."""
-        return self.allow is not Allow.NONE
-
-    def check(self, cohort: Cohort) -> None:
-        """Raise PermissionDeniedError unless this node's custodian allows the cohort."""
-        if self.allow is Allow.NONE:
-            raise PermissionDeniedError(
-                "this node does not answer ad hoc cohorts (its custodian has not allowed them "
-                "in node.toml [cohorts]); query one of its pathway views, or ask the custodian"
-            )
-        if self.allow is Allow.LISTED:
-            unlisted = sorted(set(cohort.conditions) - set(self.concepts))
-            if unlisted:
-                shown = ", ".join(str(c) for c in unlisted[:10])
-                more = f" and {len(unlisted) - 10} more" if len(unlisted) > 10 else ""
-                raise PermissionDeniedError(
-                    f"this node's custodian allows ad hoc cohorts on listed concepts only, and "
-                    f"concept id(s) {shown}{more} are not listed; the listed ones: "
-                    f"{list(self.concepts)[:20]}"
-                )
 
 
 def parse_cohorts(raw: object, source: str) -> CohortPolicy:

@@ -33,11 +33,11 @@ import pyarrow as pa
 from node.config import NodeConfig
 from node.data import consent
 from node.data.catalog import build_catalog
-from node.data.cohorts import CohortPolicy
 from node.data.consent import ConsentPolicy, RegisterState
 from node.data.findings import Finding, Level
 from node.data.validate import DataSettings
 from node.data.view_set import ViewSet
+from queries.cohort import CohortPolicy
 from queries.errors import DataError
 from queries.pathway import Pathway, load_pathways
 from queries.schema import Catalog

@@ -25,6 +25,7 @@ from node.data.omop import OmopSource, open_source, sql_string
 from node.data.staged_checks import death_checks, person_checks, visit_checks
 from node.data.staging import check_structure, first_line, quality_scan, stage, stage_concepts
 from node.data.tables import OMOP_TABLES
+from queries.cohort import CohortPolicy
 from queries.errors import DataError
 from queries.pathway import Pathway
 
@@ -40,7 +41,7 @@ class DataSettings:
     consent: consent.ConsentPolicy = field(default_factory=consent.ConsentPolicy)
     omop_schema: str | None = None
     # Ad hoc cohorts ([cohorts]): what condition records to keep for them (node/data/cohorts.py).
-    cohorts: cohorts.CohortPolicy = field(default_factory=cohorts.CohortPolicy)
+    cohorts: CohortPolicy = field(default_factory=CohortPolicy)
 
 
 # Staged as empty when the source has no usable table, so the views need no special case.

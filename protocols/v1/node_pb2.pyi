@@ -294,6 +294,7 @@ class DescribeResponse(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     LEDGER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     REFERENCE_DATE_FIELD_NUMBER: _builtins.int
+    COHORTS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     protocol_version: _builtins.str
     ledger_public_key: _builtins.bytes
@@ -304,6 +305,10 @@ class DescribeResponse(_message.Message):
     def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___ViewInfo]: ...
     @_builtins.property
     def budget(self) -> Global___BudgetStatus: ...
+    @_builtins.property
+    def cohorts(self) -> Global___CohortAccess:
+        """Which ad hoc cohorts the node answers (its custodian's [cohorts] policy in node.toml)."""
+
     def __init__(
         self,
         *,
@@ -313,14 +318,41 @@ class DescribeResponse(_message.Message):
         budget: Global___BudgetStatus | None = ...,
         ledger_public_key: _builtins.bytes = ...,
         reference_date: _builtins.str = ...,
+        cohorts: Global___CohortAccess | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "cohorts", b"cohorts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "ledger_public_key", b"ledger_public_key", "node", b"node", "protocol_version", b"protocol_version", "reference_date", b"reference_date", "views", b"views"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "cohorts", b"cohorts", "ledger_public_key", b"ledger_public_key", "node", b"node", "protocol_version", b"protocol_version", "reference_date", b"reference_date", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeResponse: _TypeAlias = DescribeResponse  # noqa: Y015
+
+@_typing.final
+class CohortAccess(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOW_FIELD_NUMBER: _builtins.int
+    CONCEPTS_FIELD_NUMBER: _builtins.int
+    allow: _builtins.str
+    """"none", "listed" or "any" """
+    @_builtins.property
+    def concepts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """with "listed": the concept ids a cohort may name"""
+
+    def __init__(
+        self,
+        *,
+        allow: _builtins.str = ...,
+        concepts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "concepts", b"concepts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CohortAccess: _TypeAlias = CohortAccess  # noqa: Y015
 
 @_typing.final
 class ExecuteRequest(_message.Message):

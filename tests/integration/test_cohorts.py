@@ -29,6 +29,7 @@ from protocols.security.envelope import sign_query
 from protocols.security.pki import load_identity
 from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2, node_pb2_grpc
+from queries.cohort import Allow
 from queries.combine import POOLED
 from queries.results import NodeStatus
 from queries.spec import canonical_bytes
@@ -217,3 +218,11 @@ def test_a_forbidding_node_refuses_with_permission_denied_at_no_cost(
         assert after == pytest.approx(spent)
     finally:
         channel.close()
+
+
+def test_every_node_publishes_which_ad_hoc_cohorts_it_answers(fed: LocalFederation) -> None:
+    with Federation(fed.hub_address, fed.analyst_identity) as client:
+        found, missing = client.nodes()
+    assert missing == []
+    policies = {d.node: d.cohorts.allow for d in found}
+    assert policies == {n: Allow.ANY for n in ANSWERING} | {"gm": Allow.NONE}

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, fields
 from datetime import date
 from pathlib import Path
@@ -27,6 +26,7 @@ from coordinator.analyst.client import Federation
 from coordinator.local import synth
 from node.config import load_config
 from queries.results import NodeDescription
+from tests.integration._demo_helpers import wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -90,22 +90,6 @@ class DemoRun:
     payload: dict[str, Any]
 
 
-def _wait_for_state(proc: subprocess.Popen[str], state: Path, timeout_s: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if state.is_file():
-            text = state.read_text()
-            if text:
-                data: dict[str, str] = json.loads(text)
-                return data
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"chc demo exited with {proc.returncode}:\n{err}")
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail("chc demo did not start within the timeout")
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     root = tmp_path_factory.mktemp("custodian-demo")
@@ -140,7 +124,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
         env={**os.environ, "HOME": str(home)},
     )
     try:
-        state = _wait_for_state(proc, home / ".chc" / "demo.json", timeout_s=180)
+        state = wait_for_state(proc, home / ".chc" / "demo.json", timeout_s=180)
         with Federation(state["hub"], Path(state["identity"])) as fed:
             described, missing = fed.nodes()
         assert not missing

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from node.config import load_config
-from node.data.cohorts import Allow, CohortPolicy, parse_cohorts
+from node.data.cohorts import parse_cohorts
 from node.data.consent import ConsentPolicy
 from node.data.store import OmopStore
 from node.data.view_set import cohort_runner
-from queries.cohort import COHORT_VIEW, Cohort
+from queries.cohort import COHORT_VIEW, Allow, Cohort, CohortPolicy
 from queries.errors import ConfigError, DataError, PermissionDeniedError
 from queries.pathway import Pathway, load_pathways
 from queries.spec import Query

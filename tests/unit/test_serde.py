@@ -14,6 +14,7 @@ from node.data.catalog import build_catalog
 from protocols import serde
 from protocols.security.envelope import SIGNATURE_ALGORITHM, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
+from queries.cohort import Allow, CohortPolicy
 from queries.errors import DataError
 from queries.pathway import builtin_pathways
 from queries.results import (
@@ -162,6 +163,7 @@ def test_description_round_trips() -> None:
         protocol_version=serde.PROTOCOL_VERSION,
         catalog=Catalog(views=(*catalog.views, extra), reference_date=date(2019, 6, 30)),
         budget=BUDGET,
+        cohorts=CohortPolicy(Allow.LISTED, (255573, 40481087)),
     )
     msg = serde.description_to_proto(desc)
     assert msg.reference_date == "2019-06-30"
@@ -177,8 +179,24 @@ def test_a_node_that_states_no_reference_date_is_described_without_one() -> None
     )
     assert msg.reference_date == ""
     assert serde.description_from_proto(msg).catalog.reference_date is None
+    # Nor a cohort policy (an older node): it answers none.
+    msg.ClearField("cohorts")
+    assert serde.description_from_proto(msg).cohorts == CohortPolicy(Allow.NONE)
     msg.reference_date = "31/12/2019"
     with pytest.raises(DataError, match="invalid reference date"):
+        serde.description_from_proto(msg)
+
+
+def test_an_invalid_cohort_policy_from_a_peer_is_a_data_error() -> None:
+    msg = serde.description_to_proto(
+        NodeDescription("n", serde.PROTOCOL_VERSION, Catalog(views=()), BUDGET)
+    )
+    msg.cohorts.allow = "some"
+    with pytest.raises(DataError, match="ad hoc cohort policy"):
+        serde.description_from_proto(msg)
+    msg.cohorts.allow = "any"
+    msg.cohorts.concepts.append(3)  # concepts only go with "listed"
+    with pytest.raises(DataError, match="ad hoc cohort policy"):
         serde.description_from_proto(msg)
 
 
