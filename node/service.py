@@ -341,6 +341,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
             # The refusal itself must still reach the client; the operator sees this.
             log.exception("could not record a refusal in the ledger")
 
+    def FitStep(  # noqa: N802 - gRPC method name
+        self, request: node_pb2.FitStepRequest, context: grpc.ServicerContext
+    ) -> node_pb2.FitStepResponse:
+        """One charged step of a model fit (not served yet: nothing is charged)."""
+        del request
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not fit models yet")
+
     @guarded
     def StreamLedger(  # noqa: N802 - gRPC method name
         self, request: node_pb2.LedgerRequest, context: grpc.ServicerContext

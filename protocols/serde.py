@@ -53,6 +53,7 @@ _OPERATIONS: dict[node_pb2.Operation.ValueType, Operation] = {
     node_pb2.OPERATION_EXECUTE: Operation.EXECUTE,
     node_pb2.OPERATION_EXPLAIN: Operation.EXPLAIN,
     node_pb2.OPERATION_BUDGET: Operation.BUDGET,
+    node_pb2.OPERATION_FIT: Operation.FIT,
 }
 _OPERATION_NUMBERS = {op: number for number, op in _OPERATIONS.items()}
 

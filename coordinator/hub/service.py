@@ -120,6 +120,13 @@ class HubService(hub_pb2_grpc.HubServicer):
             response.nodes.append(item)
         return response
 
+    def Fit(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.FitResponse:
+        """Fit an analyst-signed model across the nodes (not served yet)."""
+        del request
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this hub does not fit models yet")
+
     @guarded
     def ListNodes(  # noqa: N802 - gRPC method name
         self, request: hub_pb2.ListNodesRequest, context: grpc.ServicerContext

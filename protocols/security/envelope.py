@@ -45,6 +45,7 @@ class Operation(enum.StrEnum):
     EXECUTE = "execute"  # run the query and release it, charging the budget
     EXPLAIN = "explain"  # plan and price it, spending nothing
     BUDGET = "budget"  # the probe `chc budget` explains to read the analyst's budget
+    FIT = "fit"  # fit a model (queries/model.py): its charged steps, and its explain
 
 
 class Call(enum.StrEnum):
@@ -52,6 +53,7 @@ class Call(enum.StrEnum):
 
     EXECUTE = "Execute"  # Node.Execute, Hub.Submit
     EXPLAIN = "Explain"  # Node.Explain, Hub.Explain
+    FIT = "Fit"  # Node.FitStep, Hub.Fit
 
 
 # Execute runs and charges, so only an envelope signed to execute opens it: an envelope
@@ -61,7 +63,12 @@ class Call(enum.StrEnum):
 # client may price the very envelope it is about to run).
 ACCEPTED_OPERATIONS: dict[Call, frozenset[Operation]] = {
     Call.EXECUTE: frozenset({Operation.EXECUTE}),
-    Call.EXPLAIN: frozenset({Operation.EXPLAIN, Operation.BUDGET, Operation.EXECUTE}),
+    Call.EXPLAIN: frozenset(
+        {Operation.EXPLAIN, Operation.BUDGET, Operation.EXECUTE, Operation.FIT}
+    ),
+    # A fit's steps are charged, so only an envelope signed to fit opens them; and a fit
+    # envelope opens no Execute (its query bytes are a model, not a query).
+    Call.FIT: frozenset({Operation.FIT}),
 }
 
 

@@ -242,3 +242,122 @@ class ExplainFederatedResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainFederatedResponse: _TypeAlias = ExplainFederatedResponse  # noqa: Y015
+
+@_typing.final
+class Coefficient(_message.Message):
+    """One coefficient of a fitted model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
+    DP_STD_ERROR_FIELD_NUMBER: _builtins.int
+    STD_ERROR_FIELD_NUMBER: _builtins.int
+    CI_LOW_FIELD_NUMBER: _builtins.int
+    CI_HIGH_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    estimate: _builtins.float
+    dp_std_error: _builtins.float
+    """Standard error of the DP noise alone: its interval covers the fit the pooled data
+    would give without noise (the census estimand of docs/statistics.md).
+    """
+    std_error: _builtins.float
+    """DP noise and sampling together: for inference about the population coefficient."""
+    ci_low: _builtins.float
+    ci_high: _builtins.float
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        estimate: _builtins.float = ...,
+        dp_std_error: _builtins.float = ...,
+        std_error: _builtins.float = ...,
+        ci_low: _builtins.float = ...,
+        ci_high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ci_high", b"ci_high", "ci_low", b"ci_low", "column", b"column", "dp_std_error", b"dp_std_error", "estimate", b"estimate", "std_error", b"std_error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Coefficient: _TypeAlias = Coefficient  # noqa: Y015
+
+@_typing.final
+class FitIteration(_message.Message):
+    """What happened at one Newton step, for convergence reports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    MAX_CHANGE_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    max_change: _builtins.float
+    """largest |change| of a coefficient, in its std errors"""
+    repaired: _builtins.bool
+    """the noisy Hessian needed an eigenvalue floor"""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        max_change: _builtins.float = ...,
+        repaired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_change", b"max_change", "repaired", b"repaired", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FitIteration: _TypeAlias = FitIteration  # noqa: Y015
+
+@_typing.final
+class FitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    COEFFICIENTS_FIELD_NUMBER: _builtins.int
+    ITERATIONS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    PERSONS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    partial: _builtins.bool
+    family: _builtins.str
+    link: _builtins.str
+    persons: _builtins.int
+    """the noisy pooled n of the design check, rounded"""
+    message: _builtins.str
+    """convergence and repair notes, for people"""
+    @_builtins.property
+    def coefficients(self) -> _containers.RepeatedCompositeFieldContainer[Global___Coefficient]: ...
+    @_builtins.property
+    def iterations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FitIteration]: ...
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeOutcome]:
+        """rho_charged: the fit's total at each node"""
+
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        coefficients: _abc.Iterable[Global___Coefficient] | None = ...,
+        iterations: _abc.Iterable[Global___FitIteration] | None = ...,
+        nodes: _abc.Iterable[Global___NodeOutcome] | None = ...,
+        partial: _builtins.bool = ...,
+        family: _builtins.str = ...,
+        link: _builtins.str = ...,
+        persons: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficients", b"coefficients", "family", b"family", "iterations", b"iterations", "link", b"link", "message", b"message", "nodes", b"nodes", "partial", b"partial", "persons", b"persons", "query_id", b"query_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FitResponse: _TypeAlias = FitResponse  # noqa: Y015

@@ -49,6 +49,11 @@ class HubStub:
                 request_serializer=protocols_dot_v1_dot_hub__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_hub__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.Fit = channel.unary_unary(
+                '/chc.v1.Hub/Fit',
+                request_serializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_hub__pb2.FitResponse.FromString,
+                _registered_method=True)
 
 
 class HubServicer:
@@ -75,6 +80,14 @@ class HubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fit(self, request, context):
+        """Fit an analyst-signed model (operation FIT) across every node: design check, then
+        Newton steps, each fanned out and summed (docs/models.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=protocols_dot_v1_dot_hub__pb2.ListNodesRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_hub__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'Fit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fit,
+                    request_deserializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_hub__pb2.FitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Hub:
             '/chc.v1.Hub/ListNodes',
             protocols_dot_v1_dot_hub__pb2.ListNodesRequest.SerializeToString,
             protocols_dot_v1_dot_hub__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chc.v1.Hub/Fit',
+            protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
+            protocols_dot_v1_dot_hub__pb2.FitResponse.FromString,
             options,
             channel_credentials,
             insecure,

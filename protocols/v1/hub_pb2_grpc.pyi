@@ -37,6 +37,10 @@ class HubStub:
     """Fan one analyst-signed query out to every node and combine the releases."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListNodesRequest, _hub_pb2.ListNodesResponse]
     """Each node's public catalog and budget."""
+    Fit: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.FitResponse]
+    """Fit an analyst-signed model (operation FIT) across every node: design check, then
+    Newton steps, each fanned out and summed (docs/models.md).
+    """
 
 @_typing.type_check_only
 class HubAsyncStub(HubStub):
@@ -47,6 +51,10 @@ class HubAsyncStub(HubStub):
     """Fan one analyst-signed query out to every node and combine the releases."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListNodesRequest, _hub_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Each node's public catalog and budget."""
+    Fit: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.FitResponse]  # type: ignore[assignment]
+    """Fit an analyst-signed model (operation FIT) across every node: design check, then
+    Newton steps, each fanned out and summed (docs/models.md).
+    """
 
 class HubServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -72,5 +80,15 @@ class HubServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_hub_pb2.ListNodesResponse, _abc.Awaitable[_hub_pb2.ListNodesResponse]]:
         """Each node's public catalog and budget."""
+
+    @_abc_1.abstractmethod
+    def Fit(
+        self,
+        request: _hub_pb2.SubmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.FitResponse, _abc.Awaitable[_hub_pb2.FitResponse]]:
+        """Fit an analyst-signed model (operation FIT) across every node: design check, then
+        Newton steps, each fanned out and summed (docs/models.md).
+        """
 
 def add_HubServicer_to_server(servicer: HubServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -35,6 +35,8 @@ class _OperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operation.V
     """Node.Explain, Hub.Explain"""
     OPERATION_BUDGET: _Operation.ValueType  # 3
     """the budget probe of `chc budget`: Node.Explain, Hub.Explain"""
+    OPERATION_FIT: _Operation.ValueType  # 4
+    """a model fit (queries/model.py): Node.FitStep, Hub.Fit, Explain"""
 
 class Operation(_Operation, metaclass=_OperationEnumTypeWrapper):
     """What an envelope authorises. Execute accepts EXECUTE only, so an envelope signed to
@@ -49,6 +51,8 @@ OPERATION_EXPLAIN: Operation.ValueType  # 2
 """Node.Explain, Hub.Explain"""
 OPERATION_BUDGET: Operation.ValueType  # 3
 """the budget probe of `chc budget`: Node.Explain, Hub.Explain"""
+OPERATION_FIT: Operation.ValueType  # 4
+"""a model fit (queries/model.py): Node.FitStep, Hub.Fit, Explain"""
 Global___Operation: _TypeAlias = Operation  # noqa: Y015
 
 @_typing.final
@@ -619,3 +623,117 @@ class LedgerEntry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LedgerEntry: _TypeAlias = LedgerEntry  # noqa: Y015
+
+@_typing.final
+class FitStepRequest(_message.Message):
+    """One step of a federated model fit (docs/models.md). The analyst's envelope (operation
+    FIT) signs the model spec; the hub chooses each step's coefficients, which the node records
+    in the ledger with the step. Each (envelope, step) is charged and released at most once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    COEFFICIENTS_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """0: the design check; 1..K: Newton steps"""
+    @_builtins.property
+    def envelope(self) -> Global___QueryEnvelope: ...
+    @_builtins.property
+    def coefficients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """one per design column (steps >= 1)"""
+
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every node of the fit, in the hub's order"""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___QueryEnvelope | None = ...,
+        step: _builtins.int = ...,
+        coefficients: _abc.Iterable[_builtins.float] | None = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficients", b"coefficients", "envelope", b"envelope", "regions", b"regions", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FitStepRequest: _TypeAlias = FitStepRequest  # noqa: Y015
+
+@_typing.final
+class StatisticVector(_message.Message):
+    """A released vector of statistics, with the variance of its noise per entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    NOISE_VARIANCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    noise_variance: _builtins.float
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+        noise_variance: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "noise_variance", b"noise_variance", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatisticVector: _TypeAlias = StatisticVector  # noqa: Y015
+
+@_typing.final
+class FitStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    RHO_CHARGED_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    step: _builtins.int
+    rho_charged: _builtins.float
+    epsilon: _builtins.float
+    ledger_sequence: _builtins.int
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the design's columns (queries.model.design_columns)"""
+
+    @_builtins.property
+    def statistics(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatisticVector]: ...
+    @_builtins.property
+    def budget(self) -> Global___BudgetStatus: ...
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
+        statistics: _abc.Iterable[Global___StatisticVector] | None = ...,
+        rho_charged: _builtins.float = ...,
+        epsilon: _builtins.float = ...,
+        budget: Global___BudgetStatus | None = ...,
+        ledger_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "columns", b"columns", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "query_id", b"query_id", "rho_charged", b"rho_charged", "statistics", b"statistics", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FitStepResponse: _TypeAlias = FitStepResponse  # noqa: Y015

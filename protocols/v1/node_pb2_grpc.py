@@ -54,6 +54,11 @@ class NodeStub:
                 request_serializer=protocols_dot_v1_dot_node__pb2.LedgerRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_node__pb2.LedgerEntry.FromString,
                 _registered_method=True)
+        self.FitStep = channel.unary_unary(
+                '/chc.v1.Node/FitStep',
+                request_serializer=protocols_dot_v1_dot_node__pb2.FitStepRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_node__pb2.FitStepResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -87,6 +92,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FitStep(self, request, context):
+        """One charged step of a model fit (the hub calls it once per step and node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.StreamLedger,
                     request_deserializer=protocols_dot_v1_dot_node__pb2.LedgerRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_node__pb2.LedgerEntry.SerializeToString,
+            ),
+            'FitStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.FitStep,
+                    request_deserializer=protocols_dot_v1_dot_node__pb2.FitStepRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_node__pb2.FitStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Node:
             '/chc.v1.Node/StreamLedger',
             protocols_dot_v1_dot_node__pb2.LedgerRequest.SerializeToString,
             protocols_dot_v1_dot_node__pb2.LedgerEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FitStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chc.v1.Node/FitStep',
+            protocols_dot_v1_dot_node__pb2.FitStepRequest.SerializeToString,
+            protocols_dot_v1_dot_node__pb2.FitStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

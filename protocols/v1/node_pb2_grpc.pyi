@@ -41,6 +41,8 @@ class NodeStub:
     """Plan and price a signed query without running it; spends nothing."""
     StreamLedger: _grpc.UnaryStreamMultiCallable[_node_pb2.LedgerRequest, _node_pb2.LedgerEntry]
     """The node's privacy ledger, entry by entry (auditor role only)."""
+    FitStep: _grpc.UnaryUnaryMultiCallable[_node_pb2.FitStepRequest, _node_pb2.FitStepResponse]
+    """One charged step of a model fit (the hub calls it once per step and node)."""
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -53,6 +55,8 @@ class NodeAsyncStub(NodeStub):
     """Plan and price a signed query without running it; spends nothing."""
     StreamLedger: _aio.UnaryStreamMultiCallable[_node_pb2.LedgerRequest, _node_pb2.LedgerEntry]  # type: ignore[assignment]
     """The node's privacy ledger, entry by entry (auditor role only)."""
+    FitStep: _aio.UnaryUnaryMultiCallable[_node_pb2.FitStepRequest, _node_pb2.FitStepResponse]  # type: ignore[assignment]
+    """One charged step of a model fit (the hub calls it once per step and node)."""
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -86,5 +90,13 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_node_pb2.LedgerEntry], _abc.AsyncIterator[_node_pb2.LedgerEntry]]:
         """The node's privacy ledger, entry by entry (auditor role only)."""
+
+    @_abc_1.abstractmethod
+    def FitStep(
+        self,
+        request: _node_pb2.FitStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.FitStepResponse, _abc.Awaitable[_node_pb2.FitStepResponse]]:
+        """One charged step of a model fit (the hub calls it once per step and node)."""
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
