@@ -47,7 +47,8 @@ check-protos: protos
 		(echo "generated stubs differ from protocols/v1/*.proto: run 'make protos' and commit"; exit 1)
 
 # Each script prints one JSON object; ARGS goes to the federated count benchmark,
-# LEDGER_ARGS to the ledger one (e.g. LEDGER_ARGS="--dir /var/lib/chc" to time that disk).
+# LEDGER_ARGS to the ledger one (e.g. LEDGER_ARGS="--dir /var/lib/chc" to time that disk),
+# GLM_ARGS to the model fit one (e.g. GLM_ARGS="--persons 50000" for a quick run).
 bench: $(STAMP)
 	$(BIN)/python -m bench.federated_count $(ARGS)
 	$(BIN)/python -m bench.signing
@@ -55,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.synth
 	$(BIN)/python -m bench.node_startup
 	$(BIN)/python -m bench.median
+	$(BIN)/python -m bench.glm $(GLM_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -13,7 +13,8 @@ differences are in docs/synthetic-data.md; the constants in the modules carry sh
 only. Figures are cited by the source keys of docs/synthetic-data.md. The package is split
 into ``regions`` (the four regions and their designed differences), ``rates`` (national
 rates), ``areas`` (LSOAs and the IMD lookup), ``people`` and ``events`` (the draws),
-``omop`` and ``tables`` (the OMOP format) and ``generate`` (chunks, seeds and files); this
+``omop`` and ``tables`` (the OMOP format), ``known`` (the known model of the COPD pathway's
+admissions, to test fits against) and ``generate`` (chunks, seeds and files); this
 module exposes the names callers use as ``synth.<name>``.
 
 Determinism: chunk ``k`` of a region is drawn from ``SeedSequence(seed, spawn_key=(region
@@ -24,6 +25,19 @@ lookup and each region's LSOAs do not depend on the seed (like a published natio
 
 from coordinator.local.synth.areas import LOOKUP_FILE, imd_lookup_table, write_imd_lookup
 from coordinator.local.synth.generate import generate_federation, generate_region
+from coordinator.local.synth.known import (
+    KNOWN_AGE_BOUNDS,
+    KNOWN_AGE_MIN,
+    KNOWN_COEFFICIENTS,
+    KNOWN_EVENT,
+    KNOWN_OUTCOME,
+    KNOWN_PATHWAY,
+    KNOWN_REGION_EFFECTS,
+    KNOWN_WINDOW_DAYS,
+    known_coefficients,
+    known_model,
+    pooled_design,
+)
 from coordinator.local.synth.omop import SCHEMAS, TABLE_NAMES
 from coordinator.local.synth.regions import (
     IMD_SHARES,
@@ -39,6 +53,14 @@ from coordinator.local.synth.regions import (
 
 __all__ = [
     "IMD_SHARES",
+    "KNOWN_AGE_BOUNDS",
+    "KNOWN_AGE_MIN",
+    "KNOWN_COEFFICIENTS",
+    "KNOWN_EVENT",
+    "KNOWN_OUTCOME",
+    "KNOWN_PATHWAY",
+    "KNOWN_REGION_EFFECTS",
+    "KNOWN_WINDOW_DAYS",
     "LOOKUP_FILE",
     "NO_LOCATION_SHARE",
     "PERSONS_PER_LSOA",
@@ -50,6 +72,9 @@ __all__ = [
     "generate_region",
     "imd_lookup_table",
     "imd_shares",
+    "known_coefficients",
+    "known_model",
+    "pooled_design",
     "region_by_slug",
     "region_seed",
     "split_persons",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.local.synth.known import _Known
 from coordinator.local.synth.omop import (
     EMERGENCY_ROOM,
     INPATIENT,
@@ -29,6 +30,7 @@ from coordinator.local.synth.rates import (
     _ADMIT_DEPRIVATION,
     _ADMIT_SEVERE,
     _CONDITIONS,
+    _COPD_INDEX,
     _ELECTIVE_RATE,
     _EMERGENCY_RATE,
     _LOS_DEPRIVATION,
@@ -71,6 +73,11 @@ class _Visits:
     end: IntArray
     preceding: IntArray  # index into these arrays, -1 for none
     ids: IntArray
+    # The known model (known.py): visits on which COPD is never recorded (the window's
+    # emergency stays of pathway persons drawn not admitted, and the attendances before
+    # them), and stays of which one must carry it (those drawn admitted).
+    quiet: BoolArray
+    carrier: BoolArray
 
 
 def _readmissions(
@@ -97,7 +104,9 @@ def _readmissions(
     return who[keep], day[keep]
 
 
-def _draw_visits(rng: np.random.Generator, people: _People, s: _Settings, first_id: int) -> _Visits:
+def _draw_visits(
+    rng: np.random.Generator, people: _People, s: _Settings, first_id: int, known: _Known
+) -> _Visits:
     n = people.ages.shape[0]
     multiplier = _ACUTE_AGE_MULTIPLIER[people.ages] * _ACUTE_DEPRIVATION[people.imd]
     for k, cond in enumerate(_CONDITIONS):
@@ -142,6 +151,22 @@ def _draw_visits(rng: np.random.Generator, people: _People, s: _Settings, first_
     ad_start = np.concatenate([ad_start, re_start])
     ad_end = np.concatenate([ad_end, re_end])
 
+    # The known model (known.py): a pathway person drawn to be admitted who has no emergency
+    # admission in the window gets one, an attendance and the stay it leads to.
+    has_one = np.zeros(n, dtype=np.bool_)
+    has_one[ad_who[ad_start >= known.window_start]] = True
+    kn_who = np.flatnonzero(known.yes & ~has_one).astype(np.int64)
+    kn_start = _uniform_days(
+        rng, np.maximum(people.window_lo[kn_who], known.window_start), people.end[kn_who]
+    )
+    kn_end = np.minimum(kn_start + _los(rng, people, kn_who), people.end[kn_who])
+    admitted = np.concatenate([admitted, er_who.shape[0] + np.arange(kn_who.shape[0])])
+    er_who = np.concatenate([er_who, kn_who])
+    er_start = np.concatenate([er_start, kn_start])
+    ad_who = np.concatenate([ad_who, kn_who])
+    ad_start = np.concatenate([ad_start, kn_start])
+    ad_end = np.concatenate([ad_end, kn_end])
+
     n_er, n_ad, n_el, n_op = er_who.shape[0], ad_who.shape[0], el_who.shape[0], op_who.shape[0]
     who = np.concatenate([er_who, ad_who, el_who, op_who])
     start = np.concatenate([er_start, ad_start, el_start, op_start])
@@ -160,14 +185,51 @@ def _draw_visits(rng: np.random.Generator, people: _People, s: _Settings, first_
     new_position[order] = np.arange(order.shape[0])
     old_preceding = preceding[order]
     sorted_preceding = np.where(old_preceding >= 0, new_position[old_preceding], -1)
+    person, kinds, starts = who[order], concept[order], start[order]
+    quiet, carrier = _known_marks(person, kinds, starts, sorted_preceding, known)
     return _Visits(
-        person_index=who[order],
-        concept=concept[order],
-        start=start[order],
+        person_index=person,
+        concept=kinds,
+        start=starts,
         end=end[order],
         preceding=sorted_preceding,
         ids=first_id + np.arange(order.shape[0], dtype=np.int64),
+        quiet=quiet,
+        carrier=carrier,
     )
+
+
+# Day numbers fit in 32 bits: person * _DAY_KEY + day orders by person, then day.
+_DAY_KEY = np.int64(1 << 32)
+
+
+def _sorted_contains(sorted_keys: IntArray, keys: IntArray) -> BoolArray:
+    at = np.minimum(np.searchsorted(sorted_keys, keys), max(sorted_keys.shape[0] - 1, 0))
+    out: BoolArray = (sorted_keys.shape[0] > 0) & (sorted_keys[at] == keys)
+    return out
+
+
+def _known_marks(
+    person: IntArray, concept: IntArray, start: IntArray, preceding: IntArray, known: _Known
+) -> tuple[BoolArray, BoolArray]:
+    """The visits `quiet` and `carrier` of _Visits (sorted by person, then start)."""
+    in_window = (concept == INPATIENT) & (start >= known.window_start)
+    carrier = in_window & (preceding >= 0) & known.yes[person]
+    # The node counts a stay as an emergency admission if an emergency attendance precedes
+    # it or falls on its first day or the day before (node/data/views.py, b_acute).
+    ed_keys = person[concept == EMERGENCY_ROOM] * _DAY_KEY + start[concept == EMERGENCY_ROOM]
+    stays = np.flatnonzero(in_window & known.no[person])
+    stay_keys = person[stays] * _DAY_KEY + start[stays]
+    emergency = (
+        (preceding[stays] >= 0)
+        | _sorted_contains(ed_keys, stay_keys)
+        | _sorted_contains(ed_keys, stay_keys - 1)
+    )
+    quiet = np.zeros(person.shape[0], dtype=np.bool_)
+    quiet[stays[emergency]] = True
+    before = preceding[stays[emergency]]
+    quiet[before[before >= 0]] = True
+    return quiet, carrier
 
 
 @dataclass(frozen=True)
@@ -180,7 +242,7 @@ class _Conditions:
 
 
 def _draw_conditions(
-    rng: np.random.Generator, people: _People, visits: _Visits, first_id: int
+    rng: np.random.Generator, people: _People, visits: _Visits, first_id: int, known: _Known
 ) -> _Conditions:
     who_parts: list[IntArray] = []
     kind_parts: list[IntArray] = []
@@ -193,10 +255,14 @@ def _draw_conditions(
         having = np.flatnonzero(people.flags[k]).astype(np.int64)
         who = np.repeat(having, 1 + rng.poisson(_RECORDS_EXTRA_MEAN, size=having.shape[0]))
         who_parts.append(who)
-        start_parts.append(_uniform_days(rng, people.obs_start[who], people.end[who]))
+        day = _uniform_days(rng, people.obs_start[who], people.end[who])
         visit_parts.append(np.full(who.shape[0], -1, dtype=np.int64))
         # Records on acute visits (any diagnosis position), on the visit's first day.
         link = people.flags[k][acute_person] & (rng.random(acute.shape[0]) < cond.link_probability)
+        if k == _COPD_INDEX:
+            day = _outside_quiet_stays(rng, people, visits, known, who, day)
+            link = _known_links(visits, acute, link)
+        start_parts.append(day)
         on = acute[link]
         who_parts.append(visits.person_index[on])
         start_parts.append(visits.start[on])
@@ -214,3 +280,50 @@ def _draw_conditions(
         visit_id=visit_id[order],
         ids=first_id + np.arange(order.shape[0], dtype=np.int64),
     )
+
+
+def _known_links(visits: _Visits, acute: IntArray, link: BoolArray) -> BoolArray:
+    """COPD's links to acute visits, arranged for the known model (known.py): none on a
+    quiet visit, and for each person with carrier stays, one on a carrier stay (on the
+    first, if chance put none on any of them or on the attendances before them)."""
+    linked = np.zeros(visits.ids.shape[0], dtype=np.bool_)
+    linked[acute[link & ~visits.quiet[acute]]] = True
+    carriers = np.flatnonzero(visits.carrier)
+    carried = linked[carriers] | linked[visits.preceding[carriers]]
+    done = np.zeros(visits.person_index.shape[0], dtype=np.bool_)
+    done[visits.person_index[carriers[carried]]] = True
+    waiting = carriers[~done[visits.person_index[carriers]]]
+    # Visits are sorted by person and start: a person's first carrier stay comes first.
+    _, first = np.unique(visits.person_index[waiting], return_index=True)
+    linked[waiting[first]] = True
+    out: BoolArray = linked[acute]
+    return out
+
+
+def _outside_quiet_stays(
+    rng: np.random.Generator,
+    people: _People,
+    visits: _Visits,
+    known: _Known,
+    who: IntArray,
+    day: IntArray,
+) -> IntArray:
+    """Dates of COPD records outside hospital, none within a quiet stay (the node counts an
+    unlinked record dated within an emergency stay as recorded on it): those that fall in
+    one are dated again before the pathway's window (for reference dates from 2016 on)."""
+    stays = np.flatnonzero(visits.quiet & (visits.concept == INPATIENT))
+    if stays.shape[0] == 0:
+        return day
+    person = visits.person_index[stays]
+    starts = person * _DAY_KEY + visits.start[stays]
+    # A running maximum of the stays' last days: the keys order by person first, so it
+    # never carries one person's stay into the next person's.
+    reach = np.maximum.accumulate(person * _DAY_KEY + visits.end[stays])
+    keys = who * _DAY_KEY + day
+    at = np.searchsorted(starts, keys, side="right") - 1
+    inside = (at >= 0) & (reach[np.maximum(at, 0)] >= keys)
+    latest = np.full(who.shape[0], known.window_start - 1, dtype=np.int64)
+    movable = np.flatnonzero(inside & (people.obs_start[who] <= latest))
+    out = day.copy()
+    out[movable] = _uniform_days(rng, people.obs_start[who[movable]], latest[movable])
+    return out

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from coordinator.local.synth.areas import LOOKUP_FILE, _areas, _location_table, write_imd_lookup
 from coordinator.local.synth.events import _draw_conditions, _draw_visits
+from coordinator.local.synth.known import _draw_known
 from coordinator.local.synth.omop import SCHEMAS, TABLE_NAMES
 from coordinator.local.synth.people import (
     _anniversaries,
@@ -50,8 +51,9 @@ def _chunk_tables(
     rng: np.random.Generator, n: int, s: _Settings, first_ids: Mapping[str, int]
 ) -> dict[str, pa.Table]:
     people = _draw_people(rng, n, s)
-    visits = _draw_visits(rng, people, s, first_ids["visit"])
-    conds = _draw_conditions(rng, people, visits, first_ids["condition"])
+    known = _draw_known(rng, people, s)
+    visits = _draw_visits(rng, people, s, first_ids["visit"], known)
+    conds = _draw_conditions(rng, people, visits, first_ids["condition"], known)
     first_person = first_ids["person"]
     person_id = first_person + np.arange(n, dtype=np.int64)
     return {
@@ -97,6 +99,7 @@ def generate_region(
         areas=_areas(region.slug),
         prevalence=REGIONAL_PREVALENCE_MULTIPLIERS.get(region.slug, {}),
         readmission=REGIONAL_READMISSION_MULTIPLIERS.get(region.slug, 1.0),
+        region=region.slug,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = dict.fromkeys(TABLE_NAMES, 0)

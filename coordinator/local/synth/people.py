@@ -61,6 +61,7 @@ class _Settings:
     areas: _Areas
     prevalence: Mapping[int, float]
     readmission: float
+    region: str  # the slug: the known model's region effect (known.py)
 
 
 def _uniform_days(rng: np.random.Generator, lo: IntArray, hi: IntArray) -> IntArray:
