@@ -135,6 +135,7 @@ def serve(
         rules=cfg.release,
         access=cfg.access,
         revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
+        models=cfg.models,
     )
     server, port = make_server(listen or cfg.listen, None if insecure else identity)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)

@@ -29,9 +29,11 @@ NODE_KEYS = frozenset(
     | {"release", "access", "crl"}
     | {"ledger", "ledger_key"}
     | {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
-    | {"cohorts"}
+    | {"cohorts", "models"}
 )
 RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
+# [models]: the node's refusal rules for model fits (node/fitting.py, docs/configuration.md).
+MODEL_KEYS = frozenset({"min_level_persons", "max_parameter_ratio"})
 
 
 # Refusals from one peer that reach the ledger per window (node.guards.RefusalLimiter,
@@ -56,6 +58,27 @@ def check_node_name(name: object, source: str = "node.toml") -> str:
             "digits, '-' or '_', starting with a letter (the name of the node's certificate)"
         )
     return name
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """When a node refuses a model fit, decided on the design check's noisy counts.
+
+    DataSHIELD's nfilter rules are the anchor: nfilter.tab (a level with too few persons;
+    DataSHIELD's default is 3, ours 10 as for our disclosure rules) and nfilter.glm (at most
+    0.33 parameters per person).
+    """
+
+    min_level_persons: int = 10
+    max_parameter_ratio: float = 0.33
+
+    def __post_init__(self) -> None:
+        m, r = self.min_level_persons, self.max_parameter_ratio
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigError("models.min_level_persons must be a whole number >= 0")
+        if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1:
+            raise ConfigError("models.max_parameter_ratio must be a number in (0, 1]")
+        object.__setattr__(self, "max_parameter_ratio", float(r))
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,8 @@ class NodeConfig:
     consent: ConsentPolicy = field(default_factory=ConsentPolicy)
     # Analysts' ad hoc cohorts ([cohorts], node/data/cohorts.py): none unless allowed.
     cohorts: CohortPolicy = field(default_factory=CohortPolicy)
+    # When model fits are refused on their design check ([models]).
+    models: ModelPolicy = field(default_factory=ModelPolicy)
 
     def __post_init__(self) -> None:
         check_node_name(self.name)
@@ -176,7 +201,23 @@ def load_config(path: Path) -> NodeConfig:
         ),
         consent=parse_consent(data.get("consent", {}), base, str(path)),
         cohorts=parse_cohorts(data.get("cohorts"), str(path)),
+        models=_model_policy(data.get("models", {}), str(path)),
     )
+
+
+def _model_policy(raw: object, source: str) -> ModelPolicy:
+    """[models] min_level_persons / max_parameter_ratio."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [models] must be a table")
+    unknown = sorted(set(raw) - MODEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown [models] key(s) {unknown}; known: {sorted(MODEL_KEYS)}"
+        )
+    try:
+        return ModelPolicy(**raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _budget_policy(raw: dict[str, Any], path: Path) -> BudgetPolicy:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from protocols.ledger.entry import SignedEntry
+from protocols.ledger.entry import SignedEntry, read_fit
 from protocols.security.envelope import now_ms
 from protocols.v1 import node_pb2
 from queries.errors import AuthenticationError, DeadlineExceededError
@@ -83,21 +83,34 @@ class RefusalLimiter:
         )
 
 
+def fit_key(nonce: bytes, step: int) -> bytes:
+    """What a fit step claims in the NonceStore: one fit envelope is used once per step.
+
+    Never equal to a query's 16-byte nonce claim, and distinct for every step.
+    """
+    return nonce + b"#fit" + step.to_bytes(4, "big")
+
+
 class NonceStore:
-    """Nonces seen, kept until their envelope expires, so a replay is refused."""
+    """Nonces seen, kept until their envelope expires, so a replay is refused.
+
+    A query envelope claims its nonce; a fit envelope claims fit_key(nonce, step) per step.
+    """
 
     def __init__(self) -> None:
         self._seen: dict[bytes, int] = {}
         self._lock = threading.Lock()
 
-    def claim(self, nonce: bytes, expires_at_ms: int) -> None:
-        """Record a fresh nonce, or raise AuthenticationError if it was seen before."""
+    def claim(self, nonce: bytes, expires_at_ms: int, *, replayed: str | None = None) -> None:
+        """Record a fresh nonce, or raise AuthenticationError (`replayed`) if seen before."""
         now = now_ms()
         with self._lock:
             if len(self._seen) > 10_000:
                 self._seen = {n: e for n, e in self._seen.items() if e > now}
             if nonce in self._seen:
-                raise AuthenticationError("this query envelope was already used; sign it again")
+                raise AuthenticationError(
+                    replayed or "this query envelope was already used; sign it again"
+                )
             self._seen[nonce] = expires_at_ms
 
     def seed(self, entries: Iterable[SignedEntry]) -> int:
@@ -114,10 +127,12 @@ class NonceStore:
                 if body.get("outcome") != "released":
                     continue
                 envelope = node_pb2.QueryEnvelope.FromString(base64.b64decode(body["envelope"]))
+                fit = read_fit(body)
             except (ValueError, KeyError, TypeError, DecodeError):
                 continue  # not a query entry (e.g. a signed head)
             if envelope.expires_at_ms > now:
-                self._seen[envelope.nonce] = envelope.expires_at_ms
+                key = envelope.nonce if fit is None else fit_key(envelope.nonce, fit.step)
+                self._seen[key] = envelope.expires_at_ms
                 seeded += 1
         return seeded
 

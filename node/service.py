@@ -22,10 +22,11 @@ from cryptography import x509
 from node import engine
 from node.access import AccessPolicy
 from node.budget.accounting import Accountant, Charge, RateLimited, Refusal
-from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW
+from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW, ModelPolicy
 from node.data.catalog import describe_cohort, with_cohort
 from node.data.store import OmopStore
 from node.data.view_set import cohort_runner
+from node.fitting import Fitter
 from node.guards import NonceStore, RefusalLimiter, check_deadline
 from protocols import serde
 from protocols.budget.rules import per_query_refusal
@@ -33,6 +34,7 @@ from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security.envelope import (
     Call,
+    Operation,
     SignedQuery,
     VerifiedAnalyst,
     check_audience,
@@ -56,7 +58,7 @@ LEDGER_ROLES = frozenset({Role.AUDITOR})
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
-    """Answers Describe, Explain, Execute and StreamLedger for one region's data."""
+    """Answers Describe, Explain, Execute, FitStep and StreamLedger for one region's data."""
 
     def __init__(
         self,
@@ -72,6 +74,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         revocations: RevocationList | None = None,
         refusals_per_window: int = REFUSALS_PER_WINDOW,
         refusal_window_s: float = REFUSAL_WINDOW_SECONDS,
+        models: ModelPolicy | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -92,6 +95,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
         seeded = self.nonces.seed(accountant.entries())
         if seeded:
             log.info("remembered %d unexpired nonce(s) from the ledger", seeded)
+        # Model fits (node/fitting.py): the same nonces, budget and access policy.
+        self.fitter = Fitter(
+            name=name,
+            store=store,
+            catalog=catalog,
+            accountant=accountant,
+            nonces=self.nonces,
+            policy=models or ModelPolicy(),
+            access=self.access,
+        )
 
     def _is_revoked(self, cert: x509.Certificate) -> bool:
         return self.revocations is not None and self.revocations.is_revoked(cert)
@@ -178,6 +191,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         # Spending nothing, Explain claims no nonce: the envelopes it takes (explain, budget,
         # and execute ones, which it only prices) may be explained again until they expire.
         signed, analyst = self._authorise(request.envelope, context, Call.EXPLAIN)
+        if signed.operation is Operation.FIT:
+            return self.fitter.explain(signed, analyst, request.regions)
         query, compiled, releases, rho = self._price(signed, analyst)
         text = compiled.describe()
         if query.cohort is not None:
@@ -341,12 +356,21 @@ class NodeService(node_pb2_grpc.NodeServicer):
             # The refusal itself must still reach the client; the operator sees this.
             log.exception("could not record a refusal in the ledger")
 
+    @guarded
     def FitStep(  # noqa: N802 - gRPC method name
         self, request: node_pb2.FitStepRequest, context: grpc.ServicerContext
     ) -> node_pb2.FitStepResponse:
-        """One charged step of a model fit (not served yet: nothing is charged)."""
-        del request
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not fit models yet")
+        """One charged step of a model fit (node/fitting.py); refusals cost nothing."""
+        try:
+            signed, analyst = self._authorise(request.envelope, context, Call.FIT)
+        except ChcError as exc:
+            self._record_refusal(request.envelope, request.envelope.analyst, exc)
+            raise
+        try:
+            return self.fitter.step(signed, analyst, request, context)
+        except ChcError as exc:
+            self._record_refusal(request.envelope, analyst.name, exc)
+            raise
 
     @guarded
     def StreamLedger(  # noqa: N802 - gRPC method name

@@ -99,3 +99,50 @@ def sensitivity(
     if max_abs_units < 0:
         raise ValueError("max_abs_units must be non-negative")
     return float(c * max(1, max_abs_units))
+
+
+# ---- model fits (queries/model.py, queries/model_plan.py) ---------------------------------
+#
+# A fit's rows have design entries x_j in [0, 1], of which at most q are not 0 (the
+# intercept, one level per category covariate, each numeric covariate and this node's region
+# indicator). One row adds to each released vector a vector v with every |v_j| <= B, the
+# vector's entry bound, and at most k entries not 0; so ||v||_2 <= sqrt(k) * B. Rounded to
+# units row by row, |round(v_j / u)| <= round(B / u) (rounding is monotone), so in units
+# ||v||_2 <= sqrt(k) * round(B / u). A person adds at most c rows, so by the triangle
+# inequality the L2 sensitivity is c * sqrt(k) * round(B / u). Per vector, k is:
+# - counts (n, then one count per non-reference level): 1 + the category covariates, as a
+#   row falls in at most one level of each;
+# - outcome_sum, yty, n: 1;
+# - gradient sum_i x_i (y_i - mu_i) and X'y: q;
+# - Hessian sum_i w_i x_i x_i' and X'X, upper triangle: the pairs j <= k of the q entries
+#   that are not 0, q (q + 1) / 2.
+# The entry bounds B (|y - mu|, w, |y|, y^2) come from the outcome's public clamp: see
+# queries/model_plan.py.
+
+MODEL_VECTORS = frozenset(
+    {"counts", "outcome_sum", "gradient", "hessian", "xtx", "xty", "yty", "n"}
+)
+
+
+def model_row_factor(vector: str, *, nonzero: int, categories: int) -> float:
+    """sqrt(k): a row's L2 contribution to a fit's vector in units of its entry bound."""
+    if nonzero < 1 or categories < 0:
+        raise ValueError("a design has at least the intercept")
+    if vector == "counts":
+        return math.sqrt(1 + categories)
+    if vector in {"outcome_sum", "yty", "n"}:
+        return 1.0
+    if vector in {"gradient", "xty"}:
+        return math.sqrt(nonzero)
+    if vector in {"hessian", "xtx"}:
+        return math.sqrt(nonzero * (nonzero + 1) / 2)
+    raise ValueError(f"unknown model vector {vector!r}; one of {sorted(MODEL_VECTORS)}")
+
+
+def model_sensitivity(rows_per_person: int, row_factor: float, entry_units: int) -> float:
+    """L2 sensitivity, in units, of a fit's vector: c * sqrt(k) * round(B / u) (above)."""
+    if rows_per_person < 1 or entry_units < 0:
+        raise ValueError("contribution bounds must be positive")
+    # math.sqrt of a perfect square is exact, so a whole bound stays whole (OpenDP's
+    # integer metric then applies, mechanisms._d_in).
+    return float(rows_per_person * row_factor * max(1, entry_units))

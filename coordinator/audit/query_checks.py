@@ -22,7 +22,15 @@ from google.protobuf.message import DecodeError
 from coordinator.audit.budget import BudgetChecks, Flag, close, number
 from protocols import serde
 from protocols.budget.rules import cap_exceeded
-from protocols.ledger.entry import REFUSED, RELEASED, format_time, parse_time, query_text
+from protocols.ledger.entry import (
+    REFUSED,
+    RELEASED,
+    FitStepRecord,
+    format_time,
+    parse_time,
+    query_text,
+    read_fit,
+)
 from protocols.security.envelope import (
     CLOCK_SKEW_MS,
     LEDGER_PAYLOAD_VERSIONS,
@@ -32,8 +40,9 @@ from protocols.security.envelope import (
     verify_query,
 )
 from protocols.v1 import node_pb2
-from queries.errors import AuthenticationError
+from queries.errors import AuthenticationError, QueryError
 from queries.mechanisms import rho_to_epsilon
+from queries.model import Family, model_from_json
 
 # A release is charged after the query ran, so its time may follow the envelope's expiry by
 # as long as a query may take; anything later means the node charged an expired envelope.
@@ -67,7 +76,11 @@ class QueryChecks:
         self.released = 0
         self.refused = 0
         self.rho_released = 0.0
-        self.nonces: dict[bytes, int] = {}
+        # A query's nonce, or (nonce, step) for a fit's step: the entry that released it.
+        self.nonces: dict[bytes | tuple[bytes, int], int] = {}
+        # Per fit envelope (nonce): the rho its steps were charged, and the model's rho.
+        self.fits: dict[bytes, list[float]] = {}
+        self.design_refused: dict[bytes, int] = {}  # fit nonce: its refused design check
         self.rate_limits = 0  # refusal entries that started rate limiting a peer
 
     def _envelope(self, label: int, body: dict[str, Any]) -> node_pb2.QueryEnvelope | None:
@@ -224,10 +237,20 @@ class QueryChecks:
                 f"is charged to {body.get('analyst')!r} but the envelope was signed by "
                 f"{envelope.analyst!r}",
             )
-        earlier = self.nonces.get(envelope.nonce)
+        try:
+            fit = read_fit(body)
+        except ValueError as exc:
+            self.flag(label, str(exc))
+            return
+        key: bytes | tuple[bytes, int] = envelope.nonce
+        if fit is not None:
+            key = (envelope.nonce, fit.step)
+            self._fit(label, fit, envelope, rho)
+        earlier = self.nonces.get(key)
         if earlier is not None:
-            self.flag(label, f"replays the envelope already released as entry {earlier}")
-        self.nonces[envelope.nonce] = label
+            what = "the envelope" if fit is None else f"step {fit.step} of the fit"
+            self.flag(label, f"replays {what} already released as entry {earlier}")
+        self.nonces[key] = label
         when_ms = int(when.timestamp() * 1000)
         if when_ms < envelope.issued_at_ms - CLOCK_SKEW_MS:
             self.flag(label, "was charged before the analyst signed the query")
@@ -235,10 +258,50 @@ class QueryChecks:
             self.flag(label, "was charged long after the analyst's envelope expired")
         if self.ca is not None:
             signed = serde.signed_query_from_proto(envelope)
-            self._analyst_signature(label, body, signed, self.ca)
+            self._analyst_signature(label, body, signed, self.ca, fit is not None)
+
+    def _fit(
+        self, label: int, fit: FitStepRecord, envelope: node_pb2.QueryEnvelope, rho: float
+    ) -> None:
+        """One step of a model fit: within the model's steps, its coefficients, its total."""
+        try:
+            model = model_from_json(envelope.query)
+        except QueryError as exc:
+            self.flag(label, f"records a fit step, but its envelope holds no model spec: {exc}")
+            return
+        if fit.steps != model.steps or not 0 <= fit.step < model.steps:
+            self.flag(
+                label,
+                f"records step {fit.step} of {fit.steps}, but the model has steps 0 to "
+                f"{model.steps - 1}",
+            )
+        newton = fit.step > 0 and model.family is not Family.GAUSSIAN
+        wanted = len(fit.columns) if newton else 0
+        if len(fit.coefficients) != wanted or not all(map(math.isfinite, fit.coefficients)):
+            self.flag(
+                label,
+                f"records {len(fit.coefficients)} coefficient(s) for step {fit.step}; it must "
+                f"record the {wanted} finite coefficient(s) the hub sent",
+            )
+        if fit.step == 0 and fit.refused:
+            self.design_refused[envelope.nonce] = label
+        elif fit.step > 0 and envelope.nonce in self.design_refused:
+            self.flag(
+                label,
+                f"releases step {fit.step} of a fit the node refused at its design check "
+                f"(entry {self.design_refused[envelope.nonce]})",
+            )
+        spent = self.fits.setdefault(envelope.nonce, [])
+        spent.append(rho)
+        if cap_exceeded(sum(spent), model.rho):
+            self.flag(
+                label,
+                f"the fit's steps so far total rho {sum(spent):.6g}, above the model's rho "
+                f"{model.rho:.6g} that the analyst signed",
+            )
 
     def _analyst_signature(
-        self, label: int, body: dict[str, Any], signed: SignedQuery, ca: bytes
+        self, label: int, body: dict[str, Any], signed: SignedQuery, ca: bytes, fit: bool = False
     ) -> None:
         """The envelope's signature, in the payload version it was signed in, and what it allows."""
         try:
@@ -259,11 +322,14 @@ class QueryChecks:
                     "version 1 did not say which operation or which hub and nodes they were for"
                 )
             return
-        if signed.operation is not Operation.EXECUTE:
+        # A query is released under an execute envelope, a fit's step under a fit one.
+        wanted = Operation.FIT if fit else Operation.EXECUTE
+        if signed.operation is not wanted:
             what = signed.operation.value if signed.operation else "no operation"
             self.flag(
                 label,
-                f"was released under an envelope the analyst signed for {what}, not to execute",
+                f"was released under an envelope the analyst signed for {what}, not to "
+                + ("fit a model" if fit else "execute"),
             )
         node = body.get("node")
         if signed.audience.nodes and node not in signed.audience.nodes:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from node.config import NodeConfig
 from protocols.budget.policy import BudgetPolicy
-from protocols.ledger.entry import SignedEntry
+from protocols.ledger.entry import FitStepRecord, SignedEntry
 from queries.errors import ConfigError
 from queries.results import BudgetStatus
 
@@ -38,6 +38,8 @@ class Charge:
     views: tuple[str, ...]
     rho: float
     epsilon: float
+    # One step of a model fit: recorded in the entry's `fit` field (docs/ledger.md).
+    fit: FitStepRecord | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from protocols.budget.rules import budget_refusal, budget_status
 from protocols.budget.tally import SpendTally
 from protocols.ledger.entry import (
     ENTRY_RECORD,
+    FIT_FIELD,
     FORMAT,
     HEAD_RECORD,
     REFUSED,
@@ -245,6 +246,8 @@ class LedgerBook:
                 "query": query_text(charge.query),
                 "query_sha256": hashlib.sha256(charge.query).hexdigest(),
                 "envelope": base64.b64encode(charge.envelope).decode("ascii"),
+                # Only on fit steps, so every other entry is byte for byte as before.
+                **({FIT_FIELD: charge.fit.fields()} if charge.fit is not None else {}),
             },
             views=list(charge.views),
             rho=charge.rho,

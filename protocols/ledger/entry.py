@@ -31,6 +31,67 @@ HEAD_RECORD = "chc.ledger.head"
 ZERO_HASH = "0" * 64
 RELEASED = "released"
 REFUSED = "refused"
+# A release that is one step of a model fit records it under this key (docs/ledger.md,
+# "Model fits"): the step, the fit's number of steps, the design's columns, the coefficients
+# the hub sent, the regions in the hub's order, and for a design check the node refused on,
+# why. Entries without it (every entry written before fits) are single queries.
+FIT_FIELD = "fit"
+
+
+@dataclass(frozen=True)
+class FitStepRecord:
+    """What a fit step's ledger entry records about the step (its `fit` field)."""
+
+    step: int
+    steps: int
+    columns: tuple[str, ...]
+    coefficients: tuple[float, ...]
+    regions: tuple[str, ...]
+    # For a design check (step 0): why this node refuses the rest of the fit, or "".
+    refused: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON-ready `fit` field."""
+        return {
+            "step": self.step,
+            "steps": self.steps,
+            "columns": list(self.columns),
+            "coefficients": [float(b) for b in self.coefficients],
+            "regions": list(self.regions),
+            "refused": self.refused,
+        }
+
+
+def read_fit(body: dict[str, Any]) -> FitStepRecord | None:
+    """An entry's fit step, None if it has none; ValueError if the field is malformed."""
+    raw = body.get(FIT_FIELD)
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("its fit field is not an object")
+    step, steps = raw.get("step"), raw.get("steps")
+    columns, coefficients = raw.get("columns"), raw.get("coefficients")
+    regions, refused = raw.get("regions"), raw.get("refused", "")
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (step, steps))
+    if not whole or not isinstance(refused, str):
+        raise ValueError("its fit field needs whole numbers step and steps, and refused text")
+    if not (
+        isinstance(columns, list)
+        and all(isinstance(c, str) for c in columns)
+        and isinstance(regions, list)
+        and all(isinstance(r, str) for r in regions)
+        and isinstance(coefficients, list)
+        and all(isinstance(b, int | float) and not isinstance(b, bool) for b in coefficients)
+    ):
+        raise ValueError("its fit field needs lists of columns, coefficients and regions")
+    return FitStepRecord(
+        step=int(step),  # type: ignore[arg-type]
+        steps=int(steps),  # type: ignore[arg-type]
+        columns=tuple(columns),
+        coefficients=tuple(float(b) for b in coefficients),
+        regions=tuple(regions),
+        refused=refused,
+    )
 
 
 @dataclass(frozen=True)

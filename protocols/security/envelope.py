@@ -272,6 +272,7 @@ _WHAT = {
     Operation.EXECUTE: "to execute the query",
     Operation.EXPLAIN: "to explain the query (`chc query --explain`)",
     Operation.BUDGET: "as a budget probe (`chc budget`)",
+    Operation.FIT: "to fit a model (`chc learn glm`)",
 }
 
 

@@ -363,16 +363,25 @@ class ExecuteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPE_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def envelope(self) -> Global___QueryEnvelope: ...
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Explain of a fit envelope (operation FIT) only: every node of the fit in the hub's
+        order, as FitStepRequest.regions (a region effect's columns depend on it). Empty: the
+        envelope's audience nodes. Ignored by Execute and by Explain of a query.
+        """
+
     def __init__(
         self,
         *,
         envelope: Global___QueryEnvelope | None = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "regions", b"regions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
