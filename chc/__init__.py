@@ -1,6 +1,7 @@
 """chc for analysts in Python: the one import path of the public API.
 
     from chc import Federation, Query, Measure, Filter, Statistic, Cohort
+    from chc import ModelSpec, Covariate, Family  # models: Federation.fit (docs/models.md)
 
 `Federation` talks to the hub with the analyst's own identity (every call signed); queries
 are frozen dataclasses (or `parse_sql` text), over a node's views or an ad hoc `Cohort`;
@@ -13,7 +14,13 @@ user's code. Nothing inside chc imports this module.
 
 from __future__ import annotations
 
-from coordinator.analyst.client import Federation, HubUnavailableError, NodeBudget
+from coordinator.analyst.client import (
+    Federation,
+    FitStoppedError,
+    HubUnavailableError,
+    NodeBudget,
+)
+from coordinator.learning.result import FitResult
 from queries.cohort import COHORT_VIEW, Cohort
 from queries.errors import (
     AuthenticationError,
@@ -26,6 +33,7 @@ from queries.errors import (
     PermissionDeniedError,
     QueryError,
 )
+from queries.model import Covariate, Family, ModelSpec
 from queries.results import BudgetStatus, FederatedResult, NodeStatus
 from queries.spec import Filter, Measure, Query, Statistic
 from queries.sql import parse_sql
@@ -38,14 +46,19 @@ __all__ = [
     "ChcError",
     "Cohort",
     "ConfigError",
+    "Covariate",
     "DataError",
     "DeadlineExceededError",
+    "Family",
     "FederatedResult",
     "Federation",
     "Filter",
+    "FitResult",
+    "FitStoppedError",
     "HubUnavailableError",
     "LedgerIntegrityError",
     "Measure",
+    "ModelSpec",
     "NodeBudget",
     "NodeStatus",
     "PermissionDeniedError",

@@ -12,6 +12,7 @@ import typer
 from coordinator.analyst.cli import nodes, query
 from coordinator.audit.cli import audit_app, budget
 from coordinator.hub.cli import federation_app, hub_app, pki_app
+from coordinator.learning.cli import learn_app
 from coordinator.local.cli import demo, synth_cmd
 from protocols.cli import ChcGroup, DebugOpt
 
@@ -31,6 +32,7 @@ app.command()(demo)
 app.command("synth")(synth_cmd)
 app.command()(query)
 app.command()(nodes)
+app.add_typer(learn_app, name="learn")
 
 
 @app.callback()

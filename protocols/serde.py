@@ -1,4 +1,5 @@
-"""The only module that converts between chc's domain objects and protobuf messages.
+"""The only module (with protocols/serde_fit.py, for model fits) that converts between chc's
+domain objects and protobuf messages.
 
 Tables travel as Arrow IPC streams. Every *_from_proto validates what a peer sent, so that a
 malformed message becomes a clear error rather than a crash deeper in.

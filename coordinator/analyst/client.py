@@ -9,7 +9,8 @@ from types import TracebackType
 
 import grpc
 
-from protocols import serde
+from coordinator.learning.result import FitResult
+from protocols import serde, serde_fit
 from protocols.security.envelope import Audience, Operation, sign_query
 from protocols.security.pki import Identity, load_identity
 from protocols.security.tls import secure_channel
@@ -22,6 +23,7 @@ from queries.errors import (
     PermissionDeniedError,
     QueryError,
 )
+from queries.model import ModelSpec, model_bytes
 from queries.results import (
     BudgetStatus,
     FederatedResult,
@@ -37,6 +39,12 @@ class HubUnavailableError(ConnectionError, ChcError):
     """The hub could not be reached or did not answer in time."""
 
 
+class FitStoppedError(ConnectionError, ChcError):
+    """A node failed during a fit after its design check: the hub stopped the fit."""
+
+    status_name = "ABORTED"
+
+
 _ERRORS: dict[grpc.StatusCode, type[ChcError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: QueryError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
@@ -45,6 +53,7 @@ _ERRORS: dict[grpc.StatusCode, type[ChcError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: ConfigError,
     grpc.StatusCode.UNAVAILABLE: HubUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: HubUnavailableError,
+    grpc.StatusCode.ABORTED: FitStoppedError,
 }
 
 
@@ -90,7 +99,7 @@ class Federation:
 
     def sign(
         self,
-        query: Query,
+        query: Query | ModelSpec,
         *,
         operation: Operation = Operation.EXECUTE,
         nodes: Sequence[str] = (),
@@ -103,7 +112,7 @@ class Federation:
         """
         signed = sign_query(
             self.identity,
-            canonical_bytes(query),
+            model_bytes(query) if isinstance(query, ModelSpec) else canonical_bytes(query),
             operation=operation,
             audience=Audience(hub=self.hub_name, nodes=tuple(nodes)),
             ttl_ms=int(ttl_s * 1000),
@@ -111,7 +120,12 @@ class Federation:
         return serde.signed_query_to_proto(signed)
 
     def _signed_request(
-        self, query: Query, operation: Operation, *, deadline_s: float, ttl_s: float = 600.0
+        self,
+        query: Query | ModelSpec,
+        operation: Operation,
+        *,
+        deadline_s: float,
+        ttl_s: float = 600.0,
     ) -> hub_pb2.SubmitRequest:
         return hub_pb2.SubmitRequest(
             envelope=self.sign(query, operation=operation, ttl_s=ttl_s),
@@ -130,15 +144,44 @@ class Federation:
             raise _raise_from(exc, self.hub) from None
         return serde.result_from_proto(response)
 
-    def explain(self, query: Query, *, deadline_s: float = 30.0) -> list[NodeExplain]:
-        """Each node's plan, cost and expected noise for a query; runs nothing, spends nothing."""
+    def explain(self, query: Query | ModelSpec, *, deadline_s: float = 30.0) -> list[NodeExplain]:
+        """Each node's plan, cost and expected noise for a query or a model; spends nothing."""
+        if isinstance(query, ModelSpec):
+            # Nodes explain a model only from an envelope signed to fit it (node/fitting.py);
+            # it lives just long enough to be explained, so it can hardly be used to fit.
+            request = self._signed_request(
+                query, Operation.FIT, deadline_s=deadline_s, ttl_s=deadline_s + 30.0
+            )
+            return self._explain_request(request, deadline_s)
         # Signed for explain, so that no node would run this envelope whoever relayed it.
         return self._explain(query, Operation.EXPLAIN, deadline_s=deadline_s)
 
+    def fit(
+        self, model: ModelSpec, *, deadline_s: float = 60.0, ttl_s: float | None = None
+    ) -> FitResult:
+        """Sign a model to fit, fit it across every node, and return its coefficients.
+
+        deadline_s is per step: the hub waits that long for the nodes at each of the fit's
+        model.steps round trips. The envelope lives long enough for all of them by default.
+        """
+        ttl = ttl_s if ttl_s is not None else max(600.0, model.steps * deadline_s + 60.0)
+        request = self._signed_request(model, Operation.FIT, deadline_s=deadline_s, ttl_s=ttl)
+        try:
+            # The whole fit: every step's deadline, and a little for the hub's own work.
+            response = self._stub.Fit(request, timeout=model.steps * deadline_s + 5.0)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return FitResult.of(serde_fit.fitted_from_proto(response), model)
+
     def _explain(
-        self, query: Query, operation: Operation, *, deadline_s: float
+        self, query: Query | ModelSpec, operation: Operation, *, deadline_s: float
     ) -> list[NodeExplain]:
         request = self._signed_request(query, operation, deadline_s=deadline_s)
+        return self._explain_request(request, deadline_s)
+
+    def _explain_request(
+        self, request: hub_pb2.SubmitRequest, deadline_s: float
+    ) -> list[NodeExplain]:
         try:
             response = self._stub.Explain(request, timeout=deadline_s + 5.0)
         except grpc.RpcError as exc:

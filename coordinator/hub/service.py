@@ -11,7 +11,8 @@ from cryptography import x509
 
 from coordinator.hub.fanout import Reply, fan_out
 from coordinator.hub.registry import NodeHandle, Registry
-from protocols import serde
+from coordinator.learning.federated import fit_across
+from protocols import serde, serde_fit
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security.envelope import Call, check_operation, check_payload_version
@@ -21,6 +22,7 @@ from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
 from queries import combine, spec, spec_io
 from queries import release as release_rules
 from queries.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
+from queries.model import is_model, model_from_json
 from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus, ReleaseRules
 
 log = logging.getLogger(__name__)
@@ -105,8 +107,14 @@ class HubService(hub_pb2_grpc.HubServicer):
         """Relay a signed query to every node's Explain; nothing is run or spent."""
         self._check_analyst(request, context)
         _check_signed_for(request.envelope, Call.EXPLAIN)
-        spec_io.from_json(request.envelope.query)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
+        if is_model(request.envelope.query):
+            # A model is relayed as a query is, with every node in the hub's order: the
+            # design's region columns depend on it, as at every step of the fit.
+            model_from_json(request.envelope.query)
+            node_request.regions.extend(h.entry.name for h in self.registry.handles)
+        else:
+            spec_io.from_json(request.envelope.query)
 
         def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
             return handle.stub.Explain.future(node_request, timeout=timeout)
@@ -120,12 +128,23 @@ class HubService(hub_pb2_grpc.HubServicer):
             response.nodes.append(item)
         return response
 
+    @guarded
     def Fit(  # noqa: N802 - gRPC method name
         self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
     ) -> hub_pb2.FitResponse:
-        """Fit an analyst-signed model across the nodes (not served yet)."""
-        del request
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this hub does not fit models yet")
+        """Fit an analyst-signed model across the nodes: each step fanned out and summed."""
+        self._check_analyst(request, context)
+        _check_signed_for(request.envelope, Call.FIT)
+        # Parsed for solving only; every node validates and verifies the envelope itself.
+        model = model_from_json(request.envelope.query)
+        fitted = fit_across(
+            self.registry.handles,
+            request.envelope,
+            model,
+            deadline_s=self._deadline_s(request),
+            analyst=request.envelope.analyst,
+        )
+        return serde_fit.fitted_to_proto(fitted)
 
     @guarded
     def ListNodes(  # noqa: N802 - gRPC method name

@@ -1,0 +1,201 @@
+"""A fit across the hub's nodes: each step fanned out with one deadline, summed, solved.
+
+Step 0 (the design check) goes to every configured node; a node that refuses it or does not
+answer is left out and the fit is partial. Steps 1..K go to the nodes that passed step 0,
+and any failure there stops the fit: a step released by some nodes only would be biased,
+and going on would charge the others for a fit nobody gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from coordinator.hub.fanout import Reply, fan_out
+from coordinator.hub.registry import NodeHandle
+from coordinator.learning.fit import solve
+from protocols import serde, serde_fit
+from protocols.v1 import node_pb2
+from queries.errors import ChcError, DataError
+from queries.fitted import FittedModel
+from queries.model import ModelSpec, StepRelease
+from queries.results import BudgetStatus, NodeOutcome, NodeStatus
+
+log = logging.getLogger(__name__)
+
+
+class FitStoppedError(ChcError):
+    """A node failed after the design check: the fit stopped, nothing more is charged."""
+
+    status_name = "ABORTED"
+
+
+class NoNodeFitsError(ChcError):
+    """Every node refused the design check, for the same kind of reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.status_name = code.name
+
+
+@dataclass
+class _Charges:
+    """What each node has charged for this fit so far (from its own receipts)."""
+
+    rho: dict[str, float] = field(default_factory=dict)
+    budget: dict[str, BudgetStatus] = field(default_factory=dict)
+    query_id: dict[str, str] = field(default_factory=dict)
+    ledger: dict[str, int] = field(default_factory=dict)
+
+    def record(self, node: str, msg: node_pb2.FitStepResponse, release: StepRelease) -> None:
+        self.rho[node] = self.rho.get(node, 0.0) + release.rho
+        self.budget[node] = serde.budget_from_proto(msg.budget)
+        self.query_id[node] = msg.query_id
+        self.ledger[node] = msg.ledger_sequence
+
+    def summary(self) -> str:
+        if not self.rho:
+            return "no node was charged"
+        return "charged so far (rho): " + ", ".join(f"{n}={r:.6g}" for n, r in self.rho.items())
+
+
+def _release(reply: Reply[object], step: int) -> tuple[node_pb2.FitStepResponse, StepRelease]:
+    if not isinstance(reply.value, node_pb2.FitStepResponse):
+        raise DataError(f"node {reply.node} sent no fit step")
+    release = serde_fit.step_release_from_proto(reply.value, reply.node)
+    if release.step != step:
+        raise DataError(f"node {reply.node} answered step {release.step}, asked for {step}")
+    return reply.value, release
+
+
+def _step(
+    handles: Sequence[NodeHandle],
+    envelope: node_pb2.QueryEnvelope,
+    step: int,
+    coefficients: Sequence[float],
+    regions: Sequence[str],
+    deadline_s: float,
+) -> list[Reply[object]]:
+    request = node_pb2.FitStepRequest(
+        envelope=envelope, step=step, coefficients=list(coefficients), regions=list(regions)
+    )
+
+    def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
+        return handle.stub.FitStep.future(request, timeout=timeout)
+
+    return fan_out(handles, start, deadline_s=deadline_s)
+
+
+def fit_across(
+    handles: Sequence[NodeHandle],
+    envelope: node_pb2.QueryEnvelope,
+    model: ModelSpec,
+    *,
+    deadline_s: float,
+    analyst: str = "",
+) -> FittedModel:
+    """Run every step of a fit at the nodes and solve it at the hub."""
+    query_id = uuid.uuid4().hex
+    regions = [h.entry.name for h in handles]
+    charges = _Charges()
+    replies = _step(handles, envelope, 0, (), regions, deadline_s)
+    design: list[StepRelease] = []
+    left_out: dict[str, Reply[object]] = {}
+    for r in replies:
+        if r.status is NodeStatus.OK:
+            msg, release = _release(r, 0)
+            charges.record(r.node, msg, release)
+            design.append(release)
+        else:
+            left_out[r.node] = r
+    log.info(
+        "fit %s from %s, design check: %s",
+        query_id,
+        analyst,
+        ", ".join(f"{r.node}={r.status.value} in {r.latency_ms:.0f} ms" for r in replies),
+    )
+    if not design:
+        codes = {r.code for r in replies}
+        if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
+            code = next(iter(codes)) or grpc.StatusCode.UNKNOWN
+            messages = sorted({r.message for r in replies})
+            raise NoNodeFitsError(code, "every node refused the fit: " + "; ".join(messages))
+        # As for a query: the analyst gets every node's fate and no coefficients.
+        return FittedModel(
+            query_id=query_id,
+            family=model.family,
+            link=model.link,
+            coefficients=(),
+            iterations=(),
+            nodes=tuple(_outcome(r.node, charges, left_out) for r in replies),
+            partial=True,
+            persons=0,
+            message="no node answered the design check: "
+            + "; ".join(f"{r.node}: {r.message}" for r in replies),
+        )
+    fitting = [h for h in handles if h.entry.name not in left_out]
+
+    def ask(step: int, coefficients: Sequence[float]) -> list[StepRelease]:
+        replies = _step(fitting, envelope, step, coefficients, regions, deadline_s)
+        out = []
+        # Every release is recorded before any failure is reported: those nodes were charged.
+        for r in replies:
+            if r.status is NodeStatus.OK:
+                msg, release = _release(r, step)
+                charges.record(r.node, msg, release)
+                out.append(release)
+        failed = [r for r in replies if r.status is not NodeStatus.OK]
+        if failed:
+            raise FitStoppedError(
+                f"the fit stopped at step {step} of {model.newton_steps}: "
+                + "; ".join(f"node {r.node} {r.status.value} ({r.message})" for r in failed)
+                + f"; {charges.summary()}; nothing more is charged, and the steps already "
+                "charged stay in each node's ledger"
+            )
+        return out
+
+    try:
+        # Every step names the design check's regions (each node checks they stay the same).
+        fit_regions = [h.entry.name for h in fitting]
+        solution = solve(model, design, fit_regions, ask, all_regions=regions)
+    except FitStoppedError:
+        raise
+    except ChcError as exc:
+        # The same error, and what the fit has cost so far, since steps were charged.
+        exc.args = (f"{exc}; the fit stopped, {charges.summary()}",)
+        raise
+    message = solution.message
+    if left_out:
+        message += "; partial: left out after the design check: " + "; ".join(
+            f"{n} ({r.status.value}: {r.message})" for n, r in left_out.items()
+        )
+    return FittedModel(
+        query_id=query_id,
+        family=model.family,
+        link=model.link,
+        coefficients=solution.coefficients,
+        iterations=solution.iterations,
+        nodes=tuple(_outcome(n, charges, left_out) for n in regions),
+        partial=bool(left_out),
+        persons=solution.persons,
+        message=message,
+    )
+
+
+def _outcome(node: str, charges: _Charges, left_out: dict[str, Reply[object]]) -> NodeOutcome:
+    reply = left_out.get(node)
+    if reply is not None:
+        return NodeOutcome(node=node, status=reply.status, message=reply.message)
+    return NodeOutcome(
+        node=node,
+        status=NodeStatus.OK,
+        rho_charged=charges.rho.get(node, 0.0),
+        budget=charges.budget.get(node),
+        node_query_id=charges.query_id.get(node, ""),
+        ledger_sequence=charges.ledger.get(node, 0),
+    )
