@@ -232,11 +232,13 @@ class Fitter:
             " design refused" if refused else "",
         )
         if refused:
-            raise PermissionDeniedError(
+            error = PermissionDeniedError(
                 f"{refused}; the design check was charged (rho {rho:.4g}), no later step of "
                 "this fit will be: change the model (merge small levels, fewer covariates) "
                 "and sign it again"
             )
+            error.rho_charged = rho
+            raise error
         return node_pb2.FitStepResponse(
             query_id=query_id,
             step=k,

@@ -46,6 +46,7 @@ from protocols.security.tls import Peer, peer_of
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec, spec_io
 from queries.errors import AuthenticationError, ChcError, PermissionDeniedError
+from queries.model import is_model
 from queries.results import NodeDescription, ReleaseRules
 from queries.schema import Catalog
 
@@ -191,8 +192,15 @@ class NodeService(node_pb2_grpc.NodeServicer):
         # Spending nothing, Explain claims no nonce: the envelopes it takes (explain, budget,
         # and execute ones, which it only prices) may be explained again until they expire.
         signed, analyst = self._authorise(request.envelope, context, Call.EXPLAIN)
-        if signed.operation is Operation.FIT:
+        # A model is explained from an envelope signed to explain it (which no FitStep takes),
+        # or from the fit envelope itself, which Explain only prices.
+        if is_model(signed.query):
             return self.fitter.explain(signed, analyst, request.regions)
+        if signed.operation is Operation.FIT:
+            raise AuthenticationError(
+                "the envelope is signed to fit a model but holds a query; sign a query to "
+                "execute or explain it"
+            )
         query, compiled, releases, rho = self._price(signed, analyst)
         text = compiled.describe()
         if query.cohort is not None:

@@ -27,6 +27,24 @@ INSECURE_WARNING = (
 )
 
 
+# The trailing metadata key that carries what a refused call was charged (ChcError.rho_charged).
+RHO_CHARGED_KEY = "chc-rho-charged"
+
+
+def rho_charged_of(exc: grpc.RpcError) -> float:
+    """What a refused call says it was charged (0 if it says nothing or nonsense)."""
+    trailer = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    items: list[tuple[str, str | bytes]] = list(trailer or ())
+    for key, value in items:
+        if key == RHO_CHARGED_KEY:
+            try:
+                charged = float(value)
+            except (TypeError, ValueError):
+                return 0.0
+            return charged if 0.0 <= charged < float("inf") else 0.0
+    return 0.0
+
+
 def status_of(exc: ChcError) -> grpc.StatusCode:
     """The gRPC status an error maps to at a service boundary."""
     return grpc.StatusCode[exc.status_name]
@@ -46,6 +64,9 @@ def guarded(
         try:
             return method(self, request, context)
         except ChcError as exc:
+            if exc.rho_charged:
+                # Said in the trailer too, so the hub reports the charge with the refusal.
+                context.set_trailing_metadata(((RHO_CHARGED_KEY, repr(exc.rho_charged)),))
             context.abort(status_of(exc), str(exc))
         except Exception:
             ref = uuid.uuid4().hex[:12]

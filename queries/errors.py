@@ -15,6 +15,9 @@ class ChcError(Exception):
     """Root of every error chc raises on purpose."""
 
     status_name: str = "INTERNAL"
+    # What the refusal cost: the rho a node charged before it decided to refuse (only a fit
+    # refused on its design check's noisy counts, docs/models.md). Reported to the caller.
+    rho_charged: float = 0.0
 
 
 class QueryError(ValueError, ChcError):

@@ -146,14 +146,8 @@ class Federation:
 
     def explain(self, query: Query | ModelSpec, *, deadline_s: float = 30.0) -> list[NodeExplain]:
         """Each node's plan, cost and expected noise for a query or a model; spends nothing."""
-        if isinstance(query, ModelSpec):
-            # Nodes explain a model only from an envelope signed to fit it (node/fitting.py);
-            # it lives just long enough to be explained, so it can hardly be used to fit.
-            request = self._signed_request(
-                query, Operation.FIT, deadline_s=deadline_s, ttl_s=deadline_s + 30.0
-            )
-            return self._explain_request(request, deadline_s)
-        # Signed for explain, so that no node would run this envelope whoever relayed it.
+        # Signed for explain, so that no node would run (or fit) this envelope whoever
+        # relayed it.
         return self._explain(query, Operation.EXPLAIN, deadline_s=deadline_s)
 
     def fit(

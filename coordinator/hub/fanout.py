@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from coordinator.hub.registry import NodeHandle
+from protocols.rpc import rho_charged_of
 from queries.results import NodeStatus
 
 T = TypeVar("T")
@@ -34,6 +35,8 @@ class Reply(Generic[T]):
     message: str
     code: grpc.StatusCode | None
     latency_ms: float
+    # What a refusing node says it charged before refusing (a fit's design check).
+    rho_charged: float = 0.0
 
 
 def classify(code: grpc.StatusCode) -> NodeStatus:
@@ -69,11 +72,13 @@ def fan_out(
     replies: list[Reply[object]] = []
     for handle, future in pending:
         name = handle.entry.name
+        charged = 0.0
         try:
             value = future.result()
             status, message, code = NodeStatus.OK, "", grpc.StatusCode.OK
         except grpc.RpcError as exc:
             code = exc.code()
+            charged = rho_charged_of(exc)
             status, value = classify(code), None
             message = exc.details() or code.name
             if status is NodeStatus.UNREACHABLE:
@@ -93,6 +98,7 @@ def fan_out(
                 message=message,
                 code=code,
                 latency_ms=(finished.get(name, time.perf_counter()) - began) * 1000,
+                rho_charged=charged,
             )
         )
     return replies

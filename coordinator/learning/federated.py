@@ -190,7 +190,9 @@ def fit_across(
 def _outcome(node: str, charges: _Charges, left_out: dict[str, Reply[object]]) -> NodeOutcome:
     reply = left_out.get(node)
     if reply is not None:
-        return NodeOutcome(node=node, status=reply.status, message=reply.message)
+        return NodeOutcome(
+            node=node, status=reply.status, message=reply.message, rho_charged=reply.rho_charged
+        )
     return NodeOutcome(
         node=node,
         status=NodeStatus.OK,

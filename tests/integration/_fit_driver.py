@@ -22,10 +22,12 @@ from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.model import Family, ModelSpec, model_bytes
 
 
-def fit_envelope(fed: LocalFederation, model: ModelSpec) -> node_pb2.QueryEnvelope:
+def fit_envelope(
+    fed: LocalFederation, model: ModelSpec, operation: Operation = Operation.FIT
+) -> node_pb2.QueryEnvelope:
     """The analyst's envelope signed to fit the model (called on the nodes directly)."""
     analyst = load_identity(fed.analyst_identity)
-    signed = sign_query(analyst, model_bytes(model), operation=Operation.FIT)
+    signed = sign_query(analyst, model_bytes(model), operation=operation)
     return serde.signed_query_to_proto(signed)
 
 

@@ -43,6 +43,7 @@ from protocols.security.pki import Role
 from protocols.v1 import hub_pb2
 from queries.errors import QueryError
 from queries.model import ModelSpec
+from queries.model_plan import DESIGN_CHECK_SHARE
 from queries.pathway import load_pathways
 from queries.results import NodeStatus
 from queries.spec import Filter, Query
@@ -198,6 +199,8 @@ def test_a_node_refusing_the_design_check_is_left_out_and_named(
     by_node = {o.node: o for o in result.nodes}
     assert by_node["gm"].status is NodeStatus.REFUSED
     assert "min_level_persons" in by_node["gm"].message
+    # The refusal was decided on the design check's noisy counts, which were charged: said.
+    assert by_node["gm"].rho_charged == pytest.approx(DESIGN_CHECK_SHARE * _model().rho)
     assert "gm" in result.message
     # The region gm is not estimated; the others' fit is the pooled fit of their rows.
     columns, truth, _ = _pooled(folders, _model(), REGIONS[:3])

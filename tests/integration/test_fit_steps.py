@@ -21,7 +21,7 @@ from coordinator.audit.verification import verify
 from coordinator.local import synth
 from coordinator.local.federation import AUDITOR_NAME, LocalFederation, NodeSetup
 from protocols import serde
-from protocols.security.envelope import sign_query
+from protocols.security.envelope import Operation, sign_query
 from protocols.security.pki import CA_FILE, Role, load_identity
 from protocols.v1 import node_pb2
 from queries.model import Covariate, Family, ModelSpec, model_bytes
@@ -216,6 +216,23 @@ def test_explain_shows_every_step_and_spends_nothing(fed: LocalFederation) -> No
             node_pb2.ExecuteRequest(envelope=fit_envelope(fed, _model(rho=60.0))), timeout=30
         )
     assert _refused(over.value).code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert _spent(fed, "nwc") == spent
+
+
+def test_an_envelope_signed_to_explain_a_model_is_explained_and_never_fitted(
+    fed: LocalFederation,
+) -> None:
+    # The analyst's `explain(model)` signs for explain, so no hub relaying it can run the fit.
+    stub = node_stubs(fed, ["nwc"])["nwc"]
+    model = _model()
+    spent = _spent(fed, "nwc")
+    envelope = fit_envelope(fed, model, Operation.EXPLAIN)
+    answer = stub.Explain(node_pb2.ExecuteRequest(envelope=envelope), timeout=30)
+    assert "step 0, the design check" in answer.plan
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.FitStep(node_pb2.FitStepRequest(envelope=envelope, step=0), timeout=30)
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "fit" in (refused.value.details() or "")
     assert _spent(fed, "nwc") == spent
 
 
