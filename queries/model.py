@@ -48,6 +48,10 @@ MAX_PARAMETERS = 100
 MAX_ITERATIONS = 25
 DEFAULT_ITERATIONS = 6
 INTERCEPT = "(intercept)"
+# A model's rho may go far above a query's (RHO_RANGE): "equals the pooled fit as the budget
+# grows" is checked at rho ~1e18, where the noise is below the fit's own rounding. No node's
+# cap comes near that; the caps, not this range, are what protect the data.
+MODEL_RHO_RANGE = (RHO_RANGE[0], 1e20)
 
 
 class Family(enum.StrEnum):
@@ -131,8 +135,9 @@ class ModelSpec:
             raise QueryError(f"family must be one of {[f.value for f in Family]}")
         if not isinstance(self.rho, int | float) or isinstance(self.rho, bool):
             raise QueryError(f"rho must be a number, got {quote(self.rho)}")
-        if not RHO_RANGE[0] <= float(self.rho) <= RHO_RANGE[1]:
-            raise QueryError(f"rho must be between {RHO_RANGE[0]:g} and {RHO_RANGE[1]:g}")
+        low, high = MODEL_RHO_RANGE
+        if not low <= float(self.rho) <= high:
+            raise QueryError(f"rho must be between {low:g} and {high:g}")
         object.__setattr__(self, "rho", float(self.rho))
         if len(self.covariates) > MAX_COVARIATES:
             raise QueryError(f"a model takes at most {MAX_COVARIATES} covariates")
