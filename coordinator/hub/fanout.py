@@ -39,6 +39,15 @@ class Reply(Generic[T]):
     rho_charged: float = 0.0
 
 
+def unanimous_refusal(replies: Sequence[Reply[Any]]) -> tuple[grpc.StatusCode, str] | None:
+    """If every node refused for the same kind of reason: that status and their messages."""
+    codes = {r.code for r in replies}
+    if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
+        code = next(iter(codes)) or grpc.StatusCode.UNKNOWN
+        return code, "; ".join(sorted({r.message for r in replies}))
+    return None
+
+
 def classify(code: grpc.StatusCode) -> NodeStatus:
     """Map a gRPC status to what the analyst is told about that node."""
     if code in _REFUSALS:

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from coordinator.hub.fanout import Reply, fan_out
+from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
 from coordinator.hub.registry import NodeHandle, Registry
 from coordinator.learning.federated import fit_across
 from protocols import serde, serde_fit
@@ -229,12 +229,9 @@ def _combine(
         analyst,
         ", ".join(f"{r.node}={r.status.value} in {r.latency_ms:.0f} ms" for r in replies),
     )
-    if not releases:
-        codes = {r.code for r in replies}
-        if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
-            code = next(iter(codes)) or grpc.StatusCode.UNKNOWN
-            messages = sorted({r.message for r in replies})
-            raise AllNodesRefusedError(code, "every node refused the query: " + "; ".join(messages))
+    if not releases and (refusal := unanimous_refusal(replies)) is not None:
+        code, messages = refusal
+        raise AllNodesRefusedError(code, "every node refused the query: " + messages)
     partial = len(releases) < len(replies)
     effective = rules
     for _, release in releases:

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from coordinator.hub.fanout import Reply, fan_out
+from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
 from coordinator.hub.registry import NodeHandle
 from coordinator.learning.fit import solve
 from protocols import serde, serde_fit
@@ -120,11 +120,9 @@ def fit_across(
         ", ".join(f"{r.node}={r.status.value} in {r.latency_ms:.0f} ms" for r in replies),
     )
     if not design:
-        codes = {r.code for r in replies}
-        if len(codes) == 1 and all(r.status is NodeStatus.REFUSED for r in replies):
-            code = next(iter(codes)) or grpc.StatusCode.UNKNOWN
-            messages = sorted({r.message for r in replies})
-            raise NoNodeFitsError(code, "every node refused the fit: " + "; ".join(messages))
+        if (refusal := unanimous_refusal(replies)) is not None:
+            code, messages = refusal
+            raise NoNodeFitsError(code, "every node refused the fit: " + messages)
         # As for a query: the analyst gets every node's fate and no coefficients.
         return FittedModel(
             query_id=query_id,
