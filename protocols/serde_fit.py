@@ -106,10 +106,11 @@ def fitted_from_proto(msg: hub_pb2.FitResponse) -> FittedModel:
     except ValueError:
         raise DataError(f"the hub sent an unknown model family {msg.family[:40]!r}") from None
     for c in msg.coefficients:
-        if not (math.isfinite(c.dp_std_error) and c.dp_std_error >= 0):
-            raise DataError(f"coefficient {c.column!r} has an impossible standard error")
-        if not (math.isfinite(c.std_error) and c.std_error >= 0):
-            raise DataError(f"coefficient {c.column!r} has an impossible standard error")
+        # +inf is the hub's "no interval" (the budget cannot pin this coefficient down,
+        # docs/models.md); NaN or a negative one is never a standard error.
+        for se in (c.dp_std_error, c.std_error):
+            if math.isnan(se) or se < 0:
+                raise DataError(f"coefficient {c.column!r} has an impossible standard error")
     return FittedModel(
         query_id=msg.query_id,
         family=family,

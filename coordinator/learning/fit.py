@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from coordinator.learning import glm
 from queries.errors import QueryError
@@ -56,9 +57,16 @@ def held_columns(
 
 
 def _coefficients(
-    columns: tuple[str, ...], beta: glm.Vector, dp_cov: glm.Matrix, sampling_cov: glm.Matrix
+    columns: tuple[str, ...],
+    beta: glm.Vector,
+    dp_cov: glm.Matrix,
+    sampling_cov: glm.Matrix,
+    weak: npt.NDArray[np.bool_],
 ) -> tuple[FittedCoefficient, ...]:
     dp, total = glm.standard_errors(dp_cov, sampling_cov)
+    # No interval it cannot stand behind: infinite SEs, the interval the whole line.
+    dp = np.where(weak, math.inf, dp)
+    total = np.where(weak, math.inf, total)
     return tuple(
         FittedCoefficient(
             column=c,
@@ -110,8 +118,10 @@ def solve(
             notes.append(_repaired(1, "X'X"))
         if ls.floored_rss:
             notes.append("noise took the residual sum of squares below its noise sd; floored")
+        if ls.weak.any():
+            notes.insert(0, _weak(kept, ls.weak, "X'X", stats.sd("xtx")))
         return Solution(
-            coefficients=_coefficients(kept, ls.beta, ls.dp_cov, ls.sampling_cov),
+            coefficients=_coefficients(kept, ls.beta, ls.dp_cov, ls.sampling_cov, ls.weak),
             iterations=(FitIterationInfo(step=1, max_change=0.0, repaired=ls.repaired),),
             persons=persons,
             message="; ".join(notes),
@@ -155,9 +165,24 @@ def solve(
             f"converged: the last step moved each coefficient by at most {last:.3g} SE, within "
             "its noise",
         )
+    if step.weak.any():
+        notes.insert(0, _weak(kept, step.weak, "Hessian", stats.sd("hessian")))
     # The last Hessian was evaluated one (converged, so small) step from these coefficients.
-    coefficients = _coefficients(kept, beta[active], step.dp_cov, glm.inverse(step.hessian))
+    coefficients = _coefficients(
+        kept, beta[active], step.dp_cov, glm.inverse(step.hessian), step.weak
+    )
     return Solution(coefficients, tuple(iterations), persons, "; ".join(notes))
+
+
+def _weak(kept: tuple[str, ...], weak: npt.NDArray[np.bool_], what: str, sd: float) -> str:
+    names = ", ".join(c for c, w in zip(kept, weak, strict=True) if w)
+    floor = glm.EIGEN_FLOOR_SDS * math.sqrt(len(kept)) * sd
+    return (
+        f"no interval for {names}: along them the last {what}'s curvature is below its noise "
+        f"({floor:.3g}, {glm.EIGEN_FLOOR_SDS:g} sqrt(p) noise sds), so their noise cannot be "
+        "estimated; give the model more rho, or drop or merge near-collinear covariates "
+        "(such as a number and bands of it)"
+    )
 
 
 def _repaired(step: int, what: str) -> str:

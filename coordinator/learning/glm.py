@@ -20,6 +20,12 @@ What noise breaks, and how it is repaired (docs/models.md, "Repairs"):
   each category's largest |d_j|, `reach`): far from the optimum a full step on the log scale
   can overshoot by orders of magnitude, and near it the cap never binds;
 - a Gaussian residual sum of squares that noise drives below its floor is floored.
+
+What noise cannot repair: a direction of the design whose curvature (an eigenvalue of the
+Hessian) is below that same floor cannot be told from 0, so the noise's share of the
+coefficients along it, which scales as 1 / curvature, cannot be estimated either (the delta
+method assumes the noise is small against the curvature). Coefficients that load on such a
+direction (`weak`) get no interval (docs/models.md, "When the budget is too small").
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ Indices = npt.NDArray[np.intp]
 
 # An eigenvalue below this many times sqrt(p) noise sds is floored there (see above).
 EIGEN_FLOOR_SDS = 2.0
+# A coefficient whose axis has more than this share of its length on directions whose
+# curvature is below the floor (sum of squared eigenvector entries) gets no interval: a true
+# curvature k times below the floor makes their noise k times larger than any estimate.
+WEAK_LOADING = 0.001
 # The largest change of any person's linear predictor in one Newton step: a factor of e^5
 # (about 150) in a rate, whose exp() overshoots fastest; a logit saturates instead, so its
 # cap only guards against wild noise.
@@ -155,6 +165,25 @@ def repair(matrix: Matrix, sd: float, what: str) -> tuple[Matrix, bool]:
     return (vectors * floored) @ vectors.T, True
 
 
+def floored_inverse(matrix: Matrix, sd: float) -> Matrix:
+    """The inverse of a symmetric matrix with every eigenvalue raised to the repair floor."""
+    values, vectors = np.linalg.eigh(matrix)
+    floor = EIGEN_FLOOR_SDS * math.sqrt(matrix.shape[0]) * sd
+    if sd == 0:
+        return inverse(matrix)
+    return np.asarray((vectors / np.maximum(values, floor)) @ vectors.T, dtype=np.float64)
+
+
+def weak_columns(matrix: Matrix, sd: float) -> npt.NDArray[np.bool_]:
+    """Columns loading on directions of a noisy matrix whose eigenvalue is below the floor."""
+    if sd == 0:
+        return np.zeros(matrix.shape[0], dtype=np.bool_)
+    values, vectors = np.linalg.eigh(matrix)
+    below = values < EIGEN_FLOOR_SDS * math.sqrt(matrix.shape[0]) * sd
+    loading = (vectors[:, below] ** 2).sum(axis=1)
+    return np.asarray(loading > WEAK_LOADING, dtype=np.bool_)
+
+
 def link(family: Family, mean: float) -> float:
     """The canonical link of a mean."""
     if family is Family.BINOMIAL:
@@ -220,6 +249,7 @@ class Step:
     dp_cov: Matrix  # the noise's covariance of the new coefficients (delta method)
     repaired: bool
     damped: bool
+    weak: npt.NDArray[np.bool_]  # per active column: its noise is not estimable (above)
 
 
 def _delta_noise(hinv: Matrix, rhs: Vector, var_rhs: float, var_m: float) -> Matrix:
@@ -239,7 +269,7 @@ def _delta_noise(hinv: Matrix, rhs: Vector, var_rhs: float, var_m: float) -> Mat
     return cov
 
 
-def _newton_noise(hinv: Matrix, var_g: float, var_h: float) -> Matrix:
+def _newton_noise(hinv: Matrix, var_g: float, var_h: float, floored: Matrix) -> Matrix:
     """Covariance of the coefficients after a Newton step caused by the noise (delta method).
 
     Near the fit b*, b_new - b* = H~^-1 e_g + H~^-1 E_H (b* - b_old) to first order in each
@@ -248,12 +278,16 @@ def _newton_noise(hinv: Matrix, var_g: float, var_h: float) -> Matrix:
     quadratically, so the last step's is what remains. With independent entries of variance
     var_h on the upper triangle, E[E C E'] = var_h (C - diag(C) + tr(C) I) for any C, and
     the steps' noise is alike (they share the budget equally), so the previous error's
-    covariance C is taken to be this step's gradient term.
+    covariance C is taken to be this step's gradient term, with the Hessian's eigenvalues
+    floored (`floored`: the inverse of the Hessian floored as repair() floors it): along a
+    direction whose curvature is below the floor the error is not estimable (weak_columns),
+    and 1 / a noisy curvature near 0 would spread its huge, wrong estimate to every
+    coefficient (measured: intervals of twice the width needed on the known model at rho 1).
     """
     gradient_term = var_g * (hinv @ hinv.T)
     if var_h == 0:
         return gradient_term
-    c = gradient_term
+    c = var_g * (floored @ floored.T)
     spread: Matrix = c - np.diag(np.diag(c)) + float(np.trace(c)) * np.eye(c.shape[0])
     return gradient_term + var_h * (hinv @ spread @ hinv.T)
 
@@ -288,7 +322,8 @@ def newton(
     active = active_all(p) if active is None else active
     gradient = stats.vector("gradient", p)[active]
     full = symmetric(stats.vector("hessian", triangle_size(p)), p)
-    hessian, repaired = repair(full[np.ix_(active, active)], stats.sd("hessian"), "Hessian")
+    released = full[np.ix_(active, active)]
+    hessian, repaired = repair(released, stats.sd("hessian"), "Hessian")
     hinv = inverse(hessian)
     change = np.zeros(p)
     change[active] = hinv @ gradient
@@ -298,7 +333,10 @@ def newton(
     if damped:
         change = change * (cap / most)
     dp_cov = _newton_noise(
-        hinv, stats.variances.get("gradient", 0.0), stats.variances.get("hessian", 0.0)
+        hinv,
+        stats.variances.get("gradient", 0.0),
+        stats.variances.get("hessian", 0.0),
+        floored_inverse(released, stats.sd("hessian")),
     )
     return Step(
         beta=beta + change,
@@ -307,6 +345,7 @@ def newton(
         dp_cov=dp_cov,
         repaired=repaired,
         damped=damped,
+        weak=weak_columns(released, stats.sd("hessian")),
     )
 
 
@@ -320,6 +359,7 @@ class LeastSquares:
     sigma2: float
     repaired: bool  # X'X needed an eigenvalue floor
     floored_rss: bool  # the residual sum of squares was floored
+    weak: npt.NDArray[np.bool_]  # per active column: its noise is not estimable (above)
 
 
 def least_squares(stats: Summed, active: Indices | None = None) -> LeastSquares:
@@ -358,6 +398,7 @@ def least_squares(stats: Summed, active: Indices | None = None) -> LeastSquares:
         sigma2=sigma2,
         repaired=repaired,
         floored_rss=floored,
+        weak=weak_columns(full[np.ix_(active, active)], stats.sd("xtx")),
     )
 
 

@@ -27,6 +27,11 @@ def forest_plot(fitted: FittedModel, path: Path) -> Path:
     centre = [math.exp(c.estimate) if ratios else c.estimate for c in rows]
     low = [math.exp(c.ci_low) if ratios else c.ci_low for c in rows]
     high = [math.exp(c.ci_high) if ratios else c.ci_high for c in rows]
+    # A coefficient given no interval (fit.py: its noise not estimable) is drawn without bars.
+    low = [lo if math.isfinite(c.ci_low) else m for c, lo, m in zip(rows, low, centre, strict=True)]
+    high = [
+        h if math.isfinite(c.ci_high) else m for c, h, m in zip(rows, high, centre, strict=True)
+    ]
     fig = Figure(figsize=(7.0, 0.45 * len(rows) + 1.6))
     ax = fig.subplots()
     ys = list(range(len(rows)))[::-1]

@@ -42,6 +42,25 @@ def test_a_fitted_model_round_trips_on_the_wire() -> None:
     assert serde_fit.fitted_from_proto(serde_fit.fitted_to_proto(fitted)) == fitted
 
 
+def test_a_coefficient_without_an_interval_survives_the_wire_and_nan_does_not() -> None:
+    import dataclasses
+
+    fitted = _fitted()
+    inf = math.inf
+    unpinned = FittedCoefficient("age", 0.3, inf, inf, -inf, inf)  # the hub's "no interval"
+    fitted = dataclasses.replace(fitted, coefficients=(*fitted.coefficients, unpinned))
+    back = serde_fit.fitted_from_proto(serde_fit.fitted_to_proto(fitted))
+    assert back == fitted
+    assert FitResult.of(back).to_dict()["coefficients"][-1]["dp_std_error"] is None  # JSON null
+    msg = serde_fit.fitted_to_proto(fitted)
+    msg.coefficients[0].std_error = math.nan
+    with pytest.raises(DataError, match="impossible standard error"):
+        serde_fit.fitted_from_proto(msg)
+    msg.coefficients[0].std_error = -1.0
+    with pytest.raises(DataError, match="impossible standard error"):
+        serde_fit.fitted_from_proto(msg)
+
+
 def test_a_step_release_round_trips_and_impossible_noise_is_refused() -> None:
     release = StepRelease(
         node="north",
