@@ -212,3 +212,13 @@ def test_recentring_is_exact_under_the_log_link() -> None:
             shifted.vectors[name], direct.vectors[name], rtol=1e-10, atol=1e-9
         )
     assert abs(direct.vectors["gradient"][0]) < 1e-8  # the intercept's score is 0 there
+
+
+def test_only_columns_on_a_direction_below_the_noise_are_weak() -> None:
+    # Two collinear columns (their difference has curvature 0.5) and a well-determined third:
+    # at noise sd 1 the floor is 2 sqrt(3) = 3.5, so the first two are weak and the third is
+    # not; at sd 0.01 (floor 0.035) none is; with no noise none can be.
+    h = np.array([[100.0, 99.75, 0.0], [99.75, 100.0, 0.0], [0.0, 0.0, 50.0]])
+    assert glm.weak_columns(h, 1.0).tolist() == [True, True, False]
+    assert glm.weak_columns(h, 0.01).tolist() == [False, False, False]
+    assert glm.weak_columns(h, 0.0).tolist() == [False, False, False]
