@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from node.access import AccessPolicy, parse_access
+from node.data.care_sites import check_codes
 from node.data.cohorts import parse_cohorts
 from node.data.consent import ConsentPolicy, parse_consent
 from protocols.budget.policy import PERIODS, BudgetPolicy
@@ -29,11 +30,13 @@ NODE_KEYS = frozenset(
     | {"release", "access", "crl"}
     | {"ledger", "ledger_key"}
     | {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
-    | {"cohorts", "models"}
+    | {"cohorts", "models", "care_sites"}
 )
 RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
 # [models]: the node's refusal rules for model fits (node/fitting.py, docs/configuration.md).
 MODEL_KEYS = frozenset({"min_level_persons", "max_parameter_ratio"})
+# [care_sites]: the care sites the node publishes (node/data/care_sites.py).
+CARE_SITE_KEYS = frozenset({"publish"})
 
 
 # Refusals from one peer that reach the ledger per window (node.guards.RefusalLimiter,
@@ -111,6 +114,8 @@ class NodeConfig:
     cohorts: CohortPolicy = field(default_factory=CohortPolicy)
     # When model fits are refused on their design check ([models]).
     models: ModelPolicy = field(default_factory=ModelPolicy)
+    # The ODS codes of the care sites published as `care_site` ([care_sites] publish).
+    care_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_node_name(self.name)
@@ -202,7 +207,20 @@ def load_config(path: Path) -> NodeConfig:
         consent=parse_consent(data.get("consent", {}), base, str(path)),
         cohorts=parse_cohorts(data.get("cohorts"), str(path)),
         models=_model_policy(data.get("models", {}), str(path)),
+        care_sites=_care_sites(data.get("care_sites", {}), str(path)),
     )
+
+
+def _care_sites(raw: object, source: str) -> tuple[str, ...]:
+    """[care_sites] publish: the declared ODS codes."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [care_sites] must be a table")
+    unknown = sorted(set(raw) - CARE_SITE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown [care_sites] key(s) {unknown}; known: {sorted(CARE_SITE_KEYS)}"
+        )
+    return check_codes(raw.get("publish", []), source)
 
 
 def _model_policy(raw: object, source: str) -> ModelPolicy:

@@ -23,6 +23,7 @@ from node import engine
 from node.access import AccessPolicy
 from node.budget.accounting import Accountant, Charge, RateLimited, Refusal
 from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW, ModelPolicy
+from node.data.care_sites import refuse_undeclared
 from node.data.catalog import describe_cohort, with_cohort
 from node.data.store import OmopStore
 from node.data.view_set import cohort_runner
@@ -161,6 +162,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             # The custodian's governance of ad hoc cohorts: refused here, before any charge.
             self.store.settings.cohorts.check(query.cohort)
             catalog = with_cohort(catalog, query.cohort, mortality=self.store.mortality)
+        # Named, not "no such column": the custodian chooses whether care sites are public.
+        refuse_undeclared(query, self.store.settings.care_sites)
         compiled = plan.compile_query(query, catalog)
         releases = engine.calibrations(compiled)
         return query, compiled, releases, sum(r.calibration.rho for r in releases)

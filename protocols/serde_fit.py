@@ -11,7 +11,7 @@ import math
 from protocols.serde import budget_to_proto, outcome_from_proto, outcome_to_proto
 from protocols.v1 import hub_pb2, node_pb2
 from queries.errors import DataError
-from queries.fitted import FitIterationInfo, FittedCoefficient, FittedModel
+from queries.fitted import FitIterationInfo, FittedCoefficient, FittedModel, NodeTotals
 from queries.model import Family, StepRelease
 from queries.results import BudgetStatus
 
@@ -96,6 +96,18 @@ def fitted_to_proto(fitted: FittedModel) -> hub_pb2.FitResponse:
         link=fitted.link,
         persons=fitted.persons,
         message=fitted.message,
+        node_totals=[
+            hub_pb2.NodeTotals(
+                node=t.node,
+                outcome_sum=t.outcome_sum,
+                outcome_variance=t.outcome_variance,
+                residual_sum=t.residual_sum,
+                residual_variance=t.residual_variance,
+                step=t.step,
+            )
+            for t in fitted.node_totals
+        ],
+        totals_coefficients=list(fitted.totals_coefficients),
     )
 
 
@@ -134,4 +146,20 @@ def fitted_from_proto(msg: hub_pb2.FitResponse) -> FittedModel:
         partial=msg.partial,
         persons=msg.persons,
         message=msg.message,
+        node_totals=tuple(_totals_from_proto(t) for t in msg.node_totals),
+        totals_coefficients=tuple(msg.totals_coefficients),
+    )
+
+
+def _totals_from_proto(t: hub_pb2.NodeTotals) -> NodeTotals:
+    values = (t.outcome_sum, t.outcome_variance, t.residual_sum, t.residual_variance)
+    if not all(math.isfinite(v) for v in values) or min(values[1], values[3]) < 0:
+        raise DataError(f"the hub sent impossible totals for node {t.node[:40]!r}")
+    return NodeTotals(
+        node=t.node,
+        outcome_sum=t.outcome_sum,
+        outcome_variance=t.outcome_variance,
+        residual_sum=t.residual_sum,
+        residual_variance=t.residual_variance,
+        step=t.step,
     )

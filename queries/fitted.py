@@ -44,6 +44,22 @@ class FitIterationInfo:
 
 
 @dataclass(frozen=True)
+class NodeTotals:
+    """One node's noisy outcome sum and sum of y - mu (the last step's), with noise variances.
+
+    outcome_sum is the design check's; residual_sum the intercept entry of the gradient of
+    Newton step `step`, at the coefficients the hub sent for it. Their noises are independent.
+    """
+
+    node: str
+    outcome_sum: float
+    outcome_variance: float
+    residual_sum: float
+    residual_variance: float
+    step: int
+
+
+@dataclass(frozen=True)
 class FittedModel:
     """The hub's fit: coefficients, convergence, and what each node was charged."""
 
@@ -56,6 +72,10 @@ class FittedModel:
     partial: bool
     persons: int
     message: str
+    # Per node, for indirect standardisation (coordinator/learning/compare.py).
+    node_totals: tuple[NodeTotals, ...] = ()
+    # The coefficients the node_totals' step was sent: E = O - g_0 is at these.
+    totals_coefficients: tuple[float, ...] = ()
 
     @property
     def has_ratios(self) -> bool:

@@ -166,3 +166,14 @@ def glm(
         result.forest_plot(plot)
         if not as_json:
             typer.echo(f"forest plot written to {plot}")
+
+
+# `chc learn compare` lives in its own module (O/E and funnel plots, docs/models.md).
+from coordinator.learning.compare_cli import compare_command  # noqa: E402
+
+learn_app.command("compare")(compare_command)
+
+# `chc learn its` (interrupted time series, DiD with --control) likewise (docs/learning.md).
+from coordinator.learning.its_cli import its_cmd  # noqa: E402
+
+learn_app.command("its")(its_cmd)

@@ -22,7 +22,7 @@ from coordinator.learning.fit import solve
 from protocols import serde, serde_fit
 from protocols.v1 import node_pb2
 from queries.errors import ChcError, DataError
-from queries.fitted import FittedModel
+from queries.fitted import FittedModel, NodeTotals
 from queries.model import ModelSpec, StepRelease
 from queries.results import BudgetStatus, NodeOutcome, NodeStatus
 
@@ -137,6 +137,8 @@ def fit_across(
             + "; ".join(f"{r.node}: {r.message}" for r in replies),
         )
     fitting = [h for h in handles if h.entry.name not in left_out]
+    last: list[StepRelease] = []
+    sent: list[float] = []
 
     def ask(step: int, coefficients: Sequence[float]) -> list[StepRelease]:
         replies = _step(fitting, envelope, step, coefficients, regions, deadline_s)
@@ -155,6 +157,7 @@ def fit_across(
                 + f"; {charges.summary()}; nothing more is charged, and the steps already "
                 "charged stay in each node's ledger"
             )
+        last[:], sent[:] = out, list(coefficients)
         return out
 
     try:
@@ -182,7 +185,30 @@ def fit_across(
         partial=bool(left_out),
         persons=solution.persons,
         message=message,
+        node_totals=(totals := _totals(design, last)),
+        totals_coefficients=tuple(sent) if totals else (),
     )
+
+
+def _totals(design: Sequence[StepRelease], last: Sequence[StepRelease]) -> tuple[NodeTotals, ...]:
+    """Per node: the design check's outcome sum and the last step's intercept gradient."""
+    outcome = {r.node: r for r in design}
+    out = []
+    for r in last:
+        if "gradient" not in r.vectors or r.node not in outcome:
+            return ()  # a Gaussian fit's one step has no sum of y - mu
+        check = outcome[r.node]
+        out.append(
+            NodeTotals(
+                node=r.node,
+                outcome_sum=check.vectors["outcome_sum"][0],
+                outcome_variance=check.variances["outcome_sum"],
+                residual_sum=r.vectors["gradient"][0],
+                residual_variance=r.variances["gradient"],
+                step=r.step,
+            )
+        )
+    return tuple(out)
 
 
 def _outcome(node: str, charges: _Charges, left_out: dict[str, Reply[object]]) -> NodeOutcome:

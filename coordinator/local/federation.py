@@ -107,6 +107,8 @@ class LocalFederation:
     reference_date: date = date(2025, 12, 31)
     deadline_ms: int = 30_000
     startup_timeout_s: float = 60.0
+    # Extra hub.toml tables (e.g. a [release] policy), merged into the generated file.
+    hub_extra_toml: str = ""
     _procs: dict[str, _Proc] = field(default_factory=dict)
     hub_port: int = 0
 
@@ -236,6 +238,7 @@ class LocalFederation:
                 for n in self.nodes
             ],
         }
+        hub_table.update(tomllib.loads(self.hub_extra_toml))
         hub_conf.write_text(
             node_toml.dumps(hub_table, comment="Written by the local federation."),
             encoding="utf-8",

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import date
 from typing import Final
 
+from node.data import care_sites as care_site
 from queries.cohort import COHORT_VIEW, Cohort
 from queries.pathway import Entry, Pathway
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
@@ -70,6 +71,10 @@ MAX_ADMISSIONS: Final = 20
 MAX_BED_DAYS: Final = 120
 MAX_READMISSIONS: Final = 10
 MAX_ED_ATTENDANCES: Final = 20
+# Rows per person in a pathway's admissions view (`<pathway>_admissions`), by a hash of the
+# visit id like `visits`: a lower rows_per_person keeps the first N.
+MAX_PATHWAY_ADMISSIONS: Final = 20
+ADMISSIONS_SUFFIX: Final = "_admissions"
 
 
 def age_bands(age_min: int = 0, age_max: int = 200) -> tuple[str, ...]:
@@ -81,6 +86,11 @@ def visit_years(reference_date: date) -> tuple[str, ...]:
     """The public domain of `visits.year`: VISIT_YEARS calendar years up to the reference."""
     last = reference_date.year
     return tuple(str(y) for y in range(last - VISIT_YEARS + 1, last + 1))
+
+
+def visit_months(reference_date: date) -> tuple[str, ...]:
+    """The public domain of `month` ("YYYY-MM"): every month of the visit years."""
+    return tuple(f"{y}-{m:02d}" for y in visit_years(reference_date) for m in range(1, 13))
 
 
 def _category(
@@ -158,6 +168,12 @@ def visits_view(reference_date: date = DEFAULT_REFERENCE_DATE) -> ViewSpec:
                 person_level=False,
             ),
             _category("year", years, "calendar year the visit started", person_level=False),
+            _category(
+                "month",
+                visit_months(reference_date),
+                "calendar month the visit started, YYYY-MM",
+                person_level=False,
+            ),
             _integer(
                 "length_of_stay",
                 0,
@@ -229,6 +245,45 @@ def cohort_view(p: Pathway, name: str | None = None) -> ViewSpec:
     )
 
 
+def admissions_view(p: Pathway, reference_date: date = DEFAULT_REFERENCE_DATE) -> ViewSpec:
+    """One row per pathway-related emergency admission (time series: count rows by month)."""
+    years = visit_years(reference_date)
+    related = (
+        "with a condition of the pathway's concept set recorded on the stay"
+        if (p.conditions)
+        else "(every emergency admission: the pathway has no concept set)"
+    )
+    return ViewSpec(
+        name=p.name + ADMISSIONS_SUFFIX,
+        description=(
+            f"{p.title}: one row per emergency admission {related}, starting in "
+            f"{years[0]}-{years[-1]} on or before the reference date, of a person aged "
+            f"{p.age_min}-{p.age_max} on its first day; at most {MAX_PATHWAY_ADMISSIONS} per "
+            "person, chosen by a hash of the visit id"
+        ),
+        columns=(
+            ColumnSpec("person_id", ColumnType.IDENTIFIER, "OMOP person_id; never released"),
+            _category(
+                "month",
+                visit_months(reference_date),
+                "calendar month the admission started, YYYY-MM",
+                person_level=False,
+            ),
+            _category("year", years, "calendar year the admission started", person_level=False),
+            _category(
+                "age_band",
+                age_bands(p.age_min, p.age_max),
+                "age band on the admission's first day",
+                person_level=False,
+            ),
+            _category("sex", SEXES, "as in persons"),
+            _category("imd_quintile", IMD_QUINTILES, "as in persons"),
+        ),
+        max_rows_per_person=MAX_PATHWAY_ADMISSIONS,
+        rank_column=VISIT_RANK,
+    )
+
+
 def describe_entry(p: Pathway) -> str:
     """How a person joins a pathway's cohort, in words (also shown by `chc-node check`)."""
     ages = f"aged {p.age_min}-{p.age_max} at the reference date (or at death)"
@@ -255,10 +310,21 @@ def build_catalog(
     *,
     reference_date: date = DEFAULT_REFERENCE_DATE,
     mortality: bool = True,
+    care_sites: Sequence[str] = (),
 ) -> Catalog:
-    """The node's public catalog: persons, visits and one cohort view per served pathway."""
-    views = [persons_view(), visits_view(reference_date)]
-    views += [cohort_view(p) for p in pathways]
+    """The node's public catalog: persons, visits and one cohort view per served pathway
+    (with `care_site` on visits and the pathway views if the custodian declared care sites)."""
+    visits = visits_view(reference_date)
+    cohort_views = [cohort_view(p) for p in pathways]
+    if care_sites:
+        visits = dataclasses.replace(
+            visits, columns=(*visits.columns, care_site.visit_column(care_sites))
+        )
+        column = care_site.person_column(care_sites)
+        cohort_views = [dataclasses.replace(v, columns=(*v.columns, column)) for v in cohort_views]
+    views = [persons_view(), visits]
+    views += cohort_views
+    views += [admissions_view(p, reference_date) for p in pathways]
     if not mortality:
         views = [
             dataclasses.replace(

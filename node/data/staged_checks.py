@@ -36,7 +36,7 @@ def person_checks(con: duckdb.DuckDBPyConnection, ref: str, report: ValidationRe
                         THEN day_of_birth ELSE 1 END AS d
             FROM t
         )
-        SELECT person_id, gender_concept_id, location_id,
+        SELECT person_id, gender_concept_id, location_id, care_site_id,
                CASE WHEN year_ok THEN make_date(year_of_birth, coalesce(m, 7),
                     least(d, day(last_day(make_date(year_of_birth, coalesce(m, 7), 1)))))
                END AS birth_date,

@@ -25,6 +25,7 @@ STAGED: Final = {
     "condition_occurrence": "s_condition",
     "death": "s_death_raw",
     "location": "s_location_raw",
+    "care_site": "s_care_site_raw",
     "observation_period": "s_observation",
     "concept_ancestor": "s_ancestor",
 }
@@ -74,7 +75,7 @@ def check_structure(source: OmopSource, report: ValidationReport) -> None:
                 )
             else:
                 report.add(
-                    Level.WARNING,
+                    Level.NOTE if col.note_if_absent else Level.WARNING,
                     f"{req.name}.{col.name}",
                     f"column absent from {table.origin}: read as empty ({_if_absent(col)})",
                 )
@@ -87,6 +88,7 @@ def _if_absent(col: ColumnReq) -> str:
         "location_id": "imd_quintile is 'unknown'",
         "preceding_visit_occurrence_id": "emergency admissions are found by date only",
         "visit_occurrence_id": "conditions are matched to stays by date only",
+        "care_site_id": "care_site is 'other' (visits) or from the visits (persons)",
     }.get(col.name, "treated as unknown")
 
 

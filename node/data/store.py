@@ -75,6 +75,7 @@ class OmopStore:
         omop_schema: str | None = None,
         recheck_s: float | None = RECHECK_S,
         cohorts: CohortPolicy | None = None,
+        care_sites: Sequence[str] = (),
     ) -> None:
         self.settings = DataSettings(
             omop=source,
@@ -83,6 +84,7 @@ class OmopStore:
             consent=consent if consent is not None else ConsentPolicy(),
             omop_schema=omop_schema,
             cohorts=cohorts if cohorts is not None else CohortPolicy(),
+            care_sites=tuple(care_sites),
         )
         self.pathways = tuple(pathways)
         # A rebuild uses as many threads as the start did: queries on the old views are
@@ -128,6 +130,7 @@ class OmopStore:
             consent=cfg.consent,
             omop_schema=cfg.omop_schema,
             cohorts=cfg.cohorts,
+            care_sites=cfg.care_sites,
         )
 
     @property
@@ -146,7 +149,10 @@ class OmopStore:
         """The public catalog of the views this store serves (its reference date, and the
         mortality columns only if the source has a usable death table)."""
         return build_catalog(
-            self.pathways, reference_date=self.reference_date, mortality=self.mortality
+            self.pathways,
+            reference_date=self.reference_date,
+            mortality=self.mortality,
+            care_sites=self.settings.care_sites,
         )
 
     def tables(self) -> list[str]:

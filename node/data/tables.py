@@ -28,6 +28,9 @@ class ColumnReq:
     not_null: bool = False
     # Required columns must exist; an optional one may be absent and reads as NULL.
     required: bool = True
+    # An optional column that feeds only an opt-in feature (care sites): its absence is a
+    # note, not a warning, on a node that does not use it.
+    note_if_absent: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ def _opt(name: str, kind: Kind = Kind.INT) -> ColumnReq:
     return ColumnReq(name, kind, required=False)
 
 
+# The care site of a person (their usual site) and of a visit (node/data/care_sites.py).
+_CARE_SITE = ColumnReq("care_site_id", Kind.INT, required=False, note_if_absent=True)
+
+
 OMOP_TABLES: Final[tuple[TableReq, ...]] = (
     TableReq(
         "person",
@@ -64,6 +71,7 @@ OMOP_TABLES: Final[tuple[TableReq, ...]] = (
             _opt("month_of_birth"),
             _opt("day_of_birth"),
             _opt("location_id"),
+            _CARE_SITE,
         ),
     ),
     TableReq(
@@ -75,6 +83,7 @@ OMOP_TABLES: Final[tuple[TableReq, ...]] = (
             _nn("visit_start_date", Kind.DATE),
             _nn("visit_end_date", Kind.DATE),
             _opt("preceding_visit_occurrence_id"),
+            _CARE_SITE,
         ),
     ),
     TableReq(
@@ -97,6 +106,12 @@ OMOP_TABLES: Final[tuple[TableReq, ...]] = (
         (_nn("location_id"), ColumnReq("location_source_value", Kind.TEXT)),
         required=False,
         if_absent="imd_quintile is 'unknown' for everyone",
+    ),
+    TableReq(
+        "care_site",
+        (_nn("care_site_id"), ColumnReq("care_site_source_value", Kind.TEXT)),
+        required=False,
+        if_absent="care sites cannot be published (every visit's care_site is 'other')",
     ),
     TableReq(
         "observation_period",

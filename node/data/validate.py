@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from node.data import cohorts, consent, imd, reference, registers
+from node.data import care_sites, cohorts, consent, imd, reference, registers
 from node.data.findings import Finding, Level, ValidationReport
 from node.data.omop import OmopSource, open_source, sql_string
 from node.data.staged_checks import death_checks, person_checks, visit_checks
@@ -42,12 +42,15 @@ class DataSettings:
     omop_schema: str | None = None
     # Ad hoc cohorts ([cohorts]): what condition records to keep for them (node/data/cohorts.py).
     cohorts: CohortPolicy = field(default_factory=CohortPolicy)
+    # [care_sites] publish: the ODS codes of the care sites the custodian publishes.
+    care_sites: tuple[str, ...] = ()
 
 
 # Staged as empty when the source has no usable table, so the views need no special case.
 _EMPTY: dict[str, str] = {
     "death": "s_death_raw (person_id BIGINT, death_date DATE)",
     "location": "s_location_raw (location_id BIGINT, location_source_value VARCHAR)",
+    "care_site": "s_care_site_raw (care_site_id BIGINT, care_site_source_value VARCHAR)",
 }
 
 
@@ -204,6 +207,7 @@ def prepare(
         end = reference.end_of_data(con, source) if settings.reference_date else None
         reference.window_checks(con, report, end)
         _imd(con, source, settings, report)
+        care_sites.stage_sites(con, source, settings.care_sites, report)
         report.extend(registers.load_registers(con, settings.consent))
         if not report.ok:
             return report

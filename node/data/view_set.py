@@ -61,6 +61,7 @@ class ViewSet:
                 self.reference_date,
                 mortality=self.mortality,
                 keep_cohort_sources=settings.cohorts.enabled,
+                care_sites=bool(settings.care_sites),
             )
             self._seal()
             # Ad hoc cohorts of these views only: a rebuild (consent reload) starts afresh.

@@ -15,6 +15,7 @@ from datetime import date, timedelta
 
 import duckdb
 
+from node.data import care_sites as care_site
 from node.data import catalog as cat
 from node.data import cohorts
 from node.data.omop import sql_ident, sql_string
@@ -56,7 +57,8 @@ def build_base(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
                    s.birth_date,
                    CASE WHEN d.death_date BETWEEN s.birth_date AND {ref} THEN d.death_date
                    END AS death_date,
-                   coalesce(a.quintile, 'unknown') AS imd_quintile
+                   coalesce(a.quintile, 'unknown') AS imd_quintile,
+                   s.care_site_id AS home_site_id
             FROM s_person AS s
             LEFT JOIN consent_excluded AS x ON x.person_id = s.person_id
             LEFT JOIN deaths AS d ON d.person_id = s.person_id
@@ -76,7 +78,7 @@ def build_base(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
         SELECT v.visit_occurrence_id AS id, v.person_id, v.visit_concept_id AS concept,
                v.visit_start_date AS start,
                least(greatest(v.visit_end_date, v.visit_start_date), {ref}) AS stop,
-               v.preceding_visit_occurrence_id AS preceding
+               v.preceding_visit_occurrence_id AS preceding, v.care_site_id AS site_id
         FROM s_visit AS v JOIN b_person AS p ON p.person_id = v.person_id
         WHERE v.visit_start_date BETWEEN p.birth_date AND {ref}
         """  # noqa: S608 - generated constants
@@ -149,8 +151,13 @@ def build_persons(con: duckdb.DuckDBPyConnection, *, mortality: bool = True) -> 
     )
 
 
-def build_visits(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
-    """visits: one row per visit in the public years, MAX_VISITS_PER_PERSON per person at most."""
+def build_visits(
+    con: duckdb.DuckDBPyConnection, reference_date: date, *, care_sites: bool = False
+) -> None:
+    """visits: one row per visit in the public years, MAX_VISITS_PER_PERSON per person at most
+    (with care_sites, the visit's declared care site: node/data/care_sites.py)."""
+    site = f", coalesce(cs.site, '{care_site.OTHER}') AS {care_site.COLUMN}" if care_sites else ""
+    site_join = "LEFT JOIN s_site AS cs ON cs.care_site_id = a.site_id" if care_sites else ""
     first_year = cat.visit_years(reference_date)[0]
     kinds = " ".join(
         f"WHEN {concept} THEN '{kind}'" for concept, kind in cat.VISIT_TYPE_CONCEPTS.items()
@@ -176,15 +183,17 @@ def build_visits(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
                CAST(CASE a.concept {kinds} ELSE 'other' END AS chc_visit_type) AS visit_type,
                CAST(a.admission AS chc_admission) AS admission,
                CAST(CAST(year(a.start) AS VARCHAR) AS chc_year) AS year,
+               CAST(strftime(a.start, '%Y-%m') AS chc_month) AS month,
                least(a.stop - a.start, {cat.MAX_LENGTH_OF_STAY}) AS length_of_stay,
                CAST({_age_band(age)} AS chc_age_band) AS age_band,
                CAST(coalesce(s.readmitted_30d, 'n/a') AS chc_readmitted) AS readmitted_30d,
                CAST(p.sex AS chc_sex) AS sex,
                CAST(p.imd_quintile AS chc_imd) AS imd_quintile,
-               a.{cat.VISIT_RANK}
+               a.{cat.VISIT_RANK}{site}
         FROM ranked AS a
         JOIN b_person AS p ON p.person_id = a.person_id
         LEFT JOIN b_stay AS s ON s.id = a.id
+        {site_join}
         """  # noqa: S608 - generated constants
     )
 
@@ -211,6 +220,55 @@ def _members(p: Pathway, window_start: str, ref: str) -> str:
     """  # noqa: S608 - generated
 
 
+def _related(p: Pathway) -> str:
+    """SQL listing the acute visits (emergency stays and ED visits) with a concept-set
+    condition recorded on them, on the ED visit that led to them, or (for unlinked records)
+    dated within them."""
+    emergency = _ints(cat.EMERGENCY_CONCEPTS)
+    return f"""
+        SELECT DISTINCT a.id FROM b_acute AS a
+        JOIN s_condition AS c ON c.person_id = a.person_id
+        JOIN s_concepts AS k ON k.concept_id = c.condition_concept_id
+        WHERE k.pathway = {sql_string(p.name)}
+          AND (a.admission = 'emergency' OR a.concept IN ({emergency}))
+          AND (c.visit_occurrence_id = a.id OR c.visit_occurrence_id = a.preceding
+               OR (c.visit_occurrence_id IS NULL
+                   AND c.condition_start_date BETWEEN a.start AND a.stop))
+    """  # noqa: S608 - quoted
+
+
+def build_admissions(con: duckdb.DuckDBPyConnection, p: Pathway, reference_date: date) -> None:
+    """`<pathway>_admissions`: one row per pathway-related emergency admission in the visit
+    years of a person in the pathway's age range that day, MAX_PATHWAY_ADMISSIONS per person."""
+    first_year = cat.visit_years(reference_date)[0]
+    age = "date_sub('year', p.birth_date, a.start)"
+    related = f"JOIN ({_related(p)}) AS r ON r.id = a.id" if p.conditions else ""
+    # The same fixed pseudo-random order per person as `visits` (build_visits).
+    con.execute(
+        f"""
+        CREATE TABLE {sql_ident(p.name + cat.ADMISSIONS_SUFFIX)} AS
+        WITH ranked AS (
+            SELECT a.*, {age} AS age_then, row_number() OVER (
+                PARTITION BY a.person_id ORDER BY md5(CAST(a.id AS VARCHAR)), a.id
+            ) AS {cat.VISIT_RANK}
+            FROM b_acute AS a {related}
+            JOIN b_person AS p ON p.person_id = a.person_id
+            WHERE a.admission = 'emergency' AND a.start >= DATE '{first_year}-01-01'
+              AND {age} BETWEEN {int(p.age_min)} AND {int(p.age_max)}
+            QUALIFY {cat.VISIT_RANK} <= {cat.MAX_PATHWAY_ADMISSIONS}
+        )
+        SELECT a.person_id,
+               CAST(strftime(a.start, '%Y-%m') AS chc_month) AS month,
+               CAST(CAST(year(a.start) AS VARCHAR) AS chc_year) AS year,
+               CAST({_age_band("a.age_then")} AS chc_age_band) AS age_band,
+               CAST(p.sex AS chc_sex) AS sex,
+               CAST(p.imd_quintile AS chc_imd) AS imd_quintile,
+               a.{cat.VISIT_RANK}
+        FROM ranked AS a JOIN b_person AS p ON p.person_id = a.person_id
+        """  # noqa: S608 - the name is a checked identifier, quoted; the rest generated
+    )
+
+
 def build_cohort(
     con: duckdb.DuckDBPyConnection,
     p: Pathway,
@@ -224,18 +282,7 @@ def build_cohort(
     ref = _date(reference_date)
     window_start = _date(reference_date - timedelta(days=p.window_days - 1))
     emergency = _ints(cat.EMERGENCY_CONCEPTS)
-    # Acute visits (emergency stays and ED visits) with a concept-set condition recorded on
-    # them, on the ED visit that led to them, or (for unlinked records) dated within them.
-    related = f"""
-        SELECT DISTINCT a.id FROM b_acute AS a
-        JOIN s_condition AS c ON c.person_id = a.person_id
-        JOIN s_concepts AS k ON k.concept_id = c.condition_concept_id
-        WHERE k.pathway = {sql_string(p.name)}
-          AND (a.admission = 'emergency' OR a.concept IN ({emergency}))
-          AND (c.visit_occurrence_id = a.id OR c.visit_occurrence_id = a.preceding
-               OR (c.visit_occurrence_id IS NULL
-                   AND c.condition_start_date BETWEEN a.start AND a.stop))
-    """  # noqa: S608 - quoted
+    related = _related(p)
     is_related = "r.id IS NOT NULL" if p.conditions else "true"
     died = (
         f", CAST(CASE WHEN p.death_date >= {window_start} THEN 'yes' ELSE 'no' END"
@@ -304,6 +351,7 @@ def create_types(con: duckdb.DuckDBPyConnection, reference_date: date) -> None:
         "chc_admission": cat.ADMISSIONS,
         "chc_readmitted": cat.READMITTED,
         "chc_year": cat.visit_years(reference_date),
+        "chc_month": cat.visit_months(reference_date),
     }
     for name, values in domains.items():
         con.execute(f"CREATE TYPE {name} AS ENUM ({', '.join(sql_string(v) for v in values)})")
@@ -316,18 +364,23 @@ def build_views(
     *,
     mortality: bool = True,
     keep_cohort_sources: bool = False,
+    care_sites: bool = False,
 ) -> None:
     """Every analysis view, from the staged tables; the working tables are dropped after
-    (with keep_cohort_sources, what ad hoc cohorts are built from is kept: node/data/cohorts.py).
+    (with keep_cohort_sources, what ad hoc cohorts are built from is kept: node/data/cohorts.py;
+    with care_sites, the visits and pathway views get `care_site`: node/data/care_sites.py).
 
     mortality=False (no usable death table) leaves out the columns built from deaths, as the
     catalog does (cat.build_catalog), so a query on them is refused at planning."""
     create_types(con, reference_date)
     build_base(con, reference_date)
     build_persons(con, mortality=mortality)
-    build_visits(con, reference_date)
+    build_visits(con, reference_date, care_sites=care_sites)
     for p in pathways:
         build_cohort(con, p, reference_date, mortality=mortality)
+        build_admissions(con, p, reference_date)
+    if care_sites:
+        care_site.add_person_sites(con, [p.name for p in pathways], _date(reference_date))
     if keep_cohort_sources:
         cohorts.retain_sources(con, reference_date)
     for table in WORK_TABLES[::-1]:

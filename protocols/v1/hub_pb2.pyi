@@ -325,6 +325,8 @@ class FitResponse(_message.Message):
     LINK_FIELD_NUMBER: _builtins.int
     PERSONS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    NODE_TOTALS_FIELD_NUMBER: _builtins.int
+    TOTALS_COEFFICIENTS_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     partial: _builtins.bool
     family: _builtins.str
@@ -341,6 +343,16 @@ class FitResponse(_message.Message):
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeOutcome]:
         """rho_charged: the fit's total at each node"""
 
+    @_builtins.property
+    def node_totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeTotals]:
+        """Per node, two of the totals it released (indirect standardisation, docs/models.md
+        "Comparing units"): post-processing of the fit's releases, no further charge.
+        """
+
+    @_builtins.property
+    def totals_coefficients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The coefficients the hub sent for the node_totals' step (one per design column)."""
+
     def __init__(
         self,
         *,
@@ -353,11 +365,53 @@ class FitResponse(_message.Message):
         link: _builtins.str = ...,
         persons: _builtins.int = ...,
         message: _builtins.str = ...,
+        node_totals: _abc.Iterable[Global___NodeTotals] | None = ...,
+        totals_coefficients: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficients", b"coefficients", "family", b"family", "iterations", b"iterations", "link", b"link", "message", b"message", "nodes", b"nodes", "partial", b"partial", "persons", b"persons", "query_id", b"query_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficients", b"coefficients", "family", b"family", "iterations", b"iterations", "link", b"link", "message", b"message", "node_totals", b"node_totals", "nodes", b"nodes", "partial", b"partial", "persons", b"persons", "query_id", b"query_id", "totals_coefficients", b"totals_coefficients"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FitResponse: _TypeAlias = FitResponse  # noqa: Y015
+
+@_typing.final
+class NodeTotals(_message.Message):
+    """One node's noisy outcome sum (design check) and sum of y - mu (the intercept entry of
+    the last Newton step's gradient, at that step's coefficients), each with its noise
+    variance; the two noises are independent (different releases).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    OUTCOME_SUM_FIELD_NUMBER: _builtins.int
+    OUTCOME_VARIANCE_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SUM_FIELD_NUMBER: _builtins.int
+    RESIDUAL_VARIANCE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    outcome_sum: _builtins.float
+    outcome_variance: _builtins.float
+    residual_sum: _builtins.float
+    residual_variance: _builtins.float
+    step: _builtins.int
+    """the Newton step the residual sum is from"""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        outcome_sum: _builtins.float = ...,
+        outcome_variance: _builtins.float = ...,
+        residual_sum: _builtins.float = ...,
+        residual_variance: _builtins.float = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "outcome_sum", b"outcome_sum", "outcome_variance", b"outcome_variance", "residual_sum", b"residual_sum", "residual_variance", b"residual_variance", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeTotals: _TypeAlias = NodeTotals  # noqa: Y015

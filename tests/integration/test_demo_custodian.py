@@ -147,7 +147,12 @@ def test_the_node_serves_the_custodians_configuration(demo_run: DemoRun) -> None
     (node,) = demo_run.described
     assert node.node == "nwc"
     # The custodian's own pathway (from its pathways_dir) and only it, beside the base views.
-    assert {v.name for v in node.catalog.views} == {"persons", "visits", "breathless_adults"}
+    assert {v.name for v in node.catalog.views} == {
+        "persons",
+        "visits",
+        "breathless_adults",
+        "breathless_adults_admissions",
+    }
     assert node.catalog.reference_date == REFERENCE
     assert node.budget.rho_total == pytest.approx(TOTAL_RHO)
     assert node.budget.max_rho_per_query == pytest.approx(MAX_RHO)

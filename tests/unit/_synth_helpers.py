@@ -25,6 +25,7 @@ TABLES = (
     "condition_occurrence",
     "death",
     "location",
+    "care_site",
 )
 REF = date(2025, 12, 31)
 SEED = 20_240_601

@@ -127,7 +127,12 @@ def test_every_view_has_a_person_id_and_bounded_numbers() -> None:
             if col.type in {ColumnType.INTEGER, ColumnType.FLOAT}:
                 assert col.bounded, (view.name, col.name)
     assert CATALOG.view("visits").max_rows_per_person == cat.MAX_VISITS_PER_PERSON
-    assert all(v.max_rows_per_person == 1 for v in CATALOG.views if v.name != "visits")
+    events = [v for v in CATALOG.views if v.name.endswith(cat.ADMISSIONS_SUFFIX)]
+    assert len(events) == len(PATHWAYS)
+    assert all(v.max_rows_per_person == cat.MAX_PATHWAY_ADMISSIONS for v in events)
+    assert all(
+        v.max_rows_per_person == 1 for v in CATALOG.views if v.name != "visits" and v not in events
+    )
 
 
 def test_the_synthetic_views_are_not_trivial(stores: dict[str, OmopStore]) -> None:

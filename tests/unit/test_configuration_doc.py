@@ -14,7 +14,14 @@ import pytest
 
 from coordinator.hub.registry import HUB_KEYS, HUB_NODE_KEYS, HUB_RELEASE_KEYS, load_hub_config
 from node.access import ACCESS_KEYS
-from node.config import BUDGET_KEYS, MODEL_KEYS, NODE_KEYS, RELEASE_KEYS, load_config
+from node.config import (
+    BUDGET_KEYS,
+    CARE_SITE_KEYS,
+    MODEL_KEYS,
+    NODE_KEYS,
+    RELEASE_KEYS,
+    load_config,
+)
 from node.data.cohorts import COHORT_KEYS
 from node.data.consent import _KEYS as CONSENT_KEYS
 from queries.errors import ConfigError
@@ -34,6 +41,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("node.toml", "`[consent]`"): CONSENT_KEYS,
     ("node.toml", "`[cohorts]`"): COHORT_KEYS,
     ("node.toml", "`[models]`"): MODEL_KEYS,
+    ("node.toml", "`[care_sites]`"): CARE_SITE_KEYS,
     ("hub.toml", "Top-level keys"): HUB_KEYS,
     ("hub.toml", "`[[nodes]]`"): HUB_NODE_KEYS,
     ("hub.toml", "`[release]`"): HUB_RELEASE_KEYS,

@@ -345,7 +345,13 @@ def test_rebuilt_views_are_sealed_like_the_first(source: Path, tmp_path: Path) -
     try:
         write_register(reg, [5])
         assert store.reload_if_changed()
-        assert set(store.tables()) == {"persons", "visits", *(p.name for p in PATHWAYS)}
+        names = [p.name for p in PATHWAYS]
+        assert set(store.tables()) == {
+            "persons",
+            "visits",
+            *names,
+            *(f"{n}_admissions" for n in names),
+        }
         for sql in (
             f"SELECT * FROM read_csv('{reg}')",  # noqa: S608
             "SET enable_external_access = true",

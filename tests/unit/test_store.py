@@ -111,7 +111,7 @@ EXPECTED_COHORTS: dict[str, list[tuple[Any, ...]]] = {
         (*EXPECTED_PERSONS[9], 2, 2, "yes", 6, 1, "yes", 2, "no"),
     ],
 }
-VIEWS = {"persons", "visits", *EXPECTED_COHORTS}
+VIEWS = {"persons", "visits", *EXPECTED_COHORTS, *(f"{c}_admissions" for c in EXPECTED_COHORTS)}
 
 FORMATS: dict[str, dict[str, Any]] = {
     "parquet": {"fmt": "parquet"},
@@ -408,7 +408,14 @@ def test_from_config_uses_the_data_settings(tmp_path: Path) -> None:
     assert [p.name for p in node_pathways(cfg)] == ["copd", "urgent_care"]
     store = OmopStore.from_config(cfg, threads=1)
     try:
-        assert set(store.tables()) == {"persons", "visits", "copd", "urgent_care"}
+        served = {"copd", "urgent_care"}
+        assert set(store.tables()) == {
+            "persons",
+            "visits",
+            *served,
+            "copd_admissions",
+            "urgent_care_admissions",
+        }
         assert store.query("SELECT count(*) AS n FROM copd").to_pylist() == [{"n": 0}]  # 80+
         assert rows(store, "persons", PERSON) == EXPECTED_PERSONS
     finally:

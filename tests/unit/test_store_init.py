@@ -44,7 +44,7 @@ def test_init_writes_a_config_that_serves_the_data(tmp_path: Path) -> None:
     assert cfg.identity == tmp_path / "node" / "identity"
     store = OmopStore.from_config(cfg, threads=1)
     try:
-        assert store.tables() == ["copd", "persons", "visits"]
+        assert store.tables() == ["copd", "copd_admissions", "persons", "visits"]
         assert store.query("SELECT count(*) AS n FROM persons").to_pylist() == [{"n": 1_999}]
     finally:
         store.close()

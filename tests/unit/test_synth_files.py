@@ -35,6 +35,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         ("race_concept_id", I64),
         ("ethnicity_concept_id", I64),
         ("location_id", I64),
+        ("care_site_id", I64),
         ("person_source_value", pa.string()),
     ],
     "observation_period": [
@@ -51,6 +52,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         ("visit_start_date", DATE),
         ("visit_end_date", DATE),
         ("visit_type_concept_id", I64),
+        ("care_site_id", I64),
         ("admitted_from_concept_id", I64),
         ("discharged_to_concept_id", I64),
         ("preceding_visit_occurrence_id", I64),
@@ -77,6 +79,11 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         ("county", pa.string()),
         ("location_source_value", pa.string()),
         ("country_source_value", pa.string()),
+    ],
+    "care_site": [
+        ("care_site_id", I64),
+        ("care_site_name", pa.string()),
+        ("care_site_source_value", pa.string()),
     ],
 }
 # NOT NULL columns in the OMOP v5.4 DDL (the OHDSI CommonDataModel DDL).
@@ -112,6 +119,7 @@ REQUIRED: dict[str, set[str]] = {
     },
     "death": {"person_id", "death_date"},
     "location": {"location_id"},
+    "care_site": {"care_site_id"},
 }
 
 

@@ -1,9 +1,10 @@
 """Seeded synthetic OMOP CDM v5.4 data for the four Connected Health Cities (CHC) regions.
 
-Writes person, observation_period, visit_occurrence, condition_occurrence, death and location
-as one Parquet file per table, plus ``lsoa_imd.csv``: a (synthetic) national lookup from LSOA
-code to IMD 2019 decile and quintile, which a node reads as its ``imd_lookup`` (it is not an
-OMOP table; the node ignores it as an extra file). Persons are generated in chunks with numpy
+Writes person, observation_period, visit_occurrence, condition_occurrence, death, location
+and care_site (the regions' NHS trusts, ``care_sites``) as one Parquet file per table, plus
+``lsoa_imd.csv``: a (synthetic) national lookup from LSOA code to IMD 2019 decile and
+quintile, which a node reads as its ``imd_lookup`` (it is not an OMOP table; the node ignores
+it as an extra file). Persons are generated in chunks with numpy
 (no per-person Python loops) and streamed through ``pyarrow.parquet.ParquetWriter`` so memory
 stays bounded at 1M+ persons. This is synthetic test data, not privacy noise, so an ordinary
 seeded ``numpy.random.Generator`` (PCG64) is used.
@@ -24,7 +25,17 @@ lookup and each region's LSOAs do not depend on the seed (like a published natio
 """
 
 from coordinator.local.synth.areas import LOOKUP_FILE, imd_lookup_table, write_imd_lookup
+from coordinator.local.synth.care_sites import (
+    TRUSTS,
+    WORSE_TRUST,
+    WORSE_TRUST_ODDS,
+    Trust,
+    care_site_id,
+    care_site_table,
+    region_trusts,
+)
 from coordinator.local.synth.generate import generate_federation, generate_region
+from coordinator.local.synth.intervention import INTERVENTION, Intervention
 from coordinator.local.synth.known import (
     KNOWN_AGE_BOUNDS,
     KNOWN_AGE_MIN,
@@ -33,6 +44,7 @@ from coordinator.local.synth.known import (
     KNOWN_OUTCOME,
     KNOWN_PATHWAY,
     KNOWN_REGION_EFFECTS,
+    KNOWN_TRUST_EFFECT,
     KNOWN_WINDOW_DAYS,
     known_coefficients,
     known_model,
@@ -53,6 +65,7 @@ from coordinator.local.synth.regions import (
 
 __all__ = [
     "IMD_SHARES",
+    "INTERVENTION",
     "KNOWN_AGE_BOUNDS",
     "KNOWN_AGE_MIN",
     "KNOWN_COEFFICIENTS",
@@ -60,6 +73,7 @@ __all__ = [
     "KNOWN_OUTCOME",
     "KNOWN_PATHWAY",
     "KNOWN_REGION_EFFECTS",
+    "KNOWN_TRUST_EFFECT",
     "KNOWN_WINDOW_DAYS",
     "LOOKUP_FILE",
     "NO_LOCATION_SHARE",
@@ -67,7 +81,14 @@ __all__ = [
     "REGIONS",
     "SCHEMAS",
     "TABLE_NAMES",
+    "TRUSTS",
+    "WORSE_TRUST",
+    "WORSE_TRUST_ODDS",
+    "Intervention",
     "Region",
+    "Trust",
+    "care_site_id",
+    "care_site_table",
     "generate_federation",
     "generate_region",
     "imd_lookup_table",
@@ -77,6 +98,7 @@ __all__ = [
     "pooled_design",
     "region_by_slug",
     "region_seed",
+    "region_trusts",
     "split_persons",
     "write_imd_lookup",
 ]

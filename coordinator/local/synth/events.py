@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.local.synth import intervention
 from coordinator.local.synth.known import _Known
 from coordinator.local.synth.omop import (
     EMERGENCY_ROOM,
@@ -48,6 +49,10 @@ from coordinator.local.synth.rates import (
     _READMIT_SEVERE,
     _RECORDS_EXTRA_MEAN,
     _SAME_DAY_BY_AGE,
+)
+
+_INTERVENTION_INDEX = [c.concept_id for c in _CONDITIONS].index(
+    intervention.INTERVENTION.concept_id
 )
 
 
@@ -166,6 +171,13 @@ def _draw_visits(
     ad_who = np.concatenate([ad_who, kn_who])
     ad_start = np.concatenate([ad_start, kn_start])
     ad_end = np.concatenate([ad_end, kn_end])
+
+    # The known intervention (intervention.py): some stays avoided, in one region only.
+    has_asthma = people.flags[_INTERVENTION_INDEX]
+    ad_kept = intervention.kept(rng, s.region, people.birth, has_asthma, ad_who, ad_start)
+    el_kept = intervention.kept(rng, s.region, people.birth, has_asthma, el_who, el_start)
+    admitted, ad_who, ad_start, ad_end = (a[ad_kept] for a in (admitted, ad_who, ad_start, ad_end))
+    el_who, el_start, el_end = (a[el_kept] for a in (el_who, el_start, el_end))
 
     n_er, n_ad, n_el, n_op = er_who.shape[0], ad_who.shape[0], el_who.shape[0], op_who.shape[0]
     who = np.concatenate([er_who, ad_who, el_who, op_who])

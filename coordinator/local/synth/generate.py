@@ -18,6 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coordinator.local.synth.areas import LOOKUP_FILE, _areas, _location_table, write_imd_lookup
+from coordinator.local.synth.care_sites import (
+    TRUSTS,
+    _home_trusts,
+    _visit_trusts,
+    _worse,
+    care_site_table,
+)
 from coordinator.local.synth.events import _draw_conditions, _draw_visits
 from coordinator.local.synth.known import _draw_known
 from coordinator.local.synth.omop import SCHEMAS, TABLE_NAMES
@@ -46,20 +53,29 @@ from coordinator.local.synth.tables import (
     _visit_table,
 )
 
+# The last spawn-key entry of the care-site stream of a chunk (known.py has none of its own).
+_CARE_SITE_STREAM = 1
+
 
 def _chunk_tables(
-    rng: np.random.Generator, n: int, s: _Settings, first_ids: Mapping[str, int]
+    rng: np.random.Generator,
+    n: int,
+    s: _Settings,
+    first_ids: Mapping[str, int],
+    site_rng: np.random.Generator,
 ) -> dict[str, pa.Table]:
     people = _draw_people(rng, n, s)
-    known = _draw_known(rng, people, s)
+    home = _home_trusts(site_rng, n, s.region)
+    known = _draw_known(rng, people, s, _worse(home))
     visits = _draw_visits(rng, people, s, first_ids["visit"], known)
+    sites = _visit_trusts(site_rng, home, visits.person_index, s.region)
     conds = _draw_conditions(rng, people, visits, first_ids["condition"], known)
     first_person = first_ids["person"]
     person_id = first_person + np.arange(n, dtype=np.int64)
     return {
-        "person": _person_table(people, person_id),
+        "person": _person_table(people, person_id, home),
         "observation_period": _observation_table(people, person_id),
-        "visit_occurrence": _visit_table(visits, first_person),
+        "visit_occurrence": _visit_table(visits, first_person, sites),
         "condition_occurrence": _condition_table(conds, first_person),
         "death": _death_table(rng, people, person_id),
     }
@@ -110,16 +126,23 @@ def generate_region(
         location = _location_table(region)
         writers["location"].write_table(location)
         counts["location"] = location.num_rows
+        writers["care_site"].write_table(care_site_table())
+        counts["care_site"] = len(TRUSTS)
         for index, first in enumerate(range(0, persons, chunk_size)):
             sequence = np.random.SeedSequence(seed, spawn_key=(_region_key(region), index))
             rng = np.random.Generator(np.random.PCG64(sequence))
+            # Care sites draw from a stream of their own: the other draws stay as they were.
+            site_sequence = np.random.SeedSequence(
+                seed, spawn_key=(_region_key(region), index, _CARE_SITE_STREAM)
+            )
+            site_rng = np.random.Generator(np.random.PCG64(site_sequence))
             first_ids = {
                 "person": first + 1,
                 "visit": counts["visit_occurrence"] + 1,
                 "condition": counts["condition_occurrence"] + 1,
             }
             n = min(chunk_size, persons - first)
-            for name, table in _chunk_tables(rng, n, settings, first_ids).items():
+            for name, table in _chunk_tables(rng, n, settings, first_ids, site_rng).items():
                 writers[name].write_table(table)
                 counts[name] += table.num_rows
     finally:

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from coordinator.local.synth.care_sites import WORSE_TRUST_EFFECT
 from coordinator.local.synth.omop import BoolArray, FloatArray, IntArray
 from coordinator.local.synth.people import _People, _Settings
 from coordinator.local.synth.rates import _COPD_INDEX
@@ -71,6 +72,9 @@ KNOWN_REGION_EFFECTS: Final[Mapping[str, float]] = {
     "yh": -0.1,
     "gm": 0.15,
 }
+# The deliberately worse trust (care_sites.WORSE_TRUST): its home persons' log-odds rise by
+# log(1.6). A fit of known_model takes it as a covariate "worse trust" (docs/synthetic-data.md).
+KNOWN_TRUST_EFFECT: Final = WORSE_TRUST_EFFECT
 
 _SLUGS: Final = tuple(region.slug for region in REGIONS)
 # Index into the generator's arrays: age bands of the view from 18, then IMD 0-4 and unknown.
@@ -189,8 +193,11 @@ class _Known:
         return out
 
 
-def _logit(people: _People, who: IntArray, age: IntArray, region: str) -> FloatArray:
-    """The model's log-odds for persons `who`, whose view ages are `age`."""
+def _logit(
+    people: _People, who: IntArray, age: IntArray, region: str, worse: BoolArray
+) -> FloatArray:
+    """The model's log-odds for persons `who`, whose view ages are `age` (`worse`: whose
+    home trust is the deliberately worse one, care_sites.py)."""
     band = np.searchsorted(_BAND_EDGES, age, side="right")
     low, high = KNOWN_AGE_BOUNDS
     scaled = (np.clip(age, low, high) - low) / (high - low)
@@ -202,11 +209,14 @@ def _logit(people: _People, who: IntArray, age: IntArray, region: str) -> FloatA
         + _IMD_EFFECT[people.imd[who]]
         + np.where(people.died[who], KNOWN_COEFFICIENTS["deceased[yes]"], 0.0)
         + KNOWN_REGION_EFFECTS[region]
+        + np.where(worse[who], KNOWN_TRUST_EFFECT, 0.0)
     )
     return out
 
 
-def _draw_known(rng: np.random.Generator, people: _People, s: _Settings) -> _Known:
+def _draw_known(
+    rng: np.random.Generator, people: _People, s: _Settings, worse: BoolArray
+) -> _Known:
     """Who is on the pathway (the view's rules) and their `admitted`, drawn from the model."""
     window_start = s.cal.reference - KNOWN_WINDOW_DAYS + 1
     # The view's age is at death for those who died; everyone else's is the drawn age.
@@ -219,7 +229,7 @@ def _draw_known(rng: np.random.Generator, people: _People, s: _Settings) -> _Kno
         & (~people.died | (people.end >= window_start))
     )
     who = np.flatnonzero(member)
-    p = 1.0 / (1.0 + np.exp(-_logit(people, who, age[who], s.region)))
+    p = 1.0 / (1.0 + np.exp(-_logit(people, who, age[who], s.region, worse)))
     admitted = np.zeros(member.shape[0], dtype=np.bool_)
     admitted[who] = rng.random(who.shape[0]) < p
     return _Known(member=member, admitted=admitted, window_start=window_start)

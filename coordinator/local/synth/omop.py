@@ -39,6 +39,7 @@ TABLE_NAMES: Final[tuple[str, ...]] = (
     "condition_occurrence",
     "death",
     "location",
+    "care_site",
 )
 
 
@@ -61,6 +62,7 @@ SCHEMAS: Final[Mapping[str, pa.Schema]] = {
             _field("race_concept_id", _I64, required=True),
             _field("ethnicity_concept_id", _I64, required=True),
             _field("location_id", _I64),
+            _field("care_site_id", _I64),
             _field("person_source_value", pa.string()),
         ]
     ),
@@ -81,6 +83,7 @@ SCHEMAS: Final[Mapping[str, pa.Schema]] = {
             _field("visit_start_date", _DATE, required=True),
             _field("visit_end_date", _DATE, required=True),
             _field("visit_type_concept_id", _I64, required=True),
+            _field("care_site_id", _I64),  # DDL order: after provider_id, which we omit
             _field("admitted_from_concept_id", _I64),
             _field("discharged_to_concept_id", _I64),
             _field("preceding_visit_occurrence_id", _I64),
@@ -113,6 +116,13 @@ SCHEMAS: Final[Mapping[str, pa.Schema]] = {
             _field("county", pa.string()),
             _field("location_source_value", pa.string()),
             _field("country_source_value", pa.string()),
+        ]
+    ),
+    "care_site": pa.schema(
+        [
+            _field("care_site_id", _I64, required=True),
+            _field("care_site_name", pa.string()),
+            _field("care_site_source_value", pa.string()),
         ]
     ),
 }

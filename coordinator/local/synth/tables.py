@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from coordinator.local.synth.care_sites import _ids
 from coordinator.local.synth.events import _Conditions, _Visits
 from coordinator.local.synth.omop import (
     _DATE,
@@ -29,7 +30,7 @@ from coordinator.local.synth.people import _People
 from coordinator.local.synth.rates import _CAUSE_SHARE, _CONDITIONS, _COPD_INDEX, _LIVER_INDEX
 
 
-def _person_table(people: _People, person_id: IntArray) -> pa.Table:
+def _person_table(people: _People, person_id: IntArray, home: IntArray) -> pa.Table:
     n = person_id.shape[0]
     birth = people.birth.astype("datetime64[D]")
     year_start = birth.astype("datetime64[Y]")
@@ -49,6 +50,7 @@ def _person_table(people: _People, person_id: IntArray) -> pa.Table:
             _const(0, n),
             _const(0, n),
             _int_array(people.location_id, mask=people.location_id < 0),
+            _ids(home),
             source,
         ],
         schema=SCHEMAS["person"],
@@ -69,7 +71,7 @@ def _observation_table(people: _People, person_id: IntArray) -> pa.Table:
     )
 
 
-def _visit_table(visits: _Visits, first_person_id: int) -> pa.Table:
+def _visit_table(visits: _Visits, first_person_id: int, sites: IntArray) -> pa.Table:
     m = visits.ids.shape[0]
     has_preceding = visits.preceding >= 0
     preceding_id = np.where(has_preceding, visits.ids[np.maximum(visits.preceding, 0)], 0)
@@ -81,6 +83,7 @@ def _visit_table(visits: _Visits, first_person_id: int) -> pa.Table:
             _date_array(visits.start),
             _date_array(visits.end),
             _const(EHR_TYPE, m),
+            _ids(sites),
             pa.nulls(m, _I64),
             pa.nulls(m, _I64),
             _int_array(preceding_id, mask=~has_preceding),

@@ -1,0 +1,66 @@
+"""`chc learn compare`: O/E by unit against the pooled model, and a funnel plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from coordinator.analyst import report
+from coordinator.analyst.cli import _connect, _deadline
+from coordinator.learning.compare import adjusting_model, compare
+from protocols.cli import console as console_for_output
+from queries.errors import ConfigError
+from queries.model import Family
+
+
+def compare_command(
+    pathway: Annotated[str, typer.Option(help="the pathway (view), e.g. copd")],
+    outcome: Annotated[str, typer.Option(help="the outcome column (an event or a count)")],
+    rho: Annotated[float, typer.Option(help="zCDP budget of the adjusting fit, at each node")],
+    by: Annotated[str, typer.Option(help="the units compared: region")] = "region",
+    adjust: Annotated[
+        str, typer.Option(help="COLUMN[,COLUMN...] the expected counts adjust for")
+    ] = "age_band,sex,imd_quintile",
+    family: Annotated[Family, typer.Option(help="binomial (events) or poisson")] = (
+        Family.BINOMIAL
+    ),
+    event: Annotated[
+        str | None, typer.Option(help="binomial: the outcome level counted (default yes)")
+    ] = None,
+    where: Annotated[
+        list[str] | None, typer.Option(help="COLUMN=V1,V2 on a public column (repeatable)")
+    ] = None,
+    overdispersion: Annotated[
+        bool, typer.Option("--overdispersion", help="widen the limits by the estimated phi")
+    ] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="write the funnel plot: out.png or out.svg")
+    ] = None,
+    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
+    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
+    deadline: Annotated[float, typer.Option(help="seconds to wait for nodes, per step")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Compare units by observed/expected against the pooled model, with a funnel plot."""
+    columns = [c.strip() for c in adjust.split(",") if c.strip()]
+    from coordinator.learning.cli import parse_where  # cli.py registers this command
+
+    model = adjusting_model(
+        pathway, outcome, columns, rho, family=family, event=event, where=parse_where(where)
+    )
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
+        raise ConfigError(f"--plot {plot}: give a file ending in .png or .svg")
+    with _connect(hub, identity) as fed:
+        result = compare(
+            fed, model, by=by, overdispersion=overdispersion, deadline_s=_deadline(deadline)
+        )
+    if as_json:
+        console_for_output().print_json(report.to_json(result.to_dict()))
+    else:
+        typer.echo(result.summary())
+    if plot is not None:
+        result.plot(plot)
+        if not as_json:
+            typer.echo(f"funnel plot written to {plot}")

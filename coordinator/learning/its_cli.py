@@ -1,0 +1,208 @@
+"""`chc learn its`: interrupted time series (and DiD with --control) of a pathway's DP
+monthly counts (docs/learning.md).
+
+One DP query counts the rows of the pathway's admissions view (`<pathway>_admissions`) by
+month at every node; the hub then fits the segmented regression (its.py) to the treated
+series (one region, or all pooled) and, with --control, to the controls' summed series
+(did.py). Registered in the `learn` group by coordinator/learning/cli.py.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import pyarrow as pa
+import typer
+
+from coordinator.analyst import report
+from coordinator.analyst.cli import _connect, _deadline
+from coordinator.learning import did, its
+from coordinator.learning.its_plot import its_plot
+from protocols.cli import CommandFailedError, ExitCode
+from protocols.cli import console as console_for_output
+from queries.combine import POOLED
+from queries.errors import ConfigError
+from queries.results import NodeStatus
+from queries.spec import Filter, Measure, Query, Statistic
+
+OUTCOMES = {"admissions": "pathway-related emergency admissions (rows of <pathway>_admissions)"}
+MEASURE = "admissions"
+DEFAULT_PRE_MONTHS = 12
+
+
+def its_query(pathway: str, months: tuple[str, ...], rho: float, cap: int | None) -> Query:
+    """The one DP query: rows of the pathway's admissions view per month, in the span."""
+    return Query(
+        view=f"{pathway}_admissions",
+        rho=rho,
+        measures=(Measure(Statistic.COUNT_ROWS, name=MEASURE),),
+        group_by=("month",),
+        where=(Filter("month", months),),
+        rows_per_person=cap,
+    )
+
+
+def series_from_table(table: pa.Table, region: str, months: tuple[str, ...]) -> its.Series:
+    """A region's (or POOLED's) monthly counts and DP variances (std_error squared)."""
+    rows = {
+        r["month"]: r
+        for r in table.to_pylist()
+        if r["region"] == region and r["measure"] == MEASURE
+    }
+    missing = [m for m in months if rows.get(m, {}).get("estimate") is None]
+    if len(missing) == len(months):
+        raise CommandFailedError(ExitCode.NO_ANSWER, f"no monthly counts from {region}")
+    if missing:
+        raise CommandFailedError(
+            ExitCode.REFUSED,
+            f"{region} withheld {len(missing)} months (e.g. {missing[0]}) under its release "
+            "rules; a series with gaps is not fitted: widen the months or raise rho",
+        )
+    counts = np.array([float(rows[m]["estimate"]) for m in months])
+    variance = np.array([float(rows[m]["std_error"] or 0.0) ** 2 for m in months])
+    return its.Series(region, months, counts, variance)
+
+
+def _month(d: str, what: str) -> str:
+    try:
+        parsed = date.fromisoformat(d) if len(d) > 7 else date.fromisoformat(d + "-01")
+    except ValueError:
+        raise ConfigError(f"{what} {d[:20]!r}: give a date YYYY-MM-DD or a month YYYY-MM") from None
+    return f"{parsed.year}-{parsed.month:02d}"
+
+
+def _end_month(reference_dates: list[date]) -> str:
+    """The last whole month every node's data covers."""
+    ref = min(reference_dates)
+    index = ref.year * 12 + ref.month - 1
+    last_day = (date(ref.year + ref.month // 12, ref.month % 12 + 1, 1)).toordinal() - 1
+    return its.month_name(index if ref.toordinal() == last_day else index - 1)
+
+
+def _line(e: its.Estimate, digits: str = ".4g") -> str:
+    return f"{e.estimate:{digits}} (95% CI {e.ci_low:{digits}} to {e.ci_high:{digits}})"
+
+
+def _summary(title: str, f: its.ItsFit) -> list[str]:
+    out = [
+        f"{title}: {len(f.series.months)} months {f.series.months[0]}..{f.series.months[-1]}, "
+        f"intervention {f.intervention}, seasonal term {'yes' if f.seasonal else 'no'}",
+        f"  baseline level at {f.intervention}: {_line(f.level)} per month",
+        f"  baseline trend: {_line(f.coefficient('trend'))} per month",
+        f"  step (level change): {_line(f.step)} per month",
+        f"  rate ratio at the step: {_line(f.rate_ratio, '.3f')}",
+        f"  slope change: {_line(f.slope_change)} per month",
+        f"  dispersion (Pearson chi2/df, ~1 if the variances fit): {f.dispersion:.2f}",
+    ]
+    if not math.isfinite(f.rate_ratio.ci_low):
+        out.append("  (the baseline is too noisy for a bounded rate-ratio interval: raise rho)")
+    return out
+
+
+def its_cmd(
+    pathway: Annotated[str, typer.Option(help="the pathway, e.g. asthma_children")],
+    intervention: Annotated[str, typer.Option(help="first day (or month) of the change")],
+    rho: Annotated[float, typer.Option(help="zCDP budget of the one query, at each node")],
+    outcome: Annotated[str, typer.Option(help="what is counted per month")] = "admissions",
+    region: Annotated[
+        str | None, typer.Option(help="the region (node) that changed; default all pooled")
+    ] = None,
+    control: Annotated[
+        str | None, typer.Option(help="REGION[,REGION...]: controls for difference-in-differences")
+    ] = None,
+    start: Annotated[
+        str | None, typer.Option(help=f"first month (default {DEFAULT_PRE_MONTHS} before)")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option(help="last month (default the nodes' last whole month)")
+    ] = None,
+    rows_per_person: Annotated[
+        int | None, typer.Option(help="cap on admissions counted per person (less noise)")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="write the series and fitted segments: out.png or out.svg")
+    ] = None,
+    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
+    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
+    deadline: Annotated[float, typer.Option(help="seconds to wait for nodes")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Interrupted time series of a pathway's monthly DP counts; DiD with --control."""
+    if outcome not in OUTCOMES:
+        raise ConfigError(
+            f"--outcome {outcome[:40]!r}: an interrupted time series counts "
+            + "; ".join(f"{k} ({v})" for k, v in OUTCOMES.items())
+        )
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
+        raise ConfigError(f"--plot {plot}: give a file ending in .png or .svg")
+    controls = tuple(c.strip() for c in (control or "").split(",") if c.strip())
+    if controls and region is None:
+        raise ConfigError("--control needs --region: the region that changed")
+    if region is not None and region in controls:
+        raise ConfigError(f"--control lists {region}, the treated --region; a control must not")
+    t0 = _month(intervention, "--intervention")
+    first = (
+        _month(start, "--start")
+        if start
+        else its.month_name(its.month_index(t0) - DEFAULT_PRE_MONTHS)
+    )
+    deadline = _deadline(deadline)
+    console = console_for_output()
+    with _connect(hub, identity) as fed:
+        # Before any charge: the regions named must be nodes, and the span must be known.
+        described, _ = fed.nodes(timeout_s=deadline)
+        if not described:
+            raise CommandFailedError(ExitCode.NO_ANSWER, "no node described its catalog")
+        names = sorted(d.node for d in described)
+        for r in (region, *controls):
+            if r is not None and r not in names:
+                raise ConfigError(f"region {r!r} is not a node of this federation: {names}")
+        if end:
+            last = _month(end, "--end")
+        else:
+            refs = [d.catalog.reference_date for d in described]
+            last = _end_month([r for r in refs if r is not None] or [date.today()])
+        months = its.month_range(first, last)
+        query = its_query(pathway, months, rho, rows_per_person)
+        result = fed.query(query, deadline_s=deadline)
+    if not any(n.status is NodeStatus.OK for n in result.nodes):
+        failure = report.nobody_answered(list(result.nodes))
+        raise CommandFailedError(
+            ExitCode.REFUSED if failure.refused else ExitCode.NO_ANSWER, failure.reason
+        )
+    treated = series_from_table(result.table, region or POOLED, months)
+    out: dict[str, Any]
+    panels: list[tuple[str, its.ItsFit]]
+    if controls:
+        control_series = series_from_table(result.table, controls[0], months)
+        for c in controls[1:]:
+            control_series = control_series + series_from_table(result.table, c, months)
+        d = did.fit(treated, control_series, t0)
+        out = d.to_dict()
+        panels = [(f"treated {region}", d.treated), (f"control {'+'.join(controls)}", d.control)]
+        lines = _summary(f"treated {region}", d.treated)
+        lines += _summary(f"control {'+'.join(controls)}", d.control)
+        lines += [
+            f"difference-in-differences rate ratio: {_line(d.ratio_of_ratios, '.3f')}",
+            "parallel-trends check (pre-period slope, treated minus control, share of level "
+            f"per month): {_line(d.pre_trend_difference, '.4f')}: "
+            + ("consistent with parallel trends" if d.parallel else "NOT parallel: DiD suspect"),
+        ]
+    else:
+        f = its.fit(treated, t0)
+        out = f.to_dict()
+        panels = [(region or POOLED, f)]
+        lines = _summary(region or POOLED, f)
+    out["query"] = {"view": query.view, "rho": rho, "nodes": [n.node for n in result.nodes]}
+    if as_json:
+        console.print_json(report.to_json(out))
+    else:
+        typer.echo("\n".join(lines))
+    if plot is not None:
+        its_plot(panels, plot)
+        if not as_json:
+            typer.echo(f"time-series plot written to {plot}")
