@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from coordinator.analyst.client import Federation
 
 BY = ("region",)
+# The flag of a unit whose noisy expected count came out not positive: no ratio can be
+# stated. Reported, never raised: the fit was charged, and after that nothing about the data
+# may turn into an error (a status that depends on the data).
+NO_ESTIMATE = "no estimate: the noisy expected count is not positive (give the fit more rho)"
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,10 @@ def unit_ratio(t: NodeTotals) -> UnitRatio:
     o, g = t.outcome_sum, t.residual_sum
     e = o - g
     if not e > 0:
-        raise QueryError(f"unit {t.node}: the noisy expected count is {e:.3g}, not positive")
+        inf = math.inf
+        return UnitRatio(
+            t.node, o, e, math.nan, inf, inf, 0.0, inf, t.residual_variance, flag=NO_ESTIMATE
+        )
     ratio = o / e
     dp = (g**2 * t.outcome_variance + o**2 * t.residual_variance) / e**4
     # Poisson on O; at least one event's variance so that O = 0 still has a width.
@@ -68,6 +75,10 @@ def unit_ratio(t: NodeTotals) -> UnitRatio:
     else:
         low, high = 0.0, Z95 * sd
     return UnitRatio(t.node, o, e, ratio, dp, sampling, low, high, t.residual_variance)
+
+
+def _finite_or_none(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def flag(u: UnitRatio, phi: float | None) -> str:
@@ -99,13 +110,14 @@ class Comparison:
     @property
     def outliers(self) -> tuple[str, ...]:
         """The units outside the 95% or 99.8% limits."""
-        return tuple(u.unit for u in self.units if u.flag)
+        return tuple(u.unit for u in self.units if u.flag and u.flag != NO_ESTIMATE)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (`chc learn compare --json`)."""
         return {
             "by": self.by,
-            "units": [asdict(u) for u in self.units],
+            # JSON has no NaN or Infinity: a unit without an estimate has nulls there.
+            "units": [{k: _finite_or_none(v) for k, v in asdict(u).items()} for u in self.units],
             "outliers": list(self.outliers),
             "phi": self.phi,
             "phi_estimate": self.phi_estimate,
@@ -142,7 +154,7 @@ class Comparison:
         """Write the funnel plot as PNG or SVG (by suffix)."""
         v = sorted(u.residual_variance for u in self.units)[len(self.units) // 2]
         return funnel.draw(
-            [(u.unit, u.expected, u.ratio) for u in self.units],
+            [(u.unit, u.expected, u.ratio) for u in self.units if u.flag != NO_ESTIMATE],
             Path(path),
             dp_variance=v,
             phi=self.phi,
@@ -162,9 +174,13 @@ def compare_units(
     if not totals:
         raise QueryError("the fit released no per-unit totals (a Gaussian model has none)")
     ratios = [unit_ratio(t) for t in totals]
-    phi_hat = funnel.overdispersion([z_score(u) for u in ratios])
-    phi = max(1.0, phi_hat) if overdispersed else None
-    units = tuple(UnitRatio(**{**asdict(u), "flag": flag(u, phi)}) for u in ratios)
+    scored = [u for u in ratios if u.flag != NO_ESTIMATE]
+    phi_hat = funnel.overdispersion([z_score(u) for u in scored]) if scored else math.nan
+    phi = max(1.0, phi_hat) if overdispersed and scored else None
+    units = tuple(
+        u if u.flag == NO_ESTIMATE else UnitRatio(**{**asdict(u), "flag": flag(u, phi)})
+        for u in ratios
+    )
     return Comparison(by=by, units=units, phi=phi, phi_estimate=phi_hat, fit=fit)
 
 

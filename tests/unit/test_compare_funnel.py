@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from coordinator.learning import funnel
-from coordinator.learning.compare import flag, unit_ratio, z_score
+from coordinator.learning.compare import NO_ESTIMATE, flag, unit_ratio, z_score
 from queries.fitted import NodeTotals
 
 
@@ -102,12 +102,22 @@ def test_oe_intervals_cover_the_true_ratio_with_known_noise(
     hits = 0
     for o, g in zip(outcome, residual, strict=True):
         u = unit_ratio(NodeTotals("a", float(o), v1, float(g), v2, 1))
+        # A draw whose noisy E is not positive has no estimate, and its interval (0, inf)
+        # covers: it says nothing, which is honest (about 1% of draws in the noisiest cases).
         hits += u.ci_low <= ratio <= u.ci_high
     coverage = hits / draws
     # Measured 0.943 to 0.964 (the log-scale delta method is approximate). The estimate's sd
     # is 0.0016 at 20,000 draws; 0.95 +- 0.02 is over 6 sd from anything in 0.935..0.965,
     # a false failure below 2e-9.
     assert 0.93 <= coverage <= 0.97
+
+
+def test_a_noisy_expected_count_below_zero_is_reported_not_raised() -> None:
+    # After the fit has charged, the data (here, the noise) must not turn into an error.
+    u = unit_ratio(NodeTotals("thin", 3.0, 100.0, 40.0, 100.0, 1))
+    assert u.flag == NO_ESTIMATE
+    assert math.isnan(u.ratio)
+    assert (u.ci_low, u.ci_high) == (0.0, math.inf)
 
 
 def test_a_unit_far_above_the_funnel_is_flagged_and_one_on_it_is_not() -> None:
