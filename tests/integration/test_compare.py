@@ -29,10 +29,9 @@ from coordinator.local import synth
 from coordinator.local.federation import LocalFederation, NodeSetup
 from coordinator.local.synth.known import pooled_design
 from node.data.catalog import cohort_view
-from node.data.store import OmopStore
 from queries.model import ModelSpec
-from queries.pathway import load_pathways
 from queries.spec import Filter
+from tests.integration._known_rows import known_pathway, known_rows
 
 pytestmark = pytest.mark.integration
 
@@ -77,28 +76,10 @@ def _designs(
     folders: dict[str, Path], model: ModelSpec
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each region's noiseless design and outcome (X, y), as the nodes compute them."""
-    (pathway,) = load_pathways([synth.KNOWN_PATHWAY])
+    pathway = known_pathway()
     out = {}
     for region in REGIONS:
-        store = OmopStore(
-            folders[region],
-            [pathway],
-            reference_date=LocalFederation.reference_date,
-            imd_lookup=folders[region] / synth.LOOKUP_FILE,
-            recheck_s=None,
-        )
-        try:
-            rows = store.query(
-                f"""
-                SELECT CAST(age_band AS VARCHAR) AS age_band, age, CAST(sex AS VARCHAR) AS sex,
-                       CAST(imd_quintile AS VARCHAR) AS imd_quintile,
-                       CAST(deceased AS VARCHAR) AS deceased,
-                       CAST(admitted AS VARCHAR) AS admitted
-                FROM {synth.KNOWN_PATHWAY}
-                """  # noqa: S608 - a constant
-            )
-        finally:
-            store.close()
+        rows = known_rows(folders[region])
         _, x, y = pooled_design(model, cohort_view(pathway), {region: rows})
         out[region] = (x, y)
     return out

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pyarrow as pa
 import pytest
 import statsmodels.api as sm
 from typer.testing import CliRunner
@@ -37,16 +36,15 @@ from coordinator.local import synth
 from coordinator.local.federation import AUDITOR_NAME, LocalFederation, NodeSetup
 from coordinator.local.synth.known import pooled_design
 from node.data.catalog import cohort_view
-from node.data.store import OmopStore
 from protocols.security.envelope import Operation
 from protocols.security.pki import Role
 from protocols.v1 import hub_pb2
 from queries.errors import QueryError
 from queries.model import ModelSpec
 from queries.model_plan import DESIGN_CHECK_SHARE
-from queries.pathway import load_pathways
 from queries.results import NodeStatus
 from queries.spec import Filter, Query
+from tests.integration._known_rows import known_pathway, known_rows
 
 pytestmark = pytest.mark.integration
 
@@ -98,28 +96,8 @@ def _pooled(
     folders: dict[str, Path], model: ModelSpec, regions: tuple[str, ...]
 ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     """statsmodels on the pooled rows: (columns, coefficients, their sampling SEs)."""
-    (pathway,) = load_pathways([synth.KNOWN_PATHWAY])
-    rows: dict[str, pa.Table] = {}
-    for region in regions:
-        store = OmopStore(
-            folders[region],
-            [pathway],
-            reference_date=LocalFederation.reference_date,
-            imd_lookup=folders[region] / synth.LOOKUP_FILE,
-            recheck_s=None,
-        )
-        try:
-            rows[region] = store.query(
-                f"""
-                SELECT CAST(age_band AS VARCHAR) AS age_band, age, CAST(sex AS VARCHAR) AS sex,
-                       CAST(imd_quintile AS VARCHAR) AS imd_quintile,
-                       CAST(deceased AS VARCHAR) AS deceased,
-                       CAST(admitted AS VARCHAR) AS admitted
-                FROM {synth.KNOWN_PATHWAY}
-                """  # noqa: S608 - a constant
-            )
-        finally:
-            store.close()
+    pathway = known_pathway()
+    rows = {region: known_rows(folders[region]) for region in regions}
     columns, x, y = pooled_design(model, cohort_view(pathway), rows)
     fit = sm.GLM(y, x, family=sm.families.Binomial()).fit(tol=1e-12, maxiter=100)
     return columns, np.asarray(fit.params), np.asarray(fit.bse)

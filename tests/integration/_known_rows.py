@@ -1,0 +1,41 @@
+"""The rows of the known model's pathway view, read as a node builds them (for pooled fits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from coordinator.local import synth
+from coordinator.local.federation import LocalFederation
+from node.data.store import OmopStore
+from queries.pathway import Pathway, load_pathways
+
+
+def known_pathway() -> Pathway:
+    """The pathway the synthetic known model is defined on."""
+    (pathway,) = load_pathways([synth.KNOWN_PATHWAY])
+    return pathway
+
+
+def known_rows(folder: Path) -> pa.Table:
+    """One region's pathway rows with the model's columns, from the node's own store."""
+    store = OmopStore(
+        folder,
+        [known_pathway()],
+        reference_date=LocalFederation.reference_date,
+        imd_lookup=folder / synth.LOOKUP_FILE,
+        recheck_s=None,
+    )
+    try:
+        return store.query(
+            f"""
+            SELECT CAST(age_band AS VARCHAR) AS age_band, age, CAST(sex AS VARCHAR) AS sex,
+                   CAST(imd_quintile AS VARCHAR) AS imd_quintile,
+                   CAST(deceased AS VARCHAR) AS deceased,
+                   CAST(admitted AS VARCHAR) AS admitted
+            FROM {synth.KNOWN_PATHWAY}
+            """  # noqa: S608 - a constant
+        )
+    finally:
+        store.close()
