@@ -157,6 +157,12 @@ DebugOpt = Annotated[
 ]
 
 
+# Options every command that talks to the hub takes, said once so their help reads the same.
+HubOpt = Annotated[str | None, typer.Option(help="hub address host:port")]
+AnalystIdentityOpt = Annotated[Path | None, typer.Option(help="analyst identity folder")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
 def read_identity(folder: Path, *, flag: str = "--identity") -> Identity:
     """load_identity, with a ConfigError naming the file if a PEM is malformed.
 

@@ -20,7 +20,14 @@ from coordinator.analyst import report
 from coordinator.analyst.client import Federation
 from coordinator.hub.service import MAX_DEADLINE_MS
 from coordinator.local.demo import read_demo_state
-from protocols.cli import CommandFailedError, ExitCode, read_identity
+from protocols.cli import (
+    AnalystIdentityOpt,
+    CommandFailedError,
+    ExitCode,
+    HubOpt,
+    JsonOpt,
+    read_identity,
+)
 from protocols.cli import console as console_for_output
 from queries import spec, spec_io
 from queries.errors import ConfigError, QueryError
@@ -261,10 +268,10 @@ def query(
     explain: Annotated[
         bool, typer.Option("--explain", help="show the plan, cost and noise; spend nothing")
     ] = False,
-    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
-    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
+    hub: HubOpt = None,
+    identity: AnalystIdentityOpt = None,
     deadline: Annotated[float, typer.Option(help="seconds to wait for nodes")] = 30.0,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
 ) -> None:
     """Run a federated DP query at every node; print per-region and pooled estimates."""
@@ -301,9 +308,9 @@ def _fail_on(failure: report.Failure | None) -> None:
 
 
 def nodes(
-    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
+    hub: HubOpt = None,
     identity: Annotated[Path | None, typer.Option(help="identity folder")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List every node's views, their columns (kind, bounds, domain) and remaining budget."""
     console = console_for_output()

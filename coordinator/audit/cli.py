@@ -16,7 +16,15 @@ from coordinator.audit import verification
 from coordinator.audit.export import export
 from coordinator.audit.sources import LedgerSource, node_addresses, open_file, open_remote
 from coordinator.local.demo import read_demo_state
-from protocols.cli import ChcGroup, CommandFailedError, ExitCode, read_identity
+from protocols.cli import (
+    AnalystIdentityOpt,
+    ChcGroup,
+    CommandFailedError,
+    ExitCode,
+    JsonOpt,
+    read_identity,
+)
+from protocols.cli import HubOpt as HubAddressOpt
 from protocols.cli import console as rich_console
 from protocols.ledger.entry import load_public_key
 from protocols.security.pki import Identity, Role
@@ -133,7 +141,7 @@ def verify(
             "be there, unchanged"
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check each ledger's chain, signatures, sequence, head, caps and analysts' signatures.
 
@@ -215,7 +223,7 @@ def report(
     ),
     csv_out: Annotated[Path | None, typer.Option("--csv", help="write every row as CSV")] = None,
     chart: Annotated[Path | None, typer.Option(help="write a bar chart (.svg)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Spend by node, analyst, view (pathway) and budget period: table, CSV and chart."""
     sources = _sources(paths, hub, node, identity, None)
@@ -295,9 +303,9 @@ def report(
 
 
 def budget(
-    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
-    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    hub: HubAddressOpt = None,
+    identity: AnalystIdentityOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Remaining privacy budget at every node, overall and for you (spends nothing)."""
     from coordinator.analyst.client import Federation

@@ -16,7 +16,14 @@ import typer
 from coordinator.analyst import report
 from coordinator.analyst.cli import _connect, _deadline
 from coordinator.learning.result import FitResult
-from protocols.cli import ChcGroup, CommandFailedError, ExitCode
+from protocols.cli import (
+    AnalystIdentityOpt,
+    ChcGroup,
+    CommandFailedError,
+    ExitCode,
+    HubOpt,
+    JsonOpt,
+)
 from protocols.cli import console as console_for_output
 from queries.errors import ConfigError
 from queries.model import MAX_ITERATIONS, Covariate, Family, ModelSpec
@@ -122,10 +129,10 @@ def glm(
     plot: Annotated[
         Path | None, typer.Option(help="write a forest plot of the ratios: out.png or out.svg")
     ] = None,
-    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
-    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
+    hub: HubOpt = None,
+    identity: AnalystIdentityOpt = None,
     deadline: Annotated[float, typer.Option(help="seconds to wait for nodes, per step")] = 60.0,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fit a GLM across every node (design check, then Newton steps); print its coefficients."""
     model = ModelSpec(

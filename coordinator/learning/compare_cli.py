@@ -10,6 +10,7 @@ import typer
 from coordinator.analyst import report
 from coordinator.analyst.cli import _connect, _deadline
 from coordinator.learning.compare import adjusting_model, compare
+from protocols.cli import AnalystIdentityOpt, HubOpt, JsonOpt
 from protocols.cli import console as console_for_output
 from queries.errors import ConfigError
 from queries.model import Family
@@ -38,10 +39,10 @@ def compare_command(
     plot: Annotated[
         Path | None, typer.Option(help="write the funnel plot: out.png or out.svg")
     ] = None,
-    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
-    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
+    hub: HubOpt = None,
+    identity: AnalystIdentityOpt = None,
     deadline: Annotated[float, typer.Option(help="seconds to wait for nodes, per step")] = 60.0,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Compare units by observed/expected against the pooled model, with a funnel plot."""
     columns = [c.strip() for c in adjust.split(",") if c.strip()]

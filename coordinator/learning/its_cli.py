@@ -22,7 +22,7 @@ from coordinator.analyst import report
 from coordinator.analyst.cli import _connect, _deadline
 from coordinator.learning import did, its
 from coordinator.learning.its_plot import its_plot
-from protocols.cli import CommandFailedError, ExitCode
+from protocols.cli import AnalystIdentityOpt, CommandFailedError, ExitCode, HubOpt, JsonOpt
 from protocols.cli import console as console_for_output
 from queries.combine import POOLED
 from queries.errors import ConfigError
@@ -126,10 +126,10 @@ def its_cmd(
     plot: Annotated[
         Path | None, typer.Option(help="write the series and fitted segments: out.png or out.svg")
     ] = None,
-    hub: Annotated[str | None, typer.Option(help="hub address host:port")] = None,
-    identity: Annotated[Path | None, typer.Option(help="analyst identity folder")] = None,
+    hub: HubOpt = None,
+    identity: AnalystIdentityOpt = None,
     deadline: Annotated[float, typer.Option(help="seconds to wait for nodes")] = 60.0,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Interrupted time series of a pathway's monthly DP counts; DiD with --control."""
     if outcome not in OUTCOMES:
