@@ -43,9 +43,14 @@ from queries.errors import ChcError, PermissionDeniedError, QueryError
 from queries.model import ModelSpec, model_from_json
 from queries.model_checks import check_coefficients
 from queries.model_plan import ModelPlan, plan_model
+from queries.results import ReleaseRules
 from queries.schema import Catalog
 
 log = logging.getLogger(__name__)
+
+
+def _has_units(plan: ModelPlan, k: int) -> bool:
+    return any(v.name.startswith("unit_") for v in plan.step(k).vectors)
 
 
 class FitOrderError(ChcError):
@@ -76,8 +81,10 @@ class Fitter:
         nonces: NonceStore,
         policy: ModelPolicy,
         access: AccessPolicy,
+        rules: ReleaseRules | None = None,
     ) -> None:
         self.name = name
+        self.rules = rules or ReleaseRules()
         self.access = access
         self.store = store
         self.catalog = catalog
@@ -248,6 +255,8 @@ class Fitter:
             epsilon=epsilon,
             budget=serde.budget_to_proto(budget),
             ledger_sequence=sequence,
+            units=list(plan.units) if _has_units(plan, k) else [],
+            release_rules=serde.rules_to_proto(self.rules),
         )
 
     def _check_order(self, nonce: bytes, plan: ModelPlan, k: int) -> None:

@@ -106,6 +106,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             nonces=self.nonces,
             policy=models or ModelPolicy(),
             access=self.access,
+            rules=self.rules,
         )
 
     def _is_revoked(self, cert: x509.Certificate) -> bool:

@@ -260,6 +260,18 @@ def measure_noise_from_proto(msg: node_pb2.MeasureNoise) -> MeasureNoise:
     )
 
 
+def rules_to_proto(rules: ReleaseRules | None) -> node_pb2.ReleaseRules | None:
+    """A node's disclosure rules for the wire (None: none sent)."""
+    if rules is None:
+        return None
+    return node_pb2.ReleaseRules(suppress_below=rules.suppress_below, round_to=rules.round_to)
+
+
+def rules_from_proto(msg: node_pb2.ReleaseRules) -> ReleaseRules:
+    """A node's disclosure rules from the wire (a round_to below 1 is 1: no rounding)."""
+    return ReleaseRules(suppress_below=msg.suppress_below, round_to=max(1, msg.round_to))
+
+
 def release_to_proto(release: NodeRelease) -> node_pb2.ExecuteResponse:
     """A node's DP release for the wire."""
     return node_pb2.ExecuteResponse(
@@ -270,13 +282,7 @@ def release_to_proto(release: NodeRelease) -> node_pb2.ExecuteResponse:
         epsilon=release.epsilon,
         budget=budget_to_proto(release.budget),
         measures=[measure_noise_to_proto(m) for m in release.measures],
-        release_rules=(
-            node_pb2.ReleaseRules(
-                suppress_below=release.rules.suppress_below, round_to=release.rules.round_to
-            )
-            if release.rules is not None
-            else None
-        ),
+        release_rules=rules_to_proto(release.rules),
     )
 
 
@@ -290,14 +296,7 @@ def release_from_proto(msg: node_pb2.ExecuteResponse) -> NodeRelease:
         epsilon=msg.epsilon,
         budget=budget_from_proto(msg.budget),
         measures=tuple(measure_noise_from_proto(m) for m in msg.measures),
-        rules=(
-            ReleaseRules(
-                suppress_below=msg.release_rules.suppress_below,
-                round_to=max(1, msg.release_rules.round_to),
-            )
-            if msg.HasField("release_rules")
-            else None
-        ),
+        rules=rules_from_proto(msg.release_rules) if msg.HasField("release_rules") else None,
         ledger_sequence=msg.ledger_sequence,
     )
 

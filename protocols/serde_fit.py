@@ -11,7 +11,13 @@ import math
 from protocols.serde import budget_to_proto, outcome_from_proto, outcome_to_proto
 from protocols.v1 import hub_pb2, node_pb2
 from queries.errors import DataError
-from queries.fitted import FitIterationInfo, FittedCoefficient, FittedModel, NodeTotals
+from queries.fitted import (
+    FitIterationInfo,
+    FittedCoefficient,
+    FittedModel,
+    NodeTotals,
+    UnitTotals,
+)
 from queries.model import Family, StepRelease
 from queries.results import BudgetStatus
 
@@ -39,6 +45,7 @@ def step_release_to_proto(
         epsilon=epsilon,
         budget=budget_to_proto(budget),
         ledger_sequence=ledger_sequence,
+        units=list(release.units),
     )
 
 
@@ -61,6 +68,15 @@ def step_release_from_proto(msg: node_pb2.FitStepResponse, node: str) -> StepRel
         variances[s.name] = s.noise_variance
     if not math.isfinite(msg.rho_charged) or msg.rho_charged < 0:
         raise DataError(f"node {node} reported an impossible charge {msg.rho_charged!r}")
+    units = tuple(msg.units)
+    if len(set(units)) != len(units):
+        raise DataError(f"node {node} named a compared unit twice")
+    for name in ("unit_outcome", "unit_residual"):
+        if name in vectors and len(vectors[name]) != len(units):
+            raise DataError(
+                f"node {node} released {len(vectors[name])} {name} value(s) for "
+                f"{len(units)} unit(s)"
+            )
     return StepRelease(
         node=node,
         step=msg.step,
@@ -68,6 +84,7 @@ def step_release_from_proto(msg: node_pb2.FitStepResponse, node: str) -> StepRel
         vectors=vectors,
         variances=variances,
         rho=msg.rho_charged,
+        units=units,
     )
 
 
@@ -108,6 +125,20 @@ def fitted_to_proto(fitted: FittedModel) -> hub_pb2.FitResponse:
             for t in fitted.node_totals
         ],
         totals_coefficients=list(fitted.totals_coefficients),
+        unit_totals=[
+            hub_pb2.UnitTotals(
+                unit=t.unit,
+                outcome_sum=t.outcome_sum,
+                outcome_variance=t.outcome_variance,
+                residual_sum=t.residual_sum,
+                residual_variance=t.residual_variance,
+                nodes=list(t.nodes),
+                suppressed=t.suppressed,
+                reason=t.reason,
+            )
+            for t in fitted.unit_totals
+        ],
+        compare_by=fitted.compare_by,
     )
 
 
@@ -148,6 +179,27 @@ def fitted_from_proto(msg: hub_pb2.FitResponse) -> FittedModel:
         message=msg.message,
         node_totals=tuple(_totals_from_proto(t) for t in msg.node_totals),
         totals_coefficients=tuple(msg.totals_coefficients),
+        unit_totals=tuple(_unit_from_proto(t) for t in msg.unit_totals),
+        compare_by=msg.compare_by,
+    )
+
+
+def _unit_from_proto(t: hub_pb2.UnitTotals) -> UnitTotals:
+    values = (t.outcome_sum, t.outcome_variance, t.residual_sum, t.residual_variance)
+    # A suppressed unit's figures are NaN; a shown one's must be real, variances >= 0.
+    if not t.suppressed and (
+        not all(math.isfinite(v) for v in values) or min(values[1], values[3]) < 0
+    ):
+        raise DataError(f"the hub sent impossible totals for unit {t.unit[:40]!r}")
+    return UnitTotals(
+        unit=t.unit,
+        outcome_sum=t.outcome_sum,
+        outcome_variance=t.outcome_variance,
+        residual_sum=t.residual_sum,
+        residual_variance=t.residual_variance,
+        nodes=tuple(t.nodes),
+        suppressed=t.suppressed,
+        reason=t.reason,
     )
 
 

@@ -60,6 +60,26 @@ class NodeTotals:
 
 
 @dataclass(frozen=True)
+class UnitTotals:
+    """One compared unit's noisy outcome sum and sum of y - mu, over the nodes, with noise.
+
+    From a compare_by model: outcome_sum is the design checks' sum at the unit's level,
+    residual_sum the expected step's, at the final coefficients; both summed over `nodes`
+    (whose catalogs have the level), their noise variances added. A unit the disclosure
+    rules suppress has NaN figures and the reason.
+    """
+
+    unit: str
+    outcome_sum: float
+    outcome_variance: float
+    residual_sum: float
+    residual_variance: float
+    nodes: tuple[str, ...]
+    suppressed: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class FittedModel:
     """The hub's fit: coefficients, convergence, and what each node was charged."""
 
@@ -76,6 +96,9 @@ class FittedModel:
     node_totals: tuple[NodeTotals, ...] = ()
     # The coefficients the node_totals' step was sent: E = O - g_0 is at these.
     totals_coefficients: tuple[float, ...] = ()
+    # A compare_by model's units (then node_totals is empty), and the column compared.
+    unit_totals: tuple[UnitTotals, ...] = ()
+    compare_by: str = ""
 
     @property
     def has_ratios(self) -> bool:

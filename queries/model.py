@@ -18,6 +18,12 @@ A fit is a fixed sequence of steps, each charged at every node before it is rele
   binomial, mu for Poisson and 1 for Gaussian. A Gaussian model needs one step (b is
   ignored): X'X, X'y and y'y, from which the hub solves least squares.
 
+A model that compares units (`compare_by`, a public category such as care_site) adds to the
+design check the outcome's sum at each level of that column, and takes one more step after the
+Newton steps, the expected step: at the final coefficients, the sum of y - mu at each level,
+from which the hub has each unit's expected count E = O - sum (y - mu) for indirect
+standardisation (coordinator/learning/compare.py). The unit is not in the design.
+
 Every design entry is in [0, 1]: the intercept is 1, a categorical covariate is one-hot
 against its reference level (the first level of its public domain unless chosen), a numeric
 covariate is clamped to its public bounds and scaled to [0, 1], and a region effect is the
@@ -127,6 +133,9 @@ class ModelSpec:
     # Rows the model is fitted on (public values of public categories, as in a query); a
     # filtered category covariate has only the filter's levels in the design.
     where: tuple[Filter, ...] = ()
+    # A public category whose levels are compared by observed/expected (indirect
+    # standardisation): per-level outcome sums at the design check, and an expected step.
+    compare_by: str | None = None
 
     def __post_init__(self) -> None:
         check_identifier(self.view, "view")
@@ -165,6 +174,17 @@ class ModelSpec:
             raise QueryError(f"filter columns repeat: {quote(filtered)}")
         if self.family is Family.GAUSSIAN and self.iterations not in (None, 1):
             raise QueryError("a Gaussian model is solved in one step; give no iterations")
+        if self.compare_by is not None:
+            check_identifier(self.compare_by, "compare_by")
+            if self.family is Family.GAUSSIAN:
+                raise QueryError(
+                    "compare_by: observed/expected compares counts; use a binomial or Poisson model"
+                )
+            if self.compare_by in (*columns, self.outcome, self.offset):
+                raise QueryError(
+                    f"compare_by: {self.compare_by!r} is already in the model; the units "
+                    "compared are not adjusted for (drop it from the covariates)"
+                )
 
     @property
     def link(self) -> str:
@@ -180,8 +200,13 @@ class ModelSpec:
 
     @property
     def steps(self) -> int:
-        """Every charged step of the fit: the design check and the Newton steps."""
-        return 1 + self.newton_steps
+        """Every charged step: the design check, the Newton steps, and any expected step."""
+        return 1 + self.newton_steps + (1 if self.compare_by is not None else 0)
+
+    @property
+    def expected_step(self) -> int | None:
+        """The step releasing each unit's sum of y - mu (None: the model compares nothing)."""
+        return self.newton_steps + 1 if self.compare_by is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; model_from_dict(to_dict(m)) == m. Defaults are left out."""
@@ -207,6 +232,8 @@ class ModelSpec:
             out["cohort"] = self.cohort.to_dict()
         if self.where:
             out["where"] = [{"column": f.column, "values": list(f.values)} for f in self.where]
+        if self.compare_by is not None:
+            out["compare_by"] = self.compare_by
         return out
 
 
@@ -239,6 +266,7 @@ _KEYS = frozenset(
         "iterations",
         "cohort",
         "where",
+        "compare_by",
     }
 )
 
@@ -325,7 +353,14 @@ def model_from_dict(data: object) -> ModelSpec:
         iterations=data.get("iterations"),
         cohort=cohort,
         where=tuple(where),
+        compare_by=_text_or_none(data.get("compare_by"), "compare_by"),
     )
+
+
+def _text_or_none(raw: object, what: str) -> str | None:
+    if raw is None or isinstance(raw, str):
+        return raw
+    raise QueryError(f"{what} must be a column name (a string)")
 
 
 def model_from_json(text: bytes | str) -> ModelSpec:
@@ -392,8 +427,10 @@ class StepRelease:
     Vectors (design check): "n" (1 value), "level_counts" (one per design column, the
     intercept's being n again, numeric columns' 0), "outcome_sum" (1). Vectors (Newton
     step): "gradient" (one per design column) and "hessian" (the upper triangle,
-    row-major); Gaussian: "xtx" (upper triangle), "xty", "yty", "n". Each vector's
-    noise variance is per entry (the discrete Gaussian's sigma^2, in the vector's units).
+    row-major); Gaussian: "xtx" (upper triangle), "xty", "yty", "n". A model with
+    compare_by adds "unit_outcome" to the design check and has an expected step releasing
+    "unit_residual" (sum of y - mu), one value per level of `units`. Each vector's noise
+    variance is per entry (the discrete Gaussian's sigma^2, in the vector's units).
     """
 
     node: str
@@ -402,3 +439,4 @@ class StepRelease:
     vectors: Mapping[str, tuple[float, ...]]
     variances: Mapping[str, float]
     rho: float
+    units: tuple[str, ...] = ()

@@ -117,6 +117,31 @@ def check_outcome(model: ModelSpec, view: ViewSpec, filters: dict[str, tuple[str
     return Outcome(column=model.outcome, event=None, lower=lo, upper=hi)
 
 
+def check_compare_by(
+    model: ModelSpec, view: ViewSpec, filters: dict[str, tuple[str, ...]]
+) -> tuple[str, ...]:
+    """The levels of the compared column (its public domain, narrowed by the filters)."""
+    name = model.compare_by
+    if name is None:
+        return ()
+    names = [c.name for c in view.columns]
+    if name not in names:
+        hint = (
+            ": this node's custodian has not declared care sites ([care_sites] publish in "
+            "node.toml), so it publishes no care_site"
+            if name == "care_site"
+            else ""
+        )
+        raise QueryError(f"compare_by: view {view.name!r} has no column {name!r}{hint}")
+    col = view.column(name)
+    if col.type is not ColumnType.CATEGORY or not col.person_level:
+        raise QueryError(
+            f"compare_by: {name!r} is not a public category of the person; units compared "
+            "must be one (such as care_site, the person's usual care site)"
+        )
+    return filters.get(name, col.domain)
+
+
 def check_offset(model: ModelSpec, view: ViewSpec) -> tuple[str, float, float] | None:
     if model.offset is None:
         return None

@@ -18,6 +18,8 @@ _WHAT = {
     "xty": "X'y",
     "yty": "y'y",
     "n": "n",
+    "unit_outcome": "the outcome's sum at each level of the compared column",
+    "unit_residual": "sum of y - mu at each level of the compared column",
 }
 
 
@@ -44,9 +46,11 @@ def _link(plan: ModelPlan) -> str:
     return "identity link: X'X, X'y and y'y in one step"
 
 
-def _step(s: StepPlan, total: float, last: int) -> list[str]:
+def _step(s: StepPlan, total: float, last: int, expected: int | None) -> list[str]:
     if s.step == 0:
         name = "step 0, the design check"
+    elif s.step == expected:
+        name = f"step {s.step}, the expected step, at the final coefficients"
     elif s.step == last:
         name = f"step {s.step}"
     else:
@@ -84,11 +88,19 @@ def describe_plan(plan: ModelPlan) -> str:
     lines.append(f"design: {len(plan.columns)} column(s), at most {plan.nonzero} not 0 in a row")
     lines += [f"  {_term(t)}" for t in plan.terms]
     lines.append(f"link: {_link(plan)}")
+    expected = m.expected_step
+    then = f"{m.newton_steps} Newton step(s)" + (", then the expected step" if expected else "")
     lines.append(
-        f"steps: {m.steps} (the design check, then {m.newton_steps} Newton step(s)), each "
-        "charged before it is released; discrete Gaussian noise on every vector"
+        f"steps: {m.steps} (the design check, then {then}), each charged before it is "
+        "released; discrete Gaussian noise on every vector"
     )
-    last = len(plan.steps) - 1
-    for s in plan.steps[:2]:  # the Newton steps release the same vectors at the same cost
-        lines += _step(s, m.rho, last)
+    if expected is not None:
+        lines.append(
+            f"units compared: the {len(plan.units)} level(s) of {m.compare_by} "
+            f"({', '.join(plan.units)}); not in the design"
+        )
+    last = m.newton_steps
+    # The Newton steps release the same vectors at the same cost: the first stands for all.
+    for s in (*plan.steps[:2], *plan.steps[last + 1 :]):
+        lines += _step(s, m.rho, last, expected)
     return "\n".join(lines)

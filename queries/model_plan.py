@@ -8,11 +8,13 @@ fixed-point unit, L2 sensitivity (queries/sensitivity.py) and share of rho. Noth
 depend on data, so the plan is also what Explain shows.
 
 Shares of rho. The design check gets DESIGN_CHECK_SHARE of the model's rho (stated in
-Explain); the Newton steps share the rest equally. Within a step the vectors split its rho by
+Explain), a model comparing units (compare_by) gives its expected step EXPECTED_STEP_SHARE,
+and the Newton steps share the rest equally. Within a step the vectors split its rho by
 the fixed weights of STEP_WEIGHTS: equal halves for the design check's counts and outcome
 sum and for a Newton step's gradient and Hessian (the gradient fixes where the fit settles,
 the Hessian how fast it gets there and its standard errors: both are needed early, and an
-even split keeps each step's cost easy to read); a Gaussian fit's one step gives X'X and X'y
+even split keeps each step's cost easy to read; a compare_by model's per-unit outcome sums
+take a third of the design check); a Gaussian fit's one step gives X'X and X'y
 three eighths each and y'y and n one eighth (n is also X'X's intercept entry).
 
 Fixed point. Each vector is a sum of per-row values, each rounded to a whole number of units
@@ -35,6 +37,7 @@ from queries.model import INTERCEPT, Family, ModelSpec, design_columns
 from queries.model_checks import (
     Outcome,
     bounds,
+    check_compare_by,
     check_filters,
     check_offset,
     check_outcome,
@@ -44,8 +47,12 @@ from queries.schema import Catalog, ColumnType, ViewSpec
 from queries.sensitivity import model_row_factor, model_sensitivity
 
 DESIGN_CHECK_SHARE = 0.05
+# The expected step fixes each unit's E, whose noise is most of an O/E ratio's DP noise; the
+# coefficients it is evaluated at come from the Newton steps, which keep the larger part.
+EXPECTED_STEP_SHARE = 0.2
 STEP_WEIGHTS: dict[str, dict[str, float]] = {
     "design": {"counts": 1.0, "outcome_sum": 1.0},
+    "design_units": {"counts": 1.0, "outcome_sum": 1.0, "unit_outcome": 1.0},
     "newton": {"gradient": 1.0, "hessian": 1.0},
     "gaussian": {"xtx": 3.0, "xty": 3.0, "yty": 1.0, "n": 1.0},
 }
@@ -117,6 +124,8 @@ class ModelPlan:
     rows_per_person: int
     nonzero: int  # the most design entries a row can have that are not 0 (q)
     steps: tuple[StepPlan, ...]
+    # The compared column's levels (compare_by), in the order of the unit vectors.
+    units: tuple[str, ...] = ()
 
     @property
     def family(self) -> Family:
@@ -209,20 +218,27 @@ def _shares(kind: str, rho: float) -> dict[str, float]:
 
 
 def _steps(
-    model: ModelSpec, p: int, levels: int, outcome: Outcome, shape: tuple[int, int, int, int]
+    model: ModelSpec,
+    p: int,
+    levels: int,
+    outcome: Outcome,
+    shape: tuple[int, int, int, int],
+    units: int,
 ) -> tuple[StepPlan, ...]:
     design_rho = model.rho * DESIGN_CHECK_SHARE
-    newton_rho = (model.rho - design_rho) / model.newton_steps
-    d = _shares("design", design_rho)
+    expected_rho = model.rho * EXPECTED_STEP_SHARE if units else 0.0
+    newton_rho = (model.rho - design_rho - expected_rho) / model.newton_steps
+    d = _shares("design_units" if units else "design", design_rho)
     binomial = model.family is Family.BINOMIAL
-    design = StepPlan(
-        step=0,
-        rho=design_rho,
-        vectors=(
-            _vector("counts", 1 + levels, 1.0, shape, d["counts"], True),
-            _vector("outcome_sum", 1, outcome.largest, shape, d["outcome_sum"], binomial),
-        ),
-    )
+    design_vectors = [
+        _vector("counts", 1 + levels, 1.0, shape, d["counts"], True),
+        _vector("outcome_sum", 1, outcome.largest, shape, d["outcome_sum"], binomial),
+    ]
+    if units:
+        design_vectors.append(
+            _vector("unit_outcome", units, outcome.largest, shape, d["unit_outcome"], binomial)
+        )
+    design = StepPlan(step=0, rho=design_rho, vectors=tuple(design_vectors))
     triangle = p * (p + 1) // 2
     if model.family is Family.GAUSSIAN:
         g = _shares("gaussian", newton_rho)
@@ -246,8 +262,14 @@ def _steps(
     gradient = _vector("gradient", p, residual, shape, n["gradient"], False)
     hessian = _vector("hessian", triangle, weight, shape, n["hessian"], False)
     newton = [
-        StepPlan(step=k, rho=newton_rho, vectors=(gradient, hessian)) for k in range(1, model.steps)
+        StepPlan(step=k, rho=newton_rho, vectors=(gradient, hessian))
+        for k in range(1, model.newton_steps + 1)
     ]
+    if units:
+        unit_residual = _vector("unit_residual", units, residual, shape, expected_rho, False)
+        newton.append(
+            StepPlan(step=model.newton_steps + 1, rho=expected_rho, vectors=(unit_residual,))
+        )
     return (design, *newton)
 
 
@@ -262,6 +284,7 @@ def plan_model(
     columns = design_columns(model, view, regions)
     outcome = check_outcome(model, view, filters)
     offset = check_offset(model, view)
+    units = check_compare_by(model, view, filters)
     terms = _terms(model, view, columns, node, regions)
     c = view.max_rows_per_person
     rows = view.max_rows
@@ -270,7 +293,7 @@ def plan_model(
     here = 1 if any(t.kind == "region" and t.constant for t in terms) else 0
     q = 1 + numeric + k_cat + here
     levels = sum(1 for t in terms if t.kind == "level")
-    steps = _steps(model, len(columns), levels, outcome, (q, k_cat, c, rows))
+    steps = _steps(model, len(columns), levels, outcome, (q, k_cat, c, rows), len(units))
     return ModelPlan(
         model=model,
         view=view,
@@ -284,4 +307,5 @@ def plan_model(
         rows_per_person=c,
         nonzero=q,
         steps=steps,
+        units=units,
     )

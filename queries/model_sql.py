@@ -7,6 +7,8 @@ entries are released as an exact 0). The rows are the view's rows that pass the 
 filters and have every column of the model (complete cases); each row's design entries are in
 [0, 1] (queries/model.py), and every per-row value is rounded to whole fixed-point units
 before it is summed, so the sums are exact and no row adds more than the plan's bound.
+A compare_by model's unit sums are taken per level of the compared column; that column is not
+a model column, so a row without it is still fitted and counts at no level.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def _rows(plan: ModelPlan) -> exp.Select:
     else:
         y = _clamp(out.column, out.lower, out.upper)
     select.append(exp.alias_(y, "y", quoted=True))
+    if plan.model.compare_by is not None:
+        select.append(exp.alias_(_col(plan.model.compare_by), "unit", quoted=True))
     needed = {out.column, *(t.column for t in plan.terms if t.column is not None)}
     if plan.offset is not None:
         name, lo, hi = plan.offset
@@ -108,6 +112,9 @@ def entry_columns(plan: ModelPlan, step: StepPlan) -> dict[str, list[str | None]
         if v.name == "counts":
             levels = [j for j, t in enumerate(terms) if t.kind == "level"]
             out[v.name] = ["n", *(f"c{j}" for j in levels)]
+        elif v.name in ("unit_outcome", "unit_residual"):
+            letter = "u" if v.name == "unit_outcome" else "r"
+            out[v.name] = [f"{letter}{i}" for i in range(v.length)]
         elif v.name in ("outcome_sum", "yty", "n"):
             out[v.name] = [v.name]
         elif v.name in ("gradient", "xty"):
@@ -135,7 +142,23 @@ def design_sql(plan: ModelPlan) -> str:
         else _fixed(_col("y"), outcome.exponent)
     )
     select.append(exp.alias_(total, "outcome_sum", quoted=True))
+    if plan.units:
+        binomial = plan.family is Family.BINOMIAL
+        select += _per_unit(plan, step.vector("unit_outcome").exponent, _col("y"), "u", binomial)
     return sqlglot.select(*select).from_(rows).sql(dialect="duckdb")
+
+
+def _per_unit(
+    plan: ModelPlan, exponent: int, value: exp.Expr, letter: str, whole: bool
+) -> list[exp.Expr]:
+    """SUM of the value over the rows at each level of the compared column."""
+    out: list[exp.Expr] = []
+    for i, level in enumerate(plan.units):
+        test = exp.EQ(this=_col("unit"), expression=exp.Literal.string(level))
+        at = exp.Case(ifs=[exp.If(this=test, true=value.copy())], default=_num(0.0))
+        total = exp.Sum(this=exp.cast(at, "BIGINT")) if whole else _fixed(at, exponent)
+        out.append(exp.alias_(total, f"{letter}{i}", quoted=True))
+    return out
 
 
 def _products(
@@ -157,11 +180,10 @@ def _products(
     return select
 
 
-def newton_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str:
-    """A Newton step at the hub's coefficients: the gradient and the Hessian's triangle."""
-    s = plan.step(step)
+def _mu_rows(plan: ModelPlan, coefficients: Sequence[float]) -> exp.Select:
+    """Each complete row's x, y (and unit) with mu, the inverse link at the coefficients."""
     if len(coefficients) != len(plan.terms) or not all(math.isfinite(b) for b in coefficients):
-        raise ValueError("newton_sql takes checked coefficients (model_plan.check_coefficients)")
+        raise ValueError("step SQL takes checked coefficients (model_plan.check_coefficients)")
     eta: exp.Expr = _num(0.0)
     for j, b in enumerate(coefficients):
         if b != 0.0:
@@ -179,17 +201,37 @@ def newton_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str
     else:
         # Capped at the public mu_max (the outcome's upper bound), which bounds the weights.
         mu = exp.func("EXP", exp.func("LEAST", eta, _num(math.log(plan.mu_max))))
-    xs = [_col(_x(j)) for j in range(len(plan.terms))]
-    inner = sqlglot.select(*xs, _col("y"), exp.alias_(mu, "mu", quoted=True)).from_(
+    kept: list[exp.Expr] = [_col(_x(j)) for j in range(len(plan.terms))]
+    kept.append(_col("y"))
+    if plan.units:
+        kept.append(_col("unit"))
+    return sqlglot.select(*kept, exp.alias_(mu, "mu", quoted=True)).from_(
         _rows(plan).subquery("r", copy=False)
     )
-    residual = exp.Paren(this=exp.Sub(this=_col("y"), expression=_col("mu")))
+
+
+def _residual() -> exp.Expr:
+    return exp.Paren(this=exp.Sub(this=_col("y"), expression=_col("mu")))
+
+
+def newton_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str:
+    """A Newton step at the hub's coefficients: the gradient and the Hessian's triangle."""
+    s = plan.step(step)
+    inner = _mu_rows(plan, coefficients)
     if plan.family is Family.BINOMIAL:
         one_minus = exp.Paren(this=exp.Sub(this=_num(1.0), expression=_col("mu")))
         weight: exp.Expr = exp.Mul(this=_col("mu"), expression=one_minus)
     else:
         weight = _col("mu")
-    select = _products(plan, s, "gradient", "hessian", weight, residual)
+    select = _products(plan, s, "gradient", "hessian", weight, _residual())
+    return sqlglot.select(*select).from_(inner.subquery("m", copy=False)).sql(dialect="duckdb")
+
+
+def expected_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str:
+    """The expected step: sum of y - mu at each level of the compared column."""
+    exponent = plan.step(step).vector("unit_residual").exponent
+    select = _per_unit(plan, exponent, _residual(), "r", False)
+    inner = _mu_rows(plan, coefficients)
     return sqlglot.select(*select).from_(inner.subquery("m", copy=False)).sql(dialect="duckdb")
 
 
@@ -211,4 +253,6 @@ def step_sql(plan: ModelPlan, step: int, coefficients: Sequence[float] = ()) -> 
         return design_sql(plan)
     if plan.family is Family.GAUSSIAN:
         return gaussian_sql(plan)
+    if step == plan.model.expected_step:
+        return expected_sql(plan, step, coefficients)
     return newton_sql(plan, step, coefficients)

@@ -113,6 +113,8 @@ def sensitivity(
 # - counts (n, then one count per non-reference level): 1 + the category covariates, as a
 #   row falls in at most one level of each;
 # - outcome_sum, yty, n: 1;
+# - unit_outcome and unit_residual (a compare_by model's y and y - mu summed per level of the
+#   compared column): 1, as a row is at one level only;
 # - gradient sum_i x_i (y_i - mu_i) and X'y: q;
 # - Hessian sum_i w_i x_i x_i' and X'X, upper triangle: the pairs j <= k of the q entries
 #   that are not 0, q (q + 1) / 2.
@@ -120,7 +122,18 @@ def sensitivity(
 # queries/model_plan.py.
 
 MODEL_VECTORS = frozenset(
-    {"counts", "outcome_sum", "gradient", "hessian", "xtx", "xty", "yty", "n"}
+    {
+        "counts",
+        "outcome_sum",
+        "gradient",
+        "hessian",
+        "xtx",
+        "xty",
+        "yty",
+        "n",
+        "unit_outcome",
+        "unit_residual",
+    }
 )
 
 
@@ -130,7 +143,7 @@ def model_row_factor(vector: str, *, nonzero: int, categories: int) -> float:
         raise ValueError("a design has at least the intercept")
     if vector == "counts":
         return math.sqrt(1 + categories)
-    if vector in {"outcome_sum", "yty", "n"}:
+    if vector in {"outcome_sum", "yty", "n", "unit_outcome", "unit_residual"}:
         return 1.0
     if vector in {"gradient", "xty"}:
         return math.sqrt(nonzero)

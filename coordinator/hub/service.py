@@ -143,6 +143,7 @@ class HubService(hub_pb2_grpc.HubServicer):
             model,
             deadline_s=self._deadline_s(request),
             analyst=request.envelope.analyst,
+            rules=self.rules,
         )
         return serde_fit.fitted_to_proto(fitted)
 

@@ -1,18 +1,21 @@
 """Risk-adjusted comparison of units by indirect standardisation (docs/models.md).
 
-The adjusting model is fitted across every node WITHOUT a region effect (indirect
-standardisation against the pooled model). Per node the fit already released, and charged,
-the outcome sum O_hat = O + e1 (design check, variance v1) and the intercept entry of the
-last Newton step's gradient g_hat = O - E + e2 (variance v2), E = sum of mu at that step's
-coefficients; e1 and e2 are independent. So E_hat = O_hat - g_hat = E + e1 - e2, at no
-further charge, and the ratio R = O_hat / E_hat has, to first order (R = O/(O - g)),
+By region: the adjusting model is fitted across every node WITHOUT a region effect
+(indirect standardisation against the pooled model). Per node the fit already released, and
+charged, the outcome sum O_hat = O + e1 (design check, variance v1) and the intercept entry
+of the last Newton step's gradient g_hat = O - E + e2 (variance v2), E = sum of mu at that
+step's coefficients; e1 and e2 are independent. So E_hat = O_hat - g_hat = E + e1 - e2, at
+no further charge, and the ratio R = O_hat / E_hat has, to first order (R = O/(O - g)),
 DP variance (g^2 v1 + O^2 v2) / E^4: the outcome's noise nearly cancels when O ~ E. Its
 sampling variance is O/E^2 (Poisson on O, E taken as known, as in indirect standardisation;
 conservative for a binomial outcome). The 95% interval is on the log scale.
 
-`--by care_site` needs, per node, O and E per care site: a design check grouped by the
-public care-site domain and a final step releasing sum of mu per site (one person in one
-site, so the sensitivity of a single sum); then unit_ratios applies unchanged.
+By another public category of the person (care_site): the model says compare_by, so each
+node's design check also releases O per level and an expected step at the final
+coefficients releases sum (y - mu) per level (queries/model_plan.py); the hub sums each
+level over the nodes and applies the disclosure rules (units.py); the same ratio follows.
+Trusts are usually compared within their region's expected rate: give `region` among the
+adjusters and the model takes a region effect.
 """
 
 from __future__ import annotations
@@ -26,18 +29,20 @@ from typing import TYPE_CHECKING, Any
 from coordinator.learning import funnel
 from coordinator.learning.result import FitResult
 from queries.errors import ConfigError, QueryError
-from queries.fitted import Z95, NodeTotals
+from queries.fitted import Z95, NodeTotals, UnitTotals
 from queries.model import Covariate, Family, ModelSpec
 from queries.spec import Filter
 
 if TYPE_CHECKING:
     from coordinator.analyst.client import Federation
 
-BY = ("region",)
+# The units a comparison takes: region, or a public category of the person such as care_site.
+BY_REGION = "region"
 # The flag of a unit whose noisy expected count came out not positive: no ratio can be
 # stated. Reported, never raised: the fit was charged, and after that nothing about the data
 # may turn into an error (a status that depends on the data).
 NO_ESTIMATE = "no estimate: the noisy expected count is not positive (give the fit more rho)"
+DEFAULT_RHO = 1.0  # zCDP of the adjusting fit at each node, within the default per-query cap
 
 
 @dataclass(frozen=True)
@@ -57,16 +62,25 @@ class UnitRatio:
 
 
 def unit_ratio(t: NodeTotals) -> UnitRatio:
-    """O/E of one unit from its noisy totals, with DP and sampling variances."""
-    o, g = t.outcome_sum, t.residual_sum
+    """O/E of one node from its noisy totals, with DP and sampling variances."""
+    return ratio_of(t.node, t.outcome_sum, t.outcome_variance, t.residual_sum, t.residual_variance)
+
+
+def _unit(t: UnitTotals) -> UnitRatio:
+    if t.suppressed:
+        nan = math.nan
+        return UnitRatio(t.unit, nan, nan, nan, nan, nan, nan, nan, nan, flag=t.reason)
+    return ratio_of(t.unit, t.outcome_sum, t.outcome_variance, t.residual_sum, t.residual_variance)
+
+
+def ratio_of(unit: str, o: float, v1: float, g: float, v2: float) -> UnitRatio:
+    """O/E from O_hat (variance v1) and g_hat = sum (y - mu) (variance v2), noises independent."""
     e = o - g
     if not e > 0:
         inf = math.inf
-        return UnitRatio(
-            t.node, o, e, math.nan, inf, inf, 0.0, inf, t.residual_variance, flag=NO_ESTIMATE
-        )
+        return UnitRatio(unit, o, e, math.nan, inf, inf, 0.0, inf, v2, flag=NO_ESTIMATE)
     ratio = o / e
-    dp = (g**2 * t.outcome_variance + o**2 * t.residual_variance) / e**4
+    dp = (g**2 * v1 + o**2 * v2) / e**4
     # Poisson on O; at least one event's variance so that O = 0 still has a width.
     sampling = max(o, 1.0) / e**2
     sd = math.sqrt(dp + sampling)
@@ -74,7 +88,12 @@ def unit_ratio(t: NodeTotals) -> UnitRatio:
         low, high = ratio * math.exp(-Z95 * sd / ratio), ratio * math.exp(Z95 * sd / ratio)
     else:
         low, high = 0.0, Z95 * sd
-    return UnitRatio(t.node, o, e, ratio, dp, sampling, low, high, t.residual_variance)
+    return UnitRatio(unit, o, e, ratio, dp, sampling, low, high, v2)
+
+
+def _scored(u: UnitRatio) -> bool:
+    """Whether the unit has a ratio (neither suppressed nor without an estimate)."""
+    return math.isfinite(u.ratio)
 
 
 def _finite_or_none(value: object) -> object:
@@ -109,8 +128,13 @@ class Comparison:
 
     @property
     def outliers(self) -> tuple[str, ...]:
-        """The units outside the 95% or 99.8% limits."""
-        return tuple(u.unit for u in self.units if u.flag and u.flag != NO_ESTIMATE)
+        """The units outside the 99.8% limits (alarms, Spiegelhalter 2005)."""
+        return tuple(u.unit for u in self.units if _scored(u) and u.flag.endswith("99.8%"))
+
+    @property
+    def alerts(self) -> tuple[str, ...]:
+        """The units outside the 95% limits but within the 99.8% ones."""
+        return tuple(u.unit for u in self.units if _scored(u) and u.flag.endswith(" 95%"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (`chc learn compare --json`)."""
@@ -119,6 +143,7 @@ class Comparison:
             # JSON has no NaN or Infinity: a unit without an estimate has nulls there.
             "units": [{k: _finite_or_none(v) for k, v in asdict(u).items()} for u in self.units],
             "outliers": list(self.outliers),
+            "alerts": list(self.alerts),
             "phi": self.phi,
             "phi_estimate": self.phi_estimate,
             "fit": self.fit.to_dict(),
@@ -136,6 +161,8 @@ class Comparison:
                 f"{u.ci_low:.3f} to {u.ci_high:.3f}",
                 u.flag or "within",
             ]
+            if _scored(u)
+            else [u.unit, "-", "-", "-", "-", u.flag]
             for u in self.units
         ]
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
@@ -146,20 +173,29 @@ class Comparison:
         lines += [
             f"overdispersion: {over} (estimate {self.phi_estimate:.3g}); limits: "
             + ("normal approximation" if self.phi is not None else "exact Poisson with DP noise"),
-            "outside the limits: " + (", ".join(self.outliers) or "none"),
+            "outside the 99.8% limits: " + (", ".join(self.outliers) or "none"),
+            "outside the 95% limits only: " + (", ".join(self.alerts) or "none"),
         ]
         return "\n".join(line.rstrip() for line in lines)
 
     def plot(self, path: Path | str) -> Path:
         """Write the funnel plot as PNG or SVG (by suffix)."""
-        v = sorted(u.residual_variance for u in self.units)[len(self.units) // 2]
+        shown = [u for u in self.units if _scored(u)]
+        if not shown:
+            raise QueryError("no unit has a ratio to plot (every one suppressed or without one)")
+        v = sorted(u.residual_variance for u in shown)[len(shown) // 2]
         return funnel.draw(
-            [(u.unit, u.expected, u.ratio) for u in self.units if u.flag != NO_ESTIMATE],
+            [(u.unit, u.expected, u.ratio) for u in shown],
             Path(path),
             dp_variance=v,
             phi=self.phi,
             title=f"O/E by {self.by}, adjusted for {self.fit_adjustment()}",
         )
+
+    def plots(self, stem: Path | str) -> tuple[Path, Path]:
+        """Write the funnel plot as STEM.png and STEM.svg."""
+        base = Path(stem)
+        return self.plot(base.with_suffix(".png")), self.plot(base.with_suffix(".svg"))
 
     def fit_adjustment(self) -> str:
         """The adjusting covariates, for titles."""
@@ -168,18 +204,21 @@ class Comparison:
 
 
 def compare_units(
-    totals: Sequence[NodeTotals], *, overdispersed: bool, by: str, fit: FitResult
+    totals: Sequence[NodeTotals] | Sequence[UnitTotals],
+    *,
+    overdispersed: bool,
+    by: str,
+    fit: FitResult,
 ) -> Comparison:
-    """The comparison from the fit's per-unit totals."""
+    """The comparison from the fit's per-node or per-unit totals."""
     if not totals:
         raise QueryError("the fit released no per-unit totals (a Gaussian model has none)")
-    ratios = [unit_ratio(t) for t in totals]
-    scored = [u for u in ratios if u.flag != NO_ESTIMATE]
+    ratios = [_unit(t) if isinstance(t, UnitTotals) else unit_ratio(t) for t in totals]
+    scored = [u for u in ratios if _scored(u)]
     phi_hat = funnel.overdispersion([z_score(u) for u in scored]) if scored else math.nan
     phi = max(1.0, phi_hat) if overdispersed and scored else None
     units = tuple(
-        u if u.flag == NO_ESTIMATE else UnitRatio(**{**asdict(u), "flag": flag(u, phi)})
-        for u in ratios
+        UnitRatio(**{**asdict(u), "flag": flag(u, phi)}) if _scored(u) else u for u in ratios
     )
     return Comparison(by=by, units=units, phi=phi, phi_estimate=phi_hat, fit=fit)
 
@@ -188,28 +227,32 @@ def adjusting_model(
     pathway: str,
     outcome: str,
     adjust: Sequence[str],
-    rho: float,
+    rho: float = DEFAULT_RHO,
     *,
+    by: str = BY_REGION,
     family: Family = Family.BINOMIAL,
     event: str | None = None,
     iterations: int | None = None,
     where: tuple[Filter, ...] = (),
 ) -> ModelSpec:
-    """The pooled model to standardise against: the adjusters, no region effect."""
-    if "region" in adjust:
+    """The pooled model to standardise against: the adjusters, and `region` if named."""
+    if by == BY_REGION and BY_REGION in adjust:
         raise ConfigError("--adjust: the unit compared (region) cannot also be adjusted for")
+    if by in adjust:
+        raise ConfigError(f"--adjust: the unit compared ({by}) cannot also be adjusted for")
     if family is Family.GAUSSIAN:
         raise ConfigError("--family: O/E compares counts; use binomial or poisson")
     return ModelSpec(
         view=pathway,
         outcome=outcome,
         family=family,
-        covariates=tuple(Covariate(column=c) for c in adjust),
+        covariates=tuple(Covariate(column=c) for c in adjust if c != BY_REGION),
         rho=rho,
-        region=False,
+        region=BY_REGION in adjust,
         event=event,
         iterations=iterations,
         where=where,
+        compare_by=None if by == BY_REGION else by,
     )
 
 
@@ -217,19 +260,24 @@ def compare(
     fed: Federation,
     model: ModelSpec,
     *,
-    by: str = "region",
+    by: str = BY_REGION,
     overdispersion: bool = False,
     deadline_s: float = 60.0,
 ) -> Comparison:
     """Fit the adjusting model across the federation and compare its units by O/E."""
-    if by not in BY:
+    if by == BY_REGION:
+        if model.region or model.compare_by is not None:
+            raise ConfigError(
+                "comparing regions: the adjusting model must have no region effect and no "
+                "compare_by (adjusting_model builds it)"
+            )
+    elif model.compare_by != by:
         raise ConfigError(
-            f"--by {by[:40]!r}: this version compares {', '.join(BY)}; care sites need a "
-            "per-site design check and expected step (docs/models.md, 'Comparing units')"
+            f"comparing by {by[:40]!r}: the adjusting model must say compare_by={by[:40]!r} "
+            "(adjusting_model(..., by=...) builds it)"
         )
-    if model.region:
-        raise ConfigError("the adjusting model must have no region effect")
     result = fed.fit(model, deadline_s=deadline_s)
     if not result.coefficients:
         raise QueryError(f"the fit gave no coefficients: {result.message}")
-    return compare_units(result.node_totals, overdispersed=overdispersion, by=by, fit=result)
+    totals = result.unit_totals if by != BY_REGION else result.node_totals
+    return compare_units(totals, overdispersed=overdispersion, by=by, fit=result)

@@ -9,7 +9,7 @@ import typer
 
 from coordinator.analyst import report
 from coordinator.analyst.cli import _connect, _deadline
-from coordinator.learning.compare import adjusting_model, compare
+from coordinator.learning.compare import DEFAULT_RHO, adjusting_model, compare
 from protocols.cli import AnalystIdentityOpt, HubOpt, JsonOpt
 from protocols.cli import console as console_for_output
 from queries.errors import ConfigError
@@ -19,10 +19,18 @@ from queries.model import Family
 def compare_command(
     pathway: Annotated[str, typer.Option(help="the pathway (view), e.g. copd")],
     outcome: Annotated[str, typer.Option(help="the outcome column (an event or a count)")],
-    rho: Annotated[float, typer.Option(help="zCDP budget of the adjusting fit, at each node")],
-    by: Annotated[str, typer.Option(help="the units compared: region")] = "region",
+    rho: Annotated[
+        float, typer.Option(help="zCDP budget of the adjusting fit, at each node")
+    ] = DEFAULT_RHO,
+    by: Annotated[
+        str, typer.Option(help="the units compared: region, or care_site (the usual trust)")
+    ] = "region",
     adjust: Annotated[
-        str, typer.Option(help="COLUMN[,COLUMN...] the expected counts adjust for")
+        str,
+        typer.Option(
+            help="COLUMN[,COLUMN...] the expected counts adjust for; with --by care_site, "
+            "add region to compare each trust with its region's expected rate"
+        ),
     ] = "age_band,sex,imd_quintile",
     family: Annotated[Family, typer.Option(help="binomial (events) or poisson")] = (
         Family.BINOMIAL
@@ -37,7 +45,8 @@ def compare_command(
         bool, typer.Option("--overdispersion", help="widen the limits by the estimated phi")
     ] = False,
     plot: Annotated[
-        Path | None, typer.Option(help="write the funnel plot: out.png or out.svg")
+        Path | None,
+        typer.Option(help="write the funnel plot: out.png, out.svg, or out (both)"),
     ] = None,
     hub: HubOpt = None,
     identity: AnalystIdentityOpt = None,
@@ -49,10 +58,20 @@ def compare_command(
     from coordinator.learning.cli import parse_where  # cli.py registers this command
 
     model = adjusting_model(
-        pathway, outcome, columns, rho, family=family, event=event, where=parse_where(where)
+        pathway,
+        outcome,
+        columns,
+        rho,
+        by=by,
+        family=family,
+        event=event,
+        where=parse_where(where),
     )
-    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
-        raise ConfigError(f"--plot {plot}: give a file ending in .png or .svg")
+    if plot is not None and plot.suffix.lower() not in ("", ".png", ".svg"):
+        raise ConfigError(
+            f"--plot {plot}: give a file ending in .png or .svg, or a name without a suffix "
+            "for both"
+        )
     with _connect(hub, identity) as fed:
         result = compare(
             fed, model, by=by, overdispersion=overdispersion, deadline_s=_deadline(deadline)
@@ -62,6 +81,6 @@ def compare_command(
     else:
         typer.echo(result.summary())
     if plot is not None:
-        result.plot(plot)
+        written = result.plots(plot) if plot.suffix == "" else (result.plot(plot),)
         if not as_json:
-            typer.echo(f"funnel plot written to {plot}")
+            typer.echo("funnel plot written to " + " and ".join(str(p) for p in written))

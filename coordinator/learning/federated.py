@@ -3,7 +3,8 @@
 Step 0 (the design check) goes to every configured node; a node that refuses it or does not
 answer is left out and the fit is partial. Steps 1..K go to the nodes that passed step 0,
 and any failure there stops the fit: a step released by some nodes only would be biased,
-and going on would charge the others for a fit nobody gets.
+and going on would charge the others for a fit nobody gets. A compare_by model then takes
+its expected step at the final coefficients (coordinator/learning/units.py sums its units).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import grpc
 from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
 from coordinator.hub.registry import NodeHandle
 from coordinator.learning.fit import solve
+from coordinator.learning.units import unit_totals
 from protocols import serde, serde_fit
 from protocols.v1 import node_pb2
 from queries.errors import ChcError, DataError
-from queries.fitted import FittedModel, NodeTotals
+from queries.fitted import FittedModel, NodeTotals, UnitTotals
 from queries.model import ModelSpec, StepRelease
-from queries.results import BudgetStatus, NodeOutcome, NodeStatus
+from queries.results import BudgetStatus, NodeOutcome, NodeStatus, ReleaseRules
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,11 @@ def fit_across(
     *,
     deadline_s: float,
     analyst: str = "",
+    rules: ReleaseRules | None = None,
 ) -> FittedModel:
     """Run every step of a fit at the nodes and solve it at the hub."""
     query_id = uuid.uuid4().hex
+    effective = rules or ReleaseRules()
     regions = [h.entry.name for h in handles]
     charges = _Charges()
     replies = _step(handles, envelope, 0, (), regions, deadline_s)
@@ -111,6 +115,8 @@ def fit_across(
             msg, release = _release(r, 0)
             charges.record(r.node, msg, release)
             design.append(release)
+            if msg.HasField("release_rules"):
+                effective = effective.strictest(serde.rules_from_proto(msg.release_rules))
         else:
             left_out[r.node] = r
     log.info(
@@ -152,18 +158,22 @@ def fit_across(
         failed = [r for r in replies if r.status is not NodeStatus.OK]
         if failed:
             raise FitStoppedError(
-                f"the fit stopped at step {step} of {model.newton_steps}: "
+                f"the fit stopped at step {step} of {model.steps - 1}: "
                 + "; ".join(f"node {r.node} {r.status.value} ({r.message})" for r in failed)
                 + f"; {charges.summary()}; nothing more is charged, and the steps already "
                 "charged stay in each node's ledger"
             )
-        last[:], sent[:] = out, list(coefficients)
+        if step != model.expected_step:
+            last[:], sent[:] = out, list(coefficients)
         return out
 
+    units: tuple[UnitTotals, ...] = ()
     try:
         # Every step names the design check's regions (each node checks they stay the same).
         fit_regions = [h.entry.name for h in fitting]
         solution = solve(model, design, fit_regions, ask, all_regions=regions)
+        if model.expected_step is not None:
+            units = unit_totals(design, ask(model.expected_step, solution.beta), effective)
     except FitStoppedError:
         raise
     except ChcError as exc:
@@ -185,8 +195,11 @@ def fit_across(
         partial=bool(left_out),
         persons=solution.persons,
         message=message,
-        node_totals=(totals := _totals(design, last)),
+        # With units, no per-node total: a suppressed unit would be one subtraction away.
+        node_totals=(totals := () if units else _totals(design, last)),
         totals_coefficients=tuple(sent) if totals else (),
+        unit_totals=units,
+        compare_by=model.compare_by or "",
     )
 
 

@@ -36,6 +36,8 @@ class Solution:
     iterations: tuple[FitIterationInfo, ...]
     persons: int
     message: str
+    # The final coefficients over every design column (held ones 0), for an expected step.
+    beta: tuple[float, ...] = ()
 
 
 def held_columns(
@@ -171,7 +173,8 @@ def solve(
     coefficients = _coefficients(
         kept, beta[active], step.dp_cov, glm.inverse(step.hessian), step.weak
     )
-    return Solution(coefficients, tuple(iterations), persons, "; ".join(notes))
+    final = tuple(float(b) for b in beta)
+    return Solution(coefficients, tuple(iterations), persons, "; ".join(notes), beta=final)
 
 
 def _weak(kept: tuple[str, ...], weak: npt.NDArray[np.bool_], what: str, sd: float) -> str:

@@ -58,6 +58,10 @@ MAX_ETA_STEP: dict[Family, float] = {Family.POISSON: 5.0, Family.BINOMIAL: 10.0}
 Z95 = 1.959963984540054
 
 
+# A compare_by model's per-unit vectors, which are not the design's (coordinator/learning/units.py).
+UNIT_VECTORS = frozenset({"unit_outcome", "unit_residual"})
+
+
 @dataclass(frozen=True)
 class Summed:
     """One step's statistics summed across nodes, with the noise variance of each entry."""
@@ -106,6 +110,8 @@ def sum_releases(releases: Sequence[StepRelease]) -> Summed:
                 f"{sorted(first.vectors)}"
             )
         for name, values in r.vectors.items():
+            if name in UNIT_VECTORS:
+                continue  # per level of each node's own units: summed by units.py
             v = np.asarray(values, dtype=np.float64)
             if not np.all(np.isfinite(v)):
                 raise DataError(f"node {r.node} released a non-finite {name!r}")

@@ -222,6 +222,7 @@ def run_demo(
                     omop=folders[r.slug],
                     title=r.name,
                     imd_lookup=folders[r.slug] / synth.LOOKUP_FILE,
+                    care_sites=tuple(t.code for t in synth.region_trusts(r.slug)),
                     # Synthetic regions: analysts may try their own cohorts (a custodian's
                     # node answers none unless its node.toml [cohorts] says so).
                     extra_toml=DEMO_COHORTS,

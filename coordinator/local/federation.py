@@ -52,6 +52,8 @@ class NodeSetup:
     pathways: tuple[str, ...] | None = None
     omop_schema: str | None = None
     consent_registers: tuple[Path, ...] = ()
+    # The care sites (ODS codes) the node publishes as `care_site` ([care_sites] publish).
+    care_sites: tuple[str, ...] = ()
     # A custodian's node.toml, used as it is but for the keys the local federation owns
     # (coordinator/local/node_toml.py OWNED_KEYS); every setting above but name, omop and
     # title then comes from that file instead, so none may be given.
@@ -81,6 +83,8 @@ def _generated_table(setup: NodeSetup, reference_date: date) -> dict[str, Any]:
         "total_rho": setup.total_rho,
         "max_rho_per_query": setup.max_rho_per_query,
     }
+    if setup.care_sites:
+        table["care_sites"] = {"publish": list(setup.care_sites)}
     if setup.consent_registers:
         table["consent"] = {"registers": [str(p.resolve()) for p in setup.consent_registers]}
     table.update(tomllib.loads(setup.extra_toml))

@@ -327,6 +327,8 @@ class FitResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     NODE_TOTALS_FIELD_NUMBER: _builtins.int
     TOTALS_COEFFICIENTS_FIELD_NUMBER: _builtins.int
+    UNIT_TOTALS_FIELD_NUMBER: _builtins.int
+    COMPARE_BY_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     partial: _builtins.bool
     family: _builtins.str
@@ -335,6 +337,7 @@ class FitResponse(_message.Message):
     """the noisy pooled n of the design check, rounded"""
     message: _builtins.str
     """convergence and repair notes, for people"""
+    compare_by: _builtins.str
     @_builtins.property
     def coefficients(self) -> _containers.RepeatedCompositeFieldContainer[Global___Coefficient]: ...
     @_builtins.property
@@ -353,6 +356,13 @@ class FitResponse(_message.Message):
     def totals_coefficients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The coefficients the hub sent for the node_totals' step (one per design column)."""
 
+    @_builtins.property
+    def unit_totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitTotals]:
+        """A compare_by model's units, from its design check and expected step, after the
+        disclosure rules (the node totals are then left out: with them a suppressed unit could
+        be told from the others).
+        """
+
     def __init__(
         self,
         *,
@@ -367,10 +377,12 @@ class FitResponse(_message.Message):
         message: _builtins.str = ...,
         node_totals: _abc.Iterable[Global___NodeTotals] | None = ...,
         totals_coefficients: _abc.Iterable[_builtins.float] | None = ...,
+        unit_totals: _abc.Iterable[Global___UnitTotals] | None = ...,
+        compare_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficients", b"coefficients", "family", b"family", "iterations", b"iterations", "link", b"link", "message", b"message", "node_totals", b"node_totals", "nodes", b"nodes", "partial", b"partial", "persons", b"persons", "query_id", b"query_id", "totals_coefficients", b"totals_coefficients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficients", b"coefficients", "compare_by", b"compare_by", "family", b"family", "iterations", b"iterations", "link", b"link", "message", b"message", "node_totals", b"node_totals", "nodes", b"nodes", "partial", b"partial", "persons", b"persons", "query_id", b"query_id", "totals_coefficients", b"totals_coefficients", "unit_totals", b"unit_totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,3 +427,52 @@ class NodeTotals(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeTotals: _TypeAlias = NodeTotals  # noqa: Y015
+
+@_typing.final
+class UnitTotals(_message.Message):
+    """One compared unit's noisy totals, summed over the nodes (a compare_by model); a unit the
+    disclosure rules suppress has no figures.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    OUTCOME_SUM_FIELD_NUMBER: _builtins.int
+    OUTCOME_VARIANCE_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SUM_FIELD_NUMBER: _builtins.int
+    RESIDUAL_VARIANCE_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    unit: _builtins.str
+    outcome_sum: _builtins.float
+    outcome_variance: _builtins.float
+    residual_sum: _builtins.float
+    """sum of y - mu at the final coefficients"""
+    residual_variance: _builtins.float
+    suppressed: _builtins.bool
+    reason: _builtins.str
+    """why it is suppressed"""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the nodes whose persons are at this level"""
+
+    def __init__(
+        self,
+        *,
+        unit: _builtins.str = ...,
+        outcome_sum: _builtins.float = ...,
+        outcome_variance: _builtins.float = ...,
+        residual_sum: _builtins.float = ...,
+        residual_variance: _builtins.float = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        suppressed: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "outcome_sum", b"outcome_sum", "outcome_variance", b"outcome_variance", "reason", b"reason", "residual_sum", b"residual_sum", "residual_variance", b"residual_variance", "suppressed", b"suppressed", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnitTotals: _TypeAlias = UnitTotals  # noqa: Y015

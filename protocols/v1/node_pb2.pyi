@@ -714,6 +714,8 @@ class FitStepResponse(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
     LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    RELEASE_RULES_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     step: _builtins.int
     rho_charged: _builtins.float
@@ -727,6 +729,14 @@ class FitStepResponse(_message.Message):
     def statistics(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatisticVector]: ...
     @_builtins.property
     def budget(self) -> Global___BudgetStatus: ...
+    @_builtins.property
+    def units(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A compare_by model's unit vectors (unit_outcome, unit_residual): their levels, in order."""
+
+    @_builtins.property
+    def release_rules(self) -> Global___ReleaseRules:
+        """The node's disclosure rules, which the hub applies to the per-unit figures it shows."""
+
     def __init__(
         self,
         *,
@@ -738,10 +748,12 @@ class FitStepResponse(_message.Message):
         epsilon: _builtins.float = ...,
         budget: Global___BudgetStatus | None = ...,
         ledger_sequence: _builtins.int = ...,
+        units: _abc.Iterable[_builtins.str] | None = ...,
+        release_rules: Global___ReleaseRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "release_rules", b"release_rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "columns", b"columns", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "query_id", b"query_id", "rho_charged", b"rho_charged", "statistics", b"statistics", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "columns", b"columns", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "query_id", b"query_id", "release_rules", b"release_rules", "rho_charged", b"rho_charged", "statistics", b"statistics", "step", b"step", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -127,6 +127,29 @@ def design(plan: ModelPlan, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray
     return x, y, t
 
 
+def _unit_levels(plan: ModelPlan, rows: Sequence[Row]) -> np.ndarray:
+    """The compared column's value of each row design() keeps, in its order."""
+    filters = dict(plan.filters)
+    named = [dict(zip(ROW_COLUMNS, r, strict=True)) for r in rows]
+    column = plan.model.compare_by or ""
+    return np.array(
+        [d[column] for d in named if all(d[c] in v for c, v in filters.items())], dtype=object
+    )
+
+
+def _per_unit(plan: ModelPlan, rows: Sequence[Row], values: np.ndarray, e: int) -> list[int]:
+    at = _unit_levels(plan, rows)
+    return [int(_units(np.where(at == level, values, 0.0), e).sum()) for level in plan.units]
+
+
+def _mu(plan: ModelPlan, x: np.ndarray, t: np.ndarray, b: Sequence[float]) -> np.ndarray:
+    eta = x @ np.asarray(b) + t
+    if plan.family is Family.BINOMIAL:
+        out: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(eta, -30, 30)))
+        return out
+    return np.exp(np.minimum(eta, math.log(plan.mu_max)))
+
+
 def by_hand(
     plan: ModelPlan, rows: Sequence[Row], k: int, b: Sequence[float] = ()
 ) -> dict[str, list[int]]:
@@ -140,17 +163,18 @@ def by_hand(
         counts = [len(y), *(int(x[:, j].sum()) for j in levels)]
         e = s.vector("outcome_sum").exponent
         total = int(y.sum()) if plan.family is Family.BINOMIAL else int(_units(y, e).sum())
-        return {"counts": counts, "outcome_sum": [total]}
+        out0 = {"counts": counts, "outcome_sum": [total]}
+        if plan.units:
+            out0["unit_outcome"] = _per_unit(plan, rows, y, s.vector("unit_outcome").exponent)
+        return out0
+    if k == plan.model.expected_step:
+        r = y - _mu(plan, x, t, b)
+        return {"unit_residual": _per_unit(plan, rows, r, s.vector("unit_residual").exponent)}
     if plan.family is Family.GAUSSIAN:
         first, second, w, r = "xty", "xtx", np.ones(len(y)), y
     else:
-        eta = x @ np.asarray(b) + t
-        if plan.family is Family.BINOMIAL:
-            mu = 1.0 / (1.0 + np.exp(-np.clip(eta, -30, 30)))
-            w = mu * (1 - mu)
-        else:
-            mu = np.exp(np.minimum(eta, math.log(plan.mu_max)))
-            w = mu
+        mu = _mu(plan, x, t, b)
+        w = mu * (1 - mu) if plan.family is Family.BINOMIAL else mu
         first, second, r = "gradient", "hessian", y - mu
     eg, eh = s.vector(first).exponent, s.vector(second).exponent
     out = {

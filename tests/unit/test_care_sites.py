@@ -267,7 +267,7 @@ def test_the_synthetic_care_sites(region: Path) -> None:
         [str(region / "care_site.parquet")],
     ).fetchall()
     assert [code for _, code in sites] == [t.code for t in synth.TRUSTS]
-    assert len({code for _, code in sites}) == len(sites) == 19
+    assert len({code for _, code in sites}) == len(sites) == 24
     assert all(synth.care_site_id(code) == i for i, code in sites)
     nwc = {synth.care_site_id(t.code) for t in synth.region_trusts("nwc")}
     assert synth.WORSE_TRUST in {t.code for t in synth.region_trusts("nwc")}

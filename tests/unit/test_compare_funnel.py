@@ -147,3 +147,79 @@ def test_node_totals_cross_the_wire_and_impossible_ones_are_refused() -> None:
     wire.node_totals[0].residual_variance = -1.0
     with pytest.raises(DataError, match="nenc"):
         serde_fit.fitted_from_proto(wire)
+
+
+def _release(node: str, step: int, units: tuple[str, ...], name: str, values: list[float]):  # type: ignore[no-untyped-def]
+    from queries.model import StepRelease
+
+    return StepRelease(
+        node=node,
+        step=step,
+        columns=("(intercept)",),
+        vectors={name: tuple(values)},
+        variances={name: 2.0 if step == 0 else 3.0},
+        rho=0.1,
+        units=units,
+    )
+
+
+def test_units_are_summed_over_nodes_and_small_ones_suppressed() -> None:
+    from coordinator.learning.units import unit_totals
+    from queries.results import ReleaseRules
+
+    design = [
+        _release("a", 0, ("RTD", "other"), "unit_outcome", [120.0, 3.0]),
+        _release("b", 0, ("RXL", "other"), "unit_outcome", [90.0, 4.0]),
+    ]
+    expected = [
+        _release("a", 7, ("RTD", "other"), "unit_residual", [10.0, 1.0]),
+        _release("b", 7, ("RXL", "other"), "unit_residual", [-5.0, 0.5]),
+    ]
+    totals = {t.unit: t for t in unit_totals(design, expected, ReleaseRules(suppress_below=8))}
+    assert list(totals) == ["RTD", "other", "RXL"]  # in the nodes' order, each level once
+    assert (totals["RTD"].outcome_sum, totals["RTD"].residual_sum) == (120.0, 10.0)
+    assert totals["RTD"].nodes == ("a",)
+    # 'other' is at both nodes: 3 + 4 = 7 events, below 8, so it is shown without figures.
+    other = totals["other"]
+    assert other.suppressed
+    assert other.nodes == ("a", "b")
+    assert math.isnan(other.outcome_sum)
+    assert "fewer than 8" in other.reason
+    # Not suppressed at 7: its sums and their variances add over the nodes.
+    loose = {t.unit: t for t in unit_totals(design, expected, ReleaseRules(suppress_below=7))}
+    assert (loose["other"].outcome_sum, loose["other"].residual_sum) == (7.0, 1.5)
+    assert (loose["other"].outcome_variance, loose["other"].residual_variance) == (4.0, 6.0)
+
+
+def test_a_suppressed_unit_is_named_without_figures_and_never_an_outlier() -> None:
+    from coordinator.learning.compare import compare_units
+    from coordinator.learning.result import FitResult
+    from protocols import serde_fit
+    from queries.fitted import FittedModel, UnitTotals
+    from queries.model import Family
+
+    units = (
+        UnitTotals("RXL", 1300.0, 100.0, 300.0, 100.0, ("nwc",)),
+        UnitTotals("RTD", 1000.0, 100.0, 5.0, 100.0, ("nenc",)),
+        UnitTotals("none", *(math.nan,) * 4, ("nenc", "nwc"), True, "suppressed: few"),
+    )
+    fitted = FittedModel(
+        "q", Family.BINOMIAL, "logit", (), (), (), False, 10, "", unit_totals=units,
+        compare_by="care_site",
+    )  # fmt: skip
+    back = serde_fit.fitted_from_proto(serde_fit.fitted_to_proto(fitted))
+    assert back.unit_totals[:2] == units[:2]
+    assert back.unit_totals[2].suppressed
+    assert back.compare_by == "care_site"
+    result = compare_units(
+        back.unit_totals, overdispersed=False, by="care_site", fit=FitResult.of(back)
+    )
+    assert result.outliers == ("RXL",)
+    none = result.units[2]
+    assert none.flag == "suppressed: few"
+    assert math.isnan(none.ratio)
+    (line,) = [r for r in result.summary().splitlines() if r.startswith("none ")]
+    assert line.split()[1:5] == ["-"] * 4
+    assert line.endswith("suppressed: few")
+    assert math.isfinite(result.phi_estimate)  # from the scored units only
+    assert result.to_dict()["units"][2]["ratio"] is None

@@ -16,9 +16,16 @@ from hypothesis import strategies as st
 
 from queries import mechanisms
 from queries.errors import QueryError
-from queries.model import Covariate, Family, ModelSpec
+from queries.model import (
+    Covariate,
+    Family,
+    ModelSpec,
+    model_bytes,
+    model_from_dict,
+    model_from_json,
+)
 from queries.model_checks import check_coefficients
-from queries.model_plan import DESIGN_CHECK_SHARE, plan_model
+from queries.model_plan import DESIGN_CHECK_SHARE, EXPECTED_STEP_SHARE, plan_model
 from queries.spec import Filter
 from tests.unit._model_helpers import BANDS, CATALOG, SEXES, Row, by_hand, random_rows, run, table
 
@@ -46,6 +53,17 @@ CASES = [
     (Family.POISSON, {"offset": "years", "region": True}),
     (Family.GAUSSIAN, {}),
     (Family.GAUSSIAN, {"region": True, "where": (Filter("band", ("a", "c", "d")),)}),
+    # Comparing units: per-level sums at the design check, and an expected step.
+    (Family.BINOMIAL, {"covariates": (Covariate("band"), Covariate("age")), "compare_by": "sex"}),
+    (
+        Family.POISSON,
+        {
+            "offset": "years",
+            "region": True,
+            "compare_by": "died",
+            "where": (Filter("died", ("yes", "no")),),
+        },
+    ),
 ]
 
 
@@ -136,7 +154,8 @@ def test_sql_computes_what_numpy_computes(family: Family, kw: dict[str, object])
     rows = random_rows(np.random.default_rng(5), 300)
     con = table(rows)
     rng = np.random.default_rng(6)
-    for k in range(len(plan.steps)):
+    # The Newton steps share one statement shape: the first, the last (an expected step).
+    for k in sorted({0, 1, len(plan.steps) - 1}):
         b = (
             []
             if k == 0 or family is Family.GAUSSIAN
@@ -148,8 +167,6 @@ def test_sql_computes_what_numpy_computes(family: Family, kw: dict[str, object])
             # Float evaluation order may move a row's rounding by one unit (of 1e-12 here).
             diff = np.abs(np.asarray(sql[name]) - np.asarray(hand[name]))
             assert diff.max() <= len(rows), (k, name, diff.max())
-        if k == 1:
-            break  # the Newton steps share one statement shape
 
 
 def _l2(a: list[int], b: list[int]) -> float:
@@ -188,9 +205,73 @@ def test_one_person_moves_each_vector_by_at_most_its_sensitivity(
     without = [r for r in rows if r[0] != removed]
     b = list(np.random.default_rng(seed).normal(0, 1, len(plan.columns)) * scale)
     whole, less = table(rows), table(without)
-    for k in (0, 1):
+    for k in sorted({0, 1, len(plan.steps) - 1}):
         coefficients = b if k and family is not Family.GAUSSIAN else []
         a, c = run(whole, plan, k, coefficients), run(less, plan, k, coefficients)
         for v in plan.step(k).vectors:
             assert _l2(a[v.name], c[v.name]) <= v.sensitivity * (1 + 1e-12), (k, v.name)
             assert max(map(abs, a[v.name])) <= v.max_abs
+
+
+def _comparing(**kw: object) -> ModelSpec:
+    base: dict[str, object] = {
+        "covariates": (Covariate("band"), Covariate("age")),
+        "compare_by": "sex",
+    }
+    return _model(Family.BINOMIAL, **{**base, **kw})
+
+
+def test_a_comparing_model_adds_per_unit_sums_and_an_expected_step() -> None:
+    model = _comparing(iterations=4)
+    assert model_from_json(model_bytes(model)) == model
+    assert (model.steps, model.expected_step) == (6, 5)
+    plan = plan_model(model, CATALOG, node="b", regions=())
+    assert plan.units == SEXES
+    rhos = [s.rho for s in plan.steps]
+    assert rhos[0] == pytest.approx(DESIGN_CHECK_SHARE)
+    assert rhos[-1] == pytest.approx(EXPECTED_STEP_SHARE)
+    newton = (1 - DESIGN_CHECK_SHARE - EXPECTED_STEP_SHARE) / 4
+    assert rhos[1:-1] == pytest.approx([newton] * 4)
+    assert sum(rhos) == pytest.approx(1.0)
+    design = plan.step(0)
+    assert design.vector("unit_outcome").length == len(SEXES)
+    assert design.vector("unit_outcome").rho == pytest.approx(DESIGN_CHECK_SHARE / 3)
+    (residual,) = plan.step(5).vectors
+    assert (residual.name, residual.length) == ("unit_residual", len(SEXES))
+    # One row is at one level: a person's two rows move the vector by at most 2 |y - mu|.
+    assert residual.sensitivity == 2 * round(1.0 / residual.unit)
+    text = plan.describe()
+    assert "step 5, the expected step" in text
+    assert "units compared: the 3 level(s) of sex" in text
+    filtered = plan_model(
+        _comparing(where=(Filter("sex", ("male", "female")),)), CATALOG, node="b", regions=()
+    )
+    assert filtered.units == ("female", "male")  # the domain's order, kept by the filter
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"compare_by": "nope"}, "compare_by: view 'cases' has no column 'nope'"),
+        (
+            {"compare_by": "band", "covariates": (Covariate("age"),)},
+            "compare_by: 'band' is not a public category of the person",
+        ),
+        (
+            {"compare_by": "age", "covariates": (Covariate("band"),)},
+            "not a public category of the person",
+        ),
+    ],
+)
+def test_comparing_refusals_name_the_field(change: dict[str, object], field: str) -> None:
+    with pytest.raises(QueryError, match=field):
+        plan_model(_comparing(**change), CATALOG, node="b", regions=())
+
+
+def test_a_comparing_spec_refuses_what_cannot_be_compared() -> None:
+    with pytest.raises(QueryError, match="compare_by: 'band' is already in the model"):
+        _comparing(compare_by="band")
+    with pytest.raises(QueryError, match="compare_by: observed/expected compares counts"):
+        _model(Family.GAUSSIAN, compare_by="sex", covariates=(Covariate("age"),))
+    with pytest.raises(QueryError, match="compare_by must be a column name"):
+        model_from_dict({**_comparing().to_dict(), "compare_by": 3})

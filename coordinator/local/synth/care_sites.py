@@ -33,6 +33,9 @@ class Trust:
 
 
 # Real acute trusts and their ODS codes [ODS]; a selection, not every trust of each region.
+# The worse trust's region has ten: compared within its region, a worse trust pulls its
+# region's expected rate up by its excess over the region's trusts, and with ten the others
+# are pulled by a tenth of it, which the funnel's limits absorb (docs/synthetic-data.md).
 TRUSTS: Final[tuple[Trust, ...]] = (
     Trust("RTD", "The Newcastle upon Tyne Hospitals NHS Foundation Trust", "nenc"),
     Trust("RTR", "South Tees Hospitals NHS Foundation Trust", "nenc"),
@@ -44,6 +47,11 @@ TRUSTS: Final[tuple[Trust, ...]] = (
     Trust("RXR", "East Lancashire Hospitals NHS Trust", "nwc"),
     Trust("REM", "Liverpool University Hospitals NHS Foundation Trust", "nwc"),
     Trust("RBL", "Wirral University Teaching Hospital NHS Foundation Trust", "nwc"),
+    Trust("RTX", "University Hospitals of Morecambe Bay NHS Foundation Trust", "nwc"),
+    Trust("RBN", "Mersey and West Lancashire Teaching Hospitals NHS Trust", "nwc"),
+    Trust("RJR", "Countess of Chester Hospital NHS Foundation Trust", "nwc"),
+    Trust("RWW", "Warrington and Halton Teaching Hospitals NHS Foundation Trust", "nwc"),
+    Trust("RBT", "Mid Cheshire Hospitals NHS Foundation Trust", "nwc"),
     Trust("RR8", "Leeds Teaching Hospitals NHS Trust", "yh"),
     Trust("RHQ", "Sheffield Teaching Hospitals NHS Foundation Trust", "yh"),
     Trust("RAE", "Bradford Teaching Hospitals NHS Foundation Trust", "yh"),
