@@ -18,24 +18,29 @@ def known_pathway() -> Pathway:
     return pathway
 
 
-def known_rows(folder: Path) -> pa.Table:
-    """One region's pathway rows with the model's columns, from the node's own store."""
+def known_rows(folder: Path, care_sites: tuple[str, ...] = ()) -> pa.Table:
+    """One region's pathway rows with the model's columns, from the node's own store.
+
+    With care_sites (the codes the node declares), also each person's `care_site`.
+    """
     store = OmopStore(
         folder,
         [known_pathway()],
         reference_date=LocalFederation.reference_date,
         imd_lookup=folder / synth.LOOKUP_FILE,
         recheck_s=None,
+        care_sites=care_sites,
     )
+    site = ", CAST(care_site AS VARCHAR) AS care_site" if care_sites else ""
     try:
         return store.query(
             f"""
             SELECT CAST(age_band AS VARCHAR) AS age_band, age, CAST(sex AS VARCHAR) AS sex,
                    CAST(imd_quintile AS VARCHAR) AS imd_quintile,
                    CAST(deceased AS VARCHAR) AS deceased,
-                   CAST(admitted AS VARCHAR) AS admitted
+                   CAST(admitted AS VARCHAR) AS admitted{site}
             FROM {synth.KNOWN_PATHWAY}
-            """  # noqa: S608 - a constant
+            """  # noqa: S608 - constants
         )
     finally:
         store.close()

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from coordinator.analyst.client import Federation
 from coordinator.cli import app
+from coordinator.learning.compare import adjusting_model, compare
 from coordinator.local import synth
 from coordinator.local.federation import LocalFederation, NodeSetup
 from node import engine
@@ -23,7 +24,7 @@ from node.data.store import OmopStore
 from queries import plan
 from queries.pathway import load_pathways
 from queries.results import NodeStatus
-from queries.spec import Query
+from queries.spec import Filter, Query
 
 pytestmark = pytest.mark.integration
 
@@ -138,4 +139,37 @@ def test_a_pathway_count_by_care_site(federation: LocalFederation) -> None:
             assert abs(row["estimate"] - exact[site]) <= z * row["std_error"] + 2.5, (site, row)
             checked += exact[site] > 0
         assert math.isclose(outcomes[setup.name].rho_charged, 0.05, rel_tol=1e-6)
-    assert checked == 15  # each declaring region's own trusts (5, 5, 5) have persons
+    assert checked == 20  # each declaring region's own trusts (5, 10, 5) have persons
+
+
+def test_a_care_site_comparison_leaves_out_the_undeclared_node_at_no_cost(
+    federation: LocalFederation,
+) -> None:
+    """gm refuses the fit at its design check (no care_site in its catalog), charged nothing;
+    the others fit it, region effect and all, and every declared trust is a unit."""
+    model = adjusting_model(
+        "copd",
+        "admitted",
+        ["age_band", "sex", "region"],
+        by="care_site",
+        where=(Filter("sex", ("female", "male")), Filter("age_band", ("40-64", "65-79", "80+"))),
+    )
+    with Federation(federation.hub_address, federation.analyst_identity) as fed:
+        before = {d.node: d.budget.rho_spent for d in fed.nodes()[0]}
+        result = compare(fed, model, by="care_site")
+        after = {d.node: d.budget.rho_spent for d in fed.nodes()[0]}
+    outcomes = {o.node: o for o in result.fit.nodes}
+    assert outcomes[UNDECLARED].status is NodeStatus.REFUSED
+    assert "has not declared care sites" in outcomes[UNDECLARED].message
+    assert after[UNDECLARED] == before[UNDECLARED]
+    assert result.fit.partial
+    for name, o in outcomes.items():
+        if name != UNDECLARED:
+            assert o.status is NodeStatus.OK
+            assert after[name] - before[name] == pytest.approx(model.rho, rel=1e-6)
+    # Every node publishes all the regions' trusts: each is one unit, summed over the nodes.
+    assert [u.unit for u in result.units] == [*CODES, "other", "none"]
+    shown = [u for u in result.units if not u.flag.startswith("suppressed")]
+    assert {u.unit for u in shown} >= {t.code for t in synth.TRUSTS if t.region != UNDECLARED}
+    # No per-node totals beside the units (a suppressed unit must not be one subtraction away).
+    assert result.fit.node_totals == ()

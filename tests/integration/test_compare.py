@@ -21,7 +21,7 @@ import pytest
 import statsmodels.api as sm
 from typer.testing import CliRunner
 
-from coordinator.analyst.client import Federation
+from coordinator.analyst.client import Federation, NodeBudget
 from coordinator.cli import app
 from coordinator.learning import funnel
 from coordinator.learning.compare import compare
@@ -186,7 +186,16 @@ def test_chc_learn_compare_prints_the_table_and_writes_both_figures(
     assert "O/E" in run.stdout
     assert "phi" in run.stdout
     assert _is_svg(svg)
-    # care sites are not yet a unit: a precise refusal, before anything is charged.
+    # These nodes declare no care sites: each refuses the fit at its design check, at no
+    # cost, saying why (tests/integration/test_compare_sites.py compares declared ones).
+    before = {b.node: b.budget.rho_spent for b in _budgets(federation) if b.budget}
     run = runner.invoke(app, [*args[:7], "care_site", *args[8:], *hub])
     assert run.exit_code != 0
-    assert "care" in run.output
+    assert "has not declared care sites" in run.output
+    after = {b.node: b.budget.rho_spent for b in _budgets(federation) if b.budget}
+    assert after == before
+
+
+def _budgets(federation: LocalFederation) -> list[NodeBudget]:
+    with Federation(federation.hub_address, federation.analyst_identity) as fed:
+        return fed.budget()
