@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint typecheck unit protos check-protos bench install clean
+.PHONY: demo demo-learning test lint typecheck unit protos check-protos bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/chc demo $(ARGS)
+
+demo-learning: $(STAMP)
+	$(BIN)/chc demo --learning $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

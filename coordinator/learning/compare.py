@@ -200,7 +200,11 @@ class Comparison:
     def fit_adjustment(self) -> str:
         """The adjusting covariates, for titles."""
         model = self.fit.model
-        return ", ".join(c.column for c in model.covariates) if model else "?"
+        if model is None:
+            return "?"
+        return ", ".join(
+            [c.column for c in model.covariates] + (["region"] if model.region else [])
+        )
 
 
 def compare_units(

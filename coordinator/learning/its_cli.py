@@ -10,9 +10,11 @@ series (one region, or all pooled) and, with --control, to the controls' summed 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +30,9 @@ from queries.combine import POOLED
 from queries.errors import ConfigError
 from queries.results import NodeStatus
 from queries.spec import Filter, Measure, Query, Statistic
+
+if TYPE_CHECKING:
+    from coordinator.analyst.client import Federation
 
 OUTCOMES = {"admissions": "pathway-related emergency admissions (rows of <pathway>_admissions)"}
 MEASURE = "admissions"
@@ -124,7 +129,8 @@ def its_cmd(
         int | None, typer.Option(help="cap on admissions counted per person (less noise)")
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option(help="write the series and fitted segments: out.png or out.svg")
+        Path | None,
+        typer.Option(help="write the series and fitted segments: out.png, out.svg, or out (both)"),
     ] = None,
     hub: HubOpt = None,
     identity: AnalystIdentityOpt = None,
@@ -137,38 +143,95 @@ def its_cmd(
             f"--outcome {outcome[:40]!r}: an interrupted time series counts "
             + "; ".join(f"{k} ({v})" for k, v in OUTCOMES.items())
         )
-    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
-        raise ConfigError(f"--plot {plot}: give a file ending in .png or .svg")
+    if plot is not None and plot.suffix.lower() not in ("", ".png", ".svg"):
+        raise ConfigError(
+            f"--plot {plot}: give a file ending in .png or .svg, or a name without a suffix "
+            "for both"
+        )
     controls = tuple(c.strip() for c in (control or "").split(",") if c.strip())
+    check_arms(region, controls)
+    t0 = _month(intervention, "--intervention")
+    first = _month(start, "--start") if start else None
+    last = _month(end, "--end") if end else None
+    deadline = _deadline(deadline)
+    console = console_for_output()
+    with _connect(hub, identity) as fed:
+        run = run_its(
+            fed,
+            pathway,
+            t0,
+            rho,
+            region=region,
+            controls=controls,
+            start=first,
+            end=last,
+            rows_per_person=rows_per_person,
+            deadline_s=deadline,
+        )
+    if as_json:
+        console.print_json(report.to_json(run.out))
+    else:
+        typer.echo("\n".join(run.lines))
+    if plot is not None:
+        paths = (
+            [plot.with_suffix(".png"), plot.with_suffix(".svg")] if plot.suffix == "" else [plot]
+        )
+        for path in paths:
+            its_plot(run.panels, path)
+        if not as_json:
+            typer.echo("time-series plot written to " + " and ".join(str(p) for p in paths))
+
+
+@dataclass(frozen=True)
+class ItsRun:
+    """An ITS (or DiD) run: the printed lines, the JSON dict, and the panels to plot."""
+
+    lines: list[str]
+    out: dict[str, Any]
+    panels: list[tuple[str, its.ItsFit]]
+
+
+def check_arms(region: str | None, controls: Sequence[str]) -> None:
+    """Refuse controls without a treated region, or a treated region among the controls."""
     if controls and region is None:
         raise ConfigError("--control needs --region: the region that changed")
     if region is not None and region in controls:
         raise ConfigError(f"--control lists {region}, the treated --region; a control must not")
-    t0 = _month(intervention, "--intervention")
-    first = (
-        _month(start, "--start")
-        if start
-        else its.month_name(its.month_index(t0) - DEFAULT_PRE_MONTHS)
-    )
-    deadline = _deadline(deadline)
-    console = console_for_output()
-    with _connect(hub, identity) as fed:
-        # Before any charge: the regions named must be nodes, and the span must be known.
-        described, _ = fed.nodes(timeout_s=deadline)
-        if not described:
-            raise CommandFailedError(ExitCode.NO_ANSWER, "no node described its catalog")
-        names = sorted(d.node for d in described)
-        for r in (region, *controls):
-            if r is not None and r not in names:
-                raise ConfigError(f"region {r!r} is not a node of this federation: {names}")
-        if end:
-            last = _month(end, "--end")
-        else:
-            refs = [d.catalog.reference_date for d in described]
-            last = _end_month([r for r in refs if r is not None] or [date.today()])
-        months = its.month_range(first, last)
-        query = its_query(pathway, months, rho, rows_per_person)
-        result = fed.query(query, deadline_s=deadline)
+
+
+def run_its(
+    fed: Federation,
+    pathway: str,
+    intervention: str,
+    rho: float,
+    *,
+    region: str | None = None,
+    controls: Sequence[str] = (),
+    start: str | None = None,
+    end: str | None = None,
+    rows_per_person: int | None = None,
+    deadline_s: float = 60.0,
+) -> ItsRun:
+    """The one monthly query and the ITS (DiD with controls) fits; months are YYYY-MM."""
+    controls = tuple(controls)
+    check_arms(region, controls)
+    first = start or its.month_name(its.month_index(intervention) - DEFAULT_PRE_MONTHS)
+    # Before any charge: the regions named must be nodes, and the span must be known.
+    described, _ = fed.nodes(timeout_s=deadline_s)
+    if not described:
+        raise CommandFailedError(ExitCode.NO_ANSWER, "no node described its catalog")
+    names = sorted(d.node for d in described)
+    for r in (region, *controls):
+        if r is not None and r not in names:
+            raise ConfigError(f"region {r!r} is not a node of this federation: {names}")
+    if end:
+        last = end
+    else:
+        refs = [d.catalog.reference_date for d in described]
+        last = _end_month([r for r in refs if r is not None] or [date.today()])
+    months = its.month_range(first, last)
+    query = its_query(pathway, months, rho, rows_per_person)
+    result = fed.query(query, deadline_s=deadline_s)
     if not any(n.status is NodeStatus.OK for n in result.nodes):
         failure = report.nobody_answered(list(result.nodes))
         raise CommandFailedError(
@@ -181,7 +244,7 @@ def its_cmd(
         control_series = series_from_table(result.table, controls[0], months)
         for c in controls[1:]:
             control_series = control_series + series_from_table(result.table, c, months)
-        d = did.fit(treated, control_series, t0)
+        d = did.fit(treated, control_series, intervention)
         out = d.to_dict()
         panels = [(f"treated {region}", d.treated), (f"control {'+'.join(controls)}", d.control)]
         lines = _summary(f"treated {region}", d.treated)
@@ -193,16 +256,9 @@ def its_cmd(
             + ("consistent with parallel trends" if d.parallel else "NOT parallel: DiD suspect"),
         ]
     else:
-        f = its.fit(treated, t0)
+        f = its.fit(treated, intervention)
         out = f.to_dict()
         panels = [(region or POOLED, f)]
         lines = _summary(region or POOLED, f)
     out["query"] = {"view": query.view, "rho": rho, "nodes": [n.node for n in result.nodes]}
-    if as_json:
-        console.print_json(report.to_json(out))
-    else:
-        typer.echo("\n".join(lines))
-    if plot is not None:
-        its_plot(panels, plot)
-        if not as_json:
-            typer.echo(f"time-series plot written to {plot}")
+    return ItsRun(lines, out, panels)

@@ -13,13 +13,23 @@ from typing import Annotated
 import typer
 
 from coordinator.local import synth
-from coordinator.local.demo import run_demo
+from coordinator.local.demo import DEMO_FIGURES, run_demo
+from coordinator.local.demo_learning import LEARNING_PERSONS
 from protocols.cli import console as rich_console
 from queries.errors import ConfigError
 
+DEMO_PERSONS = 100_000
+
 
 def demo(
-    persons: Annotated[int, typer.Option(help="synthetic persons across all regions")] = 100_000,
+    persons: Annotated[
+        int | None,
+        typer.Option(
+            help=f"synthetic persons across all regions (default {DEMO_PERSONS:,}; "
+            f"{LEARNING_PERSONS:,} with --learning)",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the synthetic data")] = 2015,
     rho: Annotated[float, typer.Option(help="zCDP budget per query at each node")] = 0.05,
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
@@ -37,8 +47,21 @@ def demo(
             "folder, or a node.toml from `chc-node init`) instead of synthetic regions; repeat",
         ),
     ] = None,
+    learning: Annotated[
+        bool,
+        typer.Option(
+            "--learning",
+            help="then compare the care sites (funnel plot) and run an interrupted time "
+            "series with difference-in-differences (synthetic regions only)",
+        ),
+    ] = False,
+    figures: Annotated[
+        Path, typer.Option(help="folder for the --learning figures (PNG and SVG)")
+    ] = DEMO_FIGURES,
 ) -> None:
     """Four synthetic regions, four nodes and the hub on loopback with mTLS, and a report."""
+    if persons is None:
+        persons = LEARNING_PERSONS if learning else DEMO_PERSONS
     if persons < 4:
         raise ConfigError("--persons must be at least 4 (one per region)")
     raise typer.Exit(
@@ -50,6 +73,8 @@ def demo(
             keep_running=keep_running,
             workdir=workdir,
             nodes=tuple(node or ()),
+            learning=learning,
+            figures=figures,
         )
     )
 

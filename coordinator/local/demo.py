@@ -26,6 +26,7 @@ from queries.schema import Catalog
 from queries.spec import Filter, Measure, Query, Statistic
 
 DEMO_STATE = Path.home() / ".chc" / "demo.json"
+DEMO_FIGURES = Path("chc-figures")  # --learning's figures, under the current directory
 
 
 def read_demo_state() -> dict[str, str]:
@@ -193,12 +194,21 @@ def run_demo(
     keep_running: bool,
     workdir: Path | None,
     nodes: Sequence[str] = (),
+    learning: bool = False,
+    figures: Path = DEMO_FIGURES,
 ) -> int:
     """Run the demo end to end; returns the process exit code.
 
     With `nodes` (NAME=PATH, see custom_node_setups) the federation runs on custodian-provided
-    OMOP data instead of synthetic regions.
+    OMOP data instead of synthetic regions. With `learning`, a comparison of care sites and an
+    ITS follow the report, their figures written to `figures` (demo_learning.py).
     """
+    # Imported here: demo_learning uses the analyst's ITS command (its_cli), whose module
+    # imports the analyst's CLI, which imports this module (read_demo_state).
+    from coordinator.local import demo_learning
+
+    if learning:
+        demo_learning.check_learning(nodes)
     custom = custom_node_setups(nodes) if nodes else ()
     # Progress goes to stderr so that --json output on stdout stays machine-readable.
     console = rich_console(stderr=True)
@@ -247,20 +257,31 @@ def run_demo(
                 for dq in questions:
                     with _step(console, f"Query: {dq.title} (rho={rho:g} per node)"):
                         results.append((dq, client.query(dq.query)))
+                learned = (
+                    demo_learning.run_learning(client, figures.resolve(), console, _step)
+                    if learning
+                    else None
+                )
             titles = {s.name: s.title or s.name for s in setups}
             if as_json:
-                payload = {
+                payload: dict[str, object] = {
                     "regions": titles,
                     "queries": [
                         report.result_to_dict(r, dq.query, title=dq.title) for dq, r in results
                     ],
                 }
+                if learned is not None:
+                    payload["learning"] = learned.to_dict()
                 out.print_json(report.to_json(payload))
             else:
                 out.print()
                 for dq, r in results:
                     report.print_result(out, r, dq.query, title=dq.title, labels=titles)
                     out.print()
+                if learned is not None:
+                    # Plain text, as `chc learn` prints it: no rich markup in the tables.
+                    for line in demo_learning.learning_lines(learned):
+                        out.print(line, markup=False, highlight=False, soft_wrap=True)
             if keep_running:
                 _keep_running(console, fed, questions[0].query)
         finally:
@@ -269,7 +290,7 @@ def run_demo(
     finally:
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return learned.exit_code if learned is not None else 0
 
 
 def _skipped_note(asked: Sequence[DemoQuery], rho: float) -> str:

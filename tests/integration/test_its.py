@@ -81,7 +81,7 @@ def test_its_prints_the_step_and_writes_png_and_svg(
 def test_did_against_the_controls_shows_the_parallel_trends_check(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    png, svg = tmp_path / "did.png", tmp_path / "did.svg"
+    svg = tmp_path / "did.svg"
     args = ("--region", T.region, "--control", "nenc,yh", "--rho", "1")
     code, out = _run(federation, *args, "--json", "--plot", str(svg))
     assert code == 0, out
@@ -92,11 +92,16 @@ def test_did_against_the_controls_shows_the_parallel_trends_check(
     assert d["ci_low"] < d["estimate"] < d["ci_high"]
     assert "pre_trend_difference" in payload
     assert ET.parse(svg).getroot().tag.endswith("svg")  # noqa: S314 - our own file
-    code, out = _run(federation, *args, "--plot", str(png))
+    # A name without a suffix writes both figures.
+    stem = tmp_path / "did-both"
+    code, out = _run(federation, *args, "--plot", str(stem))
     assert code == 0, out
     assert "difference-in-differences rate ratio" in out
     assert "parallel-trends check" in out
-    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert f"written to {stem}.png and {stem}.svg" in out
+    assert stem.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert stem.with_suffix(".png").stat().st_size > 10_000
+    assert ET.parse(stem.with_suffix(".svg")).getroot().tag.endswith("svg")  # noqa: S314
 
 
 def test_bad_requests_are_refused_before_any_query(federation: LocalFederation) -> None:
