@@ -189,6 +189,7 @@ class Comparison:
             Path(path),
             dp_variance=v,
             phi=self.phi,
+            flagged=frozenset(u.unit for u in shown if u.flag),
             title=f"O/E by {self.by}, adjusted for {self.fit_adjustment()}",
         )
 

@@ -105,6 +105,10 @@ def overdispersion(z: Sequence[float]) -> float:
     return float(np.mean(np.clip(values, low, high) ** 2))
 
 
+# Above this many points only the flagged ones are named on the plot.
+MAX_LABELLED = 8
+
+
 def draw(
     points: Sequence[tuple[str, float, float]],
     path: Path,
@@ -112,8 +116,13 @@ def draw(
     dp_variance: float,
     phi: float | None,
     title: str,
+    flagged: frozenset[str] = frozenset(),
 ) -> Path:
-    """Draw (name, E, O/E) points and the limits to PNG or SVG (by suffix)."""
+    """Draw (name, E, O/E) points and the limits to PNG or SVG (by suffix).
+
+    The flagged units are drawn in red and named; the others are named only when there are
+    few enough points for the names to be read (a funnel of 25 trusts is a cloud).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -129,12 +138,20 @@ def draw(
     for level, style in zip(LEVELS, ("--", ":"), strict=True):
         bounds = np.array([limits(float(e), level, dp_variance, phi) for e in grid])
         label = f"{100 * level:g}% limits"
-        ax.plot(grid, bounds[:, 0], "k" + style, linewidth=1, label=label)
+        # A ratio of counts is never below 0: the normal limits' tail is cut there.
+        ax.plot(grid, np.maximum(bounds[:, 0], 0.0), "k" + style, linewidth=1, label=label)
         ax.plot(grid, bounds[:, 1], "k" + style, linewidth=1)
     ax.axhline(1.0, color="grey", linewidth=1)
+    label_all = len(points) <= MAX_LABELLED
     for name, e, ratio in points:
-        ax.plot([e], [ratio], "o", color="tab:blue")
-        ax.annotate(name, (e, ratio), textcoords="offset points", xytext=(5, 4))
+        hot = name in flagged
+        ax.plot([e], [ratio], "o", color="tab:red" if hot else "tab:blue")
+        if hot or label_all:
+            ax.annotate(name, (e, ratio), textcoords="offset points", xytext=(5, 4))
+    ratios = [r for _, _, r in points]
+    median_e = float(np.median(es))
+    high = limits(median_e, LEVELS[-1], dp_variance, phi)[1]
+    ax.set_ylim(0.0, max(max(ratios), high, 1.5) * 1.15)
     ax.set_xlabel("expected count E")
     ax.set_ylabel("observed / expected")
     ax.set_title(title)
