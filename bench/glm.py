@@ -44,7 +44,8 @@ from node.data.catalog import cohort_view
 from node.data.store import OmopStore
 from protocols.ledger.entry import FIT_FIELD, decode_body, parse_time
 from protocols.ledger.file import read_ledger_file
-from queries.model import ModelSpec, model_bytes
+from queries.model import ModelSpec
+from queries.model_io import model_bytes
 from queries.model_plan import plan_model
 from queries.model_sql import step_sql
 from queries.pathway import Pathway, load_pathways

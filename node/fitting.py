@@ -40,8 +40,9 @@ from protocols.security.envelope import SignedQuery, VerifiedAnalyst
 from protocols.v1 import node_pb2
 from queries import mechanisms
 from queries.errors import ChcError, PermissionDeniedError, QueryError
-from queries.model import ModelSpec, model_from_json
+from queries.model import ModelSpec
 from queries.model_checks import check_coefficients
+from queries.model_io import model_from_json
 from queries.model_plan import ModelPlan, plan_model
 from queries.results import ReleaseRules
 from queries.schema import Catalog

@@ -47,7 +47,7 @@ from protocols.security.tls import Peer, peer_of
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec, spec_io
 from queries.errors import AuthenticationError, ChcError, PermissionDeniedError
-from queries.model import is_model
+from queries.model_io import is_model
 from queries.results import NodeDescription, ReleaseRules
 from queries.schema import Catalog
 

@@ -18,6 +18,12 @@ A fit is a fixed sequence of steps, each charged at every node before it is rele
   binomial, mu for Poisson and 1 for Gaussian. A Gaussian model needs one step (b is
   ignored): X'X, X'y and y'y, from which the hub solves least squares.
 
+A model trained by gradient descent (`solver = "gradient"`, docs/training.md: over Flower,
+for models trained in rounds) holds a fifth of the persons out (by a hash of their
+identifier), fits on the rest in rounds that each release the gradient and the training
+loss, and ends with an evaluation step: histograms of the held-out persons' scores, by
+outcome, from which the hub has a held-out AUC.
+
 A model that compares units (`compare_by`, a public category such as care_site) adds to the
 design check the outcome's sum at each level of that column, and takes one more step after the
 Newton steps, the expected step: at the final coefficients, the sum of y - mu at each level,
@@ -34,7 +40,6 @@ has a sensitivity derived from public bounds only (queries/sensitivity.py).
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -53,6 +58,10 @@ MAX_COVARIATES = 20
 MAX_PARAMETERS = 100
 MAX_ITERATIONS = 25
 DEFAULT_ITERATIONS = 6
+# Gradient-descent rounds (solver "gradient"): each is a round trip over Flower.
+SOLVERS = ("newton", "gradient")
+MAX_ROUNDS = 100
+DEFAULT_ROUNDS = 10
 INTERCEPT = "(intercept)"
 # A model's rho may go far above a query's (RHO_RANGE): "equals the pooled fit as the budget
 # grows" is checked at rho ~1e18, where the noise is below the fit's own rounding. No node's
@@ -136,6 +145,9 @@ class ModelSpec:
     # A public category whose levels are compared by observed/expected (indirect
     # standardisation): per-level outcome sums at the design check, and an expected step.
     compare_by: str | None = None
+    # "newton" (IRLS over our protocol) or "gradient" (DP gradient-descent rounds, a held-out
+    # fifth of the persons, and an evaluation step; trained over Flower).
+    solver: str = "newton"
 
     def __post_init__(self) -> None:
         check_identifier(self.view, "view")
@@ -161,12 +173,21 @@ class ModelSpec:
             raise QueryError("event (the outcome level counted as 1) is for binomial models")
         if self.outcome_clamp is not None and self.family is Family.BINOMIAL:
             raise QueryError("outcome_clamp is for count and continuous outcomes")
+        if self.solver not in SOLVERS:
+            raise QueryError(f"solver must be one of {list(SOLVERS)}, got {quote(self.solver)}")
+        most = MAX_ROUNDS if self.solver == "gradient" else MAX_ITERATIONS
         if self.iterations is not None and (
             isinstance(self.iterations, bool)
             or not isinstance(self.iterations, int)
-            or not 1 <= self.iterations <= MAX_ITERATIONS
+            or not 1 <= self.iterations <= most
         ):
-            raise QueryError(f"iterations must be a whole number from 1 to {MAX_ITERATIONS}")
+            raise QueryError(f"iterations must be a whole number from 1 to {most}")
+        if self.solver == "gradient" and (
+            self.family is not Family.BINOMIAL or self.compare_by is not None
+        ):
+            raise QueryError(
+                "solver: gradient descent trains binomial (logistic) models, without compare_by"
+            )
         if len(self.where) > MAX_FILTERS:
             raise QueryError(f"the model has more than {MAX_FILTERS} filters")
         filtered = [f.column for f in self.where]
@@ -196,17 +217,25 @@ class ModelSpec:
         """How many steps after the design check the fit takes."""
         if self.family is Family.GAUSSIAN:
             return 1
+        if self.solver == "gradient":
+            return self.iterations or DEFAULT_ROUNDS
         return self.iterations or DEFAULT_ITERATIONS
 
     @property
     def steps(self) -> int:
         """Every charged step: the design check, the Newton steps, and any expected step."""
-        return 1 + self.newton_steps + (1 if self.compare_by is not None else 0)
+        extra = self.compare_by is not None or self.solver == "gradient"
+        return 1 + self.newton_steps + (1 if extra else 0)
 
     @property
     def expected_step(self) -> int | None:
         """The step releasing each unit's sum of y - mu (None: the model compares nothing)."""
         return self.newton_steps + 1 if self.compare_by is not None else None
+
+    @property
+    def evaluation_step(self) -> int | None:
+        """The step releasing the held-out persons' score histograms (solver gradient)."""
+        return self.newton_steps + 1 if self.solver == "gradient" else None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; model_from_dict(to_dict(m)) == m. Defaults are left out."""
@@ -234,142 +263,9 @@ class ModelSpec:
             out["where"] = [{"column": f.column, "values": list(f.values)} for f in self.where]
         if self.compare_by is not None:
             out["compare_by"] = self.compare_by
+        if self.solver != "newton":
+            out["solver"] = self.solver
         return out
-
-
-def model_bytes(model: ModelSpec) -> bytes:
-    """The deterministic encoding of a model that analysts sign and ledgers hash."""
-    return json.dumps(model.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-
-
-def is_model(query: bytes) -> bool:
-    """Whether signed query bytes hold a model spec rather than a query (by its version)."""
-    try:
-        parsed = json.loads(query)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(parsed, dict) and parsed.get("version") == MODEL_VERSION
-
-
-_KEYS = frozenset(
-    {
-        "version",
-        "view",
-        "outcome",
-        "family",
-        "covariates",
-        "rho",
-        "region",
-        "offset",
-        "event",
-        "outcome_clamp",
-        "iterations",
-        "cohort",
-        "where",
-        "compare_by",
-    }
-)
-
-
-def _pair(raw: object, what: str) -> tuple[float, float]:
-    if not (
-        isinstance(raw, list | tuple)
-        and len(raw) == 2
-        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in raw)
-    ):
-        raise QueryError(f"{what} must be two numbers [lower, upper]")
-    return float(raw[0]), float(raw[1])
-
-
-def _covariate_from(raw: object, i: int) -> Covariate:
-    if isinstance(raw, str):
-        return Covariate(column=raw)
-    if not isinstance(raw, Mapping) or "column" not in raw:
-        raise QueryError(f"covariates[{i}] must be a column name or a mapping with 'column'")
-    unknown = sorted(set(raw) - {"column", "reference", "clamp"})
-    if unknown:
-        raise QueryError(f"covariates[{i}]: unknown key(s) {quote(unknown)}")
-    reference = raw.get("reference")
-    if reference is not None and not isinstance(reference, str):
-        raise QueryError(f"covariates[{i}].reference must be a level (a string)")
-    clamp = _pair(raw["clamp"], f"covariates[{i}].clamp") if "clamp" in raw else None
-    return Covariate(column=str(raw["column"]), reference=reference, clamp=clamp)
-
-
-def model_from_dict(data: object) -> ModelSpec:
-    """A ModelSpec from a parsed JSON/YAML mapping, with errors that name the bad field."""
-    if not isinstance(data, Mapping):
-        raise QueryError("a model spec must be a mapping with view, outcome, family and rho")
-    unknown = sorted(str(k)[:24] for k in set(data) - _KEYS)
-    if unknown:
-        raise QueryError(f"unknown field(s) {unknown} in model spec; known: {sorted(_KEYS)}")
-    if data.get("version", MODEL_VERSION) != MODEL_VERSION:
-        raise QueryError(f"unsupported model version; this node speaks {MODEL_VERSION}")
-    for key in ("view", "outcome", "family", "rho"):
-        if key not in data:
-            raise QueryError(f"model spec has no {key!r}")
-    try:
-        family = Family(data["family"])
-    except ValueError:
-        raise QueryError(
-            f"unknown family {quote(data['family'])}; one of {[f.value for f in Family]}"
-        ) from None
-    raw = data.get("covariates", [])
-    if not isinstance(raw, list):
-        raise QueryError("covariates must be a list")
-    if len(raw) > MAX_COVARIATES:
-        raise QueryError(f"a model takes at most {MAX_COVARIATES} covariates")
-    cohort = None
-    if data.get("cohort") is not None:
-        from queries.cohort import cohort_from_dict  # cohort.py builds on spec.py, as this does
-
-        cohort = cohort_from_dict(data["cohort"])
-    raw_where = data.get("where", [])
-    if not isinstance(raw_where, list) or len(raw_where) > MAX_FILTERS:
-        raise QueryError(f"where must be a list of at most {MAX_FILTERS} filters")
-    where = []
-    for i, f in enumerate(raw_where):
-        if not isinstance(f, Mapping) or set(f) != {"column", "values"}:
-            raise QueryError(f"where[{i}] must be a mapping with 'column' and 'values'")
-        values = f["values"]
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise QueryError(f"where[{i}].values must be a list of strings")
-        where.append(Filter(column=str(f["column"]), values=tuple(values)))
-    region = data.get("region", False)
-    if not isinstance(region, bool):
-        raise QueryError("region must be true or false")
-    return ModelSpec(
-        view=data["view"],
-        outcome=data["outcome"],
-        family=family,
-        covariates=tuple(_covariate_from(c, i) for i, c in enumerate(raw)),
-        rho=data["rho"],
-        region=region,
-        offset=data.get("offset"),
-        event=data.get("event"),
-        outcome_clamp=(
-            _pair(data["outcome_clamp"], "outcome_clamp") if "outcome_clamp" in data else None
-        ),
-        iterations=data.get("iterations"),
-        cohort=cohort,
-        where=tuple(where),
-        compare_by=_text_or_none(data.get("compare_by"), "compare_by"),
-    )
-
-
-def _text_or_none(raw: object, what: str) -> str | None:
-    if raw is None or isinstance(raw, str):
-        return raw
-    raise QueryError(f"{what} must be a column name (a string)")
-
-
-def model_from_json(text: bytes | str) -> ModelSpec:
-    """Parse the canonical (or any JSON) encoding of a model spec."""
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise QueryError(f"a model spec must be JSON: {exc}") from None
-    return model_from_dict(data)
 
 
 def design_columns(model: ModelSpec, view: ViewSpec, regions: Sequence[str]) -> tuple[str, ...]:

@@ -20,6 +20,8 @@ _WHAT = {
     "n": "n",
     "unit_outcome": "the outcome's sum at each level of the compared column",
     "unit_residual": "sum of y - mu at each level of the compared column",
+    "loss": "the training log-loss, each row's capped at 10",
+    "score_hist": "held-out rows by outcome (events, then the others) and bin of eta",
 }
 
 
@@ -49,6 +51,8 @@ def _link(plan: ModelPlan) -> str:
 def _step(s: StepPlan, total: float, last: int, expected: int | None) -> list[str]:
     if s.step == 0:
         name = "step 0, the design check"
+    elif s.step == expected and s.vectors[0].name == "score_hist":
+        name = f"step {s.step}, the evaluation, on the held-out persons"
     elif s.step == expected:
         name = f"step {s.step}, the expected step, at the final coefficients"
     elif s.step == last:
@@ -88,13 +92,20 @@ def describe_plan(plan: ModelPlan) -> str:
     lines.append(f"design: {len(plan.columns)} column(s), at most {plan.nonzero} not 0 in a row")
     lines += [f"  {_term(t)}" for t in plan.terms]
     lines.append(f"link: {_link(plan)}")
-    expected = m.expected_step
-    then = f"{m.newton_steps} Newton step(s)" + (", then the expected step" if expected else "")
+    expected = m.expected_step or m.evaluation_step
+    kind = "gradient-descent round(s)" if m.solver == "gradient" else "Newton step(s)"
+    last_step = ", then the evaluation" if m.evaluation_step else ", then the expected step"
+    then = f"{m.newton_steps} {kind}" + (last_step if expected else "")
     lines.append(
         f"steps: {m.steps} (the design check, then {then}), each charged before it is "
         "released; discrete Gaussian noise on every vector"
     )
-    if expected is not None:
+    if plan.split_column is not None:
+        lines.append(
+            f"rows: persons with md5({plan.split_column}) % 5 = 0 (a fifth) are held out for "
+            "the evaluation; the others are trained on"
+        )
+    if m.expected_step is not None:
         lines.append(
             f"units compared: the {len(plan.units)} level(s) of {m.compare_by} "
             f"({', '.join(plan.units)}); not in the design"

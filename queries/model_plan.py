@@ -47,12 +47,22 @@ from queries.schema import Catalog, ColumnType, ViewSpec
 from queries.sensitivity import model_row_factor, model_sensitivity
 
 DESIGN_CHECK_SHARE = 0.05
+# Gradient descent (solver "gradient"): the evaluation step's share, the rounds' weights, the
+# held-out share of persons (by a hash of their identifier), the cap on a row's training loss
+# (nats; its sensitivity), and the score histograms' bins of the linear predictor eta.
+EVALUATION_SHARE = 0.05
+HOLDOUT_MODULUS = 5  # md5_number(person) % 5 == 0: a fifth of the persons held out
+LOSS_CAP = 10.0
+SCORE_BINS = 48
+SCORE_RANGE = (-6.0, 6.0)  # eta outside it counts in the first or last bin
 # The expected step fixes each unit's E, whose noise is most of an O/E ratio's DP noise; the
 # coefficients it is evaluated at come from the Newton steps, which keep the larger part.
 EXPECTED_STEP_SHARE = 0.2
 STEP_WEIGHTS: dict[str, dict[str, float]] = {
     "design": {"counts": 1.0, "outcome_sum": 1.0},
     "design_units": {"counts": 1.0, "outcome_sum": 1.0, "unit_outcome": 1.0},
+    # The gradient steers the fit; the loss is only reported.
+    "round": {"gradient": 4.0, "loss": 1.0},
     "newton": {"gradient": 1.0, "hessian": 1.0},
     "gaussian": {"xtx": 3.0, "xty": 3.0, "yty": 1.0, "n": 1.0},
 }
@@ -126,6 +136,14 @@ class ModelPlan:
     steps: tuple[StepPlan, ...]
     # The compared column's levels (compare_by), in the order of the unit vectors.
     units: tuple[str, ...] = ()
+    # The person identifier a gradient fit holds persons out by (None: no hold-out).
+    split_column: str | None = None
+
+    def part(self, k: int) -> str:
+        """Which rows step k reads: "all", "train" or "holdout" (solver gradient)."""
+        if self.split_column is None:
+            return "all"
+        return "holdout" if k == self.model.evaluation_step else "train"
 
     @property
     def family(self) -> Family:
@@ -227,6 +245,8 @@ def _steps(
 ) -> tuple[StepPlan, ...]:
     design_rho = model.rho * DESIGN_CHECK_SHARE
     expected_rho = model.rho * EXPECTED_STEP_SHARE if units else 0.0
+    if model.solver == "gradient":
+        expected_rho = model.rho * EVALUATION_SHARE
     newton_rho = (model.rho - design_rho - expected_rho) / model.newton_steps
     d = _shares("design_units" if units else "design", design_rho)
     binomial = model.family is Family.BINOMIAL
@@ -258,6 +278,22 @@ def _steps(
     # upper bound Y (the mean of a count clamped to [0, Y] is at most Y), so both are <= Y.
     residual = 1.0 if binomial else outcome.upper
     weight = 0.25 if binomial else outcome.upper
+    if model.solver == "gradient":
+        r = _shares("round", newton_rho)
+        rounds = [
+            StepPlan(
+                step=k,
+                rho=newton_rho,
+                vectors=(
+                    _vector("gradient", p, residual, shape, r["gradient"], False),
+                    _vector("loss", 1, LOSS_CAP, shape, r["loss"], False),
+                ),
+            )
+            for k in range(1, model.newton_steps + 1)
+        ]
+        hist = _vector("score_hist", 2 * SCORE_BINS, 1.0, shape, expected_rho, True)
+        evaluation = StepPlan(step=model.newton_steps + 1, rho=expected_rho, vectors=(hist,))
+        return (design, *rounds, evaluation)
     n = _shares("newton", newton_rho)
     gradient = _vector("gradient", p, residual, shape, n["gradient"], False)
     hessian = _vector("hessian", triangle, weight, shape, n["hessian"], False)
@@ -308,4 +344,18 @@ def plan_model(
         nonzero=q,
         steps=steps,
         units=units,
+        split_column=_split_column(model, view),
+    )
+
+
+def _split_column(model: ModelSpec, view: ViewSpec) -> str | None:
+    """A gradient fit's person identifier, which decides who is held out."""
+    if model.solver != "gradient":
+        return None
+    for col in view.columns:
+        if col.type is ColumnType.IDENTIFIER:
+            return col.name
+    raise QueryError(
+        f"solver: view {view.name!r} has no person identifier, so no persons can be held out "
+        "for the evaluation; train on a person-level view"
     )

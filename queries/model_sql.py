@@ -20,7 +20,16 @@ import sqlglot
 from sqlglot import exp
 
 from queries.model import Family
-from queries.model_plan import ETA_LIMIT, ModelPlan, StepPlan, Term
+from queries.model_plan import (
+    ETA_LIMIT,
+    HOLDOUT_MODULUS,
+    LOSS_CAP,
+    SCORE_BINS,
+    SCORE_RANGE,
+    ModelPlan,
+    StepPlan,
+    Term,
+)
 
 
 def _col(name: str) -> exp.Column:
@@ -59,8 +68,21 @@ def _x(j: int) -> str:
     return f"x{j}"
 
 
-def _rows(plan: ModelPlan) -> exp.Select:
-    """x0..x{p-1}, y and (with an offset) the log offset t, per complete row."""
+def _held_out(plan: ModelPlan) -> exp.Expr:
+    """Whether a row's person is held out: md5 of the identifier, modulo HOLDOUT_MODULUS.
+
+    md5 (not DuckDB's hash) so the split is the same at every node and in every version.
+    """
+    text = exp.cast(_col(plan.split_column or ""), "VARCHAR")
+    number = exp.func("md5_number", text)
+    return exp.EQ(
+        this=exp.Mod(this=number, expression=exp.Literal.number(HOLDOUT_MODULUS)),
+        expression=exp.Literal.number(0),
+    )
+
+
+def _rows(plan: ModelPlan, part: str = "all") -> exp.Select:
+    """x0..x{p-1}, y and (with an offset) the log offset t, per complete row of the part."""
     select: list[exp.Expr] = [
         exp.alias_(_term(t), _x(j), quoted=True) for j, t in enumerate(plan.terms)
     ]
@@ -82,6 +104,10 @@ def _rows(plan: ModelPlan) -> exp.Select:
         stmt = stmt.where(_col(column).isin(*[exp.Literal.string(v) for v in values]))
     for name in sorted(needed):
         stmt = stmt.where(exp.Not(this=exp.Is(this=_col(name), expression=exp.Null())))
+    if part == "train":
+        stmt = stmt.where(exp.Not(this=exp.Paren(this=_held_out(plan))))
+    elif part == "holdout":
+        stmt = stmt.where(_held_out(plan))
     return stmt
 
 
@@ -115,7 +141,9 @@ def entry_columns(plan: ModelPlan, step: StepPlan) -> dict[str, list[str | None]
         elif v.name in ("unit_outcome", "unit_residual"):
             letter = "u" if v.name == "unit_outcome" else "r"
             out[v.name] = [f"{letter}{i}" for i in range(v.length)]
-        elif v.name in ("outcome_sum", "yty", "n"):
+        elif v.name == "score_hist":
+            out[v.name] = [f"s{i}" for i in range(v.length)]
+        elif v.name in ("outcome_sum", "yty", "n", "loss"):
             out[v.name] = [v.name]
         elif v.name in ("gradient", "xty"):
             out[v.name] = [None if terms[j].constant == 0.0 else f"g{j}" for j in range(p)]
@@ -129,7 +157,7 @@ def entry_columns(plan: ModelPlan, step: StepPlan) -> dict[str, list[str | None]
 def design_sql(plan: ModelPlan) -> str:
     """Step 0: n, each level's count and the outcome's sum."""
     step = plan.step(0)
-    rows = _rows(plan).subquery("r", copy=False)
+    rows = _rows(plan, plan.part(0)).subquery("r", copy=False)
     select: list[exp.Expr] = [exp.alias_(exp.Count(this=exp.Star()), "n", quoted=True)]
     for j, t in enumerate(plan.terms):
         if t.kind == "level":
@@ -180,8 +208,8 @@ def _products(
     return select
 
 
-def _mu_rows(plan: ModelPlan, coefficients: Sequence[float]) -> exp.Select:
-    """Each complete row's x, y (and unit) with mu, the inverse link at the coefficients."""
+def _eta(plan: ModelPlan, coefficients: Sequence[float]) -> exp.Expr:
+    """x'b (+ the log offset), from checked coefficients."""
     if len(coefficients) != len(plan.terms) or not all(math.isfinite(b) for b in coefficients):
         raise ValueError("step SQL takes checked coefficients (model_plan.check_coefficients)")
     eta: exp.Expr = _num(0.0)
@@ -190,6 +218,12 @@ def _mu_rows(plan: ModelPlan, coefficients: Sequence[float]) -> exp.Select:
             eta = exp.Add(this=eta, expression=exp.Mul(this=_num(b), expression=_col(_x(j))))
     if plan.offset is not None:
         eta = exp.Add(this=eta, expression=_col("t"))
+    return eta
+
+
+def _mu_rows(plan: ModelPlan, coefficients: Sequence[float], part: str = "all") -> exp.Select:
+    """Each complete row's x, y (and unit) with mu, the inverse link at the coefficients."""
+    eta = _eta(plan, coefficients)
     if plan.family is Family.BINOMIAL:
         bounded = exp.func("LEAST", exp.func("GREATEST", eta, _num(-ETA_LIMIT)), _num(ETA_LIMIT))
         mu: exp.Expr = exp.Div(
@@ -206,7 +240,7 @@ def _mu_rows(plan: ModelPlan, coefficients: Sequence[float]) -> exp.Select:
     if plan.units:
         kept.append(_col("unit"))
     return sqlglot.select(*kept, exp.alias_(mu, "mu", quoted=True)).from_(
-        _rows(plan).subquery("r", copy=False)
+        _rows(plan, part).subquery("r", copy=False)
     )
 
 
@@ -224,6 +258,60 @@ def newton_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str
     else:
         weight = _col("mu")
     select = _products(plan, s, "gradient", "hessian", weight, _residual())
+    return sqlglot.select(*select).from_(inner.subquery("m", copy=False)).sql(dialect="duckdb")
+
+
+def round_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str:
+    """A gradient-descent round on the training rows: the gradient and the capped loss."""
+    s = plan.step(step)
+    inner = _mu_rows(plan, coefficients, "train")
+    select: list[exp.Expr] = []
+    exponent = s.vector("gradient").exponent
+    for j, name in enumerate(entry_columns(plan, s)["gradient"]):
+        if name is not None:
+            value = exp.Mul(this=_col(_x(j)), expression=_residual())
+            select.append(exp.alias_(_fixed(value, exponent), name, quoted=True))
+    # -(y ln mu + (1 - y) ln(1 - mu)), mu within 1e-13 of 0 or 1 at most (eta is clamped).
+    one_minus = exp.Paren(this=exp.Sub(this=_num(1.0), expression=_col("mu")))
+    log_lik = exp.Add(
+        this=exp.Mul(this=_col("y"), expression=exp.func("LN", _col("mu"))),
+        expression=exp.Mul(
+            this=exp.Paren(this=exp.Sub(this=_num(1.0), expression=_col("y"))),
+            expression=exp.func("LN", one_minus),
+        ),
+    )
+    loss = exp.func("LEAST", exp.Neg(this=exp.Paren(this=log_lik)), _num(LOSS_CAP))
+    select.append(exp.alias_(_fixed(loss, s.vector("loss").exponent), "loss", quoted=True))
+    return sqlglot.select(*select).from_(inner.subquery("m", copy=False)).sql(dialect="duckdb")
+
+
+def score_bin(eta: exp.Expr) -> exp.Expr:
+    """The histogram bin of eta: SCORE_BINS equal bins over SCORE_RANGE, the ends open."""
+    low, high = SCORE_RANGE
+    width = (high - low) / SCORE_BINS
+    raw = exp.func(
+        "FLOOR", exp.Div(this=exp.Sub(this=eta, expression=_num(low)), expression=_num(width))
+    )
+    return exp.func("LEAST", exp.func("GREATEST", raw, _num(0.0)), _num(float(SCORE_BINS - 1)))
+
+
+def evaluation_sql(plan: ModelPlan, coefficients: Sequence[float]) -> str:
+    """The evaluation step: held-out rows counted by outcome (events first) and score bin."""
+    eta = _eta(plan, coefficients)
+    inner = sqlglot.select(_col("y"), exp.alias_(score_bin(eta), "bin", quoted=True)).from_(
+        _rows(plan, "holdout").subquery("r", copy=False)
+    )
+    select: list[exp.Expr] = []
+    for i in range(2 * SCORE_BINS):
+        event, bin_ = (1.0 if i < SCORE_BINS else 0.0), float(i % SCORE_BINS)
+        test = exp.And(
+            this=exp.EQ(this=_col("y"), expression=_num(event)),
+            expression=exp.EQ(this=_col("bin"), expression=_num(bin_)),
+        )
+        at = exp.Case(
+            ifs=[exp.If(this=test, true=exp.Literal.number(1))], default=exp.Literal.number(0)
+        )
+        select.append(exp.alias_(exp.Sum(this=at), f"s{i}", quoted=True))
     return sqlglot.select(*select).from_(inner.subquery("m", copy=False)).sql(dialect="duckdb")
 
 
@@ -255,4 +343,8 @@ def step_sql(plan: ModelPlan, step: int, coefficients: Sequence[float] = ()) -> 
         return gaussian_sql(plan)
     if step == plan.model.expected_step:
         return expected_sql(plan, step, coefficients)
+    if step == plan.model.evaluation_step:
+        return evaluation_sql(plan, coefficients)
+    if plan.model.solver == "gradient":
+        return round_sql(plan, step, coefficients)
     return newton_sql(plan, step, coefficients)

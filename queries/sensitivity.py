@@ -115,6 +115,8 @@ def sensitivity(
 # - outcome_sum, yty, n: 1;
 # - unit_outcome and unit_residual (a compare_by model's y and y - mu summed per level of the
 #   compared column): 1, as a row is at one level only;
+# - loss (a gradient fit's training loss, each row's capped) and score_hist (held-out rows
+#   counted by outcome and score bin): 1, one entry per row;
 # - gradient sum_i x_i (y_i - mu_i) and X'y: q;
 # - Hessian sum_i w_i x_i x_i' and X'X, upper triangle: the pairs j <= k of the q entries
 #   that are not 0, q (q + 1) / 2.
@@ -133,6 +135,8 @@ MODEL_VECTORS = frozenset(
         "n",
         "unit_outcome",
         "unit_residual",
+        "loss",
+        "score_hist",
     }
 )
 
@@ -143,7 +147,7 @@ def model_row_factor(vector: str, *, nonzero: int, categories: int) -> float:
         raise ValueError("a design has at least the intercept")
     if vector == "counts":
         return math.sqrt(1 + categories)
-    if vector in {"outcome_sum", "yty", "n", "unit_outcome", "unit_residual"}:
+    if vector in {"outcome_sum", "yty", "n", "unit_outcome", "unit_residual", "loss", "score_hist"}:
         return 1.0
     if vector in {"gradient", "xty"}:
         return math.sqrt(nonzero)

@@ -23,7 +23,8 @@ from queries.errors import (
     PermissionDeniedError,
     QueryError,
 )
-from queries.model import ModelSpec, model_bytes
+from queries.model import ModelSpec
+from queries.model_io import model_bytes
 from queries.results import (
     BudgetStatus,
     FederatedResult,

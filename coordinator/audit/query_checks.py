@@ -42,7 +42,8 @@ from protocols.security.envelope import (
 from protocols.v1 import node_pb2
 from queries.errors import AuthenticationError, QueryError
 from queries.mechanisms import rho_to_epsilon
-from queries.model import Family, model_from_json
+from queries.model import Family
+from queries.model_io import model_from_json
 
 # A release is charged after the query ran, so its time may follow the envelope's expiry by
 # as long as a query may take; anything later means the node charged an expired envelope.

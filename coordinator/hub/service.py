@@ -22,7 +22,7 @@ from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
 from queries import combine, spec, spec_io
 from queries import release as release_rules
 from queries.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
-from queries.model import is_model, model_from_json
+from queries.model_io import is_model, model_from_json
 from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus, ReleaseRules
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from protocols.security.envelope import Operation, sign_query
 from protocols.security.pki import load_identity
 from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2, node_pb2_grpc
-from queries.model import Family, ModelSpec, model_bytes
+from queries.model import Family, ModelSpec
+from queries.model_io import model_bytes
 
 
 def fit_envelope(

@@ -24,7 +24,8 @@ from protocols import serde
 from protocols.security.envelope import Operation, sign_query
 from protocols.security.pki import CA_FILE, Role, load_identity
 from protocols.v1 import node_pb2
-from queries.model import Covariate, Family, ModelSpec, model_bytes
+from queries.model import Covariate, Family, ModelSpec
+from queries.model_io import model_bytes
 from queries.model_plan import DESIGN_CHECK_SHARE
 from queries.spec import Filter
 from tests.integration._fit_driver import fit_envelope, node_stubs, run_fit, step

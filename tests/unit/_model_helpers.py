@@ -7,6 +7,7 @@ value to units half away from zero as DuckDB's ROUND does.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -14,7 +15,7 @@ import duckdb
 import numpy as np
 
 from queries.model import Family
-from queries.model_plan import ModelPlan
+from queries.model_plan import LOSS_CAP, SCORE_BINS, SCORE_RANGE, ModelPlan
 from queries.model_sql import entry_columns, step_sql, triangle
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 
@@ -92,12 +93,26 @@ def _units(values: np.ndarray, exponent: int) -> np.ndarray:
     return np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
 
 
-def design(plan: ModelPlan, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """X, y and the log offset of the complete rows that pass the filters, by hand."""
+def held_out(person: int) -> bool:
+    """The hold-out rule of a gradient fit, by hand: md5 of the identifier's text, mod 5."""
+    return int(hashlib.md5(str(person).encode()).hexdigest(), 16) % 5 == 0  # noqa: S324
+
+
+def _in_part(plan: ModelPlan, k: int, person: int) -> bool:
+    part = plan.part(k)
+    return part == "all" or (part == "holdout") == held_out(person)
+
+
+def design(
+    plan: ModelPlan, rows: Sequence[Row], k: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X, y and the log offset of the complete rows of step k's part that pass the filters."""
     filters = dict(plan.filters)
     named = [dict(zip(ROW_COLUMNS, r, strict=True)) for r in rows]
     kept = [
-        r for r, d in zip(rows, named, strict=True) if all(d[c] in v for c, v in filters.items())
+        r
+        for r, d in zip(rows, named, strict=True)
+        if all(d[c] in v for c, v in filters.items()) and _in_part(plan, k, int(r[0]))
     ]
     x = np.zeros((len(kept), len(plan.columns)))
     y = np.zeros(len(kept))
@@ -154,7 +169,7 @@ def by_hand(
     plan: ModelPlan, rows: Sequence[Row], k: int, b: Sequence[float] = ()
 ) -> dict[str, list[int]]:
     """Step k's exact vectors computed with numpy."""
-    x, y, t = design(plan, rows)
+    x, y, t = design(plan, rows, k)
     s = plan.step(k)
     p = len(plan.columns)
     tri = triangle(p)
@@ -167,6 +182,21 @@ def by_hand(
         if plan.units:
             out0["unit_outcome"] = _per_unit(plan, rows, y, s.vector("unit_outcome").exponent)
         return out0
+    if k == plan.model.evaluation_step:
+        eta = x @ np.asarray(b) + t
+        low, high = SCORE_RANGE
+        bins = np.clip(np.floor((eta - low) / ((high - low) / SCORE_BINS)), 0, SCORE_BINS - 1)
+        hist = [int(np.sum((y == 1) & (bins == j))) for j in range(SCORE_BINS)]
+        hist += [int(np.sum((y == 0) & (bins == j))) for j in range(SCORE_BINS)]
+        return {"score_hist": hist}
+    if plan.model.solver == "gradient":
+        mu = _mu(plan, x, t, b)
+        e = s.vector("gradient").exponent
+        loss = np.minimum(-(y * np.log(mu) + (1 - y) * np.log(1 - mu)), LOSS_CAP)
+        return {
+            "gradient": [int(_units(x[:, j] * (y - mu), e).sum()) for j in range(p)],
+            "loss": [int(_units(loss, s.vector("loss").exponent).sum())],
+        }
     if k == plan.model.expected_step:
         r = y - _mu(plan, x, t, b)
         return {"unit_residual": _per_unit(plan, rows, r, s.vector("unit_residual").exponent)}

@@ -23,7 +23,8 @@ from protocols.security.pki import Identity
 from protocols.v1 import node_pb2
 from queries.errors import AuthenticationError
 from queries.mechanisms import rho_to_epsilon
-from queries.model import Covariate, Family, ModelSpec, model_bytes
+from queries.model import Covariate, Family, ModelSpec
+from queries.model_io import model_bytes
 from tests.unit._accounting_helpers import Pki, make_pki, signed_charge, source_of
 
 MODEL = ModelSpec(

@@ -16,16 +16,16 @@ from hypothesis import strategies as st
 
 from queries import mechanisms
 from queries.errors import QueryError
-from queries.model import (
-    Covariate,
-    Family,
-    ModelSpec,
-    model_bytes,
-    model_from_dict,
-    model_from_json,
-)
+from queries.model import Covariate, Family, ModelSpec
 from queries.model_checks import check_coefficients
-from queries.model_plan import DESIGN_CHECK_SHARE, EXPECTED_STEP_SHARE, plan_model
+from queries.model_io import model_bytes, model_from_dict, model_from_json
+from queries.model_plan import (
+    DESIGN_CHECK_SHARE,
+    EVALUATION_SHARE,
+    EXPECTED_STEP_SHARE,
+    SCORE_BINS,
+    plan_model,
+)
 from queries.spec import Filter
 from tests.unit._model_helpers import BANDS, CATALOG, SEXES, Row, by_hand, random_rows, run, table
 
@@ -53,6 +53,8 @@ CASES = [
     (Family.POISSON, {"offset": "years", "region": True}),
     (Family.GAUSSIAN, {}),
     (Family.GAUSSIAN, {"region": True, "where": (Filter("band", ("a", "c", "d")),)}),
+    # Gradient descent: a held-out fifth, rounds of gradient and loss, an evaluation step.
+    (Family.BINOMIAL, {"solver": "gradient", "iterations": 3}),
     # Comparing units: per-level sums at the design check, and an expected step.
     (Family.BINOMIAL, {"covariates": (Covariate("band"), Covariate("age")), "compare_by": "sex"}),
     (
@@ -275,3 +277,31 @@ def test_a_comparing_spec_refuses_what_cannot_be_compared() -> None:
         _model(Family.GAUSSIAN, compare_by="sex", covariates=(Covariate("age"),))
     with pytest.raises(QueryError, match="compare_by must be a column name"):
         model_from_dict({**_comparing().to_dict(), "compare_by": 3})
+
+
+def test_a_gradient_fit_holds_a_fifth_out_and_evaluates_on_it() -> None:
+    model = _model(Family.BINOMIAL, solver="gradient", iterations=4)
+    assert model_from_json(model_bytes(model)) == model
+    assert (model.steps, model.evaluation_step, model.expected_step) == (6, 5, None)
+    plan = plan_model(model, CATALOG, node="b", regions=())
+    assert plan.split_column == "person_id"
+    rhos = [s.rho for s in plan.steps]
+    assert rhos[0] == pytest.approx(DESIGN_CHECK_SHARE)
+    assert rhos[-1] == pytest.approx(EVALUATION_SHARE)
+    assert rhos[1:-1] == pytest.approx([(1 - DESIGN_CHECK_SHARE - EVALUATION_SHARE) / 4] * 4)
+    assert [v.name for v in plan.step(1).vectors] == ["gradient", "loss"]
+    (hist,) = plan.step(5).vectors
+    assert (hist.name, hist.length, hist.sensitivity) == ("score_hist", 2 * SCORE_BINS, 2.0)
+    assert "step 5, the evaluation, on the held-out persons" in plan.describe()
+    rows = random_rows(np.random.default_rng(9), 2000)
+    con = table(rows)
+    n_train = run(con, plan, 0)["counts"][0]
+    held = run(con, plan, 5, [0.0] * len(plan.columns))["score_hist"]
+    # Every complete row is in one part: the training n and the held-out histogram add up.
+    assert n_train + sum(held) == len(rows)
+    # About a fifth held out (2,000 persons, ~3,000 rows: 6 sd is about 0.04).
+    assert abs(sum(held) / len(rows) - 0.2) < 0.045
+    with pytest.raises(QueryError, match="solver: gradient descent trains binomial"):
+        _model(Family.POISSON, solver="gradient")
+    with pytest.raises(QueryError, match="solver must be one of"):
+        _model(Family.BINOMIAL, solver="adam")
