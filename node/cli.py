@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from node.budget.accounting import default_ledger_path, open_accountant
-from node.config import check_node_certificate, load_config
+from node.config import check_node_certificate, check_superlink_address, load_config
 from node.data.store import OmopStore, node_pathways
+from node.flower.supernode import supernode_for
 from node.service import NodeService
 from protocols.cli import ChcGroup, DebugOpt, read_identity
 from protocols.process import serve_until_signalled, setup_logging, write_ready_file
@@ -110,8 +111,21 @@ def serve(
         typer.Option("--memory-ledger", help="DEV/BENCH ONLY: a ledger that a restart forgets"),
     ] = False,
     allow_policy_loosening: AllowLoosening = None,
+    learning: Annotated[
+        str | None,
+        typer.Option(
+            "--learning",
+            metavar="SUPERLINK_ADDRESS",
+            help="also run a Flower SuperNode dialling the hub's SuperLink at host:port "
+            "(overrides node.toml's [learning] superlink)",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the node's catalog and DP queries over gRPC with mutual TLS."""
+    """Serve the node's catalog and DP queries over gRPC with mutual TLS.
+
+    With a SuperLink address (--learning or [learning] superlink), a Flower SuperNode runs
+    beside the gRPC server as a child process, and stops with it.
+    """
     setup_logging(log_level)
     cfg = load_config(config)
     identity = read_identity(cfg.identity, flag=f"`identity =` in {config}")
@@ -149,9 +163,33 @@ def serve(
         store.reference_date.isoformat(),
         store.report.reference_origin,
     )
-    if ready_file is not None:
-        write_ready_file(ready_file, port=port, name=cfg.name)
-    serve_until_signalled(server)
+    supernode = None
+    superlink = learning or cfg.learning.superlink
+    try:
+        if superlink is not None:
+            host = (listen or cfg.listen).rsplit(":", 1)[0]
+            # A wildcard bind is reached on loopback by the ClientApp on this machine.
+            host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "") else host  # noqa: S104
+            supernode = supernode_for(
+                cfg,
+                config,
+                superlink=check_superlink_address(superlink, "--learning"),
+                grpc_address=f"{host}:{port}",
+            )
+            supernode.start()
+            log.info(
+                "node %s: Flower SuperNode dialling %s; the hub registers its key %s",
+                cfg.name,
+                superlink,
+                supernode.private_key.with_suffix(".pub"),
+            )
+        if ready_file is not None:
+            write_ready_file(ready_file, port=port, name=cfg.name)
+        serve_until_signalled(server)
+    finally:
+        if supernode is not None:
+            supernode.stop()
+        server.stop(0)
     store.close()
     accountant.close()
     log.info("node %s stopped", cfg.name)

@@ -30,13 +30,17 @@ NODE_KEYS = frozenset(
     | {"release", "access", "crl"}
     | {"ledger", "ledger_key"}
     | {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
-    | {"cohorts", "models", "care_sites"}
+    | {"cohorts", "models", "care_sites", "learning"}
 )
 RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
 # [models]: the node's refusal rules for model fits (node/fitting.py, docs/configuration.md).
 MODEL_KEYS = frozenset({"min_level_persons", "max_parameter_ratio"})
 # [care_sites]: the care sites the node publishes (node/data/care_sites.py).
 CARE_SITE_KEYS = frozenset({"publish"})
+# [learning]: the node's SuperNode for Flower runs (node/flower/supernode.py).
+LEARNING_KEYS = frozenset({"superlink", "root_certificate", "allowed_fabs"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ADDRESS = re.compile(r"[A-Za-z0-9.\-]+:[0-9]{1,5}|\[[0-9A-Fa-f:]+\]:[0-9]{1,5}")
 
 
 # Refusals from one peer that reach the ledger per window (node.guards.RefusalLimiter,
@@ -85,6 +89,19 @@ class ModelPolicy:
 
 
 @dataclass(frozen=True)
+class LearningConfig:
+    """[learning]: where the node's SuperNode dials, the CA it trusts, and reviewed FABs."""
+
+    # host:port of the hub's Flower SuperLink; None: no SuperNode unless `serve --learning`.
+    superlink: str | None = None
+    # The CA the SuperLink's certificate must chain to (default: ca.pem in the identity folder).
+    root_certificate: Path | None = None
+    # sha256 (hex) of FABs the custodian reviewed and allows although they carry more than
+    # pyproject.toml (node/flower/fab_policy.py).
+    allowed_fabs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start, from node.toml."""
 
@@ -116,6 +133,8 @@ class NodeConfig:
     models: ModelPolicy = field(default_factory=ModelPolicy)
     # The ODS codes of the care sites published as `care_site` ([care_sites] publish).
     care_sites: tuple[str, ...] = ()
+    # The node's Flower SuperNode ([learning]).
+    learning: LearningConfig = field(default_factory=LearningConfig)
 
     def __post_init__(self) -> None:
         check_node_name(self.name)
@@ -208,6 +227,49 @@ def load_config(path: Path) -> NodeConfig:
         cohorts=parse_cohorts(data.get("cohorts"), str(path)),
         models=_model_policy(data.get("models", {}), str(path)),
         care_sites=_care_sites(data.get("care_sites", {}), str(path)),
+        learning=_learning(data.get("learning", {}), base, str(path)),
+    )
+
+
+def check_superlink_address(address: object, source: str) -> str:
+    """Return address if it is host:port (IPv6 in brackets), else raise a ConfigError."""
+    if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
+        raise ConfigError(
+            f'{source}: learning.superlink must be host:port (e.g. "hub.example.org:9092"), '
+            f"not {str(address)[:80]!r}"
+        )
+    port = int(address.rsplit(":", 1)[1])
+    if not 0 < port < 65536:
+        raise ConfigError(f"{source}: learning.superlink port {port} is out of range")
+    return address
+
+
+def _learning(raw: object, base: Path, source: str) -> LearningConfig:
+    """[learning] superlink / root_certificate / allowed_fabs."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [learning] must be a table")
+    unknown = sorted(set(raw) - LEARNING_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown [learning] key(s) {unknown}; known: {sorted(LEARNING_KEYS)}"
+        )
+    allowed = raw.get("allowed_fabs", [])
+    if not isinstance(allowed, list) or not all(
+        isinstance(a, str) and _SHA256.fullmatch(a.lower()) for a in allowed
+    ):
+        raise ConfigError(
+            f"{source}: learning.allowed_fabs must be a list of sha256 hashes (64 hex digits "
+            "each), as the node's log names a refused FAB"
+        )
+    superlink = raw.get("superlink")
+    return LearningConfig(
+        superlink=check_superlink_address(superlink, source) if superlink is not None else None,
+        root_certificate=(
+            _path(base, raw["root_certificate"], "learning.root_certificate")
+            if "root_certificate" in raw
+            else None
+        ),
+        allowed_fabs=tuple(a.lower() for a in allowed),
     )
 
 

@@ -128,7 +128,15 @@ class NodeService(node_pb2_grpc.NodeServicer):
     ) -> tuple[SignedQuery, VerifiedAnalyst]:
         """Who may present this envelope for this call (the default is the strictest, Execute)."""
         peer = self._peer(context)
-        if peer is not None and peer.role not in QUERY_ROLES:
+        # The node's own Flower relay (node/flower/relay.py) presents fit steps with the node's
+        # own certificate: the node trusts its own key, and the analyst's signature is checked
+        # below all the same. No other node may.
+        own_relay = peer is not None and peer.role is Role.NODE and peer.name == self.name
+        if own_relay and call is not Call.FIT:
+            raise PermissionDeniedError(
+                f"{self.name} (this node) may relay only model fit steps, not {call.value}"
+            )
+        if peer is not None and peer.role not in QUERY_ROLES and not own_relay:
             raise PermissionDeniedError(
                 f"{peer.name} has role {peer.role.value}; only analysts (directly or through "
                 "the hub) may run queries"

@@ -175,7 +175,11 @@ def check_regions(model: ModelSpec, node: str, regions: Sequence[str]) -> tuple[
 def check_coefficients(
     plan: ModelPlan, step: int, coefficients: Sequence[float]
 ) -> tuple[float, ...]:
-    """The hub's coefficients for a step, checked: one per design column, finite, bounded."""
+    """The hub's coefficients for a step, checked: one per design column, finite, bounded.
+
+    A gradient fit's evaluation step also takes the range of eta its score histograms bin
+    (low, high): the hub's choice, from its own releases, so public like the coefficients.
+    """
     if step == 0 or plan.family is Family.GAUSSIAN:
         if coefficients:
             raise QueryError(
@@ -183,12 +187,21 @@ def check_coefficients(
                 f"{len(coefficients)}"
             )
         return ()
-    if len(coefficients) != len(plan.columns):
+    evaluation = step == plan.model.evaluation_step
+    wanted = len(plan.columns) + (2 if evaluation else 0)
+    if len(coefficients) != wanted:
+        then = ", then the score range's low and high" if evaluation else ""
         raise QueryError(
             f"coefficients: step {step} needs one per design column ({len(plan.columns)}: "
-            f"{', '.join(plan.columns)}), got {len(coefficients)}"
+            f"{', '.join(plan.columns)}){then}, got {len(coefficients)}"
         )
-    for name, b in zip(plan.columns, coefficients, strict=True):
+    if evaluation and not coefficients[-2] < coefficients[-1]:
+        raise QueryError(
+            f"coefficients: the evaluation's score range [{coefficients[-2]!r}, "
+            f"{coefficients[-1]!r}] must have low < high"
+        )
+    names = [*plan.columns, "score range low", "score range high"][: len(coefficients)]
+    for name, b in zip(names, coefficients, strict=True):
         if not (math.isfinite(b) and abs(b) <= MAX_COEFFICIENT):
             raise QueryError(
                 f"coefficients: {name} is {b!r}; each must be finite and at most "

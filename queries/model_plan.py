@@ -49,12 +49,13 @@ from queries.sensitivity import model_row_factor, model_sensitivity
 DESIGN_CHECK_SHARE = 0.05
 # Gradient descent (solver "gradient"): the evaluation step's share, the rounds' weights, the
 # held-out share of persons (by a hash of their identifier), the cap on a row's training loss
-# (nats; its sensitivity), and the score histograms' bins of the linear predictor eta.
-EVALUATION_SHARE = 0.05
+# (nats; its sensitivity), and the score histograms' bins of the linear predictor eta: equal
+# bins over a range the hub sends with the coefficients (coordinator/learning/descent.py
+# sets it from the design check's noisy means), the ends closed.
+EVALUATION_SHARE = 0.1
 HOLDOUT_MODULUS = 5  # md5_number(person) % 5 == 0: a fifth of the persons held out
 LOSS_CAP = 10.0
-SCORE_BINS = 48
-SCORE_RANGE = (-6.0, 6.0)  # eta outside it counts in the first or last bin
+SCORE_BINS = 30
 # The expected step fixes each unit's E, whose noise is most of an O/E ratio's DP noise; the
 # coefficients it is evaluated at come from the Newton steps, which keep the larger part.
 EXPECTED_STEP_SHARE = 0.2

@@ -25,7 +25,6 @@ from queries.model_plan import (
     HOLDOUT_MODULUS,
     LOSS_CAP,
     SCORE_BINS,
-    SCORE_RANGE,
     ModelPlan,
     StepPlan,
     Term,
@@ -285,9 +284,8 @@ def round_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str:
     return sqlglot.select(*select).from_(inner.subquery("m", copy=False)).sql(dialect="duckdb")
 
 
-def score_bin(eta: exp.Expr) -> exp.Expr:
-    """The histogram bin of eta: SCORE_BINS equal bins over SCORE_RANGE, the ends open."""
-    low, high = SCORE_RANGE
+def score_bin(eta: exp.Expr, low: float, high: float) -> exp.Expr:
+    """The histogram bin of eta: SCORE_BINS equal bins over [low, high], the ends closed."""
     width = (high - low) / SCORE_BINS
     raw = exp.func(
         "FLOOR", exp.Div(this=exp.Sub(this=eta, expression=_num(low)), expression=_num(width))
@@ -296,11 +294,16 @@ def score_bin(eta: exp.Expr) -> exp.Expr:
 
 
 def evaluation_sql(plan: ModelPlan, coefficients: Sequence[float]) -> str:
-    """The evaluation step: held-out rows counted by outcome (events first) and score bin."""
-    eta = _eta(plan, coefficients)
-    inner = sqlglot.select(_col("y"), exp.alias_(score_bin(eta), "bin", quoted=True)).from_(
-        _rows(plan, "holdout").subquery("r", copy=False)
-    )
+    """The evaluation step: held-out rows counted by outcome (events first) and score bin.
+
+    coefficients are the design's, then the bins' range of eta (low, high).
+    """
+    p = len(plan.terms)
+    eta = _eta(plan, coefficients[:p])
+    low, high = coefficients[p], coefficients[p + 1]
+    inner = sqlglot.select(
+        _col("y"), exp.alias_(score_bin(eta, low, high), "bin", quoted=True)
+    ).from_(_rows(plan, "holdout").subquery("r", copy=False))
     select: list[exp.Expr] = []
     for i in range(2 * SCORE_BINS):
         event, bin_ = (1.0 if i < SCORE_BINS else 0.0), float(i % SCORE_BINS)

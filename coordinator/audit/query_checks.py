@@ -278,6 +278,8 @@ class QueryChecks:
             )
         newton = fit.step > 0 and model.family is not Family.GAUSSIAN
         wanted = len(fit.columns) if newton else 0
+        if fit.step == model.evaluation_step:
+            wanted += 2  # and the score histograms' range (queries/model_checks.py)
         if len(fit.coefficients) != wanted or not all(map(math.isfinite, fit.coefficients)):
             self.flag(
                 label,

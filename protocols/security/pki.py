@@ -150,6 +150,78 @@ def issue(
     party needs. Servers get the name and hosts as subject alternative names.
     """
     check_name(name)
+    attributes = [
+        x509.NameAttribute(NameOID.COMMON_NAME, name),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+    ]
+    if organisation:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation))
+    cert, key, ca_pem = _sign_leaf(
+        pki_dir,
+        subject=x509.Name(attributes),
+        sans=[x509.DNSName(name), *_host_names(hosts)],
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        days=days,
+    )
+    folder = out_dir if out_dir is not None else pki_dir / role.value / name
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_private(folder / KEY_FILE, _key_pem(key))
+    (folder / CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / CA_FILE).write_bytes(ca_pem)
+    _record_issued(pki_dir, name=name, role=role, cert=cert, folder=folder)
+    return folder
+
+
+def issue_server_certificate(
+    pki_dir: Path,
+    *,
+    name: str,
+    out_dir: Path,
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    days: int = 30,
+) -> Path:
+    """Issue a TLS server certificate for a helper service (e.g. Flower's SuperLink).
+
+    Unlike issue(), it carries no chc role and is valid for server authentication only, so
+    its key, which the helper process reads, can never pass as a hub or node identity. The
+    hosts (names or IP addresses) are its subject alternative names; returns out_dir, which
+    holds cert.pem, key.pem (0600) and the CA certificate.
+    """
+    check_name(name)
+    cert, key, ca_pem = _sign_leaf(
+        pki_dir,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]),
+        sans=_host_names(hosts),
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+        days=days,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_private(out_dir / KEY_FILE, _key_pem(key))
+    (out_dir / CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out_dir / CA_FILE).write_bytes(ca_pem)
+    return out_dir
+
+
+def _host_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
+    """Subject alternative names for hosts: an IP address where it parses as one."""
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def _sign_leaf(
+    pki_dir: Path,
+    *,
+    subject: x509.Name,
+    sans: list[x509.GeneralName],
+    usages: list[x509.ObjectIdentifier],
+    days: int,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bytes]:
+    """A new ECDSA P-256 key and its certificate signed by the CA in pki_dir."""
     ca_key_pem = (pki_dir / CA_KEY_FILE).read_bytes()
     ca_pem = (pki_dir / CA_FILE).read_bytes()
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
@@ -157,19 +229,6 @@ def issue(
         raise ConfigError(f"{pki_dir / CA_KEY_FILE} is not an ECDSA key")
     ca_cert = x509.load_pem_x509_certificate(ca_pem)
     key = ec.generate_private_key(ec.SECP256R1())
-    attributes = [
-        x509.NameAttribute(NameOID.COMMON_NAME, name),
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-    ]
-    if organisation:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation))
-    subject = x509.Name(attributes)
-    sans: list[x509.GeneralName] = [x509.DNSName(name)]
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
     now = _now()
     cert = (
         x509.CertificateBuilder()
@@ -181,25 +240,14 @@ def issue(
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
-    folder = out_dir if out_dir is not None else pki_dir / role.value / name
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_private(folder / KEY_FILE, _key_pem(key))
-    (folder / CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / CA_FILE).write_bytes(ca_pem)
-    _record_issued(pki_dir, name=name, role=role, cert=cert, folder=folder)
-    return folder
+    return cert, key, ca_pem
 
 
 ISSUED_FILE = "issued.json"

@@ -18,10 +18,13 @@ def known_pathway() -> Pathway:
     return pathway
 
 
-def known_rows(folder: Path, care_sites: tuple[str, ...] = ()) -> pa.Table:
+def known_rows(
+    folder: Path, care_sites: tuple[str, ...] = (), *, person_id: bool = False
+) -> pa.Table:
     """One region's pathway rows with the model's columns, from the node's own store.
 
-    With care_sites (the codes the node declares), also each person's `care_site`.
+    With care_sites (the codes the node declares), also each person's `care_site`; with
+    person_id, the identifier (for a gradient fit's hold-out rule).
     """
     store = OmopStore(
         folder,
@@ -32,6 +35,7 @@ def known_rows(folder: Path, care_sites: tuple[str, ...] = ()) -> pa.Table:
         care_sites=care_sites,
     )
     site = ", CAST(care_site AS VARCHAR) AS care_site" if care_sites else ""
+    site += ", person_id" if person_id else ""
     try:
         return store.query(
             f"""

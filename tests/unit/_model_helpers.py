@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 
 from queries.model import Family
-from queries.model_plan import LOSS_CAP, SCORE_BINS, SCORE_RANGE, ModelPlan
+from queries.model_plan import LOSS_CAP, SCORE_BINS, ModelPlan
 from queries.model_sql import entry_columns, step_sql, triangle
 from queries.schema import Catalog, ColumnSpec, ColumnType, ViewSpec
 
@@ -183,8 +183,8 @@ def by_hand(
             out0["unit_outcome"] = _per_unit(plan, rows, y, s.vector("unit_outcome").exponent)
         return out0
     if k == plan.model.evaluation_step:
-        eta = x @ np.asarray(b) + t
-        low, high = SCORE_RANGE
+        eta = x @ np.asarray(b[:p]) + t
+        low, high = b[p], b[p + 1]  # the hub's range, after the coefficients
         bins = np.clip(np.floor((eta - low) / ((high - low) / SCORE_BINS)), 0, SCORE_BINS - 1)
         hist = [int(np.sum((y == 1) & (bins == j))) for j in range(SCORE_BINS)]
         hist += [int(np.sum((y == 0) & (bins == j))) for j in range(SCORE_BINS)]

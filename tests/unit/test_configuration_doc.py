@@ -17,6 +17,7 @@ from node.access import ACCESS_KEYS
 from node.config import (
     BUDGET_KEYS,
     CARE_SITE_KEYS,
+    LEARNING_KEYS,
     MODEL_KEYS,
     NODE_KEYS,
     RELEASE_KEYS,
@@ -42,6 +43,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("node.toml", "`[cohorts]`"): COHORT_KEYS,
     ("node.toml", "`[models]`"): MODEL_KEYS,
     ("node.toml", "`[care_sites]`"): CARE_SITE_KEYS,
+    ("node.toml", "`[learning]`"): LEARNING_KEYS,
     ("hub.toml", "Top-level keys"): HUB_KEYS,
     ("hub.toml", "`[[nodes]]`"): HUB_NODE_KEYS,
     ("hub.toml", "`[release]`"): HUB_RELEASE_KEYS,

@@ -27,7 +27,16 @@ from queries.model_plan import (
     plan_model,
 )
 from queries.spec import Filter
-from tests.unit._model_helpers import BANDS, CATALOG, SEXES, Row, by_hand, random_rows, run, table
+from tests.unit._model_helpers import (
+    BANDS,
+    CATALOG,
+    SEXES,
+    Row,
+    by_hand,
+    random_rows,
+    run,
+    table,
+)
 
 REGIONS = ("a", "b", "c")
 
@@ -163,6 +172,8 @@ def test_sql_computes_what_numpy_computes(family: Family, kw: dict[str, object])
             if k == 0 or family is Family.GAUSSIAN
             else list(rng.normal(0, 0.5, len(plan.columns)))
         )
+        if k == plan.model.evaluation_step:
+            b += [-1.5, 1.0]  # the score histograms' range
         sql, hand = run(con, plan, k, b), by_hand(plan, rows, k, b)
         assert sql.keys() == hand.keys()
         for name in sql:
@@ -209,6 +220,8 @@ def test_one_person_moves_each_vector_by_at_most_its_sensitivity(
     whole, less = table(rows), table(without)
     for k in sorted({0, 1, len(plan.steps) - 1}):
         coefficients = b if k and family is not Family.GAUSSIAN else []
+        if k == plan.model.evaluation_step:
+            coefficients = [*b, -1.0, 2.0]
         a, c = run(whole, plan, k, coefficients), run(less, plan, k, coefficients)
         for v in plan.step(k).vectors:
             assert _l2(a[v.name], c[v.name]) <= v.sensitivity * (1 + 1e-12), (k, v.name)
@@ -296,7 +309,7 @@ def test_a_gradient_fit_holds_a_fifth_out_and_evaluates_on_it() -> None:
     rows = random_rows(np.random.default_rng(9), 2000)
     con = table(rows)
     n_train = run(con, plan, 0)["counts"][0]
-    held = run(con, plan, 5, [0.0] * len(plan.columns))["score_hist"]
+    held = run(con, plan, 5, [0.0] * len(plan.columns) + [-1.0, 1.0])["score_hist"]
     # Every complete row is in one part: the training n and the held-out histogram add up.
     assert n_train + sum(held) == len(rows)
     # About a fifth held out (2,000 persons, ~3,000 rows: 6 sd is about 0.04).

@@ -1,0 +1,178 @@
+"""The ServerApp's "train" task: a gradient-descent fit over Flower, each round a fit step.
+
+The run's payload is the analyst's signed fit envelope (operation fit; a ModelSpec with
+solver "gradient"). Each step goes to every node as a "fit-step" message holding a
+FitStepRequest; the node's ClientApp relays it to the node's own FitStep (node/flower/
+relay.py), which verifies the analyst's signature, plans, charges the node's ledger and only
+then releases the step's noisy vectors. So the hub learns nothing a chc fit would not give
+it, and every round is one entry in every node's ledger, keyed by the envelope and the step.
+
+As in a fit over chc's own protocol (coordinator/learning/federated.py): a node that refuses
+the design check or does not answer it is left out and the result is partial; after it, any
+node's failure stops the training (a round from some nodes only would be biased, and going
+on would charge the others for a model nobody gets), with what was charged so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid
+
+from coordinator.learning.descent import descend, held_out_auc
+from coordinator.learning.flower.server_app import (
+    Reply,
+    exchange,
+    online_nodes,
+    payload_of,
+    run_config,
+    seconds_of,
+)
+from protocols import serde_fit
+from protocols.v1 import node_pb2
+from queries.errors import ChcError, ConfigError, DataError
+from queries.model import ModelSpec, StepRelease
+from queries.model_io import model_bytes, model_from_json
+
+
+class TrainingStoppedError(ChcError):
+    """A node failed after the design check: training stopped, nothing more is charged."""
+
+    status_name = "ABORTED"
+
+
+def _names(grid: Grid, nodes: Sequence[int], deadline_s: float) -> dict[int, str]:
+    """Each node's name, from its ping (its custodian's node-name)."""
+    replies = exchange(grid, dict.fromkeys(nodes, b""), "ping", deadline_s)
+    out: dict[int, str] = {}
+    for nid, reply in replies.items():
+        name = f"flower-node-{nid}"
+        if reply.payload is not None:
+            with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
+                name = str(json.loads(reply.payload).get("node") or name)
+        out[nid] = name
+    return out
+
+
+class _Steps:
+    """Sends fit steps and keeps each node's charges (from its own receipts)."""
+
+    def __init__(self, grid: Grid, envelope: node_pb2.QueryEnvelope, names: dict[int, str]):
+        self.grid = grid
+        self.envelope = envelope
+        self.names = names
+        self.rho: dict[str, float] = {}
+        self.ledger: dict[str, list[int]] = {}
+        self.wall: list[dict[str, Any]] = []
+
+    def send(
+        self, nodes: Sequence[int], step: int, coefficients: Sequence[float], deadline_s: float
+    ) -> tuple[dict[int, StepRelease], dict[int, Reply]]:
+        request = node_pb2.FitStepRequest(
+            envelope=self.envelope, step=step, coefficients=list(coefficients), regions=[]
+        ).SerializeToString(deterministic=True)
+        started = time.monotonic()
+        replies = exchange(self.grid, dict.fromkeys(nodes, request), "fit-step", deadline_s)
+        self.wall.append({"step": step, "wall_s": round(time.monotonic() - started, 3)})
+        released: dict[int, StepRelease] = {}
+        failed: dict[int, Reply] = {}
+        for nid, reply in replies.items():
+            if reply.payload is None:
+                failed[nid] = reply
+                continue
+            msg = node_pb2.FitStepResponse.FromString(reply.payload)
+            release = serde_fit.step_release_from_proto(msg, self.names[nid])
+            if release.step != step:
+                raise DataError(f"node {self.names[nid]} answered step {release.step}")
+            name = self.names[nid]
+            self.rho[name] = self.rho.get(name, 0.0) + release.rho
+            self.ledger.setdefault(name, []).append(msg.ledger_sequence)
+            released[nid] = release
+        return released, failed
+
+    def charged(self) -> str:
+        if not self.rho:
+            return "no node was charged"
+        return "charged so far (rho): " + ", ".join(f"{n}={r:.6g}" for n, r in self.rho.items())
+
+
+def _why(reply: Reply) -> str:
+    return reply.reason or f"error {reply.error_code}"
+
+
+def train(grid: Grid, context: Context) -> dict[str, Any]:
+    """Train the signed model at every online node; the result and its provenance."""
+    config = run_config(context)
+    envelope = node_pb2.QueryEnvelope.FromString(payload_of(config))
+    # Parsed for solving only; every node verifies the envelope and plans it itself.
+    model: ModelSpec = model_from_json(envelope.query)
+    if model.solver != "gradient":
+        raise ConfigError("the train task trains models whose solver is 'gradient'")
+    deadline = seconds_of(config, "deadline-s")
+    nodes = online_nodes(
+        grid, int(config.get("min-nodes", "1")), seconds_of(config, "nodes-deadline-s")
+    )
+    if not nodes:
+        raise ConfigError("no SuperNode is online: nothing to train on")
+    names = _names(grid, nodes, deadline)
+    steps = _Steps(grid, envelope, names)
+    design, refused = steps.send(nodes, 0, (), deadline)
+    if not design:
+        raise ConfigError(
+            "every node refused the design check: "
+            + "; ".join(f"{names[n]}: {_why(r)}" for n, r in refused.items())
+        )
+    fitting = sorted(design)
+    plan_nonzero = _nonzero(model)
+
+    def ask(k: int, b: Sequence[float]) -> list[StepRelease]:
+        released, failed = steps.send(fitting, k, b, deadline)
+        if failed:
+            raise TrainingStoppedError(
+                f"training stopped at step {k} of {model.steps - 1}: "
+                + "; ".join(f"node {names[n]} ({_why(r)})" for n, r in failed.items())
+                + f"; {steps.charged()}; nothing more is charged, and the steps already "
+                "charged stay in each node's ledger"
+            )
+        return [released[n] for n in fitting]
+
+    result = descend(model, [design[n] for n in fitting], plan_nonzero, ask)
+    evaluation = ask(model.steps - 1, (*result.coefficients, *result.score_range))
+    auc, held = held_out_auc(evaluation)
+    return {
+        "model": model.to_dict(),
+        "query_sha256": hashlib.sha256(model_bytes(model)).hexdigest(),
+        "envelope_nonce": envelope.nonce.hex(),
+        "coefficients": dict(zip(result.columns, result.coefficients, strict=True)),
+        "rounds": [
+            {"round": r.round, "loss": r.loss, "step_norm": r.step_norm} for r in result.rounds
+        ],
+        "held_out_auc": auc,
+        "score_range": list(result.score_range),
+        "held_out_persons": held,
+        "training_persons": result.persons,
+        "partial": bool(refused),
+        "left_out": {names[n]: _why(r) for n, r in refused.items()},
+        "nodes": [
+            {
+                "node": names[n],
+                "flower_node_id": n,
+                "rho_charged": steps.rho.get(names[n], 0.0),
+                "ledger_sequences": steps.ledger.get(names[n], []),
+            }
+            for n in nodes
+        ],
+        "steps": steps.wall,
+    }
+
+
+def _nonzero(model: ModelSpec) -> int:
+    """q: the intercept, one level per category and each number (an upper bound the hub
+    knows without the catalog: every covariate adds at most one entry that is not 0)."""
+    return 1 + len(model.covariates)
