@@ -11,7 +11,9 @@ import typer
 from node.budget.accounting import default_ledger_path, open_accountant
 from node.config import check_node_certificate, check_superlink_address, load_config
 from node.data.store import OmopStore, node_pathways
+from node.flower.forwarder import fleet_forwarder_for, forwarder_address
 from node.flower.supernode import supernode_for
+from node.flower.supervisor import SuperNodeSupervisor
 from node.service import NodeService
 from protocols.cli import ChcGroup, DebugOpt, read_identity
 from protocols.process import serve_until_signalled, setup_logging, write_ready_file
@@ -117,14 +119,16 @@ def serve(
             "--learning",
             metavar="SUPERLINK_ADDRESS",
             help="also run a Flower SuperNode dialling the hub's SuperLink at host:port "
-            "(overrides node.toml's [learning] superlink)",
+            "(overrides node.toml's [learning] superlink and hub_fleet)",
         ),
     ] = None,
 ) -> None:
     """Serve the node's catalog and DP queries over gRPC with mutual TLS.
 
     With a SuperLink address (--learning or [learning] superlink), a Flower SuperNode runs
-    beside the gRPC server as a child process, and stops with it.
+    beside the gRPC server as a child process, and stops with it; with [learning] hub_fleet
+    it dials the hub's Fleet proxy through a local nginx forwarder that adds the node's
+    certificate.
     """
     setup_logging(log_level)
     cfg = load_config(config)
@@ -163,9 +167,16 @@ def serve(
         store.reference_date.isoformat(),
         store.report.reference_origin,
     )
-    supernode = None
+    supervisor = forwarder = None
     superlink = learning or cfg.learning.superlink
     try:
+        if superlink is None and cfg.learning.hub_fleet is not None:
+            forwarder = fleet_forwarder_for(cfg, config)
+            forwarder.start()
+            superlink = forwarder_address(forwarder)
+            log.info(
+                "node %s: Fleet forwarder to %s on %s", cfg.name, cfg.learning.hub_fleet, superlink
+            )
         if superlink is not None:
             host = (listen or cfg.listen).rsplit(":", 1)[0]
             # A wildcard bind is reached on loopback by the ClientApp on this machine.
@@ -176,7 +187,10 @@ def serve(
                 superlink=check_superlink_address(superlink, "--learning"),
                 grpc_address=f"{host}:{port}",
             )
-            supernode.start()
+            # Supervised: restarted with backoff if it exits (its key not yet registered,
+            # the hub's SuperLink restarting), while the node's own service goes on.
+            supervisor = SuperNodeSupervisor(supernode)
+            supervisor.start()
             log.info(
                 "node %s: Flower SuperNode dialling %s; the hub registers its key %s",
                 cfg.name,
@@ -187,8 +201,10 @@ def serve(
             write_ready_file(ready_file, port=port, name=cfg.name)
         serve_until_signalled(server)
     finally:
-        if supernode is not None:
-            supernode.stop()
+        if supervisor is not None:
+            supervisor.stop()
+        if forwarder is not None:
+            forwarder.stop()
         server.stop(0)
     store.close()
     accountant.close()

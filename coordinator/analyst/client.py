@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from types import TracebackType
 import grpc
 
 from coordinator.learning.result import FitResult
+from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
 from protocols.security.envelope import Audience, Operation, sign_query
 from protocols.security.pki import Identity, load_identity
@@ -167,6 +169,22 @@ class Federation:
         except grpc.RpcError as exc:
             raise _raise_from(exc, self.hub) from None
         return FitResult.of(serde_fit.fitted_from_proto(response), model)
+
+    def train(self, model: ModelSpec, *, timeout_s: float = 1800.0) -> TrainedModel:
+        """Sign a model (solver "gradient") and have the hub train it over Flower.
+
+        Each round is a fit step charged at every node; the answer carries the coefficients,
+        each round's noisy training loss, the DP held-out AUC and what each node charged.
+        """
+        started = time.monotonic()
+        request = self._signed_request(
+            model, Operation.FIT, deadline_s=timeout_s, ttl_s=timeout_s + 60.0
+        )
+        try:
+            response = self._stub.Train(request, timeout=timeout_s + 10.0)
+        except grpc.RpcError as exc:
+            raise _raise_from(exc, self.hub) from None
+        return TrainedModel.from_json(response.result_json, time.monotonic() - started)
 
     def _explain(
         self, query: Query | ModelSpec, operation: Operation, *, deadline_s: float

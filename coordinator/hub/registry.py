@@ -17,8 +17,11 @@ from queries.results import ReleaseRules
 
 # The keys load_hub_config accepts: top level, in each [[nodes]] and in [release]; every one
 # is documented in docs/configuration.md (tests/unit/test_configuration_doc.py checks).
-HUB_KEYS = frozenset({"identity", "nodes", "listen", "deadline_ms", "release", "crl"})
-HUB_NODE_KEYS = frozenset({"name", "address", "title"})
+HUB_KEYS = frozenset({"identity", "nodes", "listen", "deadline_ms", "release", "crl", "learning"})
+HUB_NODE_KEYS = frozenset({"name", "address", "title", "supernode_key"})
+HUB_LEARNING_KEYS = frozenset(
+    {"superlink_port", "superlink_tls", "workdir", "step_deadline_s", "run_timeout_s"}
+)
 HUB_RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
 
 
@@ -29,6 +32,20 @@ class NodeEntry:
     name: str
     address: str
     title: str = ""
+    # The node's SuperNode public key (OpenSSH), registered with the hub's SuperLink.
+    supernode_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class LearningSettings:
+    """[learning]: the hub's Flower SuperLink (on loopback) for training over rounds."""
+
+    superlink_port: int
+    # A folder with the SuperLink's server certificate (cert.pem, key.pem, ca.pem).
+    superlink_tls: Path
+    workdir: Path
+    step_deadline_s: float = 60.0
+    run_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,7 @@ class HubConfig:
     # Disclosure rules for everything the hub shows (nodes may only make them stricter).
     release: ReleaseRules = field(default_factory=ReleaseRules)
     crl: Path | None = None
+    learning: LearningSettings | None = None
 
 
 def load_hub_config(path: Path) -> HubConfig:
@@ -71,9 +89,13 @@ def load_hub_config(path: Path) -> HubConfig:
                 f"{path}: nodes[{i}] has unknown key(s) {unknown_node}; "
                 f"known: {sorted(HUB_NODE_KEYS)}"
             )
+        key = n.get("supernode_key")
         nodes.append(
             NodeEntry(
-                name=str(n["name"]), address=str(n["address"]), title=str(n.get("title", n["name"]))
+                name=str(n["name"]),
+                address=str(n["address"]),
+                title=str(n.get("title", n["name"])),
+                supernode_key=_path(path, key) if key is not None else None,
             )
         )
     names = [n.name for n in nodes]
@@ -90,6 +112,43 @@ def load_hub_config(path: Path) -> HubConfig:
         deadline_ms=deadline,
         release=_release(data.get("release", {}), path),
         crl=(path.parent / str(data["crl"])) if "crl" in data else None,
+        learning=_learning(data["learning"], path) if "learning" in data else None,
+    )
+
+
+def _path(config: Path, raw: object) -> Path:
+    p = Path(str(raw))
+    return p if p.is_absolute() else config.parent / p
+
+
+def _learning(raw: object, path: Path) -> LearningSettings:
+    """[learning] of hub.toml, each key checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [learning] must be a table")
+    unknown = sorted(set(raw) - HUB_LEARNING_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: [learning] has unknown key(s) {unknown}; known: {sorted(HUB_LEARNING_KEYS)}"
+        )
+    port = raw.get("superlink_port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{path}: [learning] superlink_port must be a port number (1-65535)")
+    if "superlink_tls" not in raw:
+        raise ConfigError(
+            f"{path}: [learning] needs superlink_tls, the folder of the SuperLink's server "
+            "certificate (cert.pem, key.pem, ca.pem)"
+        )
+    seconds = {}
+    for key, default in (("step_deadline_s", 60.0), ("run_timeout_s", 1800.0)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{path}: [learning] {key} must be a positive number of seconds")
+        seconds[key] = float(value)
+    return LearningSettings(
+        superlink_port=port,
+        superlink_tls=_path(path, raw["superlink_tls"]),
+        workdir=_path(path, raw.get("workdir", "superlink")),
+        **seconds,
     )
 
 

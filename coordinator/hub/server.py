@@ -32,12 +32,20 @@ def serve_hub(
             f"{cfg.identity} holds a {identity.role.value} certificate, not a hub one"
         )
     registry = Registry(cfg.nodes, None if insecure else identity)
+    trainer = None
+    if cfg.learning is not None:
+        # Imported here: a hub without [learning] never loads the Flower plumbing.
+        from coordinator.learning.flower.hub_trainer import HubTrainer
+
+        trainer = HubTrainer(cfg.learning, cfg.nodes)
+        trainer.start()
     service = HubService(
         registry,
         deadline_ms=cfg.deadline_ms,
         require_tls=not insecure,
         rules=cfg.release,
         revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
+        trainer=trainer.train if trainer is not None else None,
     )
     server, port = make_server(listen or cfg.listen, None if insecure else identity)
     hub_pb2_grpc.add_HubServicer_to_server(service, server)
@@ -45,6 +53,10 @@ def serve_hub(
     log.info("hub serving %d node(s) on port %d", len(cfg.nodes), port)
     if ready_file is not None:
         write_ready_file(ready_file, port=port, name="hub")
-    serve_until_signalled(server)
+    try:
+        serve_until_signalled(server)
+    finally:
+        if trainer is not None:
+            trainer.stop()
     registry.close()
     log.info("hub stopped")

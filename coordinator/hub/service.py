@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from cryptography import x509
 from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
 from coordinator.hub.registry import NodeHandle, Registry
 from coordinator.learning.federated import fit_across
+from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
@@ -39,6 +41,12 @@ class AllNodesRefusedError(ChcError):
         self.status_name = code.name
 
 
+class TrainingUnavailableError(ChcError):
+    """The hub has no SuperLink: training over Flower is not set up here."""
+
+    status_name = "FAILED_PRECONDITION"
+
+
 class HubService(hub_pb2_grpc.HubServicer):
     """Fan-out, quorum reporting and combination; it cannot forge or alter a query."""
 
@@ -50,8 +58,11 @@ class HubService(hub_pb2_grpc.HubServicer):
         require_tls: bool = True,
         rules: ReleaseRules | None = None,
         revocations: RevocationList | None = None,
+        trainer: Callable[[node_pb2.QueryEnvelope], TrainedModel] | None = None,
     ) -> None:
         self.registry = registry
+        # Training over Flower ([learning] in hub.toml; None: this hub trains nothing).
+        self.trainer = trainer
         self.rules = rules or ReleaseRules()
         self.revocations = revocations
         self.deadline_ms = deadline_ms
@@ -146,6 +157,27 @@ class HubService(hub_pb2_grpc.HubServicer):
             rules=self.rules,
         )
         return serde_fit.fitted_to_proto(fitted)
+
+    @guarded
+    def Train(  # noqa: N802 - gRPC method name
+        self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> hub_pb2.TrainResponse:
+        """Train an analyst-signed model over the hub's SuperLink (docs/training.md)."""
+        self._check_analyst(request, context)
+        _check_signed_for(request.envelope, Call.FIT)
+        model = model_from_json(request.envelope.query)
+        if model.solver != "gradient":
+            raise QueryError(
+                f"solver: Train runs models whose solver is 'gradient', not {model.solver!r} "
+                "(a Newton model is fitted with Fit, over chc's own protocol)"
+            )
+        if self.trainer is None:
+            raise TrainingUnavailableError(
+                "this hub trains no models over Flower: its hub.toml has no [learning] "
+                "section (docs/training.md)"
+            )
+        trained = self.trainer(request.envelope)
+        return hub_pb2.TrainResponse(result_json=trained.to_json())
 
     @guarded
     def ListNodes(  # noqa: N802 - gRPC method name

@@ -184,3 +184,7 @@ learn_app.command("compare")(compare_command)
 from coordinator.learning.its_cli import its_cmd  # noqa: E402
 
 learn_app.command("its")(its_cmd)
+
+from coordinator.learning.train_cli import train_command  # noqa: E402
+
+learn_app.command("train")(train_command)

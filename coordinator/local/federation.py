@@ -19,9 +19,18 @@ from types import TracebackType
 from typing import Any
 
 from coordinator.local import node_toml
+from protocols.flower_keys import SUPERNODE_KEY, make_supernode_key
+from protocols.flower_process import free_port
 from protocols.process import read_ready_file
 from protocols.revocation import CRL_FILE
-from protocols.security.pki import CA_FILE, CERT_FILE, Role, create_ca, issue
+from protocols.security.pki import (
+    CA_FILE,
+    CERT_FILE,
+    Role,
+    create_ca,
+    issue,
+    issue_server_certificate,
+)
 from queries.errors import ChcError
 
 HUB_NAME = "hub"
@@ -113,6 +122,10 @@ class LocalFederation:
     startup_timeout_s: float = 60.0
     # Extra hub.toml tables (e.g. a [release] policy), merged into the generated file.
     hub_extra_toml: str = ""
+    # Training over Flower (docs/training.md): the hub runs a SuperLink on loopback with every
+    # node's SuperNode key registered, and every node a supervised SuperNode dialling it.
+    learning: bool = False
+    superlink_port: int = 0
     _procs: dict[str, _Proc] = field(default_factory=dict)
     hub_port: int = 0
 
@@ -208,6 +221,8 @@ class LocalFederation:
         else:
             table = _generated_table(setup, self.reference_date)
             comment = "Written by the local federation (coordinator/local/federation.py)."
+        if self.learning:
+            table["learning"] = {"superlink": f"127.0.0.1:{self.superlink_port}"}
         table = node_toml.with_owned_keys(
             table,
             name=setup.name,
@@ -224,24 +239,36 @@ class LocalFederation:
     def start(self) -> None:
         """Create the PKI, start every node, then the hub, and wait until all listen."""
         self.create_pki()
+        if self.learning:
+            self._prepare_learning()
         for setup in self.nodes:
             self.start_node(setup)
         self._wait_ready([self._procs[n.name] for n in self.nodes])
         hub_conf = self.workdir / "conf" / "hub.toml"
-        hub_table = {
+        nodes: list[dict[str, str]] = [
+            {
+                "name": n.name,
+                "title": n.title or n.name,
+                "address": f"127.0.0.1:{self._procs[n.name].port}",
+            }
+            for n in self.nodes
+        ]
+        hub_table: dict[str, Any] = {
             "identity": str(self.identity_dir(Role.HUB, HUB_NAME).resolve()),
             "listen": "127.0.0.1:0",
             "deadline_ms": self.deadline_ms,
             "crl": str((self.pki / CRL_FILE).resolve()),
-            "nodes": [
-                {
-                    "name": n.name,
-                    "title": n.title or n.name,
-                    "address": f"127.0.0.1:{self._procs[n.name].port}",
-                }
-                for n in self.nodes
-            ],
+            "nodes": nodes,
         }
+        if self.learning:
+            hub_table["learning"] = {
+                "superlink_port": self.superlink_port,
+                "superlink_tls": str((self.workdir / "superlink_tls").resolve()),
+                "workdir": str((self.workdir / "superlink").resolve()),
+            }
+            for entry in nodes:
+                folder = self.identity_dir(Role.NODE, entry["name"])
+                entry["supernode_key"] = str((folder / f"{SUPERNODE_KEY}.pub").resolve())
         hub_table.update(tomllib.loads(self.hub_extra_toml))
         hub_conf.write_text(
             node_toml.dumps(hub_table, comment="Written by the local federation."),
@@ -250,6 +277,19 @@ class LocalFederation:
         hub = self._spawn(HUB_NAME, ["coordinator", "hub", "serve", "--config", str(hub_conf)])
         self._wait_ready([hub])
         self.hub_port = hub.port
+
+    def _prepare_learning(self) -> None:
+        """The SuperLink's server certificate, its port, and every node's SuperNode key."""
+        issue_server_certificate(
+            self.pki,
+            name="superlink",
+            out_dir=self.workdir / "superlink_tls",
+            hosts=("localhost", "127.0.0.1"),
+        )
+        self.superlink_port = self.superlink_port or free_port()
+        for setup in self.nodes:
+            # Where the node's own supervisor looks for it (node/flower/supernode.py).
+            make_supernode_key(self.identity_dir(Role.NODE, setup.name))
 
     def restart_node(self, name: str, *, sig: int = signal.SIGTERM) -> None:
         """Stop a node (SIGKILL simulates a crash) and start it again on the same port."""

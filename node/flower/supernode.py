@@ -20,11 +20,10 @@ from pathlib import Path
 from types import TracebackType
 
 import tomli_w
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from node.config import NodeConfig
 from node.flower.verified_clientapp import ALLOWLIST_ENV, write_allowlist
+from protocols.flower_keys import make_supernode_key
 from protocols.flower_process import (
     FlowerChild,
     FlowerStartError,
@@ -38,34 +37,7 @@ from protocols.security.pki import CA_FILE
 
 log = logging.getLogger("chc.node.flower")
 
-SUPERNODE_KEY = "supernode_key"
 START_TIMEOUT_S = 60.0
-
-
-def make_supernode_key(folder: Path) -> tuple[Path, Path]:
-    """The node's SuperNode key pair (OpenSSH ECDSA P-256) in folder, created if missing.
-
-    Returns (private key, public key); the hub registers the public one with its SuperLink.
-    """
-    private, public = folder / SUPERNODE_KEY, folder / f"{SUPERNODE_KEY}.pub"
-    if private.is_file() and public.is_file():
-        return private, public
-    key = ec.generate_private_key(ec.SECP256R1())
-    write_private(
-        private,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        + b"\n"
-    )
-    return private, public
 
 
 class SuperNodeProcess:

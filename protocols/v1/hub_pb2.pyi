@@ -476,3 +476,26 @@ class UnitTotals(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnitTotals: _TypeAlias = UnitTotals  # noqa: Y015
+
+@_typing.final
+class TrainResponse(_message.Message):
+    """A model trained over Flower (docs/training.md): the ServerApp's JSON result, with the
+    coefficients, per-round training loss, held-out AUC, each node's charge and ledger entries.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    result_json: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        result_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result_json", b"result_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainResponse: _TypeAlias = TrainResponse  # noqa: Y015

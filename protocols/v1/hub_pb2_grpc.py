@@ -54,6 +54,11 @@ class HubStub:
                 request_serializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_hub__pb2.FitResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.unary_unary(
+                '/chc.v1.Hub/Train',
+                request_serializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_hub__pb2.TrainResponse.FromString,
+                _registered_method=True)
 
 
 class HubServicer:
@@ -88,6 +93,14 @@ class HubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request, context):
+        """Train a model (solver "gradient") over the hub's Flower SuperLink: each round is a fit
+        step charged at every node (operation fit envelopes only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.Fit,
                     request_deserializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_hub__pb2.FitResponse.SerializeToString,
+            ),
+            'Train': grpc.unary_unary_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=protocols_dot_v1_dot_hub__pb2.SubmitRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_hub__pb2.TrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class Hub:
             '/chc.v1.Hub/Fit',
             protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
             protocols_dot_v1_dot_hub__pb2.FitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chc.v1.Hub/Train',
+            protocols_dot_v1_dot_hub__pb2.SubmitRequest.SerializeToString,
+            protocols_dot_v1_dot_hub__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

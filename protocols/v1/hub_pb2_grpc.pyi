@@ -41,6 +41,10 @@ class HubStub:
     """Fit an analyst-signed model (operation FIT) across every node: design check, then
     Newton steps, each fanned out and summed (docs/models.md).
     """
+    Train: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.TrainResponse]
+    """Train a model (solver "gradient") over the hub's Flower SuperLink: each round is a fit
+    step charged at every node (operation fit envelopes only).
+    """
 
 @_typing.type_check_only
 class HubAsyncStub(HubStub):
@@ -54,6 +58,10 @@ class HubAsyncStub(HubStub):
     Fit: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.FitResponse]  # type: ignore[assignment]
     """Fit an analyst-signed model (operation FIT) across every node: design check, then
     Newton steps, each fanned out and summed (docs/models.md).
+    """
+    Train: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitRequest, _hub_pb2.TrainResponse]  # type: ignore[assignment]
+    """Train a model (solver "gradient") over the hub's Flower SuperLink: each round is a fit
+    step charged at every node (operation fit envelopes only).
     """
 
 class HubServicer(metaclass=_abc_1.ABCMeta):
@@ -89,6 +97,16 @@ class HubServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_hub_pb2.FitResponse, _abc.Awaitable[_hub_pb2.FitResponse]]:
         """Fit an analyst-signed model (operation FIT) across every node: design check, then
         Newton steps, each fanned out and summed (docs/models.md).
+        """
+
+    @_abc_1.abstractmethod
+    def Train(
+        self,
+        request: _hub_pb2.SubmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.TrainResponse, _abc.Awaitable[_hub_pb2.TrainResponse]]:
+        """Train a model (solver "gradient") over the hub's Flower SuperLink: each round is a fit
+        step charged at every node (operation fit envelopes only).
         """
 
 def add_HubServicer_to_server(servicer: HubServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from coordinator.learning.flower.fab import write_app
 from coordinator.learning.flower.launch import run_app
 from coordinator.learning.flower.superlink import SuperLink
+from coordinator.learning.trained import TrainedModel
 from protocols import serde
 from protocols.security.envelope import Audience, Operation, sign_query
 from protocols.security.pki import Identity
@@ -36,54 +35,6 @@ class TrainingFailedError(ChcError):
     """The run ended without a model: the ServerApp's reason (and any charges) are in it."""
 
     status_name = "ABORTED"
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """What a training run produced, as the ServerApp reported it."""
-
-    result: dict[str, Any]
-    wall_s: float
-
-    @property
-    def coefficients(self) -> dict[str, float]:
-        """Coefficient by design column (log-odds)."""
-        return {str(k): float(v) for k, v in self.result["coefficients"].items()}
-
-    @property
-    def held_out_auc(self) -> float:
-        """The pooled held-out AUC, from the nodes' DP score histograms."""
-        return float(self.result["held_out_auc"])
-
-    @property
-    def rho_charged(self) -> dict[str, float]:
-        """What each node charged for the whole run."""
-        return {n["node"]: float(n["rho_charged"]) for n in self.result["nodes"]}
-
-    def summary(self) -> str:
-        """Per-round loss, the held-out AUC and the privacy spent, for people."""
-        lines = ["round  training loss (nats/person, noisy)  step size"]
-        lines += [f"{r['round']:>5}  {r['loss']:>34.4f}  {r['step_norm']:.3g}" for r in self.rounds]
-        lines.append(
-            f"held-out AUC {self.held_out_auc:.3f} on about {self.result['held_out_persons']} "
-            f"persons (DP histograms); trained on about {self.result['training_persons']}"
-        )
-        lines.append(
-            "privacy spent (rho): " + ", ".join(f"{n}={r:.4g}" for n, r in self.rho_charged.items())
-        )
-        if self.result.get("partial"):
-            lines.append(f"partial: left out {self.result['left_out']}")
-        return "\n".join(lines)
-
-    @property
-    def rounds(self) -> list[dict[str, Any]]:
-        """Each round's noisy training loss and step size."""
-        return list(self.result["rounds"])
-
-    def save(self, path: Path) -> Path:
-        """Write the model, its privacy cost and its provenance as JSON."""
-        path.write_text(json.dumps({"chc_model": 1, **self.result}, indent=1, sort_keys=True))
-        return path
 
 
 def sign_training(
@@ -137,7 +88,7 @@ def train_over_flower(
         raise TrainingFailedError(
             f"the run wrote no result ({output}); see the SuperLink log {superlink.log_path}"
         )
-    result: dict[str, Any] = json.loads(output.read_text())
+    result: dict[str, object] = json.loads(output.read_text())
     if not result.get("ok"):
         raise TrainingFailedError(f"training failed: {result.get('error', 'no reason given')}")
     return TrainedModel(result=result, wall_s=round(time.monotonic() - started, 3))
