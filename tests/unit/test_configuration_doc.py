@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.hub.registry import HUB_KEYS, HUB_NODE_KEYS, HUB_RELEASE_KEYS, load_hub_config
+from coordinator.hub.registry import (
+    HUB_KEYS,
+    HUB_LEARNING_KEYS,
+    HUB_NODE_KEYS,
+    HUB_RELEASE_KEYS,
+    load_hub_config,
+)
 from node.access import ACCESS_KEYS
 from node.config import (
     BUDGET_KEYS,
@@ -47,6 +53,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("hub.toml", "Top-level keys"): HUB_KEYS,
     ("hub.toml", "`[[nodes]]`"): HUB_NODE_KEYS,
     ("hub.toml", "`[release]`"): HUB_RELEASE_KEYS,
+    ("hub.toml", "`[learning]` (hub)"): HUB_LEARNING_KEYS,
 }
 
 _ROW_KEY = re.compile(r"^\|\s*`([^`]+)`")
