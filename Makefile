@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo demo-learning test lint typecheck unit protos check-protos bench install clean
+.PHONY: demo demo-learning test lint typecheck unit protos check-protos bench install clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,24 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# nginx is the mutual-TLS proxy in front of Flower's Fleet API (protocols/nginx_proxy.py,
+# docs/training.md "Closing the Control API"); Debian's nginx-light is enough.
+NGINX_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light
+system-deps:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "nginx is missing and this is not root (no sudo): install nginx-light" \
+			"(apt-get install nginx-light) and run make again" >&2; exit 1; fi; \
+		command -v apt-get >/dev/null || { echo "nginx is missing and there is no apt-get:" \
+			"install nginx (1.22 or later, with the ssl and proxy modules) and run make again" >&2; \
+			exit 1; }; \
+		$$SUDO $(NGINX_INSTALL) || ($$SUDO apt-get update && $$SUDO $(NGINX_INSTALL)) || { \
+			echo "could not install nginx-light with apt-get: install it by hand and run" \
+				"make again" >&2; exit 1; }; \
+	}
 
 demo: $(STAMP)
 	$(BIN)/chc demo $(ARGS)
@@ -33,7 +50,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit

@@ -38,9 +38,12 @@ MODEL_KEYS = frozenset({"min_level_persons", "max_parameter_ratio"})
 # [care_sites]: the care sites the node publishes (node/data/care_sites.py).
 CARE_SITE_KEYS = frozenset({"publish"})
 # [learning]: the node's SuperNode for Flower runs (node/flower/supernode.py).
-LEARNING_KEYS = frozenset({"superlink", "root_certificate", "allowed_fabs"})
+LEARNING_KEYS = frozenset(
+    {"superlink", "root_certificate", "allowed_fabs", "hub_fleet", "hub_name"}
+)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ADDRESS = re.compile(r"[A-Za-z0-9.\-]+:[0-9]{1,5}|\[[0-9A-Fa-f:]+\]:[0-9]{1,5}")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?")
 
 
 # Refusals from one peer that reach the ledger per window (node.guards.RefusalLimiter,
@@ -94,6 +97,11 @@ class LearningConfig:
 
     # host:port of the hub's Flower SuperLink; None: no SuperNode unless `serve --learning`.
     superlink: str | None = None
+    # host:port of the hub's Fleet proxy (mutual TLS): the SuperNode then dials a local
+    # forwarder that presents the node's certificate (protocols/nginx_proxy.py).
+    hub_fleet: str | None = None
+    # The name the hub proxy's certificate must carry (default: hub_fleet's host).
+    hub_name: str | None = None
     # The CA the SuperLink's certificate must chain to (default: ca.pem in the identity folder).
     root_certificate: Path | None = None
     # sha256 (hex) of FABs the custodian reviewed and allows although they carry more than
@@ -231,21 +239,21 @@ def load_config(path: Path) -> NodeConfig:
     )
 
 
-def check_superlink_address(address: object, source: str) -> str:
+def check_superlink_address(address: object, source: str, key: str = "learning.superlink") -> str:
     """Return address if it is host:port (IPv6 in brackets), else raise a ConfigError."""
     if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
         raise ConfigError(
-            f'{source}: learning.superlink must be host:port (e.g. "hub.example.org:9092"), '
+            f'{source}: {key} must be host:port (e.g. "hub.example.org:9092"), '
             f"not {str(address)[:80]!r}"
         )
     port = int(address.rsplit(":", 1)[1])
     if not 0 < port < 65536:
-        raise ConfigError(f"{source}: learning.superlink port {port} is out of range")
+        raise ConfigError(f"{source}: {key} port {port} is out of range")
     return address
 
 
 def _learning(raw: object, base: Path, source: str) -> LearningConfig:
-    """[learning] superlink / root_certificate / allowed_fabs."""
+    """[learning] superlink or hub_fleet (+ hub_name) / root_certificate / allowed_fabs."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [learning] must be a table")
     unknown = sorted(set(raw) - LEARNING_KEYS)
@@ -261,9 +269,25 @@ def _learning(raw: object, base: Path, source: str) -> LearningConfig:
             f"{source}: learning.allowed_fabs must be a list of sha256 hashes (64 hex digits "
             "each), as the node's log names a refused FAB"
         )
-    superlink = raw.get("superlink")
+    superlink, hub_fleet, hub_name = raw.get("superlink"), raw.get("hub_fleet"), raw.get("hub_name")
+    if superlink is not None and hub_fleet is not None:
+        raise ConfigError(
+            f"{source}: [learning] sets both superlink and hub_fleet; keep hub_fleet (the hub's "
+            "Fleet proxy) unless the SuperLink is on this machine"
+        )
+    if hub_name is not None and (not isinstance(hub_name, str) or not _HOST.fullmatch(hub_name)):
+        raise ConfigError(
+            f"{source}: learning.hub_name must be the host name in the hub's certificate "
+            f'(e.g. "hub"), not {str(hub_name)[:80]!r}'
+        )
     return LearningConfig(
         superlink=check_superlink_address(superlink, source) if superlink is not None else None,
+        hub_fleet=(
+            check_superlink_address(hub_fleet, source, key="learning.hub_fleet")
+            if hub_fleet is not None
+            else None
+        ),
+        hub_name=hub_name,
         root_certificate=(
             _path(base, raw["root_certificate"], "learning.root_certificate")
             if "root_certificate" in raw

@@ -90,6 +90,26 @@ def write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+# prctl(PR_SET_PDEATHSIG): Linux sends the child this signal when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: be sent SIGTERM if the parent dies, however it dies.
+
+    A node or hub killed outright (SIGKILL, an OOM kill) runs no cleanup, and its Flower
+    children, in their own process groups, would live on: a SuperNode still answering for a
+    node that is gone. On Linux the kernel stops them instead; elsewhere this does nothing,
+    and the service manager's process tracking has to.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 class FlowerChild:
     """One Flower program run as a child process, in its own process group, logging to a file.
 
@@ -124,6 +144,7 @@ class FlowerChild:
                 stdout=self._log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             self._log_file.close()

@@ -52,3 +52,26 @@ def test_bad_values_are_refused(tmp_path: Path, text: str, message: str) -> None
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, text)
     assert message in str(caught.value)
+
+
+def test_hub_fleet_and_hub_name(tmp_path: Path) -> None:
+    learning = _load(tmp_path, 'hub_fleet = "10.0.0.5:9443"\nhub_name = "hub"\n')
+    assert (learning.hub_fleet, learning.hub_name, learning.superlink) == (
+        "10.0.0.5:9443",
+        "hub",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("learning", "message"),
+    [
+        ('hub_fleet = "hub:9443"\nsuperlink = "hub:9092"\n', "both superlink and hub_fleet"),
+        ('hub_fleet = "hub:9443/v1"\n', "learning.hub_fleet must be host:port"),
+        ('hub_fleet = "hub:99999"\n', "learning.hub_fleet port 99999"),
+        ('hub_fleet = "hub:9443"\nhub_name = "hub; x"\n', "learning.hub_name must be"),
+    ],
+)
+def test_bad_hub_fleet_settings_are_refused(tmp_path: Path, learning: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, learning)
