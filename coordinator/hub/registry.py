@@ -20,7 +20,14 @@ from queries.results import ReleaseRules
 HUB_KEYS = frozenset({"identity", "nodes", "listen", "deadline_ms", "release", "crl", "learning"})
 HUB_NODE_KEYS = frozenset({"name", "address", "title", "supernode_key"})
 HUB_LEARNING_KEYS = frozenset(
-    {"superlink_port", "superlink_tls", "workdir", "step_deadline_s", "run_timeout_s"}
+    {
+        "superlink_port",
+        "superlink_tls",
+        "workdir",
+        "step_deadline_s",
+        "run_timeout_s",
+        "fleet_listen",
+    }
 )
 HUB_RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
 
@@ -46,6 +53,9 @@ class LearningSettings:
     workdir: Path
     step_deadline_s: float = 60.0
     run_timeout_s: float = 1800.0
+    # host:port of the hub's public Fleet proxy (nginx, mutual TLS, nodes only); None: no
+    # proxy, so only SuperNodes on this machine can reach the loopback SuperLink.
+    fleet_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,11 @@ def _learning(raw: object, path: Path) -> LearningSettings:
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ConfigError(f"{path}: [learning] {key} must be a positive number of seconds")
         seconds[key] = float(value)
+    fleet = raw.get("fleet_listen")
+    if fleet is not None and (not isinstance(fleet, str) or ":" not in fleet):
+        raise ConfigError(f"{path}: [learning] fleet_listen must be host:port, e.g. 0.0.0.0:9443")
     return LearningSettings(
+        fleet_listen=fleet,
         superlink_port=port,
         superlink_tls=_path(path, raw["superlink_tls"]),
         workdir=_path(path, raw.get("workdir", "superlink")),

@@ -37,7 +37,7 @@ def serve_hub(
         # Imported here: a hub without [learning] never loads the Flower plumbing.
         from coordinator.learning.flower.hub_trainer import HubTrainer
 
-        trainer = HubTrainer(cfg.learning, cfg.nodes)
+        trainer = HubTrainer(cfg.learning, cfg.nodes, identity=cfg.identity)
         trainer.start()
     service = HubService(
         registry,

@@ -126,6 +126,7 @@ class LocalFederation:
     # node's SuperNode key registered, and every node a supervised SuperNode dialling it.
     learning: bool = False
     superlink_port: int = 0
+    fleet_port: int = 0
     _procs: dict[str, _Proc] = field(default_factory=dict)
     hub_port: int = 0
 
@@ -222,7 +223,9 @@ class LocalFederation:
             table = _generated_table(setup, self.reference_date)
             comment = "Written by the local federation (coordinator/local/federation.py)."
         if self.learning:
-            table["learning"] = {"superlink": f"127.0.0.1:{self.superlink_port}"}
+            # Through the hub's Fleet proxy (mutual TLS, nodes only), as across a network;
+            # the node's forwarder adds its certificate and checks the hub's by name.
+            table["learning"] = {"hub_fleet": f"127.0.0.1:{self.fleet_port}", "hub_name": HUB_NAME}
         table = node_toml.with_owned_keys(
             table,
             name=setup.name,
@@ -265,6 +268,7 @@ class LocalFederation:
                 "superlink_port": self.superlink_port,
                 "superlink_tls": str((self.workdir / "superlink_tls").resolve()),
                 "workdir": str((self.workdir / "superlink").resolve()),
+                "fleet_listen": f"127.0.0.1:{self.fleet_port}",
             }
             for entry in nodes:
                 folder = self.identity_dir(Role.NODE, entry["name"])
@@ -287,6 +291,7 @@ class LocalFederation:
             hosts=("localhost", "127.0.0.1"),
         )
         self.superlink_port = self.superlink_port or free_port()
+        self.fleet_port = self.fleet_port or free_port()
         for setup in self.nodes:
             # Where the node's own supervisor looks for it (node/flower/supernode.py).
             make_supernode_key(self.identity_dir(Role.NODE, setup.name))

@@ -1,8 +1,9 @@
 """`chc learn train` through the hub: its SuperLink, the nodes' supervised SuperNodes, the RPC.
 
-A LocalFederation with learning on: the hub starts a SuperLink on loopback and registers
-every node's SuperNode key from hub.toml; every node runs a SuperNode (node.toml [learning])
-under a supervisor. The nodes start before the hub, so each SuperNode first fails to
+A LocalFederation with learning on: the hub starts a SuperLink on loopback, registers every
+node's SuperNode key from hub.toml and opens its Fleet proxy (nginx, mutual TLS, node
+certificates only); every node runs a SuperNode under a supervisor, dialling the proxy
+through its own forwarder (node.toml [learning] hub_fleet), as it would across a network. The nodes start before the hub, so each SuperNode first fails to
 activate (its key is not registered yet) and is restarted with backoff until it joins: the
 order in which a federation's parts come up does not matter.
 """

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from coordinator.hub.registry import LearningSettings, NodeEntry
+from coordinator.learning.flower.fleet_proxy import hub_fleet_proxy
 from coordinator.learning.flower.session import train_over_flower
 from coordinator.learning.flower.superlink import SuperLink, SuperLinkTls
 from coordinator.learning.trained import TrainedModel
+from protocols.nginx_proxy import NginxProxy
 from protocols.security.pki import CA_FILE, CERT_FILE, KEY_FILE
 from protocols.v1 import node_pb2
 from queries.errors import ConfigError
@@ -27,8 +29,11 @@ log = logging.getLogger("chc.hub.flower")
 class HubTrainer:
     """A running SuperLink with the federation's SuperNodes registered."""
 
-    def __init__(self, settings: LearningSettings, nodes: Sequence[NodeEntry]) -> None:
+    def __init__(
+        self, settings: LearningSettings, nodes: Sequence[NodeEntry], *, identity: Path
+    ) -> None:
         self.settings = settings
+        self.identity = identity  # the hub's identity folder, for the Fleet proxy
         self.nodes = [n for n in nodes if n.supernode_key is not None]
         if not self.nodes:
             raise ConfigError(
@@ -38,6 +43,7 @@ class HubTrainer:
         folder = settings.superlink_tls
         tls = SuperLinkTls(ca=folder / CA_FILE, cert=folder / CERT_FILE, key=folder / KEY_FILE)
         self.link = SuperLink(settings.workdir, tls, port=settings.superlink_port)
+        self.proxy: NginxProxy | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -52,17 +58,28 @@ class HubTrainer:
                         "node's supernode_key.pub (from its identity folder) there"
                     )
                 self.link.register(node.name, key)
+            if self.settings.fleet_listen is not None:
+                self.proxy = hub_fleet_proxy(
+                    self.link,
+                    self.identity,
+                    self.settings.fleet_listen,
+                    Path(self.settings.workdir) / "fleet_proxy",
+                )
+                self.proxy.start()
         except Exception:
-            self.link.stop()
+            self.stop()
             raise
         log.info(
-            "SuperLink on %s with %d SuperNode key(s) registered",
+            "SuperLink on %s with %d SuperNode key(s) registered; Fleet proxy: %s",
             self.link.address,
             len(self.nodes),
+            self.settings.fleet_listen or "none (SuperNodes on this machine only)",
         )
 
     def stop(self) -> None:
-        """Stop the SuperLink (and any run's ServerApp)."""
+        """Stop the Fleet proxy, then the SuperLink (and any run's ServerApp)."""
+        if self.proxy is not None:
+            self.proxy.stop()
         self.link.stop()
 
     def train(self, envelope: node_pb2.QueryEnvelope) -> TrainedModel:
