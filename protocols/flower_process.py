@@ -18,7 +18,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from types import TracebackType
+from typing import IO, Self
 
 from queries.errors import ChcError
 
@@ -108,6 +109,30 @@ def _die_with_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class Started:
+    """A start()/stop() pair usable as a context manager (stopped however the block ends)."""
+
+    def start(self) -> None:
+        """Start it (subclasses)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop it (subclasses)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class FlowerChild:

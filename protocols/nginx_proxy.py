@@ -16,9 +16,8 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
-from protocols.flower_process import FlowerChild, FlowerStartError, tail, wait_listening
+from protocols.flower_process import FlowerChild, FlowerStartError, Started, tail, wait_listening
 from queries.errors import ConfigError
 
 log = logging.getLogger("chc.nginx")
@@ -175,7 +174,7 @@ def _drop_unbuilt(conf: str, nginx: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-class NginxProxy:
+class NginxProxy(Started):
     """One nginx master (worker_processes 1) run as a child from a rendered configuration.
 
     Everything it writes (the configuration, pid, logs, temporary files) goes under workdir;
@@ -266,15 +265,3 @@ class NginxProxy:
             f"{self.name} (nginx) exited with code {self._child.returncode()}; "
             f"its error log ({self.error_log}):\n{tail(self.error_log)}"
         )
-
-    def __enter__(self) -> NginxProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -17,7 +17,6 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import tomli_w
 
@@ -27,6 +26,7 @@ from protocols.flower_keys import make_supernode_key
 from protocols.flower_process import (
     FlowerChild,
     FlowerStartError,
+    Started,
     flower_env,
     free_port,
     venv_bin,
@@ -40,7 +40,7 @@ log = logging.getLogger("chc.node.flower")
 START_TIMEOUT_S = 60.0
 
 
-class SuperNodeProcess:
+class SuperNodeProcess(Started):
     """`flower-supernode --isolation process` plus the `flower-superexec` that serves it.
 
     Everything it writes (FLWR_HOME, logs, the allowlist, the SuperExec secret, the wrapper
@@ -178,18 +178,6 @@ class SuperNodeProcess:
             if child is not None and child.returncode() is not None:
                 return f"{child.name} exited with code {child.returncode()} (log {child.log})"
         return None
-
-    def __enter__(self) -> SuperNodeProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def supernode_for(

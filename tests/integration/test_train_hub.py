@@ -3,9 +3,10 @@
 A LocalFederation with learning on: the hub starts a SuperLink on loopback, registers every
 node's SuperNode key from hub.toml and opens its Fleet proxy (nginx, mutual TLS, node
 certificates only); every node runs a SuperNode under a supervisor, dialling the proxy
-through its own forwarder (node.toml [learning] hub_fleet), as it would across a network. The nodes start before the hub, so each SuperNode first fails to
-activate (its key is not registered yet) and is restarted with backoff until it joins: the
-order in which a federation's parts come up does not matter.
+through its own forwarder (node.toml [learning] hub_fleet), as it would across a network.
+The nodes start before the hub, so each SuperNode first fails to activate (its key is not
+registered yet) and is restarted with backoff until it joins: the order in which a
+federation's parts come up does not matter.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import tomli_w
@@ -23,6 +22,7 @@ from protocols.flower_process import (
     FlowerChild,
     FlowerError,
     FlowerStartError,
+    Started,
     flower_env,
     free_port,
     venv_bin,
@@ -55,7 +55,7 @@ class SuperLinkTls:
         return cls(ca=folder / CA_FILE, cert=folder / CERT_FILE, key=folder / KEY_FILE)
 
 
-class SuperLink:
+class SuperLink(Started):
     """A `flower-superlink` child on 127.0.0.1 and the flwr CLI connection that reaches it.
 
     Everything it writes (its database, logs, FLWR_HOME folders, the CLI's config.toml) goes
@@ -134,18 +134,6 @@ class SuperLink:
     def running(self) -> bool:
         """Whether the SuperLink process is alive."""
         return self._child is not None and self._child.running()
-
-    def __enter__(self) -> SuperLink:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def cli_env(self) -> dict[str, str]:
         """The environment for the flwr CLI, whose FLWR_HOME holds this connection."""
