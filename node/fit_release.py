@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from node.config import ModelPolicy
 from node.engine import SqlRunner
 from protocols.v1 import node_pb2
-from queries import mechanisms, model_sql
+from queries import mechanisms, mlp, model_sql
 from queries.model import Family
-from queries.model_plan import ModelPlan, StepPlan
+from queries.model_plan import LOSS_CAP, SCORE_BINS, ModelPlan, StepPlan
 from queries.results import MeasureNoise, NoiseInfo
 from queries.schema import ColumnType
 
@@ -42,10 +44,52 @@ def step_noise(step: StepPlan) -> list[MeasureNoise]:
     return out
 
 
+def _network_step(
+    runner: SqlRunner, plan: ModelPlan, k: int, parameters: Sequence[float]
+) -> dict[str, list[int]]:
+    """A network's round or evaluation, from its part's rows (queries/mlp.py)."""
+    table = runner.query(model_sql.network_rows_sql(plan, k))
+    p = len(plan.terms)
+    x = np.column_stack(
+        [table.column(f"x{j}").to_numpy(zero_copy_only=False) for j in range(p)]
+    ).astype(np.float64)
+    y = table.column("y").to_numpy(zero_copy_only=False).astype(np.float64)
+    theta = np.asarray(parameters[: plan.parameters], dtype=np.float64)
+    step = plan.step(k)
+    if k == plan.model.evaluation_step:
+        low, high = parameters[plan.parameters], parameters[plan.parameters + 1]
+        z = mlp.logits(theta, x, plan.model.hidden) if len(y) else np.zeros(0)
+        width = (high - low) / SCORE_BINS
+        bins = np.clip(np.floor((z - low) / width), 0, SCORE_BINS - 1).astype(np.int64)
+        events = np.bincount(bins[y == 1], minlength=SCORE_BINS)
+        others = np.bincount(bins[y == 0], minlength=SCORE_BINS)
+        return {"score_hist": [int(v) for v in (*events, *others)]}
+    persons = table.column("pid").to_numpy(zero_copy_only=False).astype(np.int64)
+    gradient = mlp.clipped_sum_units(
+        theta,
+        x,
+        y,
+        persons,
+        hidden=plan.model.hidden,
+        clip=plan.model.clip,
+        exponent=step.vector("gradient").exponent,
+    )
+    if len(y):
+        _, mu = mlp.row_gradients(theta, x, y, plan.model.hidden)
+        loss = np.minimum(-(y * np.log(mu) + (1 - y) * np.log1p(-mu)), LOSS_CAP)
+    else:
+        loss = np.zeros(0)
+    scaled = loss / 10.0 ** step.vector("loss").exponent
+    units = int((np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).sum())
+    return {"gradient": gradient, "loss": [units]}
+
+
 def exact_step(
     runner: SqlRunner, plan: ModelPlan, k: int, coefficients: Sequence[float]
 ) -> dict[str, list[int]]:
     """The exact integer sums of step k, per vector (entries 0 on every row are 0)."""
+    if plan.model.hidden and k > 0:
+        return _network_step(runner, plan, k, coefficients)
     table = runner.query(model_sql.step_sql(plan, k, coefficients))
     row = {name: table.column(name)[0].as_py() for name in table.column_names}
     columns = model_sql.entry_columns(plan, plan.step(k))

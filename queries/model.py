@@ -58,6 +58,9 @@ MAX_COVARIATES = 20
 MAX_PARAMETERS = 100
 MAX_ITERATIONS = 25
 DEFAULT_ITERATIONS = 6
+# A small neural network (solver "gradient", hidden > 0): one hidden layer of tanh units.
+MAX_HIDDEN = 32
+MAX_CLIP = 1000.0
 # Gradient-descent rounds (solver "gradient"): each is a round trip over Flower.
 SOLVERS = ("newton", "gradient")
 MAX_ROUNDS = 100
@@ -148,6 +151,10 @@ class ModelSpec:
     # "newton" (IRLS over our protocol) or "gradient" (DP gradient-descent rounds, a held-out
     # fifth of the persons, and an evaluation step; trained over Flower).
     solver: str = "newton"
+    # solver "gradient" only: 0 for a logistic model, else a network with one hidden layer of
+    # this many tanh units (queries/mlp.py), whose per-person gradients are clipped to `clip`.
+    hidden: int = 0
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         check_identifier(self.view, "view")
@@ -182,6 +189,21 @@ class ModelSpec:
             or not 1 <= self.iterations <= most
         ):
             raise QueryError(f"iterations must be a whole number from 1 to {most}")
+        if (
+            isinstance(self.hidden, bool)
+            or not isinstance(self.hidden, int)
+            or not 0 <= self.hidden <= MAX_HIDDEN
+        ):
+            raise QueryError(f"hidden must be a whole number from 0 to {MAX_HIDDEN}")
+        if self.hidden and self.solver != "gradient":
+            raise QueryError("hidden: a network is trained by gradient descent (solver gradient)")
+        if (
+            isinstance(self.clip, bool)
+            or not isinstance(self.clip, int | float)
+            or not 0 < float(self.clip) <= MAX_CLIP
+        ):
+            raise QueryError(f"clip must be a number above 0 and at most {MAX_CLIP:g}")
+        object.__setattr__(self, "clip", float(self.clip))
         if self.solver == "gradient" and (
             self.family is not Family.BINOMIAL or self.compare_by is not None
         ):
@@ -265,6 +287,9 @@ class ModelSpec:
             out["compare_by"] = self.compare_by
         if self.solver != "newton":
             out["solver"] = self.solver
+        if self.hidden:
+            out["hidden"] = self.hidden
+            out["clip"] = self.clip
         return out
 
 

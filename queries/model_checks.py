@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from queries import mlp
 from queries.errors import QueryError
 from queries.model import Family, ModelSpec
 from queries.schema import ColumnType, ViewSpec
@@ -188,19 +189,22 @@ def check_coefficients(
             )
         return ()
     evaluation = step == plan.model.evaluation_step
-    wanted = len(plan.columns) + (2 if evaluation else 0)
+    wanted = plan.parameters + (2 if evaluation else 0)
     if len(coefficients) != wanted:
         then = ", then the score range's low and high" if evaluation else ""
-        raise QueryError(
-            f"coefficients: step {step} needs one per design column ({len(plan.columns)}: "
-            f"{', '.join(plan.columns)}){then}, got {len(coefficients)}"
+        what = (
+            f"{plan.parameters} network parameters (queries/mlp.py)"
+            if plan.model.hidden
+            else f"one per design column ({len(plan.columns)}: {', '.join(plan.columns)})"
         )
+        raise QueryError(f"coefficients: step {step} needs {what}{then}, got {len(coefficients)}")
     if evaluation and not coefficients[-2] < coefficients[-1]:
         raise QueryError(
             f"coefficients: the evaluation's score range [{coefficients[-2]!r}, "
             f"{coefficients[-1]!r}] must have low < high"
         )
-    names = [*plan.columns, "score range low", "score range high"][: len(coefficients)]
+    params = mlp.names(plan.columns, plan.model.hidden) if plan.model.hidden else plan.columns
+    names = [*params, "score range low", "score range high"][: len(coefficients)]
     for name, b in zip(names, coefficients, strict=True):
         if not (math.isfinite(b) and abs(b) <= MAX_COEFFICIENT):
             raise QueryError(

@@ -45,6 +45,8 @@ _KEYS = frozenset(
         "where",
         "compare_by",
         "solver",
+        "hidden",
+        "clip",
     }
 )
 
@@ -133,6 +135,8 @@ def model_from_dict(data: object) -> ModelSpec:
         where=tuple(where),
         compare_by=_text_or_none(data.get("compare_by"), "compare_by"),
         solver=_text_or_none(data.get("solver"), "solver") or "newton",
+        hidden=data.get("hidden", 0),
+        clip=data.get("clip", 1.0),
     )
 
 

@@ -30,7 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from queries import mechanisms
+from queries import mechanisms, mlp
 from queries.cohort import check_view
 from queries.errors import QueryError
 from queries.model import INTERCEPT, Family, ModelSpec, design_columns
@@ -139,6 +139,9 @@ class ModelPlan:
     units: tuple[str, ...] = ()
     # The person identifier a gradient fit holds persons out by (None: no hold-out).
     split_column: str | None = None
+    # How many numbers the hub sends at a step after the design check: the design's
+    # coefficients, or a network's parameters (queries/mlp.py).
+    parameters: int = 0
 
     def part(self, k: int) -> str:
         """Which rows step k reads: "all", "train" or "holdout" (solver gradient)."""
@@ -236,6 +239,27 @@ def _shares(kind: str, rho: float) -> dict[str, float]:
     return {k: rho * w / sum(weights.values()) for k, w in weights.items()}
 
 
+def _clipped_vector(length: int, clip: float, persons: int, rho: float) -> VectorPlan:
+    """A network's round: the sum over persons of their gradients clipped to `clip` (L2)."""
+    e = _exponent(clip, persons, 1.0, rho)
+    sens = mlp.clipped_sensitivity(clip, e, length)
+    plan = VectorPlan(
+        name="gradient",
+        length=length,
+        exponent=e,
+        entry_bound=clip,
+        sensitivity=sens,
+        max_abs=persons * (_units(clip, e) + 1),
+        rho=rho,
+    )
+    if not mechanisms.fits_int64(plan.max_abs, mechanisms.scale_for_rho(rho, sens)):
+        raise QueryError(
+            f"rho: the model's rho gives each round's gradient only {rho:.3g}, whose noise "
+            "could overflow a 64-bit integer; give the model more rho"
+        )
+    return plan
+
+
 def _steps(
     model: ModelSpec,
     p: int,
@@ -243,6 +267,7 @@ def _steps(
     outcome: Outcome,
     shape: tuple[int, int, int, int],
     units: int,
+    persons: int = 0,
 ) -> tuple[StepPlan, ...]:
     design_rho = model.rho * DESIGN_CHECK_SHARE
     expected_rho = model.rho * EXPECTED_STEP_SHARE if units else 0.0
@@ -281,14 +306,16 @@ def _steps(
     weight = 0.25 if binomial else outcome.upper
     if model.solver == "gradient":
         r = _shares("round", newton_rho)
+        gradient = (
+            _clipped_vector(mlp.count(p, model.hidden), model.clip, persons, r["gradient"])
+            if model.hidden
+            else _vector("gradient", p, residual, shape, r["gradient"], False)
+        )
         rounds = [
             StepPlan(
                 step=k,
                 rho=newton_rho,
-                vectors=(
-                    _vector("gradient", p, residual, shape, r["gradient"], False),
-                    _vector("loss", 1, LOSS_CAP, shape, r["loss"], False),
-                ),
+                vectors=(gradient, _vector("loss", 1, LOSS_CAP, shape, r["loss"], False)),
             )
             for k in range(1, model.newton_steps + 1)
         ]
@@ -330,7 +357,8 @@ def plan_model(
     here = 1 if any(t.kind == "region" and t.constant for t in terms) else 0
     q = 1 + numeric + k_cat + here
     levels = sum(1 for t in terms if t.kind == "level")
-    steps = _steps(model, len(columns), levels, outcome, (q, k_cat, c, rows), len(units))
+    shape = (q, k_cat, c, rows)
+    steps = _steps(model, len(columns), levels, outcome, shape, len(units), view.max_persons)
     return ModelPlan(
         model=model,
         view=view,
@@ -346,6 +374,7 @@ def plan_model(
         steps=steps,
         units=units,
         split_column=_split_column(model, view),
+        parameters=mlp.count(len(columns), model.hidden) if model.hidden else len(columns),
     )
 
 

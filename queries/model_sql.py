@@ -93,6 +93,9 @@ def _rows(plan: ModelPlan, part: str = "all") -> exp.Select:
     select.append(exp.alias_(y, "y", quoted=True))
     if plan.model.compare_by is not None:
         select.append(exp.alias_(_col(plan.model.compare_by), "unit", quoted=True))
+    if plan.model.hidden and plan.split_column is not None:
+        # A network's gradients are clipped per person: its rows carry the person.
+        select.append(exp.alias_(_col(plan.split_column), "pid", quoted=True))
     needed = {out.column, *(t.column for t in plan.terms if t.column is not None)}
     if plan.offset is not None:
         name, lo, hi = plan.offset
@@ -282,6 +285,11 @@ def round_sql(plan: ModelPlan, step: int, coefficients: Sequence[float]) -> str:
     loss = exp.func("LEAST", exp.Neg(this=exp.Paren(this=log_lik)), _num(LOSS_CAP))
     select.append(exp.alias_(_fixed(loss, s.vector("loss").exponent), "loss", quoted=True))
     return sqlglot.select(*select).from_(inner.subquery("m", copy=False)).sql(dialect="duckdb")
+
+
+def network_rows_sql(plan: ModelPlan, step: int) -> str:
+    """A network's step reads its part's rows (person, x, y); the node computes in numpy."""
+    return _rows(plan, plan.part(step)).sql(dialect="duckdb")
 
 
 def score_bin(eta: exp.Expr, low: float, high: float) -> exp.Expr:

@@ -40,6 +40,7 @@ from protocols.security.envelope import (
     verify_query,
 )
 from protocols.v1 import node_pb2
+from queries import mlp
 from queries.errors import AuthenticationError, QueryError
 from queries.mechanisms import rho_to_epsilon
 from queries.model import Family
@@ -277,7 +278,8 @@ class QueryChecks:
                 f"{model.steps - 1}",
             )
         newton = fit.step > 0 and model.family is not Family.GAUSSIAN
-        wanted = len(fit.columns) if newton else 0
+        per_step = mlp.count(len(fit.columns), model.hidden) if model.hidden else len(fit.columns)
+        wanted = per_step if newton else 0
         if fit.step == model.evaluation_step:
             wanted += 2  # and the score histograms' range (queries/model_checks.py)
         if len(fit.coefficients) != wanted or not all(map(math.isfinite, fit.coefficients)):

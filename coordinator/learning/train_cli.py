@@ -17,7 +17,7 @@ from coordinator.analyst.cli import _connect
 from protocols.cli import AnalystIdentityOpt, HubOpt, JsonOpt
 from protocols.cli import console as console_for_output
 from queries.errors import ConfigError
-from queries.model import DEFAULT_ROUNDS, MAX_ROUNDS, Covariate, Family, ModelSpec
+from queries.model import DEFAULT_ROUNDS, MAX_HIDDEN, MAX_ROUNDS, Covariate, Family, ModelSpec
 
 
 def train_command(
@@ -31,6 +31,13 @@ def train_command(
     ] = DEFAULT_ROUNDS,
     rho: Annotated[
         float, typer.Option(help="zCDP budget of the whole training, at each node")
+    ] = 1.0,
+    model_kind: Annotated[
+        str, typer.Option("--model", help="logistic, or mlp (one hidden layer of tanh units)")
+    ] = "logistic",
+    hidden: Annotated[int, typer.Option(help=f"mlp: hidden units (1-{MAX_HIDDEN})")] = 8,
+    clip: Annotated[
+        float, typer.Option(help="mlp: each person's gradient is clipped to this L2 norm")
     ] = 1.0,
     event: Annotated[
         str | None, typer.Option(help="the outcome level counted as 1 (default yes)")
@@ -52,6 +59,8 @@ def train_command(
     columns = [c.strip() for c in adjust.split(",") if c.strip()]
     if not columns:
         raise ConfigError("--adjust: name at least one covariate")
+    if model_kind not in ("logistic", "mlp"):
+        raise ConfigError(f"--model {model_kind[:40]!r}: logistic or mlp")
     if out is not None and out.suffix.lower() != ".json":
         raise ConfigError(f"--out {out}: give a file ending in .json")
     model = ModelSpec(
@@ -64,6 +73,8 @@ def train_command(
         iterations=rounds,
         where=parse_where(where),
         solver="gradient",
+        hidden=hidden if model_kind == "mlp" else 0,
+        clip=clip,
     )
     with _connect(hub, identity) as fed:
         trained = fed.train(model, timeout_s=timeout)

@@ -29,7 +29,8 @@ class TrainedModel:
 
     def to_json(self) -> bytes:
         """The result as the hub sends it."""
-        return json.dumps(self.result, sort_keys=True).encode()
+        # Not sorted: the coefficients keep the parameter vector's order.
+        return json.dumps(self.result).encode()
 
     @property
     def coefficients(self) -> dict[str, float]:
@@ -68,5 +69,5 @@ class TrainedModel:
 
     def save(self, path: Path) -> Path:
         """Write the model, its privacy cost and its provenance as JSON."""
-        path.write_text(json.dumps({"chc_model": 1, **self.result}, indent=1, sort_keys=True))
+        path.write_text(json.dumps({"chc_model": 1, **self.result}, indent=1))
         return path

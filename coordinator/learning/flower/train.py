@@ -25,7 +25,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid
 
-from coordinator.learning.descent import descend, held_out_auc
+from coordinator.learning.descent import descend, descend_network, held_out_auc
 from coordinator.learning.flower.server_app import (
     Reply,
     exchange,
@@ -142,7 +142,12 @@ def train(grid: Grid, context: Context) -> dict[str, Any]:
             )
         return [released[n] for n in fitting]
 
-    result = descend(model, [design[n] for n in fitting], plan_nonzero, ask)
+    releases = [design[n] for n in fitting]
+    result = (
+        descend_network(model, releases, ask)
+        if model.hidden
+        else descend(model, releases, plan_nonzero, ask)
+    )
     evaluation = ask(model.steps - 1, (*result.coefficients, *result.score_range))
     auc, held = held_out_auc(evaluation)
     return {
