@@ -148,6 +148,7 @@ def main() -> None:
                 "held_out_auc_central": round(central_auc, 4),
                 "held_out_auc_dp_model_exact": round(dp_auc, 4),
                 "held_out_auc_dp_released": round(trained.held_out_auc, 4),
+                "held_out_auc_noise_sd": round(trained.result["held_out_auc_noise_sd"], 4),
                 "auc_gap_central_minus_dp": round(central_auc - dp_auc, 4),
                 "training_persons": trained.result["training_persons"],
                 "held_out_persons": trained.result["held_out_persons"],

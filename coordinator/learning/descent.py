@@ -225,14 +225,37 @@ def auc_from_histograms(events: Sequence[float], others: Sequence[float]) -> flo
     return float(np.sum(pos * (below + 0.5 * neg)) / (total_pos * total_neg))
 
 
-def held_out_auc(releases: Sequence[StepRelease]) -> tuple[float, int]:
-    """The pooled held-out AUC from every node's evaluation step, and the noisy held-out n."""
+def auc_noise_sd(events: Sequence[float], others: Sequence[float], variance: float) -> float:
+    """The DP noise sd of auc_from_histograms, to first order (delta method).
+
+    variance is each bin count's noise variance (the same for every bin). With U the
+    Mann-Whitney sum and AUC = U / (P N): d AUC / d events_j = (A_j - AUC N) / (P N), with A_j
+    the others below bin j plus half of bin j's, and likewise for the others' bins.
+    """
+    pos = np.asarray(events, dtype=np.float64)
+    neg = np.asarray(others, dtype=np.float64)
+    total_pos, total_neg = float(pos.sum()), float(neg.sum())
+    if total_pos <= 0 or total_neg <= 0:
+        return math.nan
+    auc = auc_from_histograms(pos.tolist(), neg.tolist())
+    below_neg = np.concatenate([[0.0], np.cumsum(neg)[:-1]]) + 0.5 * neg
+    above_pos = (total_pos - np.cumsum(pos)) + 0.5 * pos
+    d_pos = (below_neg - auc * total_neg) / (total_pos * total_neg)
+    d_neg = (above_pos - auc * total_pos) / (total_pos * total_neg)
+    return float(math.sqrt(variance * (np.sum(d_pos**2) + np.sum(d_neg**2))))
+
+
+def held_out_auc(releases: Sequence[StepRelease]) -> tuple[float, float, int]:
+    """The pooled held-out AUC from every node's evaluation step, its DP noise sd, and the
+    noisy held-out n."""
     total = np.zeros(2 * SCORE_BINS)
+    variance = 0.0
     for r in releases:
         hist = np.asarray(r.vectors.get("score_hist", ()), dtype=np.float64)
         if hist.shape != total.shape:
             raise DataError(f"node {r.node} released no score histograms of {2 * SCORE_BINS}")
         total += hist
-    events, others = total[:SCORE_BINS], total[SCORE_BINS:]
+        variance += float(r.variances.get("score_hist", 0.0))
+    events, others = total[:SCORE_BINS].tolist(), total[SCORE_BINS:].tolist()
     held = round(float(total.sum()))
-    return auc_from_histograms(events.tolist(), others.tolist()), held
+    return auc_from_histograms(events, others), auc_noise_sd(events, others, variance), held

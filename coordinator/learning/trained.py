@@ -7,6 +7,7 @@ reads a training result without importing anything of Flower's.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,11 @@ class TrainedModel:
         """Per-round loss, the held-out AUC and the privacy spent, for people."""
         lines = ["round  training loss (nats/person, noisy)  step size"]
         lines += [f"{r['round']:>5}  {r['loss']:>34.4f}  {r['step_norm']:.3g}" for r in self.rounds]
+        sd = float(self.result.get("held_out_auc_noise_sd", math.nan))
         lines.append(
-            f"held-out AUC {self.held_out_auc:.3f} on about {self.result['held_out_persons']} "
-            f"persons (DP histograms); trained on about {self.result['training_persons']}"
+            f"held-out AUC {self.held_out_auc:.3f} (DP noise sd {sd:.3f}) on about "
+            f"{self.result['held_out_persons']} persons; trained on about "
+            f"{self.result['training_persons']}"
         )
         lines.append(
             "privacy spent (rho): " + ", ".join(f"{n}={r:.4g}" for n, r in self.rho_charged.items())

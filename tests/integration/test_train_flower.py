@@ -182,8 +182,12 @@ def test_a_logistic_model_trains_over_flower_within_the_margin_of_the_central_fi
         f"DP noisy {trained.held_out_auc:.4f}"
     )
     assert ours > central - AUC_MARGIN
-    # The released AUC is the DP model's exact one up to binning and the histograms' noise.
-    assert abs(trained.held_out_auc - ours) < 0.02
+    # The released AUC is the DP model's exact one up to binning (under 0.005 at 30 bins)
+    # and the histograms' noise, whose sd the result states: within 0.005 + 5 sd (a false
+    # failure below 6e-7 if the stated sd is right; tests/unit/test_descent.py checks it).
+    sd = trained.result["held_out_auc_noise_sd"]
+    assert 0 < sd < 0.05
+    assert abs(trained.held_out_auc - ours) < 0.005 + 5 * sd
     # Every node charged the model's rho, one ledger entry per step (design, rounds, eval).
     for name, rho in trained.rho_charged.items():
         assert rho == pytest.approx(RHO, rel=1e-6), name
@@ -240,6 +244,14 @@ def test_a_killed_supernode_stops_the_run_with_a_clear_message_and_the_ledgers_v
     print(f"stopped after {stopped:.1f} s: {message}")
     # No ledger is corrupted: both verify, and nwc has no entry after its last answer.
     _verify(training.fed)
+    # Bring nwc's SuperNode back for the tests after this one (its key is still registered).
+    victim.start()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        online = [n for n in training.link.nodes() if str(n.get("status", "")).lower() == "online"]
+        if len(online) >= len(REGIONS):
+            break
+        time.sleep(1)
 
 
 def test_a_small_network_trains_over_flower_to_the_central_logistic_ranking(
@@ -251,6 +263,7 @@ def test_a_small_network_trains_over_flower_to_the_central_logistic_ranking(
     trained = train_over_flower(
         training.link, envelope, workdir=training.root / "runs", min_nodes=len(REGIONS)
     )
+    assert not trained.result["partial"], trained.result["left_out"]
     assert len(trained.rounds) == 10
     names = mlp.names(known_design_columns(model), 8)
     assert sorted(trained.coefficients) == sorted(names)
@@ -262,9 +275,10 @@ def test_a_small_network_trains_over_flower_to_the_central_logistic_ranking(
         f"released {trained.held_out_auc:.4f}"
     )
     # Margin: the network's ranking is the logistic model's to within 0.03 after 10 noisy
-    # rounds (measured: about 0.01 below); the released estimate within 0.03 of its exact one.
+    # rounds (measured: about 0.01 below); the released estimate as for the logistic model.
     assert ours > central - 0.03
-    assert abs(trained.held_out_auc - ours) < 0.03
+    sd = trained.result["held_out_auc_noise_sd"]
+    assert abs(trained.held_out_auc - ours) < 0.005 + 5 * sd
     for name, rho in trained.rho_charged.items():
         assert rho == pytest.approx(RHO, rel=1e-6), name
     _verify(training.fed)

@@ -15,7 +15,6 @@ on would charge the others for a model nobody gets), with what was charged so fa
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -47,17 +46,40 @@ class TrainingStoppedError(ChcError):
     status_name = "ABORTED"
 
 
-def _names(grid: Grid, nodes: Sequence[int], deadline_s: float) -> dict[int, str]:
-    """Each node's name, from its ping (its custodian's node-name)."""
+def _names(
+    grid: Grid, nodes: Sequence[int], deadline_s: float
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Each answering node's name (its custodian's node-name), and why the others did not.
+
+    A SuperNode that restarted is listed twice until its old registration's heartbeat
+    expires; the old one fails the ping, before anything is charged, and is not in the run.
+    """
     replies = exchange(grid, dict.fromkeys(nodes, b""), "ping", deadline_s)
-    out: dict[int, str] = {}
+    names: dict[int, str] = {}
+    unreachable: dict[int, str] = {}
     for nid, reply in replies.items():
-        name = f"flower-node-{nid}"
-        if reply.payload is not None:
-            with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
-                name = str(json.loads(reply.payload).get("node") or name)
-        out[nid] = name
-    return out
+        if reply.payload is None:
+            unreachable[nid] = reply.reason or f"error {reply.error_code}"
+            continue
+        try:
+            name = str(json.loads(reply.payload).get("node") or "")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            name = ""
+        names[nid] = name or f"flower-node-{nid}"
+    return names, unreachable
+
+
+def _answering(
+    grid: Grid, want: int, nodes_deadline_s: float, deadline_s: float
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Nodes that answer a ping: at least `want` of them, or those there are by the deadline."""
+    give_up = time.monotonic() + nodes_deadline_s
+    while True:
+        ids = online_nodes(grid, want, max(give_up - time.monotonic(), 0.0))
+        names, unreachable = _names(grid, ids, deadline_s) if ids else ({}, {})
+        if len(names) >= want or time.monotonic() >= give_up:
+            return names, unreachable
+        time.sleep(1.0)
 
 
 class _Steps:
@@ -115,12 +137,15 @@ def train(grid: Grid, context: Context) -> dict[str, Any]:
     if model.solver != "gradient":
         raise ConfigError("the train task trains models whose solver is 'gradient'")
     deadline = seconds_of(config, "deadline-s")
-    nodes = online_nodes(
-        grid, int(config.get("min-nodes", "1")), seconds_of(config, "nodes-deadline-s")
+    names, unreachable = _answering(
+        grid, int(config.get("min-nodes", "1")), seconds_of(config, "nodes-deadline-s"), deadline
     )
+    nodes = sorted(names)
     if not nodes:
-        raise ConfigError("no SuperNode is online: nothing to train on")
-    names = _names(grid, nodes, deadline)
+        raise ConfigError(
+            "no SuperNode answered: "
+            + "; ".join(f"node {n}: {why}" for n, why in unreachable.items())
+        )
     steps = _Steps(grid, envelope, names)
     design, refused = steps.send(nodes, 0, (), deadline)
     if not design:
@@ -149,7 +174,7 @@ def train(grid: Grid, context: Context) -> dict[str, Any]:
         else descend(model, releases, plan_nonzero, ask)
     )
     evaluation = ask(model.steps - 1, (*result.coefficients, *result.score_range))
-    auc, held = held_out_auc(evaluation)
+    auc, auc_sd, held = held_out_auc(evaluation)
     return {
         "model": model.to_dict(),
         "query_sha256": hashlib.sha256(model_bytes(model)).hexdigest(),
@@ -159,11 +184,13 @@ def train(grid: Grid, context: Context) -> dict[str, Any]:
             {"round": r.round, "loss": r.loss, "step_norm": r.step_norm} for r in result.rounds
         ],
         "held_out_auc": auc,
+        "held_out_auc_noise_sd": auc_sd,
         "score_range": list(result.score_range),
         "held_out_persons": held,
         "training_persons": result.persons,
         "partial": bool(refused),
         "left_out": {names[n]: _why(r) for n, r in refused.items()},
+        "unreachable_at_start": {str(n): why for n, why in unreachable.items()},
         "nodes": [
             {
                 "node": names[n],
