@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
 from coordinator.hub.registry import NodeHandle
+from coordinator.learning.charges import Charges
 from coordinator.learning.fit import solve
 from coordinator.learning.units import unit_totals
 from protocols import serde, serde_fit
@@ -26,7 +26,7 @@ from protocols.v1 import node_pb2
 from queries.errors import ChcError, DataError
 from queries.fitted import FittedModel, NodeTotals, UnitTotals
 from queries.model import ModelSpec, StepRelease
-from queries.results import BudgetStatus, NodeOutcome, NodeStatus, ReleaseRules
+from queries.results import NodeOutcome, NodeStatus, ReleaseRules
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +43,6 @@ class NoNodeFitsError(ChcError):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.status_name = code.name
-
-
-@dataclass
-class _Charges:
-    """What each node has charged for this fit so far (from its own receipts)."""
-
-    rho: dict[str, float] = field(default_factory=dict)
-    budget: dict[str, BudgetStatus] = field(default_factory=dict)
-    query_id: dict[str, str] = field(default_factory=dict)
-    ledger: dict[str, int] = field(default_factory=dict)
-
-    def record(self, node: str, msg: node_pb2.FitStepResponse, release: StepRelease) -> None:
-        self.rho[node] = self.rho.get(node, 0.0) + release.rho
-        self.budget[node] = serde.budget_from_proto(msg.budget)
-        self.query_id[node] = msg.query_id
-        self.ledger[node] = msg.ledger_sequence
-
-    def summary(self) -> str:
-        if not self.rho:
-            return "no node was charged"
-        return "charged so far (rho): " + ", ".join(f"{n}={r:.6g}" for n, r in self.rho.items())
 
 
 def _release(reply: Reply[object], step: int) -> tuple[node_pb2.FitStepResponse, StepRelease]:
@@ -106,7 +85,7 @@ def fit_across(
     query_id = uuid.uuid4().hex
     effective = rules or ReleaseRules()
     regions = [h.entry.name for h in handles]
-    charges = _Charges()
+    charges = Charges()
     replies = _step(handles, envelope, 0, (), regions, deadline_s)
     design: list[StepRelease] = []
     left_out: dict[str, Reply[object]] = {}
@@ -224,7 +203,7 @@ def _totals(design: Sequence[StepRelease], last: Sequence[StepRelease]) -> tuple
     return tuple(out)
 
 
-def _outcome(node: str, charges: _Charges, left_out: dict[str, Reply[object]]) -> NodeOutcome:
+def _outcome(node: str, charges: Charges, left_out: dict[str, Reply[object]]) -> NodeOutcome:
     reply = left_out.get(node)
     if reply is not None:
         return NodeOutcome(
@@ -236,5 +215,5 @@ def _outcome(node: str, charges: _Charges, left_out: dict[str, Reply[object]]) -
         rho_charged=charges.rho.get(node, 0.0),
         budget=charges.budget.get(node),
         node_query_id=charges.query_id.get(node, ""),
-        ledger_sequence=charges.ledger.get(node, 0),
+        ledger_sequence=charges.last_entry(node),
     )

@@ -24,6 +24,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid
 
+from coordinator.learning.charges import Charges
 from coordinator.learning.descent import descend, descend_network, held_out_auc
 from coordinator.learning.flower.server_app import (
     Reply,
@@ -89,8 +90,7 @@ class _Steps:
         self.grid = grid
         self.envelope = envelope
         self.names = names
-        self.rho: dict[str, float] = {}
-        self.ledger: dict[str, list[int]] = {}
+        self.charges = Charges()
         self.wall: list[dict[str, Any]] = []
 
     def send(
@@ -112,16 +112,9 @@ class _Steps:
             release = serde_fit.step_release_from_proto(msg, self.names[nid])
             if release.step != step:
                 raise DataError(f"node {self.names[nid]} answered step {release.step}")
-            name = self.names[nid]
-            self.rho[name] = self.rho.get(name, 0.0) + release.rho
-            self.ledger.setdefault(name, []).append(msg.ledger_sequence)
+            self.charges.record(self.names[nid], msg, release)
             released[nid] = release
         return released, failed
-
-    def charged(self) -> str:
-        if not self.rho:
-            return "no node was charged"
-        return "charged so far (rho): " + ", ".join(f"{n}={r:.6g}" for n, r in self.rho.items())
 
 
 def _why(reply: Reply) -> str:
@@ -162,7 +155,7 @@ def train(grid: Grid, context: Context) -> dict[str, Any]:
             raise TrainingStoppedError(
                 f"training stopped at step {k} of {model.steps - 1}: "
                 + "; ".join(f"node {names[n]} ({_why(r)})" for n, r in failed.items())
-                + f"; {steps.charged()}; nothing more is charged, and the steps already "
+                + f"; {steps.charges.summary()}; nothing more is charged, and the steps already "
                 "charged stay in each node's ledger"
             )
         return [released[n] for n in fitting]
@@ -195,8 +188,8 @@ def train(grid: Grid, context: Context) -> dict[str, Any]:
             {
                 "node": names[n],
                 "flower_node_id": n,
-                "rho_charged": steps.rho.get(names[n], 0.0),
-                "ledger_sequences": steps.ledger.get(names[n], []),
+                "rho_charged": steps.charges.rho.get(names[n], 0.0),
+                "ledger_sequences": steps.charges.ledger.get(names[n], []),
             }
             for n in nodes
         ],
