@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.learning import funnel
+from coordinator.learning.plot import figure_paths
 from coordinator.learning.result import FitResult
 from queries.errors import ConfigError, QueryError
 from queries.fitted import Z95, NodeTotals, UnitTotals
@@ -195,8 +196,8 @@ class Comparison:
 
     def plots(self, stem: Path | str) -> tuple[Path, Path]:
         """Write the funnel plot as STEM.png and STEM.svg."""
-        base = Path(stem)
-        return self.plot(base.with_suffix(".png")), self.plot(base.with_suffix(".svg"))
+        png, svg = figure_paths(Path(stem).with_suffix(""))
+        return self.plot(png), self.plot(svg)
 
     def fit_adjustment(self) -> str:
         """The adjusting covariates, for titles."""

@@ -10,9 +10,9 @@ import typer
 from coordinator.analyst import report
 from coordinator.analyst.cli import _connect, _deadline
 from coordinator.learning.compare import DEFAULT_RHO, adjusting_model, compare
+from coordinator.learning.plot import figure_paths
 from protocols.cli import AnalystIdentityOpt, HubOpt, JsonOpt
 from protocols.cli import console as console_for_output
-from queries.errors import ConfigError
 from queries.model import Family
 
 
@@ -67,11 +67,7 @@ def compare_command(
         event=event,
         where=parse_where(where),
     )
-    if plot is not None and plot.suffix.lower() not in ("", ".png", ".svg"):
-        raise ConfigError(
-            f"--plot {plot}: give a file ending in .png or .svg, or a name without a suffix "
-            "for both"
-        )
+    figures = figure_paths(plot) if plot is not None else ()
     with _connect(hub, identity) as fed:
         result = compare(
             fed, model, by=by, overdispersion=overdispersion, deadline_s=_deadline(deadline)
@@ -80,7 +76,7 @@ def compare_command(
         console_for_output().print_json(report.to_json(result.to_dict()))
     else:
         typer.echo(result.summary())
-    if plot is not None:
-        written = result.plots(plot) if plot.suffix == "" else (result.plot(plot),)
+    if figures:
+        written = [result.plot(p) for p in figures]
         if not as_json:
             typer.echo("funnel plot written to " + " and ".join(str(p) for p in written))

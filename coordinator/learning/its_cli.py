@@ -24,6 +24,7 @@ from coordinator.analyst import report
 from coordinator.analyst.cli import _connect, _deadline
 from coordinator.learning import did, its
 from coordinator.learning.its_plot import its_plot
+from coordinator.learning.plot import figure_paths
 from protocols.cli import AnalystIdentityOpt, CommandFailedError, ExitCode, HubOpt, JsonOpt
 from protocols.cli import console as console_for_output
 from queries.combine import POOLED
@@ -143,11 +144,7 @@ def its_cmd(
             f"--outcome {outcome[:40]!r}: an interrupted time series counts "
             + "; ".join(f"{k} ({v})" for k, v in OUTCOMES.items())
         )
-    if plot is not None and plot.suffix.lower() not in ("", ".png", ".svg"):
-        raise ConfigError(
-            f"--plot {plot}: give a file ending in .png or .svg, or a name without a suffix "
-            "for both"
-        )
+    figures = figure_paths(plot) if plot is not None else ()
     controls = tuple(c.strip() for c in (control or "").split(",") if c.strip())
     check_arms(region, controls)
     t0 = _month(intervention, "--intervention")
@@ -172,14 +169,10 @@ def its_cmd(
         console.print_json(report.to_json(run.out))
     else:
         typer.echo("\n".join(run.lines))
-    if plot is not None:
-        paths = (
-            [plot.with_suffix(".png"), plot.with_suffix(".svg")] if plot.suffix == "" else [plot]
-        )
-        for path in paths:
-            its_plot(run.panels, path)
-        if not as_json:
-            typer.echo("time-series plot written to " + " and ".join(str(p) for p in paths))
+    for path in figures:
+        its_plot(run.panels, path)
+    if figures and not as_json:
+        typer.echo("time-series plot written to " + " and ".join(str(p) for p in figures))
 
 
 @dataclass(frozen=True)

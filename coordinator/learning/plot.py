@@ -15,6 +15,18 @@ from queries.model import INTERCEPT
 FORMATS = {".png": "png", ".svg": "svg"}
 
 
+def figure_paths(plot: Path, option: str = "--plot") -> tuple[Path, ...]:
+    """The files a figure option writes: NAME.png or NAME.svg as given, or both for NAME."""
+    if plot.suffix == "":
+        return tuple(plot.with_suffix(s) for s in FORMATS)
+    if plot.suffix.lower() not in FORMATS:
+        raise ConfigError(
+            f"{option} {plot}: give a file ending in .png or .svg, or a name without a suffix "
+            "for both"
+        )
+    return (plot,)
+
+
 def forest_plot(fitted: FittedModel, path: Path) -> Path:
     """Each coefficient but the intercept with its 95% interval; ratios on a log axis."""
     fmt = FORMATS.get(path.suffix.lower())

@@ -19,6 +19,7 @@ from coordinator.analyst.client import Federation
 from coordinator.learning.compare import Comparison, adjusting_model, compare
 from coordinator.learning.its_cli import ItsRun, run_its
 from coordinator.learning.its_plot import its_plot
+from coordinator.learning.plot import figure_paths
 from coordinator.local import synth
 from protocols.cli import CommandFailedError
 from queries.errors import ConfigError
@@ -106,8 +107,7 @@ def run_learning(fed: Federation, figures: Path, console: Console, step: Step) -
                 rows_per_person=ITS_ROWS_PER_PERSON,
             )
             stem = figures / f"its-{t.pathway}-{t.region}"
-            # its_plot writes one format, by the suffix: once for each.
-            plots = tuple(its_plot(run.panels, stem.with_suffix(s)) for s in (".png", ".svg"))
+            plots = tuple(its_plot(run.panels, path) for path in figure_paths(stem))
     except CommandFailedError as exc:
         # A month withheld under the release rules (too few persons): the comparison stands
         # and is reported; the refusal is said, and is the demo's exit code.

@@ -223,3 +223,15 @@ def test_a_suppressed_unit_is_named_without_figures_and_never_an_outlier() -> No
     assert line.endswith("suppressed: few")
     assert math.isfinite(result.phi_estimate)  # from the scored units only
     assert result.to_dict()["units"][2]["ratio"] is None
+
+
+def test_a_figure_option_names_one_format_or_both() -> None:
+    from pathlib import Path
+
+    from coordinator.learning.plot import figure_paths
+    from queries.errors import ConfigError
+
+    assert figure_paths(Path("out/f.svg")) == (Path("out/f.svg"),)
+    assert figure_paths(Path("out/f")) == (Path("out/f.png"), Path("out/f.svg"))
+    with pytest.raises(ConfigError, match=r"--plot f.pdf: give a file ending in .png or .svg"):
+        figure_paths(Path("f.pdf"))
