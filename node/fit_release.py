@@ -79,8 +79,7 @@ def _network_step(
         loss = np.minimum(-(y * np.log(mu) + (1 - y) * np.log1p(-mu)), LOSS_CAP)
     else:
         loss = np.zeros(0)
-    scaled = loss / 10.0 ** step.vector("loss").exponent
-    units = int((np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).sum())
+    units = int(mlp.to_units(loss, step.vector("loss").exponent).sum())
     return {"gradient": gradient, "loss": [units]}
 
 

@@ -184,12 +184,15 @@ def fitted_from_proto(msg: hub_pb2.FitResponse) -> FittedModel:
     )
 
 
-def _unit_from_proto(t: hub_pb2.UnitTotals) -> UnitTotals:
+def _possible(t: hub_pb2.NodeTotals | hub_pb2.UnitTotals) -> bool:
+    """Whether totals are real numbers with noise variances >= 0."""
     values = (t.outcome_sum, t.outcome_variance, t.residual_sum, t.residual_variance)
-    # A suppressed unit's figures are NaN; a shown one's must be real, variances >= 0.
-    if not t.suppressed and (
-        not all(math.isfinite(v) for v in values) or min(values[1], values[3]) < 0
-    ):
+    return all(math.isfinite(v) for v in values) and min(values[1], values[3]) >= 0
+
+
+def _unit_from_proto(t: hub_pb2.UnitTotals) -> UnitTotals:
+    # A suppressed unit's figures are NaN; a shown one's must be possible.
+    if not t.suppressed and not _possible(t):
         raise DataError(f"the hub sent impossible totals for unit {t.unit[:40]!r}")
     return UnitTotals(
         unit=t.unit,
@@ -204,8 +207,7 @@ def _unit_from_proto(t: hub_pb2.UnitTotals) -> UnitTotals:
 
 
 def _totals_from_proto(t: hub_pb2.NodeTotals) -> NodeTotals:
-    values = (t.outcome_sum, t.outcome_variance, t.residual_sum, t.residual_variance)
-    if not all(math.isfinite(v) for v in values) or min(values[1], values[3]) < 0:
+    if not _possible(t):
         raise DataError(f"the hub sent impossible totals for node {t.node[:40]!r}")
     return NodeTotals(
         node=t.node,

@@ -97,10 +97,15 @@ def clipped_sum_units(
     if x.shape[0] == 0:
         return [0] * count(x.shape[1], hidden)
     grads, _ = row_gradients(theta, x, y, hidden)
-    clipped = clipped_person_sums(grads, persons, clip) / 10.0**exponent
-    # Half away from zero, as the SQL's ROUND does for the other vectors.
-    units = np.sign(clipped) * np.floor(np.abs(clipped) + 0.5)
+    units = to_units(clipped_person_sums(grads, persons, clip), exponent)
     return [int(v) for v in units.sum(axis=0)]
+
+
+def to_units(values: Array, exponent: int) -> Array:
+    """Each value in whole units of 10**exponent, half away from zero (as the SQL's ROUND)."""
+    scaled = values / 10.0**exponent
+    out: Array = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
+    return out
 
 
 def clipped_sensitivity(clip: float, exponent: int, parameters: int) -> float:
