@@ -11,7 +11,6 @@ fit on the pooled training persons, both scored on the same held-out persons.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from protocols.security.pki import CA_FILE, Role, load_identity
 from queries import mlp
 from queries.model import ModelSpec
 from tests.integration._known_rows import known_pathway, known_rows
+from tests.unit._model_helpers import held_out
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -114,18 +114,16 @@ def _model(rounds: int = ROUNDS) -> ModelSpec:
     return dataclasses.replace(base, region=False, solver="gradient", iterations=rounds)
 
 
-def _held_out(person: int) -> bool:
-    return int(hashlib.md5(str(person).encode()).hexdigest(), 16) % 5 == 0  # noqa: S324
-
-
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
     r = rankdata(s)
     n1 = y.sum()
     return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
 
 
-def _central(folders: dict[str, Path], model: ModelSpec, coefficients: dict[str, float]):  # type: ignore[no-untyped-def]
-    """(central AUC, the DP model's AUC) on the held-out persons, exact, from the rows."""
+def _held_out_design(
+    folders: dict[str, Path], model: ModelSpec
+) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """The pooled design (columns, X, y) of the nodes' rows, and which rows are held out."""
     rows = {r: known_rows(folders[r], person_id=True) for r in REGIONS}
     columns, x, y = pooled_design(model, cohort_view(known_pathway()), rows)
     kept = []
@@ -135,7 +133,15 @@ def _central(folders: dict[str, Path], model: ModelSpec, coefficients: dict[str,
         for f in model.where:
             mask &= np.isin(np.asarray(table[f.column].to_pylist(), dtype=object), f.values)
         kept.append(np.asarray(table.filter(pa.array(mask))["person_id"].to_pylist()))
-    held = np.array([_held_out(int(p)) for p in np.concatenate(kept)])
+    held = np.array([held_out(int(p)) for p in np.concatenate(kept)])
+    return columns, x, y, held
+
+
+def _central(
+    folders: dict[str, Path], model: ModelSpec, coefficients: dict[str, float]
+) -> tuple[float, float]:
+    """(central AUC, the DP model's AUC) on the held-out persons, exact, from the rows."""
+    columns, x, y, held = _held_out_design(folders, model)
     fit = sm.GLM(y[~held], x[~held], family=sm.families.Binomial()).fit()
     dp = np.array([coefficients[c] for c in columns])
     return _auc(y[held], x[held] @ np.asarray(fit.params)), _auc(y[held], x[held] @ dp)
@@ -292,14 +298,5 @@ def known_design_columns(model: ModelSpec) -> tuple[str, ...]:
 
 
 def _network_auc(folders: dict[str, Path], model: ModelSpec, theta: np.ndarray) -> float:
-    rows = {r: known_rows(folders[r], person_id=True) for r in REGIONS}
-    _, x, y = pooled_design(model, cohort_view(known_pathway()), rows)
-    kept = []
-    for r in REGIONS:
-        table = rows[r]
-        mask = np.ones(table.num_rows, dtype=bool)
-        for f in model.where:
-            mask &= np.isin(np.asarray(table[f.column].to_pylist(), dtype=object), f.values)
-        kept.append(np.asarray(table.filter(pa.array(mask))["person_id"].to_pylist()))
-    held = np.array([_held_out(int(p)) for p in np.concatenate(kept)])
+    _, x, y, held = _held_out_design(folders, model)
     return _auc(y[held], mlp.logits(theta, x[held], model.hidden))
