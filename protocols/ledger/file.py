@@ -7,6 +7,7 @@ and must read it exactly as the node wrote it, read-only.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,9 @@ SCHEMA = (
 )
 
 
+WAL_RETRY_S = 30.0
+
+
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     """A connection to a ledger file: read-only, or WAL with synchronous=FULL for writing."""
     if read_only:
@@ -38,7 +42,7 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
         con = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     else:
         con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()
+        mode = _wal(con)
         if mode is None or str(mode[0]).lower() != "wal":
             con.close()
             raise ConfigError(f"cannot put ledger {path} in WAL mode (is it on a network share?)")
@@ -46,6 +50,24 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous=FULL")
     con.execute("PRAGMA busy_timeout=30000")
     return con
+
+
+def _wal(con: sqlite3.Connection) -> tuple[object, ...] | None:
+    """PRAGMA journal_mode=WAL, retried while another process holds the file.
+
+    Switching a new file to WAL takes an exclusive lock, and SQLite may report "database is
+    locked" at once rather than call the busy handler (seen with four processes opening one
+    new ledger together), so the switch is retried for up to WAL_RETRY_S.
+    """
+    give_up = time.monotonic() + WAL_RETRY_S
+    while True:
+        try:
+            row: tuple[object, ...] | None = con.execute("PRAGMA journal_mode=WAL").fetchone()
+            return row
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= give_up:
+                raise
+            time.sleep(0.05)
 
 
 def is_sqlite_file(path: Path) -> bool:
