@@ -91,15 +91,62 @@ def fit_key(nonce: bytes, step: int) -> bytes:
     return nonce + b"#fit" + step.to_bytes(4, "big")
 
 
+@dataclass(frozen=True)
+class Begun:
+    """What NonceStore.begin decided for one Execute of an envelope.
+
+    `owner`: this call runs the query and must call finish(). Otherwise the envelope was (or
+    is being) answered: `pending` is set while another call with the same envelope runs, and
+    once it is done (or at once if None) the caller looks for the release kept for it.
+    """
+
+    owner: bool
+    pending: threading.Event | None = None
+
+
 class NonceStore:
     """Nonces seen, kept until their envelope expires, so a replay is refused.
 
     A query envelope claims its nonce; a fit envelope claims fit_key(nonce, step) per step.
+    Execute makes a query envelope idempotent (begin/finish): the same envelope again is
+    answered with the release kept for it, and an attempt that ended without a charge frees
+    its nonce, so a retry runs afresh.
     """
 
     def __init__(self) -> None:
         self._seen: dict[bytes, int] = {}
+        # Envelopes being answered now: nonce -> (SHA-256 of the envelope, done).
+        self._running: dict[bytes, tuple[bytes, threading.Event]] = {}
         self._lock = threading.Lock()
+
+    def begin(self, nonce: bytes, digest: bytes) -> Begun:
+        """Start answering an envelope, or say that it is (or was) answered by another call.
+
+        Raises AuthenticationError if another envelope with this nonce is running now.
+        """
+        with self._lock:
+            running = self._running.get(nonce)
+            if running is not None:
+                if running[0] != digest:
+                    raise AuthenticationError(
+                        "another envelope with this nonce is being answered; sign it again"
+                    )
+                return Begun(owner=False, pending=running[1])
+            if nonce in self._seen and self._seen[nonce] > now_ms():
+                return Begun(owner=False)
+            # Held until finish(), which claims the nonce only if the attempt was charged.
+            self._running[nonce] = (digest, threading.Event())
+            return Begun(owner=True)
+
+    def finish(self, nonce: bytes, expires_at_ms: int, *, charged: bool) -> None:
+        """End an attempt begun by this call: a charged nonce stays claimed until it expires;
+        an uncharged one is freed for a retry. Wakes any call waiting for it."""
+        with self._lock:
+            running = self._running.pop(nonce, None)
+            if charged:
+                self._seen[nonce] = expires_at_ms
+        if running is not None:
+            running[1].set()
 
     def claim(self, nonce: bytes, expires_at_ms: int, *, replayed: str | None = None) -> None:
         """Record a fresh nonce, or raise AuthenticationError (`replayed`) if seen before."""
@@ -107,7 +154,7 @@ class NonceStore:
         with self._lock:
             if len(self._seen) > 10_000:
                 self._seen = {n: e for n, e in self._seen.items() if e > now}
-            if nonce in self._seen:
+            if nonce in self._seen or nonce in self._running:
                 raise AuthenticationError(
                     replayed or "this query envelope was already used; sign it again"
                 )

@@ -1,18 +1,22 @@
 """The node's gRPC servicer: the enforcer of policy, noise and budget (README, "Architecture").
 
-Order of work for a query: authenticate the caller (mTLS) and the analyst (signature), parse
-and plan against the catalog, check the budget, claim the nonce, compute the exact
-aggregate, record the charge durably, and only then add noise and release. Anything refused
-is recorded at zero cost and answered with a precise status and message.
+Order of work for a query: authenticate the caller (mTLS) and the analyst (signature), claim
+the nonce (or, for an envelope already answered, re-send the release kept for it), parse and
+plan against the catalog, check the budget, compute the exact aggregate and the noise, record
+the charge durably with a copy of the release, and only then release. Anything refused is
+recorded at zero cost and answered with a precise status and message; an attempt that ends
+without a charge frees its nonce, so the same envelope can be retried.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -21,7 +25,7 @@ from cryptography import x509
 
 from node import engine
 from node.access import AccessPolicy
-from node.budget.accounting import Accountant, Charge, RateLimited, Refusal
+from node.budget.accounting import Accountant, Charge, Keep, RateLimited, Refusal
 from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW, ModelPolicy
 from node.data.care_sites import refuse_undeclared
 from node.data.catalog import describe_cohort, with_cohort
@@ -46,17 +50,34 @@ from protocols.security.pki import Role
 from protocols.security.tls import Peer, peer_of
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec, spec_io
-from queries.errors import AuthenticationError, ChcError, PermissionDeniedError
+from queries.errors import (
+    AuthenticationError,
+    ChcError,
+    DeadlineExceededError,
+    PermissionDeniedError,
+)
 from queries.model_io import is_model
 from queries.results import NodeDescription, ReleaseRules
 from queries.schema import Catalog
 
 log = logging.getLogger(__name__)
 
+# The longest a retried envelope waits for the earlier call still answering it.
+MAX_RESEND_WAIT_S = 600.0
+
 # Who may ask a node to run a query: the hub relays analysts' signed envelopes, and an
 # analyst may also call a node directly. Auditors read the ledger; nodes never query.
 QUERY_ROLES = frozenset({Role.HUB, Role.ANALYST})
 LEDGER_ROLES = frozenset({Role.AUDITOR})
+
+
+@dataclass
+class _Attempt:
+    """One Execute call's part in answering its envelope (see NonceStore.begin)."""
+
+    digest: bytes  # SHA-256 of the serialised envelope: the key of its kept release
+    owner: bool = False  # this call runs the query (and must finish the attempt)
+    charged: bool = False  # the charge is durable: the nonce stays claimed
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
@@ -232,42 +253,104 @@ class NodeService(node_pb2_grpc.NodeServicer):
     def Execute(  # noqa: N802 - gRPC method name
         self, request: node_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> node_pb2.ExecuteResponse:
-        """Verify, plan, charge, then release one query (refusals cost nothing)."""
+        """Verify, plan, charge, then release one query (refusals cost nothing).
+
+        Idempotent: the same envelope again (a retry after a lost reply) is answered with the
+        release kept for it, marked `resent`, and charged nothing more.
+        """
         try:
             signed, analyst = self._authorise(request.envelope, context)
         except ChcError as exc:
             # Record who claimed to ask, even though it could not be verified.
             self._record_refusal(request.envelope, request.envelope.analyst, exc)
             raise
+        envelope_bytes = request.envelope.SerializeToString(deterministic=True)
+        attempt = _Attempt(digest=hashlib.sha256(envelope_bytes).digest())
         try:
-            return self._execute(signed, analyst, request.envelope, context)
+            kept = self._begin(signed, attempt, context)
+            if kept is not None:
+                return kept
+            return self._execute(signed, analyst, request.envelope, attempt, context)
         except ChcError as exc:
             self._record_refusal(request.envelope, analyst.name, exc)
             raise
+        finally:
+            if attempt.owner:
+                self.nonces.finish(signed.nonce, signed.expires_at_ms, charged=attempt.charged)
+
+    def _begin(
+        self, signed: SignedQuery, attempt: _Attempt, context: grpc.ServicerContext
+    ) -> node_pb2.ExecuteResponse | None:
+        """Own this envelope's attempt (None), or return the release kept for it."""
+        while True:
+            begun = self.nonces.begin(signed.nonce, attempt.digest)
+            if begun.owner:
+                attempt.owner = True
+                return None
+            if begun.pending is not None:
+                # The same envelope is being answered by an earlier call (a retry that came
+                # before the first reply): wait for it, then use what it left.
+                remaining = context.time_remaining()
+                wait = MAX_RESEND_WAIT_S if remaining is None else min(remaining, MAX_RESEND_WAIT_S)
+                if not begun.pending.wait(timeout=max(0.0, wait)):
+                    raise DeadlineExceededError(
+                        "an earlier call with this same envelope is still being answered; "
+                        "nothing more was charged: re-send it later to read its release"
+                    )
+                continue
+            kept = self.accountant.stored_release(attempt.digest)
+            if kept is None:
+                raise AuthenticationError("this query envelope was already used; sign it again")
+            msg = node_pb2.ExecuteResponse.FromString(kept.response)
+            msg.ledger_sequence = kept.sequence
+            msg.budget.CopyFrom(serde.budget_to_proto(self.accountant.status()))
+            msg.resent = True
+            log.info(
+                "query %s: re-sent the kept release of ledger entry %d (nothing charged)",
+                msg.query_id,
+                kept.sequence,
+            )
+            return msg
 
     def _execute(
         self,
         signed: SignedQuery,
         verified: VerifiedAnalyst,
         envelope: node_pb2.QueryEnvelope,
+        attempt: _Attempt,
         context: grpc.ServicerContext,
     ) -> node_pb2.ExecuteResponse:
         analyst = verified.name
         query, compiled, releases, rho = self._price(signed, verified)
         self.accountant.check(analyst, rho)
-        # Claimed only once the query is known to be acceptable, so that a refused query can
-        # be fixed and re-signed; a replay of an accepted envelope is refused here.
-        self.nonces.claim(signed.nonce, signed.expires_at_ms)
         query_id = uuid.uuid4().hex
         started = time.perf_counter()
         check_deadline(context, "before computing")
         table = self._release(compiled, releases)
         epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
+        # Built before the charge, so that the kept copy is stored in the charge's own
+        # transaction; the budget and ledger sequence are filled in after it.
+        msg = serde.release_to_proto(
+            engine.node_release(
+                releases,
+                table,
+                query_id=query_id,
+                epsilon=epsilon,
+                budget=self.accountant.status(),
+                rules=self.rules,
+            )
+        )
+        keep = Keep(
+            envelope_sha256=attempt.digest,
+            expires_at_ms=signed.expires_at_ms,
+            response=msg.SerializeToString(),
+        )
         # The caller has given up: charging now would spend budget on an answer nobody
         # receives. Checked last before the charge (the charge itself takes about a ms).
         check_deadline(context, "before charging")
         # Charge before release (principle 2): the noisy table is ready but leaves only once
-        # the charge is durable; from here a failure loses the result, never the charge.
+        # the charge is durable; from here a failure loses the reply, never the charge, and a
+        # retry of the envelope reads the kept release.
         budget, sequence = self.accountant.charge(
             Charge(
                 query_id=query_id,
@@ -277,8 +360,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 views=(query.view,),
                 rho=rho,
                 epsilon=epsilon,
-            )
+            ),
+            keep,
         )
+        attempt.charged = True
         log.info(
             "query %s from %s: view=%s cells=%d rho=%.6g in %.1f ms (ledger #%d)",
             query_id,
@@ -289,11 +374,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             (time.perf_counter() - started) * 1000,
             sequence,
         )
-        msg = serde.release_to_proto(
-            engine.node_release(
-                releases, table, query_id=query_id, epsilon=epsilon, budget=budget, rules=self.rules
-            )
-        )
+        msg.budget.CopyFrom(serde.budget_to_proto(budget))
         msg.ledger_sequence = sequence
         return msg
 

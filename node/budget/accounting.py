@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from node.config import NodeConfig
 from protocols.budget.policy import BudgetPolicy
 from protocols.ledger.entry import FitStepRecord, SignedEntry
+from protocols.security.envelope import now_ms
 from queries.errors import ConfigError
 from queries.results import BudgetStatus
 
@@ -40,6 +41,28 @@ class Charge:
     epsilon: float
     # One step of a model fit: recorded in the entry's `fit` field (docs/ledger.md).
     fit: FitStepRecord | None = None
+
+
+@dataclass(frozen=True)
+class Keep:
+    """The release to store with a charge, in the same transaction (idempotent retries).
+
+    `response` is the serialised reply without its budget and ledger sequence (a re-sent
+    copy carries the budget at the time it is re-sent and the sequence kept beside it); it
+    is kept under the envelope's SHA-256 until the envelope expires.
+    """
+
+    envelope_sha256: bytes
+    expires_at_ms: int
+    response: bytes
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A release kept for a charged envelope: the reply and its ledger entry's sequence."""
+
+    sequence: int
+    response: bytes
 
 
 @dataclass(frozen=True)
@@ -114,13 +137,18 @@ class Accountant(abc.ABC):
         """
 
     @abc.abstractmethod
-    def charge(self, charge: Charge) -> tuple[BudgetStatus, int]:
+    def charge(self, charge: Charge, keep: Keep | None = None) -> tuple[BudgetStatus, int]:
         """Durably record a charge, or raise (as check() does) and record nothing.
 
         Returns the node's budget after the charge and the entry's sequence number. Must be
         serialised: concurrent charges can never together exceed a cap. Durable means the
         entry survives a crash of the process once this returns (charge before release).
+        With `keep`, the release is stored atomically with the entry: both or neither.
         """
+
+    @abc.abstractmethod
+    def stored_release(self, envelope_sha256: bytes) -> Kept | None:
+        """The release kept for a charged envelope that has not expired (None if none)."""
 
     @abc.abstractmethod
     def refuse(self, refusal: Refusal) -> None:
@@ -167,6 +195,7 @@ class MemoryAccountant(Accountant):
             node=node, policy=policy, key=Ed25519PrivateKey.generate()
         )
         self._entries: list[SignedEntry] = []
+        self._kept: dict[bytes, tuple[int, Kept]] = {}  # sha256: (expires_at_ms, kept)
         self._lock = threading.Lock()
         # A new ledger starts with its policy entry, like a new SQLite ledger.
         self.policy_change = self._book.plan_policy(policy, None)
@@ -212,13 +241,26 @@ class MemoryAccountant(Accountant):
         if error is not None:
             raise error
 
-    def charge(self, charge: Charge) -> tuple[BudgetStatus, int]:
-        """Check every cap and record the charge, under one lock."""
+    def charge(self, charge: Charge, keep: Keep | None = None) -> tuple[BudgetStatus, int]:
+        """Check every cap and record the charge (and its kept release), under one lock."""
         with self._lock:
             when = self._now()
             entry = self._book.charge_entry(charge, when)
             self._append(entry)
+            if keep is not None:
+                now = now_ms()
+                self._kept = {k: v for k, v in self._kept.items() if v[0] > now}
+                self._kept[keep.envelope_sha256] = (
+                    keep.expires_at_ms,
+                    Kept(sequence=entry.sequence, response=keep.response),
+                )
             return self._book.status(when), entry.sequence
+
+    def stored_release(self, envelope_sha256: bytes) -> Kept | None:
+        """The kept release of an unexpired charged envelope."""
+        with self._lock:
+            kept = self._kept.get(envelope_sha256)
+        return kept[1] if kept is not None and kept[0] > now_ms() else None
 
     def refuse(self, refusal: Refusal) -> None:
         """Record the refusal at zero cost."""

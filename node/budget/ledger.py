@@ -25,13 +25,14 @@ them. The book-keeping is node/budget/book.py.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from node.budget.accounting import Accountant, Charge, Refusal
+from node.budget.accounting import Accountant, Charge, Keep, Kept, Refusal
 from node.budget.book import LedgerBook
 from node.budget.keys import load_or_create_key
 from protocols.budget.policy import BudgetPolicy
@@ -45,6 +46,7 @@ from protocols.ledger.entry import (
     signature_ok,
 )
 from protocols.ledger.file import SCHEMA, connect, read_ledger_file
+from protocols.security.envelope import now_ms
 from queries.errors import ConfigError, LedgerIntegrityError
 from queries.results import BudgetStatus
 
@@ -237,9 +239,11 @@ class SqliteLedger(Accountant):
         if error is not None:
             raise error
 
-    def _write(self, build: Callable[[datetime], _Built]) -> tuple[_Built, datetime]:
-        """Build, store and commit one entry (if build makes one) atomically; fold it only
-        once it is durable."""
+    def _write(
+        self, build: Callable[[datetime], _Built], keep: Keep | None = None
+    ) -> tuple[_Built, datetime]:
+        """Build, store and commit one entry (if build makes one), and the release kept with
+        it, atomically; fold the entry only once it is durable."""
         if self._read_only:
             raise ConfigError(
                 f"ledger {self.path} was opened to be checked only; it records nothing"
@@ -262,6 +266,8 @@ class SqliteLedger(Accountant):
                         " VALUES (1, ?, ?, ?)",
                         (head.sequence, head.body, head.signature),
                     )
+                    if keep is not None:
+                        _keep(con, keep, entry.sequence)
                 con.execute("COMMIT")  # synchronous=FULL: durable when this returns
             except BaseException:
                 if con.in_transaction:
@@ -290,11 +296,22 @@ class SqliteLedger(Accountant):
             self._catch_up()
             return self._book.lifetime_spent(analyst)
 
-    def charge(self, charge: Charge) -> tuple[BudgetStatus, int]:
-        """Check every cap and durably record the charge, or raise and record nothing."""
-        entry, when = self._write(lambda when: self._book.charge_entry(charge, when))
+    def charge(self, charge: Charge, keep: Keep | None = None) -> tuple[BudgetStatus, int]:
+        """Check every cap and durably record the charge (and the release it keeps), or raise
+        and record nothing."""
+        entry, when = self._write(lambda when: self._book.charge_entry(charge, when), keep)
         with self._lock:
             return self._book.status(when), entry.sequence
+
+    def stored_release(self, envelope_sha256: bytes) -> Kept | None:
+        """The release kept for an unexpired charged envelope (any process's)."""
+        with self._lock:
+            row = self._con.execute(
+                "SELECT sequence, response FROM releases"
+                " WHERE envelope_sha256 = ? AND expires_at_ms > ?",
+                (envelope_sha256, now_ms()),
+            ).fetchone()
+        return None if row is None else Kept(sequence=int(row[0]), response=bytes(row[1]))
 
     def refuse(self, refusal: Refusal) -> None:
         """Record a refusal at zero cost."""
@@ -312,3 +329,13 @@ class SqliteLedger(Accountant):
         """Close the write connection (everything committed is already durable)."""
         with self._lock:
             self._con.close()
+
+
+def _keep(con: sqlite3.Connection, keep: Keep, sequence: int) -> None:
+    """Store a release with its charge (inside the charge's transaction); drop expired ones."""
+    con.execute("DELETE FROM releases WHERE expires_at_ms <= ?", (now_ms(),))
+    con.execute(
+        "INSERT OR REPLACE INTO releases (envelope_sha256, sequence, expires_at_ms, response)"
+        " VALUES (?, ?, ?, ?)",
+        (keep.envelope_sha256, sequence, keep.expires_at_ms, keep.response),
+    )

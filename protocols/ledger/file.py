@@ -23,6 +23,12 @@ SCHEMA = (
     " id INTEGER PRIMARY KEY CHECK (id = 1), sequence INTEGER NOT NULL,"
     " body BLOB NOT NULL, signature BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # The release a node sent for each charged envelope, kept until the envelope expires so
+    # that a retry after a lost reply is answered with it (never charged again). Not part of
+    # the signed chain: a copy of what already left the node, which auditors need not read.
+    "CREATE TABLE IF NOT EXISTS releases ("
+    " envelope_sha256 BLOB PRIMARY KEY, sequence INTEGER NOT NULL,"
+    " expires_at_ms INTEGER NOT NULL, response BLOB NOT NULL)",
     # Defence in depth against mistakes, not against an attacker (who can drop a trigger):
     # the signatures and the chain are what make tampering evident.
     "CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries"

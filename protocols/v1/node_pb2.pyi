@@ -468,6 +468,7 @@ class ExecuteResponse(_message.Message):
     MEASURES_FIELD_NUMBER: _builtins.int
     LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
     RELEASE_RULES_FIELD_NUMBER: _builtins.int
+    RESENT_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     table: _builtins.bytes
     """Arrow IPC stream: group columns then one column per released value, one row per
@@ -478,6 +479,10 @@ class ExecuteResponse(_message.Message):
     """(epsilon, delta)-DP equivalent of rho_charged at budget.delta"""
     ledger_sequence: _builtins.int
     """Sequence number of the ledger entry that recorded this charge."""
+    resent: _builtins.bool
+    """True when this is a re-sent copy of the release the node stored for this very envelope
+    (a retry after a lost reply): nothing was charged again, and the noise is the same.
+    """
     @_builtins.property
     def noise(self) -> Global___NoiseInfo:
         """noise of the first measure (kept for simple count clients)"""
@@ -504,10 +509,11 @@ class ExecuteResponse(_message.Message):
         measures: _abc.Iterable[Global___MeasureNoise] | None = ...,
         ledger_sequence: _builtins.int = ...,
         release_rules: Global___ReleaseRules | None = ...,
+        resent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "noise", b"noise", "release_rules", b"release_rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "noise", b"noise", "query_id", b"query_id", "release_rules", b"release_rules", "rho_charged", b"rho_charged", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "noise", b"noise", "query_id", b"query_id", "release_rules", b"release_rules", "resent", b"resent", "rho_charged", b"rho_charged", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

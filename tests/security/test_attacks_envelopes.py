@@ -62,12 +62,52 @@ def test_expired_envelope(fed: LocalFederation) -> None:
     assert _refusal_logged(fed, "UNAUTHENTICATED")
 
 
-def test_replayed_envelope(fed: LocalFederation) -> None:
+def test_replayed_envelope_reads_the_kept_release(fed: LocalFederation) -> None:
+    """A replay (or a retry after a lost reply) gets the same release again, charged once."""
+    stub = _node_stub(fed, _analyst(fed))
+    envelope = serde.signed_query_to_proto(_signed(fed))
+    first = stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
+    before = _spent(fed)
+    again = stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
+    assert again.resent and not first.resent
+    # The same noisy values and receipt: never a fresh draw, which would average the noise.
+    assert (again.table, again.query_id, again.ledger_sequence) == (
+        first.table,
+        first.query_id,
+        first.ledger_sequence,
+    )
+    assert again.rho_charged == first.rho_charged  # what it cost, once
+    assert _spent(fed) == before
+
+
+def _same_nonce(fed: LocalFederation, envelope: node_pb2.QueryEnvelope) -> node_pb2.QueryEnvelope:
+    """A genuine analyst signature over another query that reuses an envelope's nonce."""
+    analyst = _analyst(fed)
+    key = serialization.load_pem_private_key(analyst.key_pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    other = node_pb2.QueryEnvelope()
+    other.CopyFrom(envelope)
+    other.query = canonical_bytes(Query(view="persons", rho=0.05, group_by=("age_band",)))
+    payload = signed_payload(
+        query=other.query,
+        analyst=other.analyst,
+        nonce=other.nonce,
+        issued_at_ms=other.issued_at_ms,
+        expires_at_ms=other.expires_at_ms,
+        operation=Operation.EXECUTE,
+        audience=Audience(),
+    )
+    other.signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    return other
+
+
+def test_another_envelope_reusing_a_nonce_is_refused(fed: LocalFederation) -> None:
+    """Only the very envelope that was answered is answered again; a nonce is used once."""
     stub = _node_stub(fed, _analyst(fed))
     envelope = serde.signed_query_to_proto(_signed(fed))
     stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
     before = _spent(fed)
-    err = _execute(stub, envelope)
+    err = _execute(stub, _same_nonce(fed, envelope))
     assert err.code() is grpc.StatusCode.UNAUTHENTICATED
     assert "already used" in (err.details() or "")
     assert _spent(fed) == before
@@ -125,12 +165,17 @@ def test_hub_forging_an_analyst_query(fed: LocalFederation) -> None:
 
 
 def test_replay_after_a_node_restart(fed: LocalFederation) -> None:
-    """Nonces of released queries survive a restart (they are re-read from the ledger)."""
+    """Kept releases and used nonces survive a restart (both are in the ledger file)."""
     envelope = serde.signed_query_to_proto(_signed(fed))
-    _node_stub(fed, _analyst(fed)).Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
+    stub = _node_stub(fed, _analyst(fed))
+    first = stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
     fed.restart_node(NODE)
     before = _spent(fed)
-    err = _execute(_node_stub(fed, _analyst(fed)), envelope)
+    stub = _node_stub(fed, _analyst(fed))
+    again = stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
+    assert again.resent and again.table == first.table
+    assert again.ledger_sequence == first.ledger_sequence
+    err = _execute(stub, _same_nonce(fed, envelope))
     assert err.code() is grpc.StatusCode.UNAUTHENTICATED
     assert "already used" in (err.details() or "")
     assert _spent(fed) == before
