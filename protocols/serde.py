@@ -313,6 +313,7 @@ def outcome_to_proto(outcome: NodeOutcome) -> hub_pb2.NodeOutcome:
         measures=[measure_noise_to_proto(m) for m in outcome.measures],
         node_query_id=outcome.node_query_id,
         ledger_sequence=outcome.ledger_sequence,
+        resent=outcome.resent,
     )
     if outcome.budget is not None:
         msg.budget.CopyFrom(budget_to_proto(outcome.budget))
@@ -336,6 +337,7 @@ def outcome_from_proto(msg: hub_pb2.NodeOutcome) -> NodeOutcome:
         measures=tuple(measure_noise_from_proto(m) for m in msg.measures),
         node_query_id=msg.node_query_id,
         ledger_sequence=msg.ledger_sequence,
+        resent=msg.resent,
     )
 
 

@@ -66,3 +66,11 @@ class LedgerIntegrityError(ChcError):
     """The ledger does not verify: it was altered, truncated, or signed by another key."""
 
     status_name = "FAILED_PRECONDITION"
+
+
+class QuorumNotMetError(ChcError):
+    """Fewer nodes answered than the query's quorum, so no result was combined."""
+
+    status_name = "UNAVAILABLE"
+    # How the hub's message begins, so that a client tells it from an unreachable hub.
+    PREFIX = "quorum not met: "

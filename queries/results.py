@@ -146,6 +146,9 @@ class NodeOutcome:
     # The node's receipt: its query id and the ledger entry of the charge.
     node_query_id: str = ""
     ledger_sequence: int = 0
+    # The node re-sent the release it kept for this envelope (a retry): rho_charged was
+    # charged when it first answered, not again.
+    resent: bool = False
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,13 @@ def query(
     hub: HubOpt = None,
     identity: AnalystIdentityOpt = None,
     deadline: Annotated[float, typer.Option(help="seconds to wait for nodes")] = 30.0,
+    quorum: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="fail unless at least this many nodes answer (0: any, partial results)",
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
 ) -> None:
@@ -290,7 +297,7 @@ def query(
                 report.print_explain(console, explains, q)
             _fail_on(report.explain_failure(explains))
             return
-        result = fed.query(q, deadline_s=deadline)
+        result = fed.query(q, deadline_s=deadline, quorum=quorum)
     if as_json:
         console.print_json(report.to_json(report.result_to_dict(result, q)))
     elif as_csv:

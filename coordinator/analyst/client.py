@@ -13,6 +13,7 @@ import grpc
 from coordinator.learning.result import FitResult
 from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
+from protocols.retries import HUB_CHANNEL_OPTIONS
 from protocols.security.envelope import Audience, Operation, sign_query
 from protocols.security.pki import Identity, load_identity
 from protocols.security.tls import secure_channel
@@ -24,6 +25,7 @@ from queries.errors import (
     ConfigError,
     PermissionDeniedError,
     QueryError,
+    QuorumNotMetError,
 )
 from queries.model import ModelSpec
 from queries.model_io import model_bytes
@@ -64,6 +66,8 @@ def _raise_from(exc: grpc.RpcError, hub: str) -> ChcError:
     call = exc if isinstance(exc, grpc.Call) else None
     code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
     details = (call.details() if call is not None else None) or code.name
+    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(QuorumNotMetError.PREFIX):
+        return QuorumNotMetError(details)
     if code is grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach the hub at {hub}: {details}"
     return _ERRORS.get(code, ChcError)(details)
@@ -97,7 +101,10 @@ class Federation:
         self.hub = hub
         self.hub_name = server_name
         self.identity = identity if isinstance(identity, Identity) else load_identity(identity)
-        self._channel = secure_channel(hub, self.identity, server_name=server_name)
+        # Submit is retried (same envelope) while the hub is unreachable: protocols/retries.py.
+        self._channel = secure_channel(
+            hub, self.identity, server_name=server_name, options=HUB_CHANNEL_OPTIONS
+        )
         self._stub = hub_pb2_grpc.HubStub(self._channel)
 
     def sign(
@@ -136,10 +143,19 @@ class Federation:
         )
 
     def query(
-        self, query: Query, *, deadline_s: float = 30.0, ttl_s: float = 600.0
+        self, query: Query, *, deadline_s: float = 30.0, ttl_s: float = 600.0, quorum: int = 0
     ) -> FederatedResult:
-        """Sign a query, run it at every node, and return per-region and pooled estimates."""
+        """Sign a query, run it at every node, and return per-region and pooled estimates.
+
+        quorum: the fewest nodes that must answer (0: any, with a partial result flagged);
+        with fewer the query fails. While the hub is unavailable the same signed envelope is
+        re-sent (protocols/retries.py), so nodes that already answered re-send their kept
+        release at no further cost.
+        """
+        if quorum < 0:
+            raise QueryError(f"quorum must be 0 (any number of nodes) or more, got {quorum}")
         request = self._signed_request(query, Operation.EXECUTE, deadline_s=deadline_s, ttl_s=ttl_s)
+        request.quorum = quorum
         try:
             # Give the hub a little longer than the nodes, so node timeouts are reported.
             response = self._stub.Submit(request, timeout=deadline_s + 5.0)

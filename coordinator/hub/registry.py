@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from protocols.retries import NODE_CHANNEL_OPTIONS
 from protocols.security.pki import Identity
 from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2_grpc
@@ -174,13 +176,33 @@ def _release(raw: object, path: Path) -> ReleaseRules:
     return ReleaseRules(**raw)
 
 
+class Reachability:
+    """Whether a node's last call failed to reach it (the fan-out then does not retry it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down = False
+
+    @property
+    def down(self) -> bool:
+        """True if the node's last call ended unreachable."""
+        with self._lock:
+            return self._down
+
+    def record(self, *, reached: bool) -> None:
+        """Note how the node's latest call ended."""
+        with self._lock:
+            self._down = not reached
+
+
 @dataclass(frozen=True)
 class NodeHandle:
-    """A connected node: its entry, channel and stub."""
+    """A connected node: its entry, channel and stub, and whether it was reachable lately."""
 
     entry: NodeEntry
     channel: grpc.Channel
     stub: node_pb2_grpc.NodeStub
+    reach: Reachability = field(default_factory=Reachability)
 
 
 class Registry:
@@ -190,11 +212,13 @@ class Registry:
         self.handles: list[NodeHandle] = []
         for entry in nodes:
             if identity is None:
-                channel = grpc.insecure_channel(entry.address)
+                channel = grpc.insecure_channel(entry.address, options=NODE_CHANNEL_OPTIONS)
             else:
                 # The node's certificate must carry its configured name: one node cannot
                 # answer for another.
-                channel = secure_channel(entry.address, identity, server_name=entry.name)
+                channel = secure_channel(
+                    entry.address, identity, server_name=entry.name, options=NODE_CHANNEL_OPTIONS
+                )
             self.handles.append(NodeHandle(entry, channel, node_pb2_grpc.NodeStub(channel)))
 
     def close(self) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import grpc
 from cryptography import x509
@@ -23,7 +22,13 @@ from protocols.security.tls import peer_of
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
 from queries import combine, spec, spec_io
 from queries import release as release_rules
-from queries.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
+from queries.errors import (
+    AuthenticationError,
+    ChcError,
+    PermissionDeniedError,
+    QueryError,
+    QuorumNotMetError,
+)
 from queries.model_io import is_model, model_from_json
 from queries.results import FederatedResult, NodeOutcome, NodeRelease, NodeStatus, ReleaseRules
 
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # The longest an analyst may ask the hub to wait.
 MAX_DEADLINE_MS = 10 * 60 * 1000
+# What the hub keeps of the caller's own deadline to combine and answer.
+COMBINE_MARGIN_S = 0.5
 
 
 class AllNodesRefusedError(ChcError):
@@ -71,15 +78,33 @@ class HubService(hub_pb2_grpc.HubServicer):
     def _is_revoked(self, cert: x509.Certificate) -> bool:
         return self.revocations is not None and self.revocations.is_revoked(cert)
 
-    def _deadline_s(self, request: hub_pb2.SubmitRequest) -> float:
-        """The analyst's deadline if given (capped), else the hub's default."""
+    def _deadline_s(
+        self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext | None = None
+    ) -> float:
+        """The analyst's deadline if given (capped), else the hub's default; never past the
+        caller's own gRPC deadline (a retried Submit has less time left than it asks for)."""
         if request.deadline_ms < 0:
             # Refused before any node is asked: a deadline in the past can only time out.
             raise QueryError(
                 f"deadline_ms must be positive (or 0 for the hub's default of "
                 f"{self.deadline_ms} ms), got {request.deadline_ms}"
             )
-        return min(request.deadline_ms or self.deadline_ms, MAX_DEADLINE_MS) / 1000
+        asked = min(request.deadline_ms or self.deadline_ms, MAX_DEADLINE_MS) / 1000
+        remaining = None if context is None else context.time_remaining()
+        if remaining is not None:
+            # Leave the hub a moment to combine and answer before the caller gives up.
+            asked = max(0.001, min(asked, remaining - COMBINE_MARGIN_S))
+        return asked
+
+    def _quorum(self, request: hub_pb2.SubmitRequest) -> int:
+        """The analyst's quorum, refused before any node is asked if no result could meet it."""
+        n = len(self.registry.handles)
+        if request.quorum > n:
+            raise QueryError(
+                f"quorum: {request.quorum} nodes must answer, but this hub has {n}; ask for at "
+                f"most {n} (or 0 to accept any number, with partial results)"
+            )
+        return int(request.quorum)
 
     def _check_analyst(self, request: hub_pb2.SubmitRequest, context: grpc.ServicerContext) -> None:
         if not self.require_tls:
@@ -101,14 +126,17 @@ class HubService(hub_pb2_grpc.HubServicer):
         _check_signed_for(request.envelope, Call.EXECUTE)
         # Parse for combining only; every node validates and verifies the envelope itself.
         query = spec_io.from_json(request.envelope.query)
-        deadline_s = self._deadline_s(request)
+        quorum = self._quorum(request)
+        deadline_s = self._deadline_s(request, context)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
 
-        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
-            return handle.stub.Execute.future(node_request, timeout=timeout)
+        def start(handle: NodeHandle, timeout: float) -> node_pb2.ExecuteResponse:
+            return handle.stub.Execute(node_request, timeout=timeout)
 
         replies = fan_out(self.registry.handles, start, deadline_s=deadline_s)
-        result = _combine(query, replies, self.rules, analyst=request.envelope.analyst)
+        result = _combine(
+            query, replies, self.rules, analyst=request.envelope.analyst, quorum=quorum
+        )
         return serde.result_to_proto(result)
 
     @guarded
@@ -127,10 +155,12 @@ class HubService(hub_pb2_grpc.HubServicer):
         else:
             spec_io.from_json(request.envelope.query)
 
-        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
-            return handle.stub.Explain.future(node_request, timeout=timeout)
+        def start(handle: NodeHandle, timeout: float) -> node_pb2.ExplainResponse:
+            return handle.stub.Explain(node_request, timeout=timeout)
 
-        replies = fan_out(self.registry.handles, start, deadline_s=self._deadline_s(request))
+        replies = fan_out(
+            self.registry.handles, start, deadline_s=self._deadline_s(request, context)
+        )
         response = hub_pb2.ExplainFederatedResponse()
         for r in replies:
             item = hub_pb2.ExplainResult(node=r.node, status=r.status.value, message=r.message)
@@ -188,8 +218,8 @@ class HubService(hub_pb2_grpc.HubServicer):
         if self.require_tls:
             peer_of(context, is_revoked=self._is_revoked)
 
-        def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
-            return handle.stub.Describe.future(node_pb2.DescribeRequest(), timeout=timeout)
+        def start(handle: NodeHandle, timeout: float) -> node_pb2.DescribeResponse:
+            return handle.stub.Describe(node_pb2.DescribeRequest(), timeout=timeout)
 
         replies = fan_out(self.registry.handles, start, deadline_s=self.deadline_ms / 1000)
         response = hub_pb2.ListNodesResponse()
@@ -227,9 +257,17 @@ def _check_signed_for(envelope: node_pb2.QueryEnvelope, call: Call) -> None:
 
 
 def _combine(
-    query: spec.Query, replies: list[Reply[object]], rules: ReleaseRules, *, analyst: str = ""
+    query: spec.Query,
+    replies: list[Reply[object]],
+    rules: ReleaseRules,
+    *,
+    analyst: str = "",
+    quorum: int = 0,
 ) -> FederatedResult:
     """Combine the releases for the analyst; each node's latency is logged, never returned.
+
+    With a quorum, fewer answering nodes fail the query (QuorumNotMetError) instead of
+    giving a partial result; what the answering nodes charged is said, and kept by them.
 
     A node's latency is mostly its exact DuckDB run time, which depends on its data and has no
     noise on it, so analysts get 0 and only the hub's operator sees the real figure.
@@ -251,6 +289,7 @@ def _combine(
                     measures=release.measures,
                     node_query_id=release.query_id,
                     ledger_sequence=release.ledger_sequence,
+                    resent=r.value.resent,
                 )
             )
         else:
@@ -265,6 +304,8 @@ def _combine(
     if not releases and (refusal := unanimous_refusal(replies)) is not None:
         code, messages = refusal
         raise AllNodesRefusedError(code, "every node refused the query: " + messages)
+    if len(releases) < quorum:
+        raise QuorumNotMetError(_quorum_message(replies, outcomes, quorum))
     partial = len(releases) < len(replies)
     effective = rules
     for _, release in releases:
@@ -277,3 +318,26 @@ def _combine(
         nodes=tuple(outcomes),
         partial=partial,
     )
+
+
+def _quorum_message(
+    replies: Sequence[Reply[object]], outcomes: Sequence[NodeOutcome], quorum: int
+) -> str:
+    """Why a query failed its quorum, and what the nodes that answered charged."""
+    answered = [o for o in outcomes if o.status is NodeStatus.OK]
+    missing = "; ".join(
+        f"{r.node} {r.status.value}: {r.message}" for r in replies if r.status is not NodeStatus.OK
+    )
+    text = (
+        f"{QuorumNotMetError.PREFIX}only {len(answered)} of {len(replies)} nodes answered, "
+        f"fewer than the quorum of {quorum}, so no result was combined ({missing})."
+    )
+    if answered:
+        charged = ", ".join(f"{o.node} rho {o.rho_charged:.4g}" for o in answered)
+        text += (
+            f" The nodes that answered charged their budgets ({charged}) and keep their "
+            "releases: re-send the same signed envelope before it expires to read them again "
+            "at no further cost (the Python client and `chc query` re-send it while the hub is "
+            "unavailable), or lower the quorum."
+        )
+    return text

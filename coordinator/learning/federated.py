@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 
@@ -66,10 +65,11 @@ def _step(
         envelope=envelope, step=step, coefficients=list(coefficients), regions=list(regions)
     )
 
-    def start(handle: NodeHandle, timeout: float) -> grpc.Future[Any]:
-        return handle.stub.FitStep.future(request, timeout=timeout)
+    def start(handle: NodeHandle, timeout: float) -> node_pb2.FitStepResponse:
+        return handle.stub.FitStep(request, timeout=timeout)
 
-    return fan_out(handles, start, deadline_s=deadline_s)
+    # Not retried: a charged step's envelope is refused as a replay (protocols/retries.py).
+    return fan_out(handles, start, deadline_s=deadline_s, retry=False)
 
 
 def fit_across(

@@ -6,7 +6,7 @@ signed envelopes (`envelope`), which authenticate an analyst's query whoever rel
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -33,15 +33,24 @@ def server_credentials(identity: Identity) -> grpc.ServerCredentials:
     )
 
 
-def secure_channel(address: str, identity: Identity, *, server_name: str) -> grpc.Channel:
-    """A mutual-TLS channel that accepts only a server whose certificate names server_name."""
+def secure_channel(
+    address: str,
+    identity: Identity,
+    *,
+    server_name: str,
+    options: Sequence[tuple[str, str | int]] = (),
+) -> grpc.Channel:
+    """A mutual-TLS channel that accepts only a server whose certificate names server_name.
+
+    `options` adds channel options (e.g. protocols.retries' retry policy).
+    """
     creds = grpc.ssl_channel_credentials(
         root_certificates=identity.ca_pem,
         private_key=identity.key_pem,
         certificate_chain=identity.cert_pem,
     )
-    options = (*GRPC_OPTIONS, ("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(address, creds, options=options)
+    every = (*GRPC_OPTIONS, ("grpc.ssl_target_name_override", server_name), *options)
+    return grpc.secure_channel(address, creds, options=every)
 
 
 @dataclass(frozen=True)
