@@ -32,6 +32,7 @@ from queries.errors import (
     LedgerIntegrityError,
     PermissionDeniedError,
     QueryError,
+    QuorumNotMetError,
 )
 from queries.model import Covariate, Family, ModelSpec
 from queries.results import BudgetStatus, FederatedResult, NodeStatus
@@ -64,6 +65,7 @@ __all__ = [
     "PermissionDeniedError",
     "Query",
     "QueryError",
+    "QuorumNotMetError",
     "Statistic",
     "parse_sql",
 ]

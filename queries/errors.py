@@ -68,7 +68,7 @@ class LedgerIntegrityError(ChcError):
     status_name = "FAILED_PRECONDITION"
 
 
-class QuorumNotMetError(ChcError):
+class QuorumNotMetError(ConnectionError, ChcError):
     """Fewer nodes answered than the query's quorum, so no result was combined."""
 
     status_name = "UNAVAILABLE"

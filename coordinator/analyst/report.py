@@ -54,6 +54,7 @@ def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") ->
                 "status": o.status.value,
                 "message": o.message,
                 "rho_spent": o.rho_charged,
+                "resent": o.resent,
                 "rho_spent_total": o.budget.rho_spent if o.budget else None,
                 "rho_remaining": o.budget.rho_remaining if o.budget else None,
             }
@@ -175,7 +176,12 @@ def print_nodes(console: Console, result: FederatedResult) -> None:
             f"[{colour}]{o.status.value}[/]",
             f"{o.rho_charged:.4g}",
             used,
-            o.message,
+            o.message
+            or (
+                "re-sent its kept release: charged when first answered, not again"
+                if o.resent
+                else ""
+            ),
         )
     console.print(table)
 

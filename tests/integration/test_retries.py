@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -20,13 +21,14 @@ from coordinator.analyst.client import Federation
 from coordinator.local import synth
 from coordinator.local.federation import LocalFederation, NodeSetup
 from protocols import serde
-from protocols.security.envelope import Operation
+from protocols.cli import ExitCode, exit_code_of
+from protocols.security.envelope import Operation, sign_query
 from protocols.security.pki import load_identity
 from protocols.security.tls import secure_channel
-from protocols.v1 import hub_pb2_grpc
+from protocols.v1 import hub_pb2_grpc, node_pb2, node_pb2_grpc
 from queries.errors import QueryError, QuorumNotMetError
 from queries.results import NodeStatus
-from queries.spec import Query
+from queries.spec import Query, canonical_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -107,8 +109,10 @@ def test_quorum_not_met_then_the_same_envelope_reads_the_kept_releases(
 def test_the_python_client_reports_a_quorum_not_met(fed: LocalFederation) -> None:
     fed.stop_process("yh")
     with Federation(fed.hub_address, fed.analyst_identity) as client:
-        with pytest.raises(QuorumNotMetError, match="fewer than the quorum of 4"):
+        with pytest.raises(QuorumNotMetError, match="fewer than the quorum of 4") as info:
             client.query(QUERY, quorum=4, deadline_s=3.0)
+        # Like an unreachable hub, `chc query` exits 4 (no answer) for it.
+        assert exit_code_of(info.value) is ExitCode.NO_ANSWER
         # Without a quorum the same situation is a flagged partial result.
         result = client.query(QUERY, deadline_s=3.0)
         assert result.partial
@@ -146,3 +150,20 @@ def test_a_node_known_to_be_down_does_not_hold_up_the_next_query(fed: LocalFeder
     # The first query retried gm until near its deadline; the second for a moment only.
     assert first_s > 3.0
     assert second_s < 2.5
+
+
+def test_one_envelope_sent_many_times_at_once_is_charged_once(fed: LocalFederation) -> None:
+    """Retries racing the first call wait for it and get its release; one ledger entry."""
+    analyst = load_identity(fed.analyst_identity)
+    channel = secure_channel(f"127.0.0.1:{fed.node_port('yh')}", analyst, server_name="yh")
+    stub = node_pb2_grpc.NodeStub(channel)
+    signed = sign_query(analyst, canonical_bytes(QUERY))
+    request = node_pb2.ExecuteRequest(envelope=serde.signed_query_to_proto(signed))
+    before = stub.Describe(node_pb2.DescribeRequest(), timeout=10).budget.rho_spent
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(pool.map(lambda _: stub.Execute(request, timeout=30), range(8)))
+    after = stub.Describe(node_pb2.DescribeRequest(), timeout=10).budget.rho_spent
+    channel.close()
+    assert sum(not r.resent for r in replies) == 1
+    assert len({(r.table, r.query_id, r.ledger_sequence) for r in replies}) == 1
+    assert after - before == pytest.approx(QUERY.rho, rel=1e-6)
