@@ -16,11 +16,15 @@ from node.flower.supernode import supernode_for
 from node.flower.supervisor import SuperNodeSupervisor
 from node.service import NodeService
 from protocols.cli import ChcGroup, DebugOpt, read_identity
-from protocols.process import serve_until_signalled, setup_logging, write_ready_file
+from protocols.observability.health import Health
+from protocols.observability.listeners import parse_serving, start_listeners
+from protocols.observability.logs import check_log_format
+from protocols.observability.metrics import BudgetCollector, Metrics, use_for_process
+from protocols.process import exit_now, serve_until_signalled, setup_logging, write_ready_file
 from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import INSECURE_WARNING, make_server
 from protocols.security.pki import Role
-from protocols.v1 import node_pb2_grpc
+from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.errors import ChcError
 
 log = logging.getLogger("chc.node")
@@ -45,6 +49,23 @@ AllowLoosening = Annotated[
         "(a cap rises, or the period changes); REASON (who approved it, and why) is recorded "
         "in the signed policy entry for auditors",
     ),
+]
+# Serving options shared with `chc hub serve` (docs/observability.md); each overrides the
+# node.toml key of the same name.
+LogFormatOpt = Annotated[
+    str | None, typer.Option(help='"text" or "json" (one JSON object per line) [log_format]')
+]
+MetricsListenOpt = Annotated[
+    str | None,
+    typer.Option(help="serve Prometheus metrics on http://HOST:PORT/metrics [metrics_listen]"),
+]
+HealthListenOpt = Annotated[
+    str | None,
+    typer.Option(help="serve a plaintext gRPC health service on HOST:PORT [health_listen]"),
+]
+DrainGraceOpt = Annotated[
+    float | None,
+    typer.Option(help="seconds a SIGTERM lets calls in flight finish [drain_grace_s]"),
 ]
 
 
@@ -113,6 +134,10 @@ def serve(
         typer.Option("--memory-ledger", help="DEV/BENCH ONLY: a ledger that a restart forgets"),
     ] = False,
     allow_policy_loosening: AllowLoosening = None,
+    log_format: LogFormatOpt = None,
+    metrics_listen: MetricsListenOpt = None,
+    health_listen: HealthListenOpt = None,
+    drain_grace: DrainGraceOpt = None,
     learning: Annotated[
         str | None,
         typer.Option(
@@ -129,9 +154,23 @@ def serve(
     beside the gRPC server as a child process, and stops with it; with [learning] hub_fleet
     it dials the hub's Fleet proxy through a local nginx forwarder that adds the node's
     certificate.
+
+    SIGTERM drains: health turns NOT_SERVING, new calls are refused, calls in flight get
+    drain_grace_s to finish (a query is charged completely or not at all), then the store
+    and ledger close; a second signal stops at once (docs/observability.md).
     """
-    setup_logging(log_level)
+    setup_logging(log_level, check_log_format(log_format or "text", "--log-format"))
     cfg = load_config(config)
+    serving = parse_serving(
+        {
+            "metrics_listen": metrics_listen or cfg.serving.metrics_listen,
+            "health_listen": health_listen or cfg.serving.health_listen,
+            "log_format": log_format or cfg.serving.log_format,
+            "drain_grace_s": cfg.serving.drain_grace_s if drain_grace is None else drain_grace,
+        },
+        "chc-node serve",
+    )
+    setup_logging(log_level, serving.log_format, node=cfg.name)
     identity = read_identity(cfg.identity, flag=f"`identity =` in {config}")
     if identity.role is not Role.NODE:
         raise ChcError(f"{cfg.identity} holds a {identity.role.value} certificate, not a node one")
@@ -155,9 +194,25 @@ def serve(
         revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
         models=cfg.models,
     )
-    server, port = make_server(listen or cfg.listen, None if insecure else identity)
+    metrics = Metrics("node")
+    # Read at every scrape; per analyst only for those node.toml names (a bounded set).
+    metrics.registry.register(
+        BudgetCollector(
+            node=cfg.name,
+            status=accountant.status,
+            lifetime_spent=accountant.lifetime_spent,
+            analysts=tuple(name for name, _ in accountant.policy.analysts),
+        )
+    )
+    use_for_process(metrics)
+    health = Health([node_pb2.DESCRIPTOR.services_by_name["Node"].full_name])
+    server, port = make_server(
+        listen or cfg.listen, None if insecure else identity, metrics=metrics, health=health
+    )
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
+    side = start_listeners(serving, registry=metrics.registry, health=health)
     server.start()
+    health.serving()
     log.info(
         "node %s serving %s on port %d (views built in %.2f s; reference date %s, %s)",
         cfg.name,
@@ -198,14 +253,28 @@ def serve(
                 supernode.private_key.with_suffix(".pub"),
             )
         if ready_file is not None:
-            write_ready_file(ready_file, port=port, name=cfg.name)
-        serve_until_signalled(server)
+            write_ready_file(
+                ready_file,
+                port=port,
+                name=cfg.name,
+                metrics_port=side.metrics_port,
+                health_port=side.health_port,
+            )
+        drained = serve_until_signalled(
+            server, grace=serving.drain_grace_s, health=health, metrics=metrics
+        )
     finally:
         if supervisor is not None:
             supervisor.stop()
         if forwarder is not None:
             forwarder.stop()
-        server.stop(0)
+        server.stop(0)  # at once only if serving failed: a drain has already stopped it
+        side.stop()
+    if not drained.clean:
+        # A handler still runs: closing the ledger under it could fail its charge midway;
+        # SQLite rolls back an unfinished transaction, so the ledger is never torn.
+        log.warning("node %s stopped with %d call(s) cut short", cfg.name, drained.busy)
+        exit_now(1)
     store.close()
     accountant.close()
     log.info("node %s stopped", cfg.name)

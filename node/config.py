@@ -14,6 +14,7 @@ from node.data.care_sites import check_codes
 from node.data.cohorts import parse_cohorts
 from node.data.consent import ConsentPolicy, parse_consent
 from protocols.budget.policy import PERIODS, BudgetPolicy
+from protocols.observability.listeners import SERVING_KEYS, ServingSettings, parse_serving
 from protocols.security.pki import Identity, Role
 from queries.cohort import CohortPolicy
 from queries.errors import ConfigError
@@ -31,6 +32,8 @@ NODE_KEYS = frozenset(
     | {"ledger", "ledger_key"}
     | {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
     | {"cohorts", "models", "care_sites", "learning"}
+    # Health and metrics listeners, log format and drain (docs/observability.md).
+    | SERVING_KEYS
 )
 RELEASE_KEYS = frozenset({"suppress_below", "round_to"})
 # [models]: the node's refusal rules for model fits (node/fitting.py, docs/configuration.md).
@@ -143,6 +146,8 @@ class NodeConfig:
     care_sites: tuple[str, ...] = ()
     # The node's Flower SuperNode ([learning]).
     learning: LearningConfig = field(default_factory=LearningConfig)
+    # metrics_listen, health_listen, log_format, drain_grace_s (docs/observability.md).
+    serving: ServingSettings = field(default_factory=ServingSettings)
 
     def __post_init__(self) -> None:
         check_node_name(self.name)
@@ -236,6 +241,7 @@ def load_config(path: Path) -> NodeConfig:
         models=_model_policy(data.get("models", {}), str(path)),
         care_sites=_care_sites(data.get("care_sites", {}), str(path)),
         learning=_learning(data.get("learning", {}), base, str(path)),
+        serving=parse_serving(data, str(path)),
     )
 
 

@@ -7,10 +7,12 @@ import logging
 import uuid
 from collections.abc import Callable
 from concurrent import futures
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
+from protocols.observability.health import Health
+from protocols.observability.metrics import Metrics
 from protocols.security.pki import Identity
 from protocols.security.tls import GRPC_OPTIONS, server_credentials
 from queries.errors import ChcError
@@ -80,14 +82,27 @@ def guarded(
 
 
 def make_server(
-    listen: str, identity: Identity | None, *, max_workers: int = 16
+    listen: str,
+    identity: Identity | None,
+    *,
+    max_workers: int = 16,
+    metrics: Metrics | None = None,
+    health: Health | None = None,
 ) -> tuple[grpc.Server, int]:
     """A gRPC server bound to listen with mutual TLS (or plaintext if identity is None).
 
     Returns the server and the bound port, so that listen may end in :0 for a free port.
+    With metrics, every call on it is counted, timed and logged (the interceptor sees the
+    final status code, refusals by context.abort included); with health, it serves the gRPC
+    health service too (callers report SERVING once started: Health.serving).
     """
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] = (
+        [metrics.interceptor()] if metrics is not None else []
+    )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), options=list(GRPC_OPTIONS)
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=list(GRPC_OPTIONS),
+        interceptors=interceptors,
     )
     if identity is None:
         log.warning(INSECURE_WARNING)
@@ -96,4 +111,6 @@ def make_server(
         port = server.add_secure_port(listen, server_credentials(identity))
     if port == 0:
         raise ChcError(f"could not listen on {listen}; is the port in use?")
+    if health is not None:
+        health.add_to(server)
     return server, port

@@ -50,21 +50,51 @@ def hub_serve(
         bool, typer.Option("--insecure", help="DEV ONLY: plaintext, no authentication")
     ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    log_format: Annotated[
+        str | None, typer.Option(help='"text" or "json" (one JSON object per line) [log_format]')
+    ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(help="serve Prometheus metrics on http://HOST:PORT/metrics [metrics_listen]"),
+    ] = None,
+    health_listen: Annotated[
+        str | None,
+        typer.Option(help="serve a plaintext gRPC health service on HOST:PORT [health_listen]"),
+    ] = None,
+    drain_grace: Annotated[
+        float | None,
+        typer.Option(help="seconds a SIGTERM lets calls in flight finish [drain_grace_s]"),
+    ] = None,
 ) -> None:
-    """Serve analysts' federated queries over gRPC with mutual TLS."""
+    """Serve analysts' federated queries over gRPC with mutual TLS.
+
+    SIGTERM drains: health turns NOT_SERVING, new calls are refused and queries in flight
+    get drain_grace_s to finish; a second signal stops at once (docs/observability.md).
+    """
     from coordinator.hub.registry import load_hub_config
-    from coordinator.hub.server import serve_hub
+    from coordinator.hub.server import hub_serving_settings, serve_hub
+    from protocols.observability.logs import check_log_format
     from protocols.rpc import INSECURE_WARNING
 
-    setup_logging(log_level)
+    setup_logging(log_level, check_log_format(log_format or "text", "--log-format"))
     try:
         cfg = load_hub_config(config)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config {config} is not UTF-8 text (byte {exc.start})") from None
+    serving = hub_serving_settings(
+        config,
+        {
+            "metrics_listen": metrics_listen,
+            "health_listen": health_listen,
+            "log_format": log_format,
+            "drain_grace_s": drain_grace,
+        },
+    )
+    setup_logging(log_level, serving.log_format)
     read_identity(cfg.identity, flag=f"`identity =` in {config}")  # names a malformed PEM
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
-    serve_hub(config, ready_file=ready_file, listen=listen, insecure=insecure)
+    serve_hub(config, ready_file=ready_file, listen=listen, insecure=insecure, serving=serving)
 
 
 @pki_app.command("init")
