@@ -185,9 +185,10 @@ class NonceStore:
 
 
 def check_deadline(context: grpc.ServicerContext, when: str) -> None:
-    """Refuse at no cost if the caller's propagated deadline has already passed."""
+    """Refuse at no cost if the caller's propagated deadline has passed or the call was
+    cancelled (the caller went away, or a draining node's grace period ended)."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if (remaining is not None and remaining <= 0) or not context.is_active():
         raise DeadlineExceededError(
             f"the caller's deadline passed {when} the release; nothing was charged: "
             "allow more time (e.g. a longer --deadline)"

@@ -373,6 +373,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             rho,
             (time.perf_counter() - started) * 1000,
             sequence,
+            extra={"query_id": query_id, "analyst": analyst},
         )
         msg.budget.CopyFrom(serde.budget_to_proto(budget))
         msg.ledger_sequence = sequence

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from coordinator.hub.registry import NodeHandle
+from protocols.observability.metrics import record_node_status
 from protocols.retries import (
     DOWN_RETRY_WINDOW_S,
     NODE_FIRST_BACKOFF_S,
@@ -180,4 +181,7 @@ def fan_out(
     pending: list[Future[Reply[object]]] = [
         _POOL.submit(_call, h, call, began, deadline_s, retry) for h in handles
     ]
-    return [f.result() for f in pending]
+    replies = [f.result() for f in pending]
+    for r in replies:
+        record_node_status(r.node, r.status.value)
+    return replies

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from protocols.observability.listeners import SERVING_KEYS
 from protocols.retries import NODE_CHANNEL_OPTIONS
 from protocols.security.pki import Identity
 from protocols.security.tls import secure_channel
@@ -19,7 +20,10 @@ from queries.results import ReleaseRules
 
 # The keys load_hub_config accepts: top level, in each [[nodes]] and in [release]; every one
 # is documented in docs/configuration.md (tests/unit/test_configuration_doc.py checks).
-HUB_KEYS = frozenset({"identity", "nodes", "listen", "deadline_ms", "release", "crl", "learning"})
+HUB_KEYS = (
+    frozenset({"identity", "nodes", "listen", "deadline_ms", "release", "crl", "learning"})
+    | SERVING_KEYS
+)
 HUB_NODE_KEYS = frozenset({"name", "address", "title", "supernode_key"})
 HUB_LEARNING_KEYS = frozenset(
     {

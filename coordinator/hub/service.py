@@ -14,6 +14,7 @@ from coordinator.hub.registry import NodeHandle, Registry
 from coordinator.learning.federated import fit_across
 from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
+from protocols.observability.metrics import combine_timer
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
 from protocols.security.envelope import Call, check_operation, check_payload_version
@@ -311,10 +312,13 @@ def _combine(
     for _, release in releases:
         if release.rules is not None:
             effective = effective.strictest(release.rules)
-    table = combine.combine(query, releases, partial=partial)
+    with combine_timer():
+        table = release_rules.apply(
+            combine.combine(query, releases, partial=partial), effective, query.group_by
+        )
     return FederatedResult(
         query_id=query_id,
-        table=release_rules.apply(table, effective, query.group_by),
+        table=table,
         nodes=tuple(outcomes),
         partial=partial,
     )

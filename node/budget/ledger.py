@@ -46,6 +46,7 @@ from protocols.ledger.entry import (
     signature_ok,
 )
 from protocols.ledger.file import SCHEMA, connect, read_ledger_file
+from protocols.observability.metrics import ledger_append_timer
 from protocols.security.envelope import now_ms
 from queries.errors import ConfigError, LedgerIntegrityError
 from queries.results import BudgetStatus
@@ -248,7 +249,7 @@ class SqliteLedger(Accountant):
             raise ConfigError(
                 f"ledger {self.path} was opened to be checked only; it records nothing"
             )
-        with self._lock:
+        with self._lock, ledger_append_timer():
             con = self._con
             con.execute("BEGIN IMMEDIATE")  # the write lock across processes
             try:
