@@ -4,6 +4,8 @@ accuracy of pooled means and medians against averaging per-region estimates. Pri
 Latency: end to end as an analyst sees it (sign, hub fan-out over mutual TLS, 4 nodes plan,
 aggregate, charge the ledger, noise; hub combine and disclosure rules), against the exact
 aggregates run straight in DuckDB on the pooled persons table (all regions in one table).
+The two are timed interleaved (one baseline run, one federated run, and so on), so that the
+machine's noise falls on both alike; ratio_p50 is the ratio of their medians.
 
 Accuracy at the given rho: relative error of the pooled mean and median of age against the
 exact pooled values, for chc's pooling (pooled sums and pooled DP histograms) and for the
@@ -17,13 +19,14 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from bench.timing import percentile, timings
+from bench.timing import percentile
 from coordinator.analyst.client import Federation
 from coordinator.local import synth
 from coordinator.local.federation import LocalFederation, NodeSetup
@@ -44,6 +47,26 @@ BASELINE = (
 )
 # Accuracy on everyone and on a small cohort, where DP noise matters more.
 ACCURACY_VIEWS = ("persons", "asthma_children")
+
+
+def interleaved(
+    runs: dict[str, Callable[[], object]], repeats: int, *, warmup: bool = True
+) -> dict[str, list[float]]:
+    """Wall-clock milliseconds of `repeats` rounds, each calling every run once in turn.
+
+    Alternating the runs puts any slow spell of a shared machine on all of them alike, so
+    their ratio is steadier than that of runs timed one after the other.
+    """
+    if warmup:
+        for fn in runs.values():
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - started) * 1000)
+    return out
 
 
 def main() -> None:
@@ -78,7 +101,6 @@ def main() -> None:
             con.unregister("pooled")
             ((mean, median),) = con.sql(f"SELECT AVG(age), MEDIAN(age) FROM {view}").fetchall()  # noqa: S608
             truth[view] = (float(mean), float(median))
-        baseline = timings(lambda: con.sql(BASELINE).fetchall(), args.repeats)
         setups = tuple(
             NodeSetup(name=s, omop=f, total_rho=1e6, max_rho_per_query=10.0)
             for s, f in folders.items()
@@ -88,7 +110,14 @@ def main() -> None:
             startup_s = time.perf_counter() - t
             with Federation(fed.hub_address, fed.analyst_identity) as client:
                 query = parse_sql(SQL, rho=args.rho)
-                federated = timings(lambda: client.query(query, deadline_s=120), args.repeats)
+                timed = interleaved(
+                    {
+                        "duckdb": lambda: con.sql(BASELINE).fetchall(),
+                        "federated": lambda: client.query(query, deadline_s=120),
+                    },
+                    args.repeats,
+                )
+                federated, baseline = timed["federated"], timed["duckdb"]
                 errors: dict[str, list[float]] = {}
                 for view in ACCURACY_VIEWS:
                     acc_query = parse_sql(
@@ -122,6 +151,7 @@ def main() -> None:
                 "federated_p50_ms": round(fed_p50, 1),
                 "federated_p95_ms": round(percentile(federated, 95), 1),
                 "duckdb_pooled_p50_ms": round(base_p50, 1),
+                "duckdb_pooled_p95_ms": round(percentile(baseline, 95), 1),
                 "ratio_p50": round(fed_p50 / base_p50, 2),
                 "rho": args.rho,
                 "truth_mean_median_age": {k: [round(v[0], 3), v[1]] for k, v in truth.items()},

@@ -1,8 +1,9 @@
 """Compile a validated Query against a node's catalog into what the node computes.
 
 A plan lists the integer vectors ("components") the node will release, each with its
-sensitivity, fixed-point unit and rho, and the SQL that computes them exactly (built with
-sqlglot, so identifiers and literals are quoted by a parser, never by string formatting).
+sensitivity, fixed-point unit and rho, and the one SQL statement that computes them all
+exactly in one scan of the view (plan_sql.Scan; built with sqlglot, so identifiers and
+literals are quoted by a parser, never by string formatting).
 Building a plan touches no data and spends no budget, so it is also the "explain" step.
 What each measure needs is built in components.py and the SQL text in plan_sql.py; this
 module combines them for a whole query. Measures map to components by role:
@@ -40,7 +41,7 @@ from queries import mechanisms, plan_sql
 from queries.components import Component, measure_components
 from queries.errors import QueryError
 from queries.schema import Catalog, ColumnType, ViewSpec
-from queries.sensitivity import Kind, effective_cap
+from queries.sensitivity import effective_cap
 from queries.spec import Measure, Query, Statistic
 
 # A release with more cells than this is refused: each cell costs noise and transfer.
@@ -72,8 +73,10 @@ class Plan:
     components: tuple[Component, ...]
     measures: tuple[MeasurePlan, ...]
     rho: tuple[tuple[str, float], ...]  # (component key, rho), summing to query.rho
-    scalar_sql: str | None  # one row per group, one column per non-binned component
-    binned_sql: tuple[tuple[str, str], ...]  # (component key, SQL giving group, bin, n)
+    scan: plan_sql.Scan  # the one statement computing every component
+    # The public values of each group_by column (filtered), in order: domain is their product,
+    # the last column varying fastest.
+    group_domains: tuple[tuple[str, ...], ...] = ()
     # Rows per person the plan counts: the query's rows_per_person, else the view's cap.
     rows_per_person: int = 1
 
@@ -191,12 +194,15 @@ def _compile(query: Query, catalog: Catalog) -> Plan:
         components=components,
         measures=tuple(measures),
         rho=tuple(rho.items()),
-        scalar_sql=plan_sql.scalar_sql(view.name, query.group_by, components, filters, truncation),
-        binned_sql=tuple(
-            (c.key, plan_sql.binned_sql(view.name, query.group_by, c, filters, truncation))
-            for c in components
-            if c.kind is Kind.BINS
+        scan=plan_sql.scan(
+            view.name,
+            query.group_by,
+            components,
+            filters,
+            truncation,
+            whole=frozenset(c.name for c in view.columns if c.type is ColumnType.INTEGER),
         ),
+        group_domains=tuple(domains),
         rows_per_person=cap,
     )
 

@@ -136,8 +136,7 @@ def test_the_cell_limit_is_checked_before_any_sql_is_built(
     def no_sql(*_: object) -> str:
         raise AssertionError("SQL was built for a query over the cell limit")
 
-    monkeypatch.setattr(plan_sql, "scalar_sql", no_sql)
-    monkeypatch.setattr(plan_sql, "binned_sql", no_sql)
+    monkeypatch.setattr(plan_sql, "scan", no_sql)
     plan._compile.cache_clear()
     with pytest.raises(QueryError, match="more than the limit"):
         plan.compile_query(q("wide", group_by=("a", "b")), CUSTOM)

@@ -77,7 +77,7 @@ def test_a_lower_cap_needs_a_view_with_a_keep_order() -> None:
         plan.compile_query(dataclasses.replace(lower, rows_per_person=1), catalog)
     # Its own cap is no truncation, so it needs no order.
     same = plan.compile_query(dataclasses.replace(lower, rows_per_person=2), catalog)
-    assert same.scalar_sql == plan.compile_query(lower, catalog).scalar_sql
+    assert same.scan == plan.compile_query(lower, catalog).scan
 
 
 def test_the_rank_column_cannot_be_analysed() -> None:
@@ -150,8 +150,8 @@ def test_the_plan_says_which_rows_it_counts() -> None:
     assert full.rows_per_person == CAP
     assert f"at most {CAP} row(s) per person" in full.describe()
     # The view's own cap is the default: the same SQL, no truncation.
-    assert full.scalar_sql == plan.compile_query(visits(), CATALOG).scalar_sql
-    assert "QUALIFY" not in (full.scalar_sql or "")
+    assert full.scan == plan.compile_query(visits(), CATALOG).scan
+    assert "QUALIFY" not in full.scan.sql
 
 
 # --- which rows a cap keeps, on the node's real views -----------------------------------------
