@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -127,6 +128,15 @@ class LocalFederation:
     learning: bool = False
     superlink_port: int = 0
     fleet_port: int = 0
+    # More analysts than the demo's one, each with a certificate from the federation's CA
+    # (load and fault tests run many analysts at once, each with their own budget).
+    analysts: tuple[str, ...] = ()
+    # A node's ledger folder (by node name) instead of beside its node.toml: fault tests put
+    # one on a small or failing filesystem. The ledger's signing key is created beside it.
+    ledger_dirs: dict[str, Path] = field(default_factory=dict)
+    # The address the hub dials for a node (by node name) instead of the node's own: fault
+    # tests put a TCP proxy in between. TLS is end to end, so the proxy sees only bytes.
+    hub_addresses: dict[str, str] = field(default_factory=dict)
     _procs: dict[str, _Proc] = field(default_factory=dict)
     hub_port: int = 0
 
@@ -149,9 +159,22 @@ class LocalFederation:
         """The demo analyst's identity folder."""
         return self.identity_dir(Role.ANALYST, ANALYST_NAME)
 
+    def analyst_identity_of(self, name: str) -> Path:
+        """The identity folder of one of this federation's analysts (see `analysts`)."""
+        return self.identity_dir(Role.ANALYST, name)
+
     def node_port(self, name: str) -> int:
         """The loopback port a node listens on."""
         return self._procs[name].port
+
+    def ledger_path(self, name: str) -> Path:
+        """Where a node's ledger is: in its ledger_dirs folder, else beside its node.toml."""
+        folder = self.ledger_dirs.get(name, self.workdir / "conf")
+        return folder / f"{name}.ledger.sqlite"
+
+    def pid(self, name: str) -> int:
+        """The process id of a node or the hub (HUB_NAME), e.g. to stop it with SIGSTOP."""
+        return self._procs[name].popen.pid
 
     def create_pki(self) -> None:
         """A fresh CA and certificates for every node, the hub, an analyst and an auditor."""
@@ -161,6 +184,7 @@ class LocalFederation:
             (Role.HUB, HUB_NAME),
             (Role.ANALYST, ANALYST_NAME),
             (Role.AUDITOR, AUDITOR_NAME),
+            *((Role.ANALYST, name) for name in self.analysts),
         ]
         for role, name in wanted:
             if not (self.identity_dir(role, name) / CERT_FILE).exists():
@@ -233,8 +257,9 @@ class LocalFederation:
             # The federation's own CRL, so `chc pki revoke` takes effect at once.
             crl=self.pki / CRL_FILE,
             listen=f"127.0.0.1:{port}",
-            # Beside this node.toml (where the node's default would put it): a fresh ledger.
-            ledger=conf_dir / f"{setup.name}.ledger.sqlite",
+            # Beside this node.toml (where the node's default would put it), unless ledger_dirs
+            # names a folder for it: a fresh ledger.
+            ledger=self.ledger_path(setup.name),
         )
         config.write_text(node_toml.dumps(table, comment=comment), encoding="utf-8")
         self._spawn(setup.name, ["node", "serve", "--config", str(config)])
@@ -247,18 +272,22 @@ class LocalFederation:
         for setup in self.nodes:
             self.start_node(setup)
         self._wait_ready([self._procs[n.name] for n in self.nodes])
+        self.start_hub()
+
+    def start_hub(self, *, port: int = 0) -> None:
+        """Write hub.toml for the running nodes and start the hub (also to restart it)."""
         hub_conf = self.workdir / "conf" / "hub.toml"
         nodes: list[dict[str, str]] = [
             {
                 "name": n.name,
                 "title": n.title or n.name,
-                "address": f"127.0.0.1:{self._procs[n.name].port}",
+                "address": self.hub_addresses.get(n.name, f"127.0.0.1:{self._procs[n.name].port}"),
             }
             for n in self.nodes
         ]
         hub_table: dict[str, Any] = {
             "identity": str(self.identity_dir(Role.HUB, HUB_NAME).resolve()),
-            "listen": "127.0.0.1:0",
+            "listen": f"127.0.0.1:{port}",
             "deadline_ms": self.deadline_ms,
             "crl": str((self.pki / CRL_FILE).resolve()),
             "nodes": nodes,
@@ -296,11 +325,32 @@ class LocalFederation:
             # Where the node's own supervisor looks for it (node/flower/supernode.py).
             make_supernode_key(self.identity_dir(Role.NODE, setup.name))
 
-    def restart_node(self, name: str, *, sig: int = signal.SIGTERM) -> None:
-        """Stop a node (SIGKILL simulates a crash) and start it again on the same port."""
+    def restart_hub(self, *, sig: int = signal.SIGTERM) -> None:
+        """Stop the hub (SIGKILL simulates a crash) and start it again on the same port."""
+        port = self.hub_port
+        self.stop_process(HUB_NAME, sig=sig)
+        self.start_hub(port=port)
+
+    def restart_node(
+        self,
+        name: str,
+        *,
+        sig: int = signal.SIGTERM,
+        down_s: float = 0.0,
+        while_down: Callable[[], object] | None = None,
+    ) -> None:
+        """Stop a node (SIGKILL simulates a crash) and start it again on the same port.
+
+        For fault tests: down_s keeps it stopped that long first (longer than a query's
+        deadline, so that the hub's retries cannot hide the outage), and while_down is
+        called while it is stopped (e.g. to repair the disk its ledger is on).
+        """
         setup = next(n for n in self.nodes if n.name == name)
         port = self._procs[name].port
         self.stop_process(name, sig=sig)
+        time.sleep(down_s)
+        if while_down is not None:
+            while_down()
         self.start_node(setup, port=port)
         self._wait_ready([self._procs[name]])
 
