@@ -20,7 +20,7 @@ from node.config import NodeConfig
 from protocols.budget.policy import BudgetPolicy
 from protocols.ledger.entry import FitStepRecord, SignedEntry
 from protocols.security.envelope import now_ms
-from queries.errors import ConfigError
+from queries.errors import ChcError, ConfigError
 from queries.results import BudgetStatus
 
 if TYPE_CHECKING:
@@ -41,6 +41,13 @@ class Charge:
     epsilon: float
     # One step of a model fit: recorded in the entry's `fit` field (docs/ledger.md).
     fit: FitStepRecord | None = None
+
+
+class LedgerWriteError(ChcError):
+    """The ledger could not record an entry (full, read-only or failing disk): nothing was
+    charged, so nothing is released. A refusal for the analyst, a fault for the custodian."""
+
+    status_name = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from node.budget.accounting import Accountant, Charge, Keep, Kept, Refusal
+from node.budget.accounting import Accountant, Charge, Keep, Kept, LedgerWriteError, Refusal
 from node.budget.book import LedgerBook
 from node.budget.keys import load_or_create_key
 from protocols.budget.policy import BudgetPolicy
@@ -270,9 +270,16 @@ class SqliteLedger(Accountant):
                     if keep is not None:
                         _keep(con, keep, entry.sequence)
                 con.execute("COMMIT")  # synchronous=FULL: durable when this returns
+            except sqlite3.Error as exc:
+                _roll_back(con)
+                # A full or failing disk: SQLite's words name the cause and carry no data.
+                raise LedgerWriteError(
+                    f"this node could not record the entry in its privacy ledger ({exc}), so "
+                    "nothing was charged or released; its custodian must fix the ledger's "
+                    f"storage ({self.path.parent})"
+                ) from None
             except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
+                _roll_back(con)
                 raise
             if entry is not None:
                 self._book.fold(entry)
@@ -340,3 +347,12 @@ def _keep(con: sqlite3.Connection, keep: Keep, sequence: int) -> None:
         " VALUES (?, ?, ?, ?)",
         (keep.envelope_sha256, sequence, keep.expires_at_ms, keep.response),
     )
+
+
+def _roll_back(con: sqlite3.Connection) -> None:
+    """Roll back an open transaction; on a failed disk the rollback may fail too."""
+    try:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.warning("could not roll back a failed ledger write (SQLite rolls it back itself)")

@@ -24,7 +24,6 @@ import pytest
 from coordinator.analyst.client import Federation
 from coordinator.local import synth
 from coordinator.local.federation import ANALYST_NAME, LocalFederation, NodeSetup
-from queries.errors import ConfigError
 from queries.results import NodeStatus
 from queries.spec import Query
 from tests.faults._invariants import (
@@ -156,11 +155,6 @@ def test_full_ledger_disk_refuses_and_releases_nothing(tmp_path: Path) -> None:
         analyst.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node/service.py reports a failed ledger write as 'internal error (ref ...)', not "
-    "as a refusal naming the ledger (lead)",
-)
 def test_full_ledger_disk_refusal_says_why(tmp_path: Path) -> None:
     """The analyst is told the node could not record the charge, so nothing was released."""
     tmpfs = ("-t", "tmpfs", "-o", "size=4m", "tmpfs")
@@ -181,12 +175,6 @@ def _ext4_device(point: Path) -> str:
     raise AssertionError(f"{point} is not mounted")
 
 
-@pytest.mark.xfail(
-    raises=ConfigError,
-    strict=True,
-    reason="node/budget/keys.py writes the ledger's .pub without fsync, so the disk error "
-    "leaves it empty and `chc audit verify` cannot read it (lead)",
-)
 def test_read_only_ledger_disk_refuses_and_releases_nothing(tmp_path: Path) -> None:
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("mkfs.ext4 (e2fsprogs) is not installed")
