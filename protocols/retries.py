@@ -7,8 +7,11 @@ Submit relays the same envelope again, so its nodes re-send what they kept. FitS
 retried: a step is charged once and its envelope is then refused as a replay. Only
 UNAVAILABLE is retried (the connection failed or was lost), never past the call's deadline.
 
-Analyst -> hub: gRPC's own retry policy (gRFC A6: exponential backoff, each wait random in
-[0, backoff), at most 5 attempts), set on the channel. Hub -> nodes: the fan-out's own loop
+Analyst -> hub: Explain and ListNodes use gRPC's own retry policy (gRFC A6: exponential
+backoff, each wait random in [0, backoff), at most 5 attempts), set on the channel; Submit is
+re-sent by the client's own loop (coordinator/analyst/client.py) for as long as the query's
+deadline allows, since a hub restart takes longer than gRPC's 5 attempts (~3.7 s) cover, and a
+quorum not met is not re-sent. Hub -> nodes: the fan-out's own loop
 (coordinator/hub/fanout.py), because it must also decide how long a node may take to come
 back (a node that restarts answers within the same query; one known to be down is not
 waited for), which gRPC's at most 5 attempts within ~3 s cannot express.
@@ -27,7 +30,12 @@ INITIAL_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 2.0
 BACKOFF_MULTIPLIER = 2.0
 
-HUB_RETRIED = ("Submit", "Explain", "ListNodes")
+HUB_RETRIED = ("Explain", "ListNodes")
+# The client's re-sending of a Submit envelope: doubling waits, jittered, while at least
+# RESEND_MIN_LEFT_S of the deadline is left.
+RESEND_FIRST_BACKOFF_S = 0.2
+RESEND_MAX_BACKOFF_S = 2.0
+RESEND_MIN_LEFT_S = 1.0
 
 # Hub -> node retries (coordinator/hub/fanout.py): backoff doubles from the first wait up to
 # the last, each drawn in [half, all] of it (jitter, so that many hubs do not retry in step),

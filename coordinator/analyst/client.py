@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -13,7 +14,12 @@ import grpc
 from coordinator.learning.result import FitResult
 from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
-from protocols.retries import HUB_CHANNEL_OPTIONS
+from protocols.retries import (
+    HUB_CHANNEL_OPTIONS,
+    RESEND_FIRST_BACKOFF_S,
+    RESEND_MAX_BACKOFF_S,
+    RESEND_MIN_LEFT_S,
+)
 from protocols.security.envelope import Audience, Operation, sign_query
 from protocols.security.pki import Identity, load_identity
 from protocols.security.tls import secure_channel
@@ -73,6 +79,36 @@ def _raise_from(exc: grpc.RpcError, hub: str) -> ChcError:
     return _ERRORS.get(code, ChcError)(details)
 
 
+def _resend_while_unavailable(
+    submit: Callable[..., hub_pb2.SubmitResponse], request: hub_pb2.SubmitRequest, timeout: float
+) -> hub_pb2.SubmitResponse:
+    """Submit, and submit the same envelope again while the hub is unavailable (restarting,
+    or not yet listening), until `timeout` has passed.
+
+    Safe because nodes answer an envelope they have charged with the release they kept for it
+    (docs/reliability.md); a quorum not met is not re-sent: the hub has already retried its
+    nodes, and its message says what each answering node charged.
+    """
+    end = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            return submit(request, timeout=max(0.001, end - time.monotonic()))
+        except grpc.RpcError as exc:
+            attempt += 1
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+            wait = min(RESEND_MAX_BACKOFF_S, RESEND_FIRST_BACKOFF_S * 2.0 ** (attempt - 1))
+            wait *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
+            retry = code is grpc.StatusCode.UNAVAILABLE and not details.startswith(
+                QuorumNotMetError.PREFIX
+            )
+            # Re-sent only with time left for the hub to ask its nodes again.
+            if not retry or time.monotonic() + wait + RESEND_MIN_LEFT_S > end:
+                raise
+            time.sleep(wait)
+
+
 @dataclass(frozen=True)
 class NodeBudget:
     """A node's privacy budget, and what the calling analyst can still spend there."""
@@ -101,7 +137,8 @@ class Federation:
         self.hub = hub
         self.hub_name = server_name
         self.identity = identity if isinstance(identity, Identity) else load_identity(identity)
-        # Submit is retried (same envelope) while the hub is unreachable: protocols/retries.py.
+        # Explain and ListNodes are retried while the hub is unreachable (protocols/retries.py);
+        # query() re-sends Submit's envelope itself, for as long as its deadline allows.
         self._channel = secure_channel(
             hub, self.identity, server_name=server_name, options=HUB_CHANNEL_OPTIONS
         )
@@ -158,7 +195,7 @@ class Federation:
         request.quorum = quorum
         try:
             # Give the hub a little longer than the nodes, so node timeouts are reported.
-            response = self._stub.Submit(request, timeout=deadline_s + 5.0)
+            response = _resend_while_unavailable(self._stub.Submit, request, deadline_s + 5.0)
         except grpc.RpcError as exc:
             raise _raise_from(exc, self.hub) from None
         return serde.result_from_proto(response)
