@@ -210,7 +210,8 @@ def test_retried_envelope_is_answered_once_by_the_node(federation: LocalFederati
     first = stub.Execute(request, timeout=10)
     spent = first.budget.rho_spent
     again = stub.Execute(request, timeout=10)
-    assert again.resent and again.table == first.table
+    assert again.resent
+    assert again.table == first.table
     after = stub.Describe(node_pb2.DescribeRequest(), timeout=10)
     assert after.budget.rho_spent == pytest.approx(spent)
     channel.close()

@@ -69,7 +69,8 @@ def test_replayed_envelope_reads_the_kept_release(fed: LocalFederation) -> None:
     first = stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
     before = _spent(fed)
     again = stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
-    assert again.resent and not first.resent
+    assert again.resent
+    assert not first.resent
     # The same noisy values and receipt: never a fresh draw, which would average the noise.
     assert (again.table, again.query_id, again.ledger_sequence) == (
         first.table,
@@ -173,7 +174,8 @@ def test_replay_after_a_node_restart(fed: LocalFederation) -> None:
     before = _spent(fed)
     stub = _node_stub(fed, _analyst(fed))
     again = stub.Execute(node_pb2.ExecuteRequest(envelope=envelope), timeout=10)
-    assert again.resent and again.table == first.table
+    assert again.resent
+    assert again.table == first.table
     assert again.ledger_sequence == first.ledger_sequence
     err = _execute(stub, _same_nonce(fed, envelope))
     assert err.code() is grpc.StatusCode.UNAUTHENTICATED

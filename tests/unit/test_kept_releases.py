@@ -90,12 +90,14 @@ def test_kept_releases_survive_reopening_and_other_connections(tmp_path: Path, p
     # A second process's connection to the same file sees it at once.
     other = SqliteLedger(path, node="n", policy=POLICY)
     seen = other.stored_release(keep.envelope_sha256)
-    assert seen is not None and seen.sequence == sequence
+    assert seen is not None
+    assert seen.sequence == sequence
     other.close()
     first.close()
     reopened = SqliteLedger(path, node="n", policy=POLICY)
     again = reopened.stored_release(keep.envelope_sha256)
-    assert again is not None and again.response == b"release of durable"
+    assert again is not None
+    assert again.response == b"release of durable"
     reopened.close()
 
 
@@ -117,7 +119,8 @@ def test_the_first_call_owns_an_envelope_and_a_charged_one_stays_claimed() -> No
     assert nonces.begin(b"n1", b"d1").owner
     nonces.finish(b"n1", now_ms() + 60_000, charged=True)
     again = nonces.begin(b"n1", b"d1")
-    assert not again.owner and again.pending is None  # answered: look up the kept release
+    assert not again.owner
+    assert again.pending is None
 
 
 def test_an_uncharged_attempt_frees_its_nonce_for_a_retry() -> None:
@@ -131,7 +134,8 @@ def test_a_retry_during_the_first_call_waits_for_it() -> None:
     nonces = NonceStore()
     assert nonces.begin(b"n1", b"d1").owner
     second = nonces.begin(b"n1", b"d1")
-    assert not second.owner and second.pending is not None
+    assert not second.owner
+    assert second.pending is not None
     assert not second.pending.is_set()
     done = threading.Event()
 
