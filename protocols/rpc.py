@@ -34,8 +34,13 @@ RHO_CHARGED_KEY = "chc-rho-charged"
 
 
 def rho_charged_of(exc: grpc.RpcError) -> float:
-    """What a refused call says it was charged (0 if it says nothing or nonsense)."""
-    trailer = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    """What a refused call says it was charged (0 if it says nothing or nonsense).
+
+    Blocking calls raise grpc.Call errors and asyncio ones AioRpcError; both carry
+    trailing_metadata(), as (key, value) pairs.
+    """
+    read = getattr(exc, "trailing_metadata", None)
+    trailer = read() if callable(read) else None
     items: list[tuple[str, str | bytes]] = list(trailer or ())
     for key, value in items:
         if key == RHO_CHARGED_KEY:

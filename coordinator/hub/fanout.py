@@ -1,24 +1,29 @@
 """Parallel calls to every node with one deadline; each node's fate is reported, never hidden.
 
-Calls run on one shared pool of threads as blocking gRPC calls: a `.future()` call makes gRPC
-start a polling thread per channel per call, which cost a third of the hub's time at 100
-nodes. A node that cannot be reached (UNAVAILABLE) is called again with backoff, inside the
-deadline and for at most protocols.retries.RETRY_WINDOW_S, when `retry` allows it (calls that
-are idempotent: node/service.py keeps each release for its envelope); a node whose last call
-found it unreachable is retried for DOWN_RETRY_WINDOW_S only, so that a node that is down does
-not hold every query up.
+Calls run as grpc.aio calls on one asyncio event loop (its own thread) shared by every
+fan-out: a `.future()` call makes gRPC start a polling thread per channel per call, which cost
+a third of the hub's time at 100 nodes, and a pool of blocking calls costs a thread hand-off
+and its wake-ups per node.
+
+A node that cannot be reached (UNAVAILABLE) is called again with backoff, inside the
+deadline and for at most protocols.retries.RETRY_WINDOW_S, when `retry` allows it (calls
+that are idempotent: node/service.py keeps each release for its envelope); a node whose last
+call found it unreachable is retried for DOWN_RETRY_WINDOW_S only, so that a node that is
+down does not hold every query up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from coordinator.hub.registry import NodeHandle
 from protocols.observability.metrics import record_node_status
@@ -40,10 +45,6 @@ _REFUSALS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION,
 }
-# Threads shared by every fan-out of this hub: enough for every node of a large federation
-# to be called at once (threads blocked on the network cost memory, not CPU).
-MAX_PARALLEL_CALLS = 256
-_POOL = ThreadPoolExecutor(max_workers=MAX_PARALLEL_CALLS, thread_name_prefix="chc-fan-out")
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,49 @@ def backoff_s(attempt: int) -> float:
     return full * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
 
 
-def _call(
+class _EventLoop:
+    """The one asyncio event loop (in its own thread) that runs every fan-out of this hub."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="chc-fan-out", daemon=True
+        )
+        self.thread.start()
+
+
+_LOOP: _EventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = _EventLoop()
+        return _LOOP.loop
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine in the fan-out loop and wait for it (from any other thread)."""
+    return asyncio.run_coroutine_threadsafe(coroutine, _event_loop()).result()
+
+
+def close_links(handles: Sequence[NodeHandle]) -> None:
+    """Close the nodes' asyncio channels (the registry's close)."""
+    if _LOOP is None:
+        return
+
+    async def close_all() -> None:
+        await asyncio.gather(*(h.link.close() for h in handles))
+
+    _run(close_all())
+
+
+async def _call(
     handle: NodeHandle,
-    call: Callable[[NodeHandle, float], Any],
+    method: str,
+    request: Message,
     began: float,
     deadline_s: float,
     retry: bool,
@@ -106,16 +147,15 @@ def _call(
         attempts += 1
         remaining = end - time.perf_counter()
         if remaining <= 0:  # the deadline passed while waiting to retry
-            return _failed(
-                handle, None, grpc.StatusCode.DEADLINE_EXCEEDED, began, deadline_s, attempts
-            )
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            return _failed(handle, None, code, began, deadline_s, attempts)
         try:
-            value = call(handle, remaining)
+            value = await getattr(handle.link.stub(), method)(request, timeout=remaining)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            code = _code(exc)
             wait = backoff_s(attempts)
             if code is grpc.StatusCode.UNAVAILABLE and time.perf_counter() + wait < retry_until:
-                time.sleep(wait)
+                await asyncio.sleep(wait)
                 continue
             handle.reach.record(reached=code is not grpc.StatusCode.UNAVAILABLE)
             return _failed(handle, exc, code, began, deadline_s, attempts)
@@ -131,6 +171,13 @@ def _call(
         )
 
 
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    # Blocking calls raise grpc.Call errors, asyncio ones AioRpcError: both have code().
+    code = getattr(exc, "code", None)
+    found = code() if callable(code) else None
+    return found if isinstance(found, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
 def _failed(
     handle: NodeHandle,
     exc: grpc.RpcError | None,
@@ -141,8 +188,8 @@ def _failed(
 ) -> Reply[object]:
     name = handle.entry.name
     status = classify(code)
-    details = exc.details() if isinstance(exc, grpc.Call) else None
-    message = details or code.name
+    details = getattr(exc, "details", None)
+    message = (details() if callable(details) else None) or code.name
     if status is NodeStatus.UNREACHABLE:
         tried = f" ({attempts} attempts)" if attempts > 1 else ""
         message = f"node {name} at {handle.entry.address} is unreachable{tried}: {message}"
@@ -167,21 +214,25 @@ def _failed(
 
 def fan_out(
     handles: Sequence[NodeHandle],
-    call: Callable[[NodeHandle, float], Any],
+    method: str,
+    request: Message,
     *,
     deadline_s: float,
     retry: bool = True,
 ) -> list[Reply[object]]:
-    """Call every node at once, each by the shared deadline; replies in the handles' order.
+    """Call `method` of every node at once with one request, each by the shared deadline;
+    replies in the handles' order.
 
-    `call(handle, timeout_s)` makes one blocking gRPC call; `retry` says whether it may be
-    repeated while the node is unreachable (only for idempotent calls).
+    `retry` says whether a call may be repeated while its node is unreachable (only for
+    idempotent calls: Execute, Explain, Describe).
     """
     began = time.perf_counter()
-    pending: list[Future[Reply[object]]] = [
-        _POOL.submit(_call, h, call, began, deadline_s, retry) for h in handles
-    ]
-    replies = [f.result() for f in pending]
+
+    async def every_node() -> list[Reply[object]]:
+        calls = (_call(h, method, request, began, deadline_s, retry) for h in handles)
+        return list(await asyncio.gather(*calls))
+
+    replies = _run(every_node())
     for r in replies:
         record_node_status(r.node, r.status.value)
     return replies

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,13 +201,42 @@ class Reachability:
             self._down = not reached
 
 
+class AsyncLink:
+    """A node's asyncio channel and stub for the fan-out, opened on first use in its loop.
+
+    grpc.aio channels belong to the event loop they are made in, so it is made there, by
+    the fan-out (coordinator/hub/fanout.py), not when the registry is built.
+    """
+
+    def __init__(self, open_channel: Callable[[], grpc.aio.Channel]) -> None:
+        self._open = open_channel
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: node_pb2_grpc.NodeStub | None = None
+
+    def stub(self) -> node_pb2_grpc.NodeStub:
+        """The stub (call only in the fan-out's event loop)."""
+        if self._stub is None:
+            self._channel = self._open()
+            self._stub = node_pb2_grpc.NodeStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        """Close the channel if it was opened (in the fan-out's event loop)."""
+        if self._channel is not None:
+            await self._channel.close(None)
+
+
 @dataclass(frozen=True)
 class NodeHandle:
-    """A connected node: its entry, channel and stub, and whether it was reachable lately."""
+    """A connected node: its entry, channel and stub, and whether it was reachable lately.
+
+    `stub` (blocking) serves one-off calls; fan-outs to every node use `link` (asyncio).
+    """
 
     entry: NodeEntry
     channel: grpc.Channel
     stub: node_pb2_grpc.NodeStub
+    link: AsyncLink
     reach: Reachability = field(default_factory=Reachability)
 
 
@@ -223,9 +254,26 @@ class Registry:
                 channel = secure_channel(
                     entry.address, identity, server_name=entry.name, options=NODE_CHANNEL_OPTIONS
                 )
-            self.handles.append(NodeHandle(entry, channel, node_pb2_grpc.NodeStub(channel)))
+            link = AsyncLink(functools.partial(_async_channel, entry, identity))
+            self.handles.append(NodeHandle(entry, channel, node_pb2_grpc.NodeStub(channel), link))
 
     def close(self) -> None:
         """Close every channel."""
+        from coordinator.hub.fanout import close_links  # the fan-out owns the event loop
+
+        close_links(self.handles)
         for h in self.handles:
             h.channel.close()
+
+
+def _async_channel(entry: NodeEntry, identity: Identity | None) -> grpc.aio.Channel:
+    """A node's asyncio channel, with the same mutual TLS and options as the blocking one."""
+    if identity is None:
+        return grpc.aio.insecure_channel(entry.address, options=NODE_CHANNEL_OPTIONS)
+    return secure_channel(
+        entry.address,
+        identity,
+        server_name=entry.name,
+        options=NODE_CHANNEL_OPTIONS,
+        asynchronous=True,
+    )

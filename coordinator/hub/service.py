@@ -10,7 +10,7 @@ import grpc
 from cryptography import x509
 
 from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
-from coordinator.hub.registry import NodeHandle, Registry
+from coordinator.hub.registry import Registry
 from coordinator.learning.federated import fit_across
 from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
@@ -130,11 +130,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         quorum = self._quorum(request)
         deadline_s = self._deadline_s(request, context)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
-
-        def start(handle: NodeHandle, timeout: float) -> node_pb2.ExecuteResponse:
-            return handle.stub.Execute(node_request, timeout=timeout)
-
-        replies = fan_out(self.registry.handles, start, deadline_s=deadline_s)
+        replies = fan_out(self.registry.handles, "Execute", node_request, deadline_s=deadline_s)
         result = _combine(
             query, replies, self.rules, analyst=request.envelope.analyst, quorum=quorum
         )
@@ -155,12 +151,11 @@ class HubService(hub_pb2_grpc.HubServicer):
             node_request.regions.extend(h.entry.name for h in self.registry.handles)
         else:
             spec_io.from_json(request.envelope.query)
-
-        def start(handle: NodeHandle, timeout: float) -> node_pb2.ExplainResponse:
-            return handle.stub.Explain(node_request, timeout=timeout)
-
         replies = fan_out(
-            self.registry.handles, start, deadline_s=self._deadline_s(request, context)
+            self.registry.handles,
+            "Explain",
+            node_request,
+            deadline_s=self._deadline_s(request, context),
         )
         response = hub_pb2.ExplainFederatedResponse()
         for r in replies:
@@ -218,11 +213,12 @@ class HubService(hub_pb2_grpc.HubServicer):
         del request  # carries no fields
         if self.require_tls:
             peer_of(context, is_revoked=self._is_revoked)
-
-        def start(handle: NodeHandle, timeout: float) -> node_pb2.DescribeResponse:
-            return handle.stub.Describe(node_pb2.DescribeRequest(), timeout=timeout)
-
-        replies = fan_out(self.registry.handles, start, deadline_s=self.deadline_ms / 1000)
+        replies = fan_out(
+            self.registry.handles,
+            "Describe",
+            node_pb2.DescribeRequest(),
+            deadline_s=self.deadline_ms / 1000,
+        )
         response = hub_pb2.ListNodesResponse()
         for r in replies:
             if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):

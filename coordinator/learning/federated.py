@@ -64,12 +64,8 @@ def _step(
     request = node_pb2.FitStepRequest(
         envelope=envelope, step=step, coefficients=list(coefficients), regions=list(regions)
     )
-
-    def start(handle: NodeHandle, timeout: float) -> node_pb2.FitStepResponse:
-        return handle.stub.FitStep(request, timeout=timeout)
-
     # Not retried: a charged step's envelope is refused as a replay (protocols/retries.py).
-    return fan_out(handles, start, deadline_s=deadline_s, retry=False)
+    return fan_out(handles, "FitStep", request, deadline_s=deadline_s, retry=False)
 
 
 def fit_across(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import grpc
 from cryptography import x509
@@ -33,16 +34,40 @@ def server_credentials(identity: Identity) -> grpc.ServerCredentials:
     )
 
 
+@overload
+def secure_channel(
+    address: str,
+    identity: Identity,
+    *,
+    server_name: str,
+    options: Sequence[tuple[str, str | int]] = ...,
+    asynchronous: Literal[False] = ...,
+) -> grpc.Channel: ...
+
+
+@overload
+def secure_channel(
+    address: str,
+    identity: Identity,
+    *,
+    server_name: str,
+    options: Sequence[tuple[str, str | int]] = ...,
+    asynchronous: Literal[True],
+) -> grpc.aio.Channel: ...
+
+
 def secure_channel(
     address: str,
     identity: Identity,
     *,
     server_name: str,
     options: Sequence[tuple[str, str | int]] = (),
-) -> grpc.Channel:
+    asynchronous: bool = False,
+) -> grpc.Channel | grpc.aio.Channel:
     """A mutual-TLS channel that accepts only a server whose certificate names server_name.
 
-    `options` adds channel options (e.g. protocols.retries' retry policy).
+    `options` adds channel options (e.g. protocols.retries' retry policy); `asynchronous`
+    makes a grpc.aio channel (for the hub's fan-out), to be made in its event loop.
     """
     creds = grpc.ssl_channel_credentials(
         root_certificates=identity.ca_pem,
@@ -50,6 +75,8 @@ def secure_channel(
         certificate_chain=identity.cert_pem,
     )
     every = (*GRPC_OPTIONS, ("grpc.ssl_target_name_override", server_name), *options)
+    if asynchronous:
+        return grpc.aio.secure_channel(address, creds, options=every)
     return grpc.secure_channel(address, creds, options=every)
 
 
