@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo demo-learning test lint typecheck unit protos check-protos bench install clean system-deps
+.PHONY: demo demo-learning test lint typecheck unit protos check-protos bench bench-scale install clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,16 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.node_startup
 	$(BIN)/python -m bench.median
 	$(BIN)/python -m bench.glm $(GLM_ARGS)
+
+# Issue 16's goals, each against its baseline in the same run (README, "Benchmarks"); about
+# 20 minutes in all (FANOUT_ARGS="--nodes 1,10,30" for a shorter fan-out run).
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.query_engine --persons-per-node 10000 --accuracy-runs 1
+	$(BIN)/python -m bench.query_engine --persons-per-node 100000 --accuracy-runs 1
+	$(BIN)/python -m bench.single_site
+	$(BIN)/python -m bench.pooling
+	$(BIN)/python -m bench.fanout $(FANOUT_ARGS)
+	$(BIN)/python -m bench.load
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
