@@ -128,8 +128,11 @@ def test_sigterm_lets_queries_in_flight_finish_and_refuses_new_ones(
         t.join(timeout=120)
     assert node.popen.wait(timeout=120) == 0, node.log.read_text()[-3000:]
 
-    assert failures == []
-    assert len(replies) == BURST
+    # Every call in flight at SIGTERM was answered; a call of the burst that had not reached
+    # the node yet is refused UNAVAILABLE like any new one (seen once in CI: 1 of 10).
+    assert all(code is grpc.StatusCode.UNAVAILABLE for code in failures), failures
+    assert len(replies) + len(failures) == BURST
+    assert len(replies) >= seen
     # The drain waited: answers arrived after SIGTERM, some after the late query's refusal.
     late_answers = sum(at > signalled for _, _, at in replies)
     assert late_answers, f"all {seen} queries seen in flight had finished before SIGTERM"
@@ -138,8 +141,9 @@ def test_sigterm_lets_queries_in_flight_finish_and_refuses_new_ones(
     for query_id, sequence, _ in replies:
         assert bodies[sequence]["query_id"] == query_id
         assert bodies[sequence]["outcome"] == "released"
-    # Nothing was charged but the burst (the late query never reached the service).
-    assert sum(b.get("outcome") == "released" for b in bodies.values()) == BURST
+    # Nothing was charged but the answered calls (refused ones and the late query never
+    # reached the service).
+    assert sum(b.get("outcome") == "released" for b in bodies.values()) == len(replies)
     lines = node.log_lines()
     drain = [line for line in lines if str(line["message"]).startswith("draining")]
     assert len(drain) == 1
