@@ -120,9 +120,13 @@ def test_a_federated_fit_equals_the_pooled_fit_within_its_stated_noise(
     gap = np.abs(estimate - truth)
     assert np.all(gap <= 6 * dp + 1e-6), dict(zip(columns, gap / dp, strict=True))
     # The total SE is the sampling SE and the noise together: statsmodels' SE is the first,
-    # here from the noisy Hessian (within 8% of the exact one where the noise is largest,
-    # measured; a wrong sampling term, say a missing or doubled Fisher information, is 40%).
-    np.testing.assert_allclose(total**2 - dp**2, sampling**2, rtol=0.2)
+    # here from the noisy Hessian. A wrong sampling term (a missing or doubled Fisher
+    # information) moves every coefficient's by 40% or more, so the median is held to 10%;
+    # the Hessian's noise moves the noisiest few by up to 21% (seen in CI: 3 of 13 above 15%,
+    # the rest below 1%), so no single one may exceed 35%.
+    rel = np.abs(total**2 - dp**2 - sampling**2) / sampling**2
+    assert np.median(rel) < 0.1, dict(zip(columns, rel, strict=True))
+    assert rel.max() < 0.35, dict(zip(columns, rel, strict=True))
     assert result.message.startswith("converged"), result.message
     # Every node was charged the model's rho over its steps, no more.
     assert [o.node for o in result.nodes] == list(REGIONS)
