@@ -270,7 +270,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             kept = self._begin(signed, attempt, context)
             if kept is not None:
                 return kept
-            return self._execute(signed, analyst, request.envelope, attempt, context)
+            return self._execute(signed, analyst, envelope_bytes, attempt, context)
         except ChcError as exc:
             self._record_refusal(request.envelope, analyst.name, exc)
             raise
@@ -316,7 +316,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self,
         signed: SignedQuery,
         verified: VerifiedAnalyst,
-        envelope: node_pb2.QueryEnvelope,
+        envelope: bytes,
         attempt: _Attempt,
         context: grpc.ServicerContext,
     ) -> node_pb2.ExecuteResponse:
@@ -356,7 +356,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 query_id=query_id,
                 analyst=analyst,
                 query=signed.query,
-                envelope=envelope.SerializeToString(deterministic=True),
+                envelope=envelope,
                 views=(query.view,),
                 rho=rho,
                 epsilon=epsilon,
