@@ -20,6 +20,7 @@ waited for), which gRPC's at most 5 attempts within ~3 s cannot express.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 
 PACKAGE = "chc.v1"
@@ -80,3 +81,10 @@ NODE_CHANNEL_OPTIONS: tuple[tuple[str, str | int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
+
+
+def backoff_s(attempt: int, *, first_s: float, max_s: float) -> float:
+    """The wait before retry number `attempt` (1, 2, ...): doubling from first_s, capped at
+    max_s, each drawn in [half, all] of it (jitter, so that callers do not retry in step)."""
+    full = min(max_s, first_s * 2.0 ** (attempt - 1))
+    return full * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from protocols.retries import (
     RESEND_FIRST_BACKOFF_S,
     RESEND_MAX_BACKOFF_S,
     RESEND_MIN_LEFT_S,
+    backoff_s,
 )
 from protocols.security.envelope import Audience, Operation, sign_query
 from protocols.security.pki import Identity, load_identity
@@ -98,8 +98,7 @@ def _resend_while_unavailable(
             attempt += 1
             code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
             details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
-            wait = min(RESEND_MAX_BACKOFF_S, RESEND_FIRST_BACKOFF_S * 2.0 ** (attempt - 1))
-            wait *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
+            wait = backoff_s(attempt, first_s=RESEND_FIRST_BACKOFF_S, max_s=RESEND_MAX_BACKOFF_S)
             retry = code is grpc.StatusCode.UNAVAILABLE and not details.startswith(
                 QuorumNotMetError.PREFIX
             )

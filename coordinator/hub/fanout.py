@@ -15,7 +15,6 @@ down does not hold every query up.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -32,6 +31,7 @@ from protocols.retries import (
     NODE_FIRST_BACKOFF_S,
     NODE_MAX_BACKOFF_S,
     RETRY_WINDOW_S,
+    backoff_s,
 )
 from protocols.rpc import rho_charged_of
 from queries.results import NodeStatus
@@ -80,12 +80,6 @@ def classify(code: grpc.StatusCode) -> NodeStatus:
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return NodeStatus.TIMED_OUT
     return NodeStatus.ERROR
-
-
-def backoff_s(attempt: int) -> float:
-    """The wait before retry number `attempt` (1, 2, ...): doubling, capped, jittered."""
-    full = min(NODE_MAX_BACKOFF_S, NODE_FIRST_BACKOFF_S * 2.0 ** (attempt - 1))
-    return full * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
 
 
 class _EventLoop:
@@ -153,7 +147,7 @@ async def _call(
             value = await getattr(handle.link.stub(), method)(request, timeout=remaining)
         except grpc.RpcError as exc:
             code = _code(exc)
-            wait = backoff_s(attempts)
+            wait = backoff_s(attempts, first_s=NODE_FIRST_BACKOFF_S, max_s=NODE_MAX_BACKOFF_S)
             if code is grpc.StatusCode.UNAVAILABLE and time.perf_counter() + wait < retry_until:
                 await asyncio.sleep(wait)
                 continue
