@@ -3,6 +3,10 @@
     from chc import Federation, Query, Measure, Filter, Statistic, Cohort
     from chc import ModelSpec, Covariate, Family  # models: Federation.fit (docs/models.md)
 
+    fed = Federation.connect()  # CHC_HUB / CHC_IDENTITY, or a running `chc demo --keep-running`
+    result = fed.query(parse_sql("SELECT sex, COUNT(*) FROM copd GROUP BY sex", rho=0.05))
+    result.to_pandas()  # or to_arrow(), to_polars(); a notebook shows it as a table and a chart
+
 `Federation` talks to the hub with the analyst's own identity (every call signed); queries
 are frozen dataclasses (or `parse_sql` text), over a node's views or an ad hoc `Cohort`;
 every error chc raises on purpose is a `ChcError` that also inherits the matching built-in
@@ -22,6 +26,7 @@ from coordinator.analyst.client import (
 )
 from coordinator.learning.result import FitResult
 from queries.cohort import COHORT_VIEW, Cohort
+from queries.combine import POOLED
 from queries.errors import (
     AuthenticationError,
     BudgetExceededError,
@@ -35,12 +40,14 @@ from queries.errors import (
     QuorumNotMetError,
 )
 from queries.model import Covariate, Family, ModelSpec
-from queries.results import BudgetStatus, FederatedResult, NodeStatus
+from queries.present import MissingExtraError, result_chart_svg
+from queries.results import BudgetStatus, Explanation, FederatedResult, NodeExplain, NodeStatus
 from queries.spec import Filter, Measure, Query, Statistic
 from queries.sql import parse_sql
 
 __all__ = [
     "COHORT_VIEW",
+    "POOLED",
     "AuthenticationError",
     "BudgetExceededError",
     "BudgetStatus",
@@ -50,6 +57,7 @@ __all__ = [
     "Covariate",
     "DataError",
     "DeadlineExceededError",
+    "Explanation",
     "Family",
     "FederatedResult",
     "Federation",
@@ -59,8 +67,10 @@ __all__ = [
     "HubUnavailableError",
     "LedgerIntegrityError",
     "Measure",
+    "MissingExtraError",
     "ModelSpec",
     "NodeBudget",
+    "NodeExplain",
     "NodeStatus",
     "PermissionDeniedError",
     "Query",
@@ -68,4 +78,5 @@ __all__ = [
     "QuorumNotMetError",
     "Statistic",
     "parse_sql",
+    "result_chart_svg",
 ]

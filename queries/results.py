@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 import pyarrow as pa
 
@@ -167,14 +168,96 @@ class NodeExplain:
 
 
 @dataclass(frozen=True)
+class Explanation(Sequence[NodeExplain]):
+    """What every node said to an Explain: a sequence of NodeExplain, one per node.
+
+    Iterate, index or len() it like the list it used to be; to_arrow()/to_pandas() give one
+    row per node and measure, and notebooks show it as a table (queries/present/).
+    """
+
+    nodes: tuple[NodeExplain, ...] = ()
+
+    @overload
+    def __getitem__(self, index: int) -> NodeExplain: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[NodeExplain]: ...
+
+    def __getitem__(self, index: int | slice) -> NodeExplain | Sequence[NodeExplain]:
+        return self.nodes[index]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[NodeExplain]:
+        return iter(self.nodes)
+
+    def to_arrow(self) -> pa.Table:
+        """One row per node and measure: status, cells, rho, epsilon, noise sd, budget left."""
+        from queries.present.frames import explanation_arrow
+
+        return explanation_arrow(self)
+
+    def to_pandas(self) -> Any:
+        """to_arrow() as a pandas DataFrame (needs the notebook extra)."""
+        from queries.present.frames import to_pandas
+
+        return to_pandas(self.to_arrow())
+
+    def to_polars(self) -> Any:
+        """to_arrow() as a polars DataFrame (needs the notebook extra)."""
+        from queries.present.frames import to_polars
+
+        return to_polars(self.to_arrow())
+
+    def _repr_html_(self) -> str:
+        from queries.present.html import explanation_html
+
+        return explanation_html(self)
+
+
+@dataclass(frozen=True)
 class FederatedResult:
     """The hub's combined answer: per-region and pooled rows, and every node's outcome."""
 
     query_id: str
-    # Columns: region, group columns..., measure, estimate, std_error, ci_low, ci_high.
+    # Columns: region, group columns..., measure, statistic, bin_lower, bin_upper, estimate,
+    # std_error, ci_low, ci_high, n, approximate, partial, suppressed (queries/combine.py).
     table: pa.Table
     nodes: tuple[NodeOutcome, ...]
     partial: bool
+
+    def to_arrow(self) -> pa.Table:
+        """One row per region, group and measure, with estimate, interval, flags and status.
+
+        The table's columns, then node_status and rho_spent (queries/present/frames.py).
+        """
+        from queries.present.frames import result_arrow
+
+        return result_arrow(self)
+
+    def to_pandas(self) -> Any:
+        """to_arrow() as a pandas DataFrame (needs the notebook extra)."""
+        from queries.present.frames import to_pandas
+
+        return to_pandas(self.to_arrow())
+
+    def to_polars(self) -> Any:
+        """to_arrow() as a polars DataFrame (needs the notebook extra)."""
+        from queries.present.frames import to_polars
+
+        return to_polars(self.to_arrow())
+
+    def chart_svg(self, measure: str | None = None, *, width: int = 720) -> str:
+        """The result as an SVG chart: per-region bars with 95% interval whiskers."""
+        from queries.present.chart import result_chart_svg
+
+        return result_chart_svg(self, measure=measure, width=width)
+
+    def _repr_html_(self) -> str:
+        from queries.present.html import result_html
+
+        return result_html(self)
 
 
 @dataclass(frozen=True)

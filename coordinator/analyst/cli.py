@@ -16,10 +16,9 @@ from typing import Annotated
 
 import typer
 
-from coordinator.analyst import report
+from coordinator.analyst import connect, report
 from coordinator.analyst.client import Federation
 from coordinator.hub.service import MAX_DEADLINE_MS
-from coordinator.local.demo import read_demo_state
 from protocols.cli import (
     AnalystIdentityOpt,
     CommandFailedError,
@@ -54,15 +53,11 @@ _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def _connect(hub: str | None, identity: Path | None) -> Federation:
-    defaults = read_demo_state()
-    hub = hub or defaults.get("hub")
-    ident = identity or (Path(defaults["identity"]) if "identity" in defaults else None)
-    if hub is None or ident is None:
-        raise ConfigError(
-            "give --hub ADDRESS and --identity DIR (or start `chc demo --keep-running`, whose "
-            "hub and analyst identity are then the defaults)"
-        )
-    return Federation(hub, read_identity(ident))
+    """The hub and identity of --hub and --identity, else CHC_HUB / CHC_IDENTITY, else the
+    running demo's (coordinator/analyst/connect.py, shared with Federation.connect)."""
+    target = connect.resolve(hub, identity, spelling=connect.CLI)
+    flag = {"given": "--identity"}.get(target.identity_from, target.identity_from)
+    return Federation(target.hub, read_identity(target.identity, flag=flag))
 
 
 def _deadline(seconds: float) -> float:

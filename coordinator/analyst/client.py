@@ -37,9 +37,9 @@ from queries.model import ModelSpec
 from queries.model_io import model_bytes
 from queries.results import (
     BudgetStatus,
+    Explanation,
     FederatedResult,
     NodeDescription,
-    NodeExplain,
     NodeOutcome,
     NodeStatus,
 )
@@ -68,14 +68,35 @@ _ERRORS: dict[grpc.StatusCode, type[ChcError]] = {
 }
 
 
-def _raise_from(exc: grpc.RpcError, hub: str) -> ChcError:
+def _raise_from(exc: grpc.RpcError, hub: str, *, where: str = "") -> ChcError:
+    """The ChcError for a failed call, with what to do when gRPC itself wrote the message.
+
+    The hub's own refusals already say what to do; an unreachable or silent hub, or an error
+    without a message, gets the advice here. where: how the address was found, if not given.
+    """
     call = exc if isinstance(exc, grpc.Call) else None
     code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
     details = (call.details() if call is not None else None) or code.name
     if code is grpc.StatusCode.UNAVAILABLE and details.startswith(QuorumNotMetError.PREFIX):
         return QuorumNotMetError(details)
+    source = f" (from {where})" if where else ""
+    running = "; is `chc demo --keep-running` still running?" if "`chc demo`" in where else ""
     if code is grpc.StatusCode.UNAVAILABLE:
-        details = f"cannot reach the hub at {hub}: {details}"
+        details = (
+            f"cannot reach the hub at {hub}{source}: {details}; check that the hub is running "
+            f"and the address is right{running}"
+        )
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        # Calls are retried while the hub is unreachable, so a hub that is down ends here too.
+        details = (
+            f"the hub at {hub}{source} did not answer in time ({details}): check that it is "
+            f"running and the address is right{running}, or give a longer deadline"
+        )
+    elif code not in _ERRORS:
+        details = (
+            f"the hub at {hub} failed the call ({code.name}: {details}); try again, and if it "
+            "persists ask the hub's operator to look at its log"
+        )
     return _ERRORS.get(code, ChcError)(details)
 
 
@@ -135,6 +156,8 @@ class Federation:
     def __init__(self, hub: str, identity: Identity | Path, *, server_name: str = "hub") -> None:
         self.hub = hub
         self.hub_name = server_name
+        # Where the hub's address came from when connect() found it (named in errors).
+        self._hub_from = ""
         self.identity = identity if isinstance(identity, Identity) else load_identity(identity)
         # Explain and ListNodes are retried while the hub is unreachable (protocols/retries.py);
         # query() re-sends Submit's envelope itself, for as long as its deadline allows.
@@ -142,6 +165,35 @@ class Federation:
             hub, self.identity, server_name=server_name, options=HUB_CHANNEL_OPTIONS
         )
         self._stub = hub_pb2_grpc.HubStub(self._channel)
+
+    @classmethod
+    def connect(
+        cls,
+        hub: str | None = None,
+        identity: Identity | Path | str | None = None,
+        *,
+        server_name: str = "hub",
+    ) -> Federation:
+        """Connect as the CLI does: the hub and identity given, else CHC_HUB and CHC_IDENTITY,
+        else those of a running `chc demo --keep-running`.
+
+        Raises ConfigError saying what to pass when none of them has a hub or an identity.
+        """
+        # Imported here: coordinator.local.demo, which connect reads, imports this module.
+        from coordinator.analyst.connect import resolve
+        from protocols.cli import read_identity
+
+        if isinstance(identity, Identity):
+            # A loaded identity needs no folder: resolve() is asked only where the hub is.
+            target = resolve(hub, Path(identity.name))
+            loaded = identity
+        else:
+            target = resolve(hub, identity)
+            named_by = {"given": "identity="}.get(target.identity_from, target.identity_from)
+            loaded = read_identity(target.identity, flag=named_by)
+        fed = cls(target.hub, loaded, server_name=server_name)
+        fed._hub_from = "" if target.hub_from == "given" else target.hub_from
+        return fed
 
     def sign(
         self,
@@ -196,11 +248,14 @@ class Federation:
             # Give the hub a little longer than the nodes, so node timeouts are reported.
             response = _resend_while_unavailable(self._stub.Submit, request, deadline_s + 5.0)
         except grpc.RpcError as exc:
-            raise _raise_from(exc, self.hub) from None
+            raise self._error(exc) from None
         return serde.result_from_proto(response)
 
-    def explain(self, query: Query | ModelSpec, *, deadline_s: float = 30.0) -> list[NodeExplain]:
-        """Each node's plan, cost and expected noise for a query or a model; spends nothing."""
+    def explain(self, query: Query | ModelSpec, *, deadline_s: float = 30.0) -> Explanation:
+        """Each node's plan, cost and expected noise for a query or a model; spends nothing.
+
+        The Explanation is a sequence of NodeExplain, one per node, with to_arrow/to_pandas.
+        """
         # Signed for explain, so that no node would run (or fit) this envelope whoever
         # relayed it.
         return self._explain(query, Operation.EXPLAIN, deadline_s=deadline_s)
@@ -219,7 +274,7 @@ class Federation:
             # The whole fit: every step's deadline, and a little for the hub's own work.
             response = self._stub.Fit(request, timeout=model.steps * deadline_s + 5.0)
         except grpc.RpcError as exc:
-            raise _raise_from(exc, self.hub) from None
+            raise self._error(exc) from None
         return FitResult.of(serde_fit.fitted_from_proto(response), model)
 
     def train(self, model: ModelSpec, *, timeout_s: float = 1800.0) -> TrainedModel:
@@ -235,30 +290,31 @@ class Federation:
         try:
             response = self._stub.Train(request, timeout=timeout_s + 10.0)
         except grpc.RpcError as exc:
-            raise _raise_from(exc, self.hub) from None
+            raise self._error(exc) from None
         return TrainedModel.from_json(response.result_json, time.monotonic() - started)
 
     def _explain(
         self, query: Query | ModelSpec, operation: Operation, *, deadline_s: float
-    ) -> list[NodeExplain]:
+    ) -> Explanation:
         request = self._signed_request(query, operation, deadline_s=deadline_s)
         return self._explain_request(request, deadline_s)
 
-    def _explain_request(
-        self, request: hub_pb2.SubmitRequest, deadline_s: float
-    ) -> list[NodeExplain]:
+    def _explain_request(self, request: hub_pb2.SubmitRequest, deadline_s: float) -> Explanation:
         try:
             response = self._stub.Explain(request, timeout=deadline_s + 5.0)
         except grpc.RpcError as exc:
-            raise _raise_from(exc, self.hub) from None
-        return [serde.explain_from_proto(n) for n in response.nodes]
+            raise self._error(exc) from None
+        return Explanation(tuple(serde.explain_from_proto(n) for n in response.nodes))
+
+    def _error(self, exc: grpc.RpcError) -> ChcError:
+        return _raise_from(exc, self.hub, where=self._hub_from)
 
     def nodes(self, *, timeout_s: float = 30.0) -> tuple[list[NodeDescription], list[NodeOutcome]]:
         """Every node's public catalog and budget, and the nodes that did not answer."""
         try:
             response = self._stub.ListNodes(hub_pb2.ListNodesRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise _raise_from(exc, self.hub) from None
+            raise self._error(exc) from None
         return (
             [serde.description_from_proto(n) for n in response.nodes],
             [serde.outcome_from_proto(o) for o in response.unavailable],
@@ -269,7 +325,7 @@ class Federation:
         try:
             response = self._stub.ListNodes(hub_pb2.ListNodesRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise _raise_from(exc, self.hub) from None
+            raise self._error(exc) from None
         return dict(response.addresses)
 
     def budget(self, *, timeout_s: float = 30.0) -> list[NodeBudget]:

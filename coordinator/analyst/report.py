@@ -186,7 +186,7 @@ def print_nodes(console: Console, result: FederatedResult) -> None:
     console.print(table)
 
 
-def print_explain(console: Console, explains: list[NodeExplain], query: Query) -> None:
+def print_explain(console: Console, explains: Sequence[NodeExplain], query: Query) -> None:
     """What each node would compute, what it would cost, and the noise of each component."""
     console.print(f"[bold]Plan for[/] {query.view}: rho {query.rho:g} per node (nothing spent)")
     for e in explains:

@@ -8,6 +8,7 @@ prints the coefficient table, or JSON, and on request writes a forest plot.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -67,7 +68,7 @@ def parse_where(where: list[str] | None) -> tuple[Filter, ...]:
     return tuple(filters)
 
 
-def print_fit_explain(explains: list[NodeExplain], model: ModelSpec) -> None:
+def print_fit_explain(explains: Sequence[NodeExplain], model: ModelSpec) -> None:
     """Each node's plan and price for the fit (nothing is spent)."""
     console = console_for_output()
     console.print(
