@@ -22,6 +22,10 @@ install: $(STAMP) system-deps
 # nginx is the mutual-TLS proxy in front of Flower's Fleet API (protocols/nginx_proxy.py,
 # docs/training.md "Closing the Control API"); Debian's nginx-light is enough.
 NGINX_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light
+# Debian's Chromium and its matching chromedriver drive the `chc ui` browser tests
+# (tests/browser/); Selenium is pointed at these two paths so it never downloads a browser.
+CHROMIUM_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	chromium chromium-driver
 system-deps:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 		if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
@@ -34,6 +38,19 @@ system-deps:
 		$$SUDO $(NGINX_INSTALL) || ($$SUDO apt-get update && $$SUDO $(NGINX_INSTALL)) || { \
 			echo "could not install nginx-light with apt-get: install it by hand and run" \
 				"make again" >&2; exit 1; }; \
+	}
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "chromium or chromedriver is missing and this is not root (no sudo): install" \
+			"chromium and chromium-driver (apt-get install chromium chromium-driver) and run" \
+			"make again" >&2; exit 1; fi; \
+		command -v apt-get >/dev/null || { echo "chromium or chromedriver is missing and there" \
+			"is no apt-get: install Chromium at /usr/bin/chromium and its matching" \
+			"chromedriver at /usr/bin/chromedriver, then run make again" >&2; exit 1; }; \
+		$$SUDO $(CHROMIUM_INSTALL) || ($$SUDO apt-get update && $$SUDO $(CHROMIUM_INSTALL)) || { \
+			echo "could not install chromium and chromium-driver with apt-get: install them" \
+				"by hand and run make again" >&2; exit 1; }; \
 	}
 
 demo: $(STAMP)
