@@ -9,7 +9,12 @@ from typing import Annotated
 import typer
 
 from node.budget.accounting import default_ledger_path, open_accountant
-from node.config import check_node_certificate, check_superlink_address, load_config
+from node.config import (
+    NodeConfig,
+    check_node_certificate,
+    check_superlink_address,
+    load_config,
+)
 from node.data.store import OmopStore, node_pathways
 from node.flower.forwarder import fleet_forwarder_for, forwarder_address
 from node.flower.supernode import supernode_for
@@ -26,6 +31,7 @@ from protocols.rpc import INSECURE_WARNING, make_server
 from protocols.security.pki import Role
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries.errors import ChcError
+from queries.numbers import show_apart
 
 log = logging.getLogger("chc.node")
 
@@ -80,42 +86,51 @@ def check(
     config: Annotated[Path, typer.Option("--config", "-c", help="node.toml")],
     allow_policy_loosening: AllowLoosening = None,
 ) -> None:
-    """Validate node.toml, the identity and the OMOP data, and build the views once.
+    """Validate node.toml, the identity, the OMOP data and the ledger; build the views once.
 
     Writes nothing to the ledger: it says whether serving would record a new budget policy,
-    and fails as serving would on a loosened one.
+    and fails as serving would on a loosened one. "ready" is printed last, once every check
+    has passed, so a failing check never follows a claim that the node is ready.
     """
     cfg = load_config(config)
     identity = read_identity(cfg.identity, flag=f"`identity =` in {config}")
     check_node_certificate(cfg, identity, str(config))
     store = OmopStore.from_config(cfg)  # refuses bad data with the validation report
-    typer.echo(store.report.render())
-    for view in store.catalog().views:
-        typer.echo(f"view {view.name}: ok")
+    try:
+        typer.echo(store.report.render())
+        for view in store.catalog().views:
+            typer.echo(f"view {view.name}: ok")
+        seconds = store.build_seconds
+    finally:
+        store.close()
+    typer.echo(_check_ledger(cfg, config, allow_policy_loosening))
     typer.echo(
         f"node {cfg.name} ({identity.role.value} certificate {identity.name}) is ready: "
-        f"views built in {store.build_seconds:.2f} s"
+        f"views built in {seconds:.2f} s"
     )
-    store.close()
+
+
+def _check_ledger(cfg: NodeConfig, config: Path, override: str | None) -> str:
+    """What `check` says of the ledger, having opened and verified it (records nothing)."""
     ledger = default_ledger_path(cfg, config)
     if not ledger.exists():
-        typer.echo(f"ledger {ledger}: will be created, with its signing key, at first start")
-        return
-    # Verifies the chain's tail and the policy change, records nothing.
-    accountant = open_accountant(
-        cfg, config_file=config, override=allow_policy_loosening, record_policy=False
-    )
+        return f"ledger {ledger}: will be created, with its signing key, at first start"
+    # Verifies the chain's tail and the policy change; refuses a file that is no ledger.
+    accountant = open_accountant(cfg, config_file=config, override=override, record_policy=False)
     try:
         spent, policy = accountant.status(), accountant.policy
         life, change = accountant.lifetime_spent(), accountant.policy_change
     finally:
         accountant.close()
-    typer.echo(
-        f"ledger {ledger}: ok, rho {spent.rho_spent:.6g} of {policy.total_rho:g} spent this "
-        f"period, {life:.6g} of {policy.lifetime_cap:g} over the node's life"
+    period, period_cap = show_apart(spent.rho_spent, policy.total_rho)
+    lifetime, lifetime_cap = show_apart(life, policy.lifetime_cap)
+    text = (
+        f"ledger {ledger}: ok, rho {period} of {period_cap} spent this period, {lifetime} of "
+        f"{lifetime_cap} over the node's life"
     )
     if change is not None:
-        typer.echo(f"budget policy: `serve` will record a policy entry that {change.describe()}")
+        text += f"\nbudget policy: `serve` will record a policy entry that {change.describe()}"
+    return text
 
 
 @app.command()

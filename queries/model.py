@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from queries.errors import QueryError
+from queries.numbers import show_apart
 from queries.schema import ColumnType, ViewSpec
 from queries.spec import MAX_FILTERS, RHO_RANGE, Filter, check_identifier, quote
 
@@ -165,7 +166,8 @@ class ModelSpec:
             raise QueryError(f"rho must be a number, got {quote(self.rho)}")
         low, high = MODEL_RHO_RANGE
         if not low <= float(self.rho) <= high:
-            raise QueryError(f"rho must be between {low:g} and {high:g}")
+            got, lo, hi = show_apart(float(self.rho), low, high)
+            raise QueryError(f"rho must be between {lo} and {hi}, got {got}")
         object.__setattr__(self, "rho", float(self.rho))
         if len(self.covariates) > MAX_COVARIATES:
             raise QueryError(f"a model takes at most {MAX_COVARIATES} covariates")

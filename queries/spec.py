@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from queries.errors import QueryError
+from queries.numbers import show_apart
 
 if TYPE_CHECKING:
     # queries.cohort builds on this module (names, quoting), so it is imported lazily.
@@ -131,7 +132,8 @@ def _in_range(value: object, what: str, bounds: tuple[float, float]) -> float:
     number = _finite(value, what)
     low, high = bounds
     if not low <= number <= high:
-        raise QueryError(f"{what} must be between {low:g} and {high:g}, got {number:.6g}")
+        got, lo, hi = show_apart(number, low, high)
+        raise QueryError(f"{what} must be between {lo} and {hi}, got {got}")
     return number
 
 

@@ -45,6 +45,7 @@ from queries.errors import AuthenticationError, QueryError
 from queries.mechanisms import rho_to_epsilon
 from queries.model import Family
 from queries.model_io import model_from_json
+from queries.numbers import show, show_apart
 
 # A release is charged after the query ran, so its time may follow the envelope's expiry by
 # as long as a query may take; anything later means the node charged an expired envelope.
@@ -226,10 +227,15 @@ class QueryChecks:
             return
         if 0 < delta < 1 and not close(epsilon, rho_to_epsilon(rho, delta)):
             self.flag(
-                label, f"epsilon {epsilon:g} is not the equivalent of rho {rho:g} at {delta:g}"
+                label,
+                f"epsilon {show(epsilon)} is not the equivalent of rho {show(rho)} "
+                f"at {show(delta)}",
             )
-        if per_query is None or cap_exceeded(rho, per_query):
-            self.flag(label, f"rho {rho:g} is above the per-query cap {per_query} in force")
+        if per_query is None:
+            self.flag(label, f"rho {show(rho)} has no per-query cap in force")
+        elif cap_exceeded(rho, per_query):
+            asked, cap = show_apart(rho, per_query)
+            self.flag(label, f"rho {asked} is above the per-query cap {cap} in force")
         if envelope is None:
             self.flag(label, "a release without the analyst's signed envelope")
             return

@@ -24,6 +24,7 @@ from typing import Any
 
 from protocols.budget.policy import LIFETIME_PERIODS, BudgetPolicy, as_number
 from queries.errors import ConfigError
+from queries.numbers import show, show_apart
 
 POLICY_RECORD = "chc.ledger.policy"
 _NUMBERS = ("total_rho", "max_rho_per_query", "delta", "lifetime_rho")
@@ -94,7 +95,7 @@ def policy_from_record(raw: object) -> BudgetPolicy:
 def _show(value: float | str | None) -> str:
     if value is None:
         return "no cap"
-    return f'"{value}"' if isinstance(value, str) else f"{value:g}"
+    return f'"{value}"' if isinstance(value, str) else show(value)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,10 @@ class Loosening:
     new: float | str | None
 
     def __str__(self) -> str:
-        return f"{self.field} from {_show(self.old)} to {_show(self.new)}"
+        old, new = _show(self.old), _show(self.new)
+        if isinstance(self.old, float | int) and isinstance(self.new, float | int):
+            old, new = show_apart(self.old, self.new)  # a cap that rises by 1e-7 reads so
+        return f"{self.field} from {old} to {new}"
 
     def to_json(self) -> dict[str, Any]:
         """As a policy entry records it."""
@@ -193,8 +197,8 @@ def summary(policy: BudgetPolicy) -> str:
     p = policy.resolved()
     per = "over the node's life" if p.period == "none" else f"per {p.period}"
     text = (
-        f"node {p.total_rho:g} {per} and {p.lifetime_cap:g} over its life, at most "
-        f"{p.max_rho_per_query:g} per query"
+        f"node {show(p.total_rho)} {per} and {show(p.lifetime_cap)} over its life, at most "
+        f"{show(p.max_rho_per_query)} per query"
     )
     if p.analyst_rho is not None or p.analyst_lifetime_rho is not None:
         text += (
@@ -204,7 +208,7 @@ def summary(policy: BudgetPolicy) -> str:
     named = _named(p)
     if named:
         text += f"; own caps for {', '.join(named)}"
-    return f"{text} (zCDP rho; delta {p.delta:g})"
+    return f"{text} (zCDP rho; delta {show(p.delta)})"
 
 
 # ---- a change of policy -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from datetime import date, datetime
 from protocols.budget.policy import BudgetPolicy, as_number
 from protocols.budget.tally import SpendTally
 from queries.errors import BudgetExceededError, ChcError, QueryError
+from queries.numbers import show_apart
 from queries.results import BudgetStatus
 
 # Relative slack when a sum of float rhos is compared with a cap: the same fold runs at the
@@ -46,9 +47,9 @@ def per_query_refusal(policy: BudgetPolicy, rho: float) -> QueryError | None:
     if as_number(rho) is None or not (math.isfinite(rho) and rho > 0):
         return QueryError(f"rho must be a positive finite number, got {rho!r}")
     if cap_exceeded(rho, policy.max_rho_per_query):
+        asked, cap = show_apart(rho, policy.max_rho_per_query)
         return QueryError(
-            f"rho {rho:.10g} is above this node's per-query cap of "
-            f"{policy.max_rho_per_query:.10g}; ask for at most {policy.max_rho_per_query:.10g}"
+            f"rho {asked} is above this node's per-query cap of {cap}; ask for at most {cap}"
         )
     return None
 
@@ -73,43 +74,46 @@ def budget_refusal(
             broken.append((max(0.0, cap - spent), 0 if lifetime else 1, message))
 
     room = max(0.0, p.total_rho - period.total)
+    asked, left, spent, limit = show_apart(rho, room, period.total, p.total_rho)
     test(
         p.total_rho,
         period.total,
         False,
-        f"rho {rho:g} exceeds this node's remaining budget of {room:g}"
-        f"{_period_label(p, when)} ({period.total:g} of its cap of {p.total_rho:g} spent)",
+        f"rho {asked} exceeds this node's remaining budget of {left}"
+        f"{_period_label(p, when)} ({spent} of its cap of {limit} spent)",
     )
     cap = p.analyst_cap(analyst)
     mine = period.of(analyst)
     if cap is not None:
+        asked, left, limit, spent = show_apart(rho, max(0.0, cap - mine), cap, mine)
         test(
             cap,
             mine,
             False,
-            f"rho {rho:g} exceeds {analyst}'s remaining budget at this node of "
-            f"{max(0.0, cap - mine):g} (a cap of {cap:g} per analyst"
-            f"{_period_label(p, when)}, {mine:g} spent)",
+            f"rho {asked} exceeds {analyst}'s remaining budget at this node of {left} (a cap "
+            f"of {limit} per analyst{_period_label(p, when)}, {spent} spent)",
         )
     cap = p.lifetime_cap
+    asked, left, limit, spent = show_apart(rho, max(0.0, cap - life.total), cap, life.total)
     test(
         cap,
         life.total,
         True,
-        f"rho {rho:g} exceeds this node's remaining lifetime budget of "
-        f"{max(0.0, cap - life.total):g} (budget.lifetime_rho: a cap of {cap:g} over the "
-        f"node's life, whatever the period; {life.total:g} spent since its ledger began)",
+        f"rho {asked} exceeds this node's remaining lifetime budget of {left} "
+        f"(budget.lifetime_rho: a cap of {limit} over the node's life, whatever the period; "
+        f"{spent} spent since its ledger began)",
     )
     cap = p.analyst_lifetime_cap(analyst)
     mine = life.of(analyst)
     if cap is not None:
+        asked, left, limit, spent = show_apart(rho, max(0.0, cap - mine), cap, mine)
         test(
             cap,
             mine,
             True,
-            f"rho {rho:g} exceeds {analyst}'s remaining lifetime budget at this node of "
-            f"{max(0.0, cap - mine):g} (a lifetime cap of {cap:g} per analyst, whatever the "
-            f"period; {mine:g} spent since the ledger began)",
+            f"rho {asked} exceeds {analyst}'s remaining lifetime budget at this node of "
+            f"{left} (a lifetime cap of {limit} per analyst, whatever the period; {spent} "
+            "spent since the ledger began)",
         )
     if not broken:
         return None
