@@ -14,6 +14,7 @@ from coordinator.audit.cli import audit_app, budget
 from coordinator.hub.cli import federation_app, hub_app, pki_app
 from coordinator.learning.cli import learn_app
 from coordinator.local.cli import demo, synth_cmd
+from coordinator.ui.cli import ui
 from protocols.cli import ChcGroup, DebugOpt
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ app.command("synth")(synth_cmd)
 app.command()(query)
 app.command()(nodes)
 app.add_typer(learn_app, name="learn")
+app.command()(ui)
 
 
 @app.callback()
