@@ -21,6 +21,7 @@ from typing import Any
 from coordinator.learning import funnel
 from coordinator.ui.models import unit_flag
 from queries.model import INTERCEPT
+from queries.present.chart import round_step
 
 _FONT = "font-family: system-ui, -apple-system, 'Segoe UI', sans-serif"
 # Colours with at least 4.5:1 contrast on white.
@@ -56,20 +57,11 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _round_step(raw: float) -> float:
-    """The smallest of 1, 2, 2.5, 5 times a power of ten that is at least raw."""
-    power = 10.0 ** math.floor(math.log10(raw))
-    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
-        if m * power >= raw:
-            return m * power
-    return 10.0 * power
-
-
 def _linear_ticks(lo: float, hi: float) -> tuple[float, float, list[float]]:
     """A range covering lo..hi with round ends, and its 3 to 6 ticks."""
     if hi - lo <= 0:
         hi = lo + 1.0
-    step = _round_step((hi - lo) / 4)
+    step = round_step((hi - lo) / 4)
     first, last = math.floor(lo / step), math.ceil(hi / step)
     return first * step, last * step, [k * step for k in range(first, last + 1)]
 

@@ -79,7 +79,7 @@ class _Axis:
         lo, hi = min([0.0, *values]), max([0.0, *values])
         if hi - lo <= 0.0:
             hi = lo + 1.0
-        step = _round_step((hi - lo) / 4)
+        step = round_step((hi - lo) / 4)
         first, last = math.floor(lo / step), math.ceil(hi / step)
         ticks = tuple(k * step for k in range(first, last + 1))
         return cls(lo=first * step, hi=last * step, ticks=ticks)
@@ -89,7 +89,7 @@ class _Axis:
         return x0 + (x - self.lo) / (self.hi - self.lo) * (x1 - x0)
 
 
-def _round_step(raw: float) -> float:
+def round_step(raw: float) -> float:
     """The smallest of 1, 2, 2.5, 5 times a power of ten that is at least raw."""
     power = 10.0 ** math.floor(math.log10(raw))
     for m in (1.0, 2.0, 2.5, 5.0, 10.0):
