@@ -22,7 +22,13 @@ from google.protobuf.message import DecodeError
 from protocols.ledger.entry import SignedEntry, read_fit
 from protocols.security.envelope import now_ms
 from protocols.v1 import node_pb2
-from queries.errors import AuthenticationError, DeadlineExceededError
+from queries.errors import AuthenticationError, ChcError, DeadlineExceededError
+
+
+class NothingKeptError(LookupError, ChcError):
+    """A fetch-only re-send (ExecuteRequest.kept_only) found no release kept for its envelope."""
+
+    status_name = "NOT_FOUND"
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,14 @@ class NonceStore:
             # Held until finish(), which claims the nonce only if the attempt was charged.
             self._running[nonce] = (digest, threading.Event())
             return Begun(owner=True)
+
+    def watch(self, nonce: bytes, digest: bytes) -> tuple[threading.Event | None, bool]:
+        """For a fetch-only re-send: the event of a call answering this very envelope now
+        (None if none), and whether the nonce is claimed. Claims and frees nothing."""
+        with self._lock:
+            running = self._running.get(nonce)
+            pending = running[1] if running is not None and running[0] == digest else None
+            return pending, self._seen.get(nonce, 0) > now_ms()
 
     def finish(self, nonce: bytes, expires_at_ms: int, *, charged: bool) -> None:
         """End an attempt begun by this call: a charged nonce stays claimed until it expires;

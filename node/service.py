@@ -25,14 +25,14 @@ from cryptography import x509
 
 from node import engine
 from node.access import AccessPolicy
-from node.budget.accounting import Accountant, Charge, Keep, RateLimited, Refusal
+from node.budget.accounting import Accountant, Charge, Keep, Kept, RateLimited, Refusal
 from node.config import REFUSAL_WINDOW_SECONDS, REFUSALS_PER_WINDOW, ModelPolicy
 from node.data.care_sites import refuse_undeclared
 from node.data.catalog import describe_cohort, with_cohort
 from node.data.store import OmopStore
 from node.data.view_set import cohort_runner
 from node.fitting import Fitter
-from node.guards import NonceStore, RefusalLimiter, check_deadline
+from node.guards import NonceStore, NothingKeptError, RefusalLimiter, check_deadline
 from protocols import serde
 from protocols.budget.rules import per_query_refusal
 from protocols.revocation import RevocationList
@@ -53,6 +53,7 @@ from queries import mechanisms, plan, spec, spec_io
 from queries.errors import (
     AuthenticationError,
     ChcError,
+    ConfigError,
     DeadlineExceededError,
     PermissionDeniedError,
 )
@@ -256,7 +257,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """Verify, plan, charge, then release one query (refusals cost nothing).
 
         Idempotent: the same envelope again (a retry after a lost reply) is answered with the
-        release kept for it, marked `resent`, and charged nothing more.
+        release kept for it, marked `resent`, and charged nothing more. With `kept_only` it
+        is only that: the kept release, or NOT_FOUND, never a computation or a charge.
         """
         try:
             signed, analyst = self._authorise(request.envelope, context)
@@ -266,11 +268,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
             raise
         envelope_bytes = request.envelope.SerializeToString(deterministic=True)
         attempt = _Attempt(digest=hashlib.sha256(envelope_bytes).digest())
+        if request.kept_only:
+            # A read, like Explain: its outcome is not a refusal of a query (none was run).
+            return self._kept_only(signed, attempt.digest, context)
         try:
             kept = self._begin(signed, attempt, context)
             if kept is not None:
                 return kept
-            return self._execute(signed, analyst, envelope_bytes, attempt, context)
+            return self._execute(
+                signed, analyst, envelope_bytes, attempt, context, structure=request.structure
+            )
         except ChcError as exc:
             self._record_refusal(request.envelope, analyst.name, exc)
             raise
@@ -301,16 +308,49 @@ class NodeService(node_pb2_grpc.NodeServicer):
             kept = self.accountant.stored_release(attempt.digest)
             if kept is None:
                 raise AuthenticationError("this query envelope was already used; sign it again")
-            msg = node_pb2.ExecuteResponse.FromString(kept.response)
-            msg.ledger_sequence = kept.sequence
-            msg.budget.CopyFrom(serde.budget_to_proto(self.accountant.status()))
-            msg.resent = True
-            log.info(
-                "query %s: re-sent the kept release of ledger entry %d (nothing charged)",
-                msg.query_id,
-                kept.sequence,
+            return self._resent(kept)
+
+    def _resent(self, kept: Kept) -> node_pb2.ExecuteResponse:
+        """The release kept for an envelope, marked resent, with today's budget."""
+        msg = node_pb2.ExecuteResponse.FromString(kept.response)
+        msg.ledger_sequence = kept.sequence
+        msg.budget.CopyFrom(serde.budget_to_proto(self.accountant.status()))
+        msg.resent = True
+        log.info(
+            "query %s: re-sent the kept release of ledger entry %d (nothing charged)",
+            msg.query_id,
+            kept.sequence,
+        )
+        return msg
+
+    def _kept_only(
+        self, signed: SignedQuery, digest: bytes, context: grpc.ServicerContext
+    ) -> node_pb2.ExecuteResponse:
+        """The release kept for this envelope, after any call still answering it; else
+        NOT_FOUND. Never computes, charges or claims the nonce (so the envelope may still
+        be executed, if no call ever charged it)."""
+        pending, claimed = self.nonces.watch(signed.nonce, digest)
+        if pending is not None:
+            remaining = context.time_remaining()
+            wait = MAX_RESEND_WAIT_S if remaining is None else min(remaining, MAX_RESEND_WAIT_S)
+            if not pending.wait(timeout=max(0.0, wait)):
+                raise DeadlineExceededError(
+                    "a call with this envelope is still being answered; whether it charges is "
+                    "not known yet: re-send it later to read its release (nothing is charged "
+                    "for reading it)"
+                )
+            claimed = self.nonces.watch(signed.nonce, digest)[1]
+        kept = self.accountant.stored_release(digest)
+        if kept is not None:
+            return self._resent(kept)
+        if claimed:
+            # Charged under this nonce, but this exact envelope's copy is not here (another
+            # envelope with the same nonce): the ledger is the record.
+            raise NothingKeptError(
+                "no release is kept for this envelope, but its nonce was charged for another "
+                "envelope: `chc budget` and the ledger show that charge"
             )
-            return msg
+        raise NothingKeptError("no release is kept for this envelope: nothing was charged")
 
     def _execute(
         self,
@@ -319,9 +359,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
         envelope: bytes,
         attempt: _Attempt,
         context: grpc.ServicerContext,
+        *,
+        structure: bytes = b"",
     ) -> node_pb2.ExecuteResponse:
         analyst = verified.name
         query, compiled, releases, rho = self._price(signed, verified)
+        if structure:
+            self._check_structure(query, structure)
         self.accountant.check(analyst, rho)
         query_id = uuid.uuid4().hex
         started = time.perf_counter()
@@ -378,6 +422,20 @@ class NodeService(node_pb2_grpc.NodeServicer):
         msg.budget.CopyFrom(serde.budget_to_proto(budget))
         msg.ledger_sequence = sequence
         return msg
+
+    def _check_structure(self, query: spec.Query, expected: bytes) -> None:
+        """Refuse at no cost a query whose columns here differ from what the hub found at
+        the other nodes (ExecuteRequest.structure): its figures could not be pooled."""
+        if query.cohort is not None:
+            return  # an ad hoc cohort's view is built here; the hub compares base views
+        ours = serde.pooling_structure(self.catalog.view(query.view), query)
+        if serde.structure_fingerprint(ours) != expected:
+            raise ConfigError(
+                f"{self.name}: the public structure (domains, bounds) of the columns this "
+                f"query reads in view {query.view!r} differs from what the hub found at the "
+                "other nodes, so this node's figures could not be pooled with theirs; nothing "
+                "was charged: compare `chc nodes` and align the nodes' catalogs"
+            )
 
     def _release(
         self, compiled: plan.Plan, releases: tuple[engine.ComponentRelease, ...]

@@ -7,7 +7,9 @@ malformed message becomes a clear error rather than a crash deeper in.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from datetime import date
 
 import pyarrow as pa
@@ -29,6 +31,7 @@ from queries.results import (
     ReleaseRules,
 )
 from queries.schema import MAX_PERSONS, Catalog, ColumnSpec, ColumnType, ViewSpec
+from queries.spec import Query
 
 PROTOCOL_VERSION = "chc.v1"
 
@@ -314,6 +317,7 @@ def outcome_to_proto(outcome: NodeOutcome) -> hub_pb2.NodeOutcome:
         node_query_id=outcome.node_query_id,
         ledger_sequence=outcome.ledger_sequence,
         resent=outcome.resent,
+        charge_unknown=outcome.charge_unknown,
     )
     if outcome.budget is not None:
         msg.budget.CopyFrom(budget_to_proto(outcome.budget))
@@ -338,6 +342,7 @@ def outcome_from_proto(msg: hub_pb2.NodeOutcome) -> NodeOutcome:
         node_query_id=msg.node_query_id,
         ledger_sequence=msg.ledger_sequence,
         resent=msg.resent,
+        charge_unknown=msg.charge_unknown,
     )
 
 
@@ -396,3 +401,46 @@ def explain_from_proto(msg: hub_pb2.ExplainResult) -> NodeExplain:
         cells=e.cells,
         budget=budget_from_proto(e.budget) if e.HasField("budget") else None,
     )
+
+
+def _query_columns(query: Query) -> list[str]:
+    """Every column a query names: its groups, filters and measured columns, sorted."""
+    named = {*query.group_by, *(f.column for f in query.where)}
+    for m in query.measures:
+        named.update(c for c in (m.column, m.denominator) if c is not None)
+    return sorted(named)
+
+
+def pooling_structure(view: ViewSpec, query: Query) -> dict[str, bytes]:
+    """What of each column the query names must be the same at every node to pool figures.
+
+    A column's type, public domain (in order) and bounds decide the groups, grids and clamp
+    bounds each node releases (queries/combine.py pools them by position); its description
+    and person_level may differ. A column the view lacks maps to b"" (the node refuses the
+    query itself, naming it).
+    """
+    columns = {c.name: c for c in view.columns}
+    out: dict[str, bytes] = {}
+    for name in _query_columns(query):
+        col = columns.get(name)
+        out[name] = (
+            b""
+            if col is None
+            else node_pb2.ColumnInfo(
+                name=col.name,
+                type=col.type.value,
+                domain=list(col.domain),
+                lower=col.lower,
+                upper=col.upper,
+            ).SerializeToString(deterministic=True)
+        )
+    return out
+
+
+def structure_fingerprint(structure: Mapping[str, bytes]) -> bytes:
+    """SHA-256 over a pooling_structure (ExecuteRequest.structure), names and all."""
+    digest = hashlib.sha256()
+    for name in sorted(structure):
+        for part in (name.encode(), structure[name]):
+            digest.update(len(part).to_bytes(4, "big") + part)
+    return digest.digest()

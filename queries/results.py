@@ -150,6 +150,10 @@ class NodeOutcome:
     # The node re-sent the release it kept for this envelope (a retry): rho_charged was
     # charged when it first answered, not again.
     resent: bool = False
+    # The node answered neither the query nor the hub's re-send for its kept release in
+    # time: whether it charged is not known (at most the query's rho). rho_charged is then 0
+    # but is no receipt; re-sending the envelope later (Federation.resend) tells.
+    charge_unknown: bool = False
 
 
 @dataclass(frozen=True)

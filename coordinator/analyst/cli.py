@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from coordinator.analyst import connect, report
-from coordinator.analyst.client import Federation
+from coordinator.analyst.client import Federation, load_envelope, save_envelope
 from coordinator.hub.service import MAX_DEADLINE_MS
 from protocols.cli import (
     AnalystIdentityOpt,
@@ -30,6 +30,7 @@ from protocols.cli import (
 from protocols.cli import console as console_for_output
 from queries import spec, spec_io
 from queries.errors import ConfigError, QueryError
+from queries.results import FederatedResult
 from queries.sql import parse_sql
 
 # A query spec is a few lines; reading stops one byte past this, so `--spec /dev/zero` or a
@@ -275,13 +276,36 @@ def query(
     ] = 0,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
+    save_to: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-envelope",
+            help="write the signed envelope to FILE, to read its releases again with --resend",
+        ),
+    ] = None,
+    resend_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--resend",
+            help="read again what each node kept for the envelope in FILE (charges nothing)",
+        ),
+    ] = None,
 ) -> None:
     """Run a federated DP query at every node; print per-region and pooled estimates."""
+    deadline = _deadline(deadline)
+    if resend_from is not None:
+        given = [sql_text, spec_file, view, rho, epsilon, save_to] + ([True] if explain else [])
+        if any(x is not None for x in given):
+            raise ConfigError(
+                "--resend FILE reads the query from the envelope in FILE: give no query "
+                "(--sql, --spec, --view, --rho, --epsilon), --explain or --save-envelope with it"
+            )
+        _resend(resend_from, hub, identity, deadline, as_json=as_json, as_csv=as_csv)
+        return
     q = _with_cap(
         _build_query(sql_text, spec_file, view, group_by, where, rho, epsilon, delta),
         rows_per_person,
     )
-    deadline = _deadline(deadline)
     console = console_for_output()
     with _connect(hub, identity) as fed:
         if explain:
@@ -292,7 +316,22 @@ def query(
                 report.print_explain(console, explains, q)
             _fail_on(report.explain_failure(explains))
             return
-        result = fed.query(q, deadline_s=deadline, quorum=quorum)
+        envelope = fed.sign(q)
+        if save_to is not None:
+            # Written before the query runs: a reply lost on the way is still readable later.
+            try:
+                save_envelope(envelope, save_to)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--save-envelope {save_to}: cannot write it ({exc.strerror or exc})"
+                ) from None
+        result = fed.run(envelope, deadline_s=deadline, quorum=quorum)
+    _show(result, q, as_json=as_json, as_csv=as_csv)
+
+
+def _show(result: FederatedResult, q: spec.Query, *, as_json: bool, as_csv: bool) -> None:
+    """Print a result as asked, then exit non-zero if it answers nothing."""
+    console = console_for_output()
     if as_json:
         console.print_json(report.to_json(report.result_to_dict(result, q)))
     elif as_csv:
@@ -300,6 +339,26 @@ def query(
     else:
         report.print_result(console, result, q)
     _fail_on(report.result_failure(result))
+
+
+def _resend(
+    path: Path,
+    hub: str | None,
+    identity: Path | None,
+    deadline: float,
+    *,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """`chc query --resend FILE`: the releases the nodes kept for a saved envelope."""
+    envelope = load_envelope(path, flag="--resend")
+    try:
+        q = spec_io.from_json(envelope.query)
+    except QueryError as exc:
+        raise ConfigError(f"--resend {path}: its query is not valid: {exc}") from None
+    with _connect(hub, identity) as fed:
+        result = fed.resend(envelope, deadline_s=deadline)
+    _show(result, q, as_json=as_json, as_csv=as_csv)
 
 
 def _fail_on(failure: report.Failure | None) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from coordinator.learning.result import FitResult
 from coordinator.learning.trained import TrainedModel
@@ -44,6 +45,40 @@ from queries.results import (
     NodeStatus,
 )
 from queries.spec import Query, canonical_bytes
+
+# A saved envelope is a query spec (at most spec_io.MAX_SPEC_BYTES), a certificate and a few
+# fields; reading one stops one byte past this.
+MAX_ENVELOPE_BYTES = 1024 * 1024
+
+
+def save_envelope(envelope: node_pb2.QueryEnvelope, path: Path) -> None:
+    """Write a signed envelope (serialised protobuf) for resend() later. It authorises only
+    what it says (run once, charged once; re-sent at no cost) until it expires."""
+    path.write_bytes(envelope.SerializeToString(deterministic=True))
+
+
+def load_envelope(path: Path, *, flag: str = "envelope") -> node_pb2.QueryEnvelope:
+    """A signed envelope written by save_envelope (bounded read); ConfigError if it is not."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_ENVELOPE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise ConfigError(
+            f"{flag} {path} is larger than {MAX_ENVELOPE_BYTES // 1024} KB: it is not an "
+            "envelope saved by `chc query --save-envelope`"
+        )
+    try:
+        envelope = node_pb2.QueryEnvelope.FromString(raw)
+    except DecodeError:
+        envelope = None
+    if envelope is None or not envelope.signature or not envelope.query:
+        raise ConfigError(
+            f"{flag} {path} is not a signed query envelope: give a file written by "
+            "`chc query --save-envelope FILE`"
+        )
+    return envelope
 
 
 class HubUnavailableError(ConnectionError, ChcError):
@@ -240,12 +275,40 @@ class Federation:
         re-sent (protocols/retries.py), so nodes that already answered re-send their kept
         release at no further cost.
         """
+        envelope = self.sign(query, operation=Operation.EXECUTE, ttl_s=ttl_s)
+        return self.run(envelope, deadline_s=deadline_s, quorum=quorum)
+
+    def run(
+        self, envelope: node_pb2.QueryEnvelope, *, deadline_s: float = 30.0, quorum: int = 0
+    ) -> FederatedResult:
+        """Run an envelope signed with sign() (operation execute) at every node, as query()
+        does: keep the envelope (save_envelope) to read its releases again with resend()."""
         if quorum < 0:
             raise QueryError(f"quorum must be 0 (any number of nodes) or more, got {quorum}")
-        request = self._signed_request(query, Operation.EXECUTE, deadline_s=deadline_s, ttl_s=ttl_s)
-        request.quorum = quorum
+        request = hub_pb2.SubmitRequest(
+            envelope=envelope, deadline_ms=int(deadline_s * 1000), quorum=quorum
+        )
         try:
             # Give the hub a little longer than the nodes, so node timeouts are reported.
+            response = _resend_while_unavailable(self._stub.Submit, request, deadline_s + 5.0)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return serde.result_from_proto(response)
+
+    def resend(
+        self, envelope: node_pb2.QueryEnvelope, *, deadline_s: float = 30.0
+    ) -> FederatedResult:
+        """Read again what every node kept for an envelope already run; charges nothing.
+
+        Each node re-sends the release it kept for this very envelope (status ok, resent,
+        with its receipt) or says that it kept none, which means it charged nothing for it
+        (status refused); nothing is run anywhere. Kept releases last until the envelope
+        expires (its ttl_s). Nodes that do not answer are timed_out, charge unknown.
+        """
+        request = hub_pb2.SubmitRequest(
+            envelope=envelope, deadline_ms=int(deadline_s * 1000), kept_only=True
+        )
+        try:
             response = _resend_while_unavailable(self._stub.Submit, request, deadline_s + 5.0)
         except grpc.RpcError as exc:
             raise self._error(exc) from None

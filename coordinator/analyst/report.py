@@ -48,18 +48,40 @@ def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") ->
         "query": query.to_dict(),
         "partial": result.partial,
         "rows": result_rows(result, query),
-        "nodes": [
-            {
-                "node": o.node,
-                "status": o.status.value,
-                "message": o.message,
-                "rho_spent": o.rho_charged,
-                "resent": o.resent,
-                "rho_spent_total": o.budget.rho_spent if o.budget else None,
-                "rho_remaining": o.budget.rho_remaining if o.budget else None,
-            }
-            for o in result.nodes
-        ],
+        "nodes": [_node_dict(o, query.rho) for o in result.nodes],
+        "rho_spent_in_all": _spent_total(result, query.rho),
+    }
+
+
+def _node_dict(o: NodeOutcome, rho: float) -> dict[str, Any]:
+    """One node's outcome: its status, what it charged (null when not known, with the most
+    it could have charged), its receipt and its budget."""
+    return {
+        "node": o.node,
+        "status": o.status.value,
+        "message": o.message,
+        "rho_spent": None if o.charge_unknown else o.rho_charged,
+        "rho_at_most": rho if o.charge_unknown else o.rho_charged,
+        "charge_unknown": o.charge_unknown,
+        "resent": o.resent,
+        # The node's receipt: its query id and the ledger entry that recorded the charge.
+        "node_query_id": o.node_query_id or None,
+        "ledger_sequence": o.ledger_sequence or None,
+        "rho_spent_total": o.budget.rho_spent if o.budget else None,
+        "rho_remaining": o.budget.rho_remaining if o.budget else None,
+    }
+
+
+def _spent_total(result: FederatedResult, rho: float) -> dict[str, Any]:
+    """What the query charged across the nodes: known charges, and the nodes whose charge
+    is not known (each at most rho), never counted as 0. Re-sent releases were charged
+    when first answered; their rho is in known, as on their receipts."""
+    unknown = [o.node for o in result.nodes if o.charge_unknown]
+    known = sum(o.rho_charged for o in result.nodes if not o.charge_unknown)
+    return {
+        "known": known,
+        "unknown_nodes": unknown,
+        "at_most": known + rho * len(unknown),
     }
 
 
@@ -160,30 +182,46 @@ def print_result(
         console.print(
             "[bold yellow]Partial result:[/] the pooled rows cover only the nodes marked ok."
         )
-    print_nodes(console, result)
+    print_nodes(console, result, rho=query.rho)
 
 
-def print_nodes(console: Console, result: FederatedResult) -> None:
-    """Each node's status and the privacy budget it spent (no latency: it is not released)."""
+def print_nodes(console: Console, result: FederatedResult, *, rho: float | None = None) -> None:
+    """Each node's status and the privacy budget it spent (no latency: it is not released),
+    then the total; a node whose charge is not known shows "unknown (at most rho)"."""
     table = Table(title="Nodes", title_justify="left")
-    for col in ("Node", "Status", "rho spent", "rho used / total", "Note"):
+    for col in ("Node", "Status", "rho spent", "Receipt", "rho used / total", "Note"):
         table.add_column(col, justify="right" if col == "rho spent" else "left")
     for o in result.nodes:
         colour = "green" if o.status is NodeStatus.OK else "red"
         used = f"{o.budget.rho_spent:.4g} / {o.budget.rho_total:.4g}" if o.budget else "-"
+        if o.charge_unknown:
+            spent = "unknown" + (f" (at most {rho:.4g})" if rho is not None else "")
+        else:
+            spent = f"{o.rho_charged:.4g}"
+        receipt = f"ledger #{o.ledger_sequence}" if o.ledger_sequence else "-"
         table.add_row(
-            o.node,
+            escape(o.node),
             f"[{colour}]{o.status.value}[/]",
-            f"{o.rho_charged:.4g}",
+            spent,
+            receipt,
             used,
-            o.message
-            or (
-                "re-sent its kept release: charged when first answered, not again"
-                if o.resent
-                else ""
+            escape(
+                o.message
+                or (
+                    "re-sent its kept release: charged when first answered, not again"
+                    if o.resent
+                    else ""
+                )
             ),
         )
     console.print(table)
+    unknown = [o.node for o in result.nodes if o.charge_unknown]
+    known = sum(o.rho_charged for o in result.nodes if not o.charge_unknown)
+    line = f"rho spent: {known:.4g} in all at the nodes that answered"
+    if unknown:
+        most = f"at most {rho:.4g} each" if rho is not None else "each at most the query's rho"
+        line += f"; not known at {', '.join(unknown)} ({most})"
+    console.print(escape(line))
 
 
 def print_explain(console: Console, explains: Sequence[NodeExplain], query: Query) -> None:

@@ -44,6 +44,8 @@ _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION,
+    # A fetch-only re-send (kept_only) to a node that kept no release: nothing was charged.
+    grpc.StatusCode.NOT_FOUND,
 }
 
 
@@ -60,6 +62,8 @@ class Reply(Generic[T]):
     # What a refusing node says it charged before refusing (a fit's design check).
     rho_charged: float = 0.0
     attempts: int = 1  # calls made (more than one: the node was unreachable at first)
+    # Timed out, and whether the node charged is not known (HubService._late_answers).
+    charge_unknown: bool = False
 
 
 def unanimous_refusal(replies: Sequence[Reply[Any]]) -> tuple[grpc.StatusCode, str] | None:
@@ -128,8 +132,12 @@ async def _call(
     began: float,
     deadline_s: float,
     retry: bool,
+    probe: bool = False,
 ) -> Reply[object]:
-    """Call one node (again while it is unreachable, if allowed) and say how it ended."""
+    """Call one node (again while it is unreachable, if allowed) and say how it ended.
+
+    A probe leaves the node's reachability record alone (see fan_out).
+    """
     name = handle.entry.name
     end = began + deadline_s
     # A node that just went is given time to come back; one known to be down, a moment (its
@@ -151,9 +159,11 @@ async def _call(
             if code is grpc.StatusCode.UNAVAILABLE and time.perf_counter() + wait < retry_until:
                 await asyncio.sleep(wait)
                 continue
-            handle.reach.record(reached=code is not grpc.StatusCode.UNAVAILABLE)
+            if not probe:
+                handle.reach.record(reached=code is not grpc.StatusCode.UNAVAILABLE)
             return _failed(handle, exc, code, began, deadline_s, attempts)
-        handle.reach.record(reached=True)
+        if not probe:
+            handle.reach.record(reached=True)
         return Reply(
             node=name,
             status=NodeStatus.OK,
@@ -188,12 +198,10 @@ def _failed(
         tried = f" ({attempts} attempts)" if attempts > 1 else ""
         message = f"node {name} at {handle.entry.address} is unreachable{tried}: {message}"
     elif status is NodeStatus.TIMED_OUT:
-        # A node refuses at no cost once it sees the deadline has passed; an answer
-        # lost after its charge was recorded still shows in `chc budget` and audits.
-        message = (
-            f"node {name} did not answer within {deadline_s:g} s (a node charges "
-            "nothing once it sees the deadline has passed; `chc budget` shows its spend)"
-        )
+        # Whether it charged is not known here: a node refuses at no cost once it sees the
+        # deadline has passed, but a charge made just before it, whose reply came late, is
+        # kept. The hub's Submit then asks for that kept release (HubService._late_answers).
+        message = f"node {name} did not answer within {deadline_s:g} s"
     return Reply(
         node=name,
         status=status,
@@ -213,20 +221,27 @@ def fan_out(
     *,
     deadline_s: float,
     retry: bool = True,
+    probe: bool = False,
 ) -> list[Reply[object]]:
     """Call `method` of every node at once with one request, each by the shared deadline;
     replies in the handles' order.
 
     `retry` says whether a call may be repeated while its node is unreachable (only for
-    idempotent calls: Execute, Explain, Describe).
+    idempotent calls: Execute, Explain, Describe). A `probe` (the hub's Describe before a
+    query) is never repeated and leaves each node's reachability record alone, so that the
+    query's own call still gives a node that just went its full retry window.
     """
     began = time.perf_counter()
 
     async def every_node() -> list[Reply[object]]:
-        calls = (_call(h, method, request, began, deadline_s, retry) for h in handles)
+        calls = (
+            _call(h, method, request, began, deadline_s, retry and not probe, probe)
+            for h in handles
+        )
         return list(await asyncio.gather(*calls))
 
     replies = _run(every_node())
-    for r in replies:
-        record_node_status(r.node, r.status.value)
+    if not probe:  # the metric counts the nodes' answers to calls, not the hub's probes
+        for r in replies:
+            record_node_status(r.node, r.status.value)
     return replies

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,14 @@ from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2_grpc
 from queries.errors import ConfigError
 from queries.results import ReleaseRules
+from queries.schema import Catalog
+
+# How long a node's described catalog is trusted before the hub asks again (for the pooling
+# check before a query; a node that changed its catalog meanwhile refuses the query itself).
+CATALOG_TTL_S = 60.0
+# How long a node that did not answer its Describe is left undescribed (it then checks the
+# query's structure itself), so that a node that is down does not slow every query.
+DESCRIBE_FAILED_TTL_S = 15.0
 
 # The keys load_hub_config accepts: top level, in each [[nodes]] and in [release]; every one
 # is documented in docs/configuration.md (tests/unit/test_configuration_doc.py checks).
@@ -256,6 +265,38 @@ class Registry:
                 )
             link = AsyncLink(functools.partial(_async_channel, entry, identity))
             self.handles.append(NodeHandle(entry, channel, node_pb2_grpc.NodeStub(channel), link))
+        # Each node's catalog as it last described it, and when (time.monotonic()); None
+        # for a node whose last Describe got no answer.
+        self._catalogs: dict[str, tuple[float, Catalog | None]] = {}
+        self._catalogs_lock = threading.Lock()
+
+    def catalog(self, node: str) -> Catalog | None:
+        """The node's catalog as described within CATALOG_TTL_S (None: none that recent)."""
+        with self._catalogs_lock:
+            found = self._catalogs.get(node)
+        if found is None or time.monotonic() - found[0] > CATALOG_TTL_S:
+            return None
+        return found[1]
+
+    def describe_failed(self, node: str) -> bool:
+        """Whether the node's last Describe, within DESCRIBE_FAILED_TTL_S, got no answer."""
+        with self._catalogs_lock:
+            found = self._catalogs.get(node)
+        return (
+            found is not None
+            and found[1] is None
+            and time.monotonic() - found[0] <= DESCRIBE_FAILED_TTL_S
+        )
+
+    def remember(self, node: str, catalog: Catalog | None) -> None:
+        """Keep a node's catalog from its Describe (None: it did not answer)."""
+        with self._catalogs_lock:
+            self._catalogs[node] = (time.monotonic(), catalog)
+
+    def forget_catalogs(self) -> None:
+        """Describe every node again before the next query (a node refused its structure)."""
+        with self._catalogs_lock:
+            self._catalogs.clear()
 
     def close(self) -> None:
         """Close every channel."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 from cryptography import x509
 
 from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
-from coordinator.hub.registry import Registry
+from coordinator.hub.registry import NodeHandle, Registry
 from coordinator.learning.federated import fit_across
 from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
@@ -26,6 +29,8 @@ from queries import release as release_rules
 from queries.errors import (
     AuthenticationError,
     ChcError,
+    ConfigError,
+    DataError,
     PermissionDeniedError,
     QueryError,
     QuorumNotMetError,
@@ -39,6 +44,18 @@ log = logging.getLogger(__name__)
 MAX_DEADLINE_MS = 10 * 60 * 1000
 # What the hub keeps of the caller's own deadline to combine and answer.
 COMBINE_MARGIN_S = 0.5
+# After the deadline, how long a node that timed out is given to re-send the release it kept
+# (if it charged just before the deadline and its reply came late). The client waits 5 s
+# past its deadline, so this fits with the describe and combine margins.
+KEPT_GRACE_S = 1.0
+MIN_KEPT_GRACE_S = 0.05  # below this a re-send could not come back: the charge is unknown
+# The longest the pooling check waits for a node's Describe (its catalog, for the structure
+# the query reads), and at most this share of the deadline; the wait comes out of the
+# deadline. A node that does not answer in time checks the structure itself instead.
+DESCRIBE_WAIT_S = 1.0
+DESCRIBE_SHARE = 0.25
+# Domain values quoted per node when their structures differ.
+_QUOTED_VALUES = 6
 
 
 class AllNodesRefusedError(ChcError):
@@ -47,6 +64,10 @@ class AllNodesRefusedError(ChcError):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.status_name = code.name
+
+
+class PoolingMismatchError(ConfigError):
+    """The nodes describe the columns a query reads differently: refused before any charge."""
 
 
 class TrainingUnavailableError(ChcError):
@@ -129,12 +150,114 @@ class HubService(hub_pb2_grpc.HubServicer):
         query = spec_io.from_json(request.envelope.query)
         quorum = self._quorum(request)
         deadline_s = self._deadline_s(request, context)
-        node_request = node_pb2.ExecuteRequest(envelope=request.envelope)
-        replies = fan_out(self.registry.handles, "Execute", node_request, deadline_s=deadline_s)
-        result = _combine(
-            query, replies, self.rules, analyst=request.envelope.analyst, quorum=quorum
-        )
+        handles = self.registry.handles
+        analyst = request.envelope.analyst
+        if request.kept_only:
+            # Federation.resend: each node re-sends what it kept for this envelope or says it
+            # kept nothing; nothing is run or charged anywhere.
+            fetch = node_pb2.ExecuteRequest(envelope=request.envelope, kept_only=True)
+            replies = [
+                _silent(r, deadline_s, query.rho)
+                for r in fan_out(handles, "Execute", fetch, deadline_s=deadline_s)
+            ]
+            result = _combine(
+                query, replies, self.rules, analyst=analyst, quorum=quorum, refuse_all=False
+            )
+            return serde.result_to_proto(result)
+        began = time.monotonic()
+        structure = self._pooling_check(query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s))
+        # The deadline bounds the whole query: what the check took comes out of it (messages
+        # still name the deadline the analyst gave).
+        left_s = max(0.001, deadline_s - (time.monotonic() - began))
+        node_request = node_pb2.ExecuteRequest(envelope=request.envelope, structure=structure)
+        replies = fan_out(handles, "Execute", node_request, deadline_s=left_s)
+        if any(r.code is grpc.StatusCode.FAILED_PRECONDITION for r in replies):
+            # Perhaps a node's catalog changed since it was described: describe them again.
+            self.registry.forget_catalogs()
+        replies = self._late_answers(replies, request.envelope, deadline_s, query.rho, context)
+        result = _combine(query, replies, self.rules, analyst=analyst, quorum=quorum)
         return serde.result_to_proto(result)
+
+    def _pooling_check(self, query: spec.Query, wait_s: float) -> bytes:
+        """The fingerprint of the structure the query reads, the same at every node described
+        (ExecuteRequest.structure), or refuse the query before any node is asked.
+
+        Catalogs are described again when the cached ones differ, so a stale cache never
+        refuses a query. Nodes that do not answer Describe in time, or lack the view, are
+        left to check themselves (each compares the fingerprint with its own catalog).
+        """
+        if query.cohort is not None:
+            return b""  # each node builds the cohort's view itself; see queries/cohort.py
+        structures = self._structures(query, wait_s, fresh=False)
+        if len({serde.structure_fingerprint(s) for s in structures.values()}) > 1:
+            structures = self._structures(query, wait_s, fresh=True)
+        prints = {serde.structure_fingerprint(s) for s in structures.values()}
+        if len(prints) > 1:
+            raise PoolingMismatchError(_mismatch_message(query.view, structures))
+        return next(iter(prints), b"")
+
+    def _structures(
+        self, query: spec.Query, wait_s: float, *, fresh: bool
+    ) -> dict[str, dict[str, bytes]]:
+        """Per node (cached, or described now), the pooling structure of the query's view."""
+        catalogs = {}
+        stale: list[NodeHandle] = []
+        for h in self.registry.handles:
+            cached = None if fresh else self.registry.catalog(h.entry.name)
+            if cached is not None:
+                catalogs[h.entry.name] = cached
+            elif not self.registry.describe_failed(h.entry.name):
+                stale.append(h)
+        if stale:
+            described = fan_out(
+                stale, "Describe", node_pb2.DescribeRequest(), deadline_s=wait_s, probe=True
+            )
+            for r in described:
+                catalog = None
+                if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):
+                    # A description that does not parse: the node refuses or fails by itself.
+                    with contextlib.suppress(DataError):
+                        catalog = serde.description_from_proto(r.value).catalog
+                self.registry.remember(r.node, catalog)
+                if catalog is not None:
+                    catalogs[r.node] = catalog
+        return {
+            node: serde.pooling_structure(view, query)
+            for node, catalog in catalogs.items()
+            for view in catalog.views
+            if view.name == query.view
+        }
+
+    def _late_answers(
+        self,
+        replies: list[Reply[object]],
+        envelope: node_pb2.QueryEnvelope,
+        deadline_s: float,
+        rho: float,
+        context: grpc.ServicerContext | None,
+    ) -> list[Reply[object]]:
+        """Ask each node that timed out, once, for the release it kept for the envelope.
+
+        A node that charged just before the deadline but whose reply came late has kept its
+        release: it then counts as answered (resent, with its receipt). One that kept
+        nothing charged nothing; one that still does not answer may have charged (unknown).
+        """
+        late = [i for i, r in enumerate(replies) if r.status is NodeStatus.TIMED_OUT]
+        if not late:
+            return replies
+        remaining = None if context is None else context.time_remaining()
+        grace = KEPT_GRACE_S
+        if remaining is not None:
+            grace = min(grace, remaining - COMBINE_MARGIN_S)
+        fetched: list[Reply[object] | None] = [None] * len(late)
+        if grace >= MIN_KEPT_GRACE_S:
+            fetch = node_pb2.ExecuteRequest(envelope=envelope, kept_only=True)
+            handles = [self.registry.handles[i] for i in late]
+            fetched = list(fan_out(handles, "Execute", fetch, deadline_s=grace))
+        out = list(replies)
+        for i, again in zip(late, fetched, strict=True):
+            out[i] = _after_deadline(replies[i], again, deadline_s, rho)
+        return out
 
     @guarded
     def Explain(  # noqa: N802 - gRPC method name
@@ -253,6 +376,85 @@ def _check_signed_for(envelope: node_pb2.QueryEnvelope, call: Call) -> None:
         )
 
 
+def _after_deadline(
+    first: Reply[object], again: Reply[object] | None, deadline_s: float, rho: float
+) -> Reply[object]:
+    """A timed-out node's reply, given what it said to the re-send for its kept release."""
+    if again is not None and again.status is NodeStatus.OK:
+        return dataclasses.replace(
+            again,
+            message=(
+                f"answered after the deadline of {deadline_s:g} s: the hub read the release it "
+                "kept (charged once, when it answered)"
+            ),
+            latency_ms=first.latency_ms + again.latency_ms,
+        )
+    if again is not None and again.code is grpc.StatusCode.NOT_FOUND:
+        return dataclasses.replace(
+            first,
+            message=(
+                f"node {first.node} did not answer within {deadline_s:g} s and kept no release "
+                f"for this envelope: nothing was charged ({again.message})"
+            ),
+        )
+    return _silent(first, deadline_s, rho, asked_again=again is not None)
+
+
+def _silent(
+    reply: Reply[object], deadline_s: float, rho: float, *, asked_again: bool = False
+) -> Reply[object]:
+    """A reply that timed out with nothing known of the charge marked so; others as they are."""
+    if reply.status is not NodeStatus.TIMED_OUT:
+        return reply
+    again = ", nor to the hub's re-send asking for its kept release" if asked_again else ""
+    return dataclasses.replace(
+        reply,
+        charge_unknown=True,
+        message=(
+            f"node {reply.node} did not answer within {deadline_s:g} s{again}: whether it "
+            f"charged is not known (at most rho {rho:g}); `chc budget` shows every charge, "
+            "and re-sending the same envelope later (`chc query --resend FILE`, "
+            "Federation.resend) reads its release or says that nothing was charged"
+        ),
+    )
+
+
+def _mismatch_message(view: str, structures: Mapping[str, Mapping[str, bytes]]) -> str:
+    """Which nodes differ on which columns of the view, quoted briefly."""
+    columns = sorted({c for s in structures.values() for c in s})
+    parts = []
+    for column in columns:
+        by_form: dict[bytes, list[str]] = {}
+        for node in sorted(structures):
+            by_form.setdefault(structures[node].get(column, b""), []).append(node)
+        if len(by_form) < 2:
+            continue
+        forms = "; ".join(
+            f"{', '.join(nodes)}: {_form(raw)}" for raw, nodes in sorted(by_form.items())
+        )
+        parts.append(f"column {column!r} differs ({forms})")
+    return (
+        f"pooling: the nodes describe view {view!r} differently, so their figures could not be "
+        f"pooled; no node was asked and nothing was charged: {'; '.join(parts)}. Ask the "
+        "nodes' operators to align their catalogs (`chc nodes` shows each one's)"
+    )
+
+
+def _form(raw: bytes) -> str:
+    """One column's pooling structure in words (a few domain values, the bounds)."""
+    if not raw:
+        return "no such column"
+    col = node_pb2.ColumnInfo.FromString(raw)
+    text = col.type
+    if col.domain:
+        shown = ", ".join(col.domain[:_QUOTED_VALUES])
+        more = f", ... ({len(col.domain)} values)" if len(col.domain) > _QUOTED_VALUES else ""
+        text += f" [{shown}{more}]"
+    if col.HasField("lower") and col.HasField("upper"):
+        text += f" from {col.lower:g} to {col.upper:g}"
+    return text
+
+
 def _combine(
     query: spec.Query,
     replies: list[Reply[object]],
@@ -260,6 +462,7 @@ def _combine(
     *,
     analyst: str = "",
     quorum: int = 0,
+    refuse_all: bool = True,
 ) -> FederatedResult:
     """Combine the releases for the analyst; each node's latency is logged, never returned.
 
@@ -287,10 +490,18 @@ def _combine(
                     node_query_id=release.query_id,
                     ledger_sequence=release.ledger_sequence,
                     resent=r.value.resent,
+                    message=r.message,
                 )
             )
         else:
-            outcomes.append(NodeOutcome(node=r.node, status=r.status, message=r.message))
+            outcomes.append(
+                NodeOutcome(
+                    node=r.node,
+                    status=r.status,
+                    message=r.message,
+                    charge_unknown=r.charge_unknown,
+                )
+            )
     query_id = uuid.uuid4().hex
     log.info(
         "query %s from %s: %s",
@@ -298,7 +509,8 @@ def _combine(
         analyst,
         ", ".join(f"{r.node}={r.status.value} in {r.latency_ms:.0f} ms" for r in replies),
     )
-    if not releases and (refusal := unanimous_refusal(replies)) is not None:
+    # A re-send (refuse_all False) shows each node's answer, even if none kept a release.
+    if refuse_all and not releases and (refusal := unanimous_refusal(replies)) is not None:
         code, messages = refusal
         raise AllNodesRefusedError(code, "every node refused the query: " + messages)
     if len(releases) < quorum:

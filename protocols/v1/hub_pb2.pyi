@@ -26,12 +26,18 @@ class SubmitRequest(_message.Message):
     ENVELOPE_FIELD_NUMBER: _builtins.int
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
     QUORUM_FIELD_NUMBER: _builtins.int
+    KEPT_ONLY_FIELD_NUMBER: _builtins.int
     deadline_ms: _builtins.int
     """How long the hub waits for nodes, in milliseconds (0: the hub's default)."""
     quorum: _builtins.int
     """The fewest nodes that must answer for a result (0: any number, partial results allowed).
     With fewer, the query fails UNAVAILABLE; answering nodes keep their releases, so re-sending
     the same envelope before it expires reads them again at no cost.
+    """
+    kept_only: _builtins.bool
+    """Read only what the nodes kept for this envelope (Federation.resend): each node re-sends
+    the release it stored for it, or refuses NOT_FOUND (nothing charged); nothing is run or
+    charged anywhere.
     """
     @_builtins.property
     def envelope(self) -> _node_pb2.QueryEnvelope: ...
@@ -41,10 +47,11 @@ class SubmitRequest(_message.Message):
         envelope: _node_pb2.QueryEnvelope | None = ...,
         deadline_ms: _builtins.int = ...,
         quorum: _builtins.int = ...,
+        kept_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "envelope", b"envelope", "quorum", b"quorum"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "envelope", b"envelope", "kept_only", b"kept_only", "quorum", b"quorum"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -67,6 +74,7 @@ class NodeOutcome(_message.Message):
     NODE_QUERY_ID_FIELD_NUMBER: _builtins.int
     LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
     RESENT_FIELD_NUMBER: _builtins.int
+    CHARGE_UNKNOWN_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     status: _builtins.str
     """"ok" | "refused" | "unreachable" | "timed_out" | "error" """
@@ -81,6 +89,11 @@ class NodeOutcome(_message.Message):
     resent: _builtins.bool
     """The node re-sent the release it stored for this envelope: rho_charged was charged when it
     first answered it, not again.
+    """
+    charge_unknown: _builtins.bool
+    """The node answered neither the query nor a re-send for its kept release in time, so
+    whether it charged is not known (at most the query's rho): rho_charged is 0 but not a
+    receipt. `chc query --resend` or `chc budget` later tells.
     """
     @_builtins.property
     def budget(self) -> _node_pb2.BudgetStatus: ...
@@ -100,10 +113,11 @@ class NodeOutcome(_message.Message):
         node_query_id: _builtins.str = ...,
         ledger_sequence: _builtins.int = ...,
         resent: _builtins.bool = ...,
+        charge_unknown: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "latency_ms", b"latency_ms", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "message", b"message", "node", b"node", "node_query_id", b"node_query_id", "noise_variance", b"noise_variance", "resent", b"resent", "rho_charged", b"rho_charged", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "charge_unknown", b"charge_unknown", "latency_ms", b"latency_ms", "ledger_sequence", b"ledger_sequence", "measures", b"measures", "message", b"message", "node", b"node", "node_query_id", b"node_query_id", "noise_variance", b"noise_variance", "resent", b"resent", "rho_charged", b"rho_charged", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -364,6 +364,20 @@ class ExecuteRequest(_message.Message):
 
     ENVELOPE_FIELD_NUMBER: _builtins.int
     REGIONS_FIELD_NUMBER: _builtins.int
+    KEPT_ONLY_FIELD_NUMBER: _builtins.int
+    STRUCTURE_FIELD_NUMBER: _builtins.int
+    kept_only: _builtins.bool
+    """Execute only: fetch the release kept for this exact envelope (marked resent) and nothing
+    else. The node never computes, charges or claims the nonce for it: it waits for a first
+    call still answering the envelope (up to this call's deadline), and otherwise refuses
+    NOT_FOUND, which means nothing was charged for the envelope.
+    """
+    structure: _builtins.bytes
+    """Execute only: the hub's fingerprint of the public structure the query reads (the
+    domains and bounds of its view's columns, protocols.serde.structure_fingerprint), from
+    every node's Describe. A node whose own structure differs refuses at no cost
+    (FAILED_PRECONDITION): its figures could not be pooled. Empty: not checked.
+    """
     @_builtins.property
     def envelope(self) -> Global___QueryEnvelope: ...
     @_builtins.property
@@ -378,10 +392,12 @@ class ExecuteRequest(_message.Message):
         *,
         envelope: Global___QueryEnvelope | None = ...,
         regions: _abc.Iterable[_builtins.str] | None = ...,
+        kept_only: _builtins.bool = ...,
+        structure: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "regions", b"regions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "kept_only", b"kept_only", "regions", b"regions", "structure", b"structure"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

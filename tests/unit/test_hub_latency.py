@@ -77,4 +77,4 @@ def test_the_report_shows_no_latency() -> None:
     report.print_nodes(Console(file=out, width=120), result)
     header = next(line for line in out.getvalue().splitlines() if "Status" in line)
     columns = [c.strip() for c in header.split("┃")[1:-1]]
-    assert columns == ["Node", "Status", "rho spent", "rho used / total", "Note"]
+    assert columns == ["Node", "Status", "rho spent", "Receipt", "rho used / total", "Note"]
