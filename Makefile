@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo demo-learning test test-stats lint typecheck unit protos check-protos bench bench-scale install clean system-deps
+.PHONY: demo demo-learning test test-stats lint typecheck unit protos check-protos bench bench-scale install clean system-deps deploy-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,26 @@ NGINX_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-inst
 # (tests/browser/); Selenium is pointed at these two paths so it never downloads a browser.
 CHROMIUM_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
 	chromium chromium-driver
-system-deps:
+# Validators of deploy/ outside pip (tests/deploy/): systemd-analyze (Debian's systemd) for
+# the units, shellcheck for the compose bootstrap script. The rest come from the dev extra.
+DEPLOY_TOOLS_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	--no-install-recommends systemd shellcheck
+deploy-tools:
+	@command -v systemd-analyze >/dev/null && command -v shellcheck >/dev/null || { \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "systemd-analyze or shellcheck is missing and this is not root (no sudo):" \
+			"install systemd and shellcheck (apt-get install systemd shellcheck) and run make" \
+			"again" >&2; exit 1; fi; \
+		command -v apt-get >/dev/null || { echo "systemd-analyze or shellcheck is missing and" \
+			"there is no apt-get: install systemd and shellcheck, then run make again" >&2; \
+			exit 1; }; \
+		$$SUDO $(DEPLOY_TOOLS_INSTALL) || ($$SUDO apt-get update && \
+			$$SUDO $(DEPLOY_TOOLS_INSTALL)) || { echo "could not install systemd and shellcheck" \
+			"with apt-get: install them by hand and run make again" >&2; exit 1; }; \
+	}
+
+system-deps: deploy-tools
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 		if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
 		elif command -v sudo >/dev/null; then SUDO=sudo; \
@@ -82,7 +101,7 @@ protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
 		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. \
-		protocols/v1/node.proto protocols/v1/hub.proto
+		protocols/v1/node.proto protocols/v1/hub.proto protocols/v1/link.proto
 
 check-protos: protos
 	git diff --exit-code -- protocols/v1 || \

@@ -16,6 +16,8 @@ from node.config import (
     load_config,
 )
 from node.data.store import OmopStore, node_pathways
+from node.dial import Dialer
+from node.dial import serve_until_signalled as dial_serve_until_signalled
 from node.flower.forwarder import fleet_forwarder_for, forwarder_address
 from node.flower.supernode import supernode_for
 from node.flower.supervisor import SuperNodeSupervisor
@@ -153,6 +155,20 @@ def serve(
     metrics_listen: MetricsListenOpt = None,
     health_listen: HealthListenOpt = None,
     drain_grace: DrainGraceOpt = None,
+    dial: Annotated[
+        str | None,
+        typer.Option(
+            "--dial",
+            metavar="HUB_ADDRESS",
+            help="outbound-only: dial the hub at host:port and serve its calls over that link, "
+            "with no listening port unless --listen or [hub] inbound = true (overrides "
+            "node.toml's [hub] dial; docs/outbound.md)",
+        ),
+    ] = None,
+    hub_name: Annotated[
+        str | None,
+        typer.Option(help="with --dial: the name the hub's certificate must carry [hub_name]"),
+    ] = None,
     learning: Annotated[
         str | None,
         typer.Option(
@@ -190,6 +206,21 @@ def serve(
     if identity.role is not Role.NODE:
         raise ChcError(f"{cfg.identity} holds a {identity.role.value} certificate, not a node one")
     check_node_certificate(cfg, identity, str(config))
+    hub_address = dial or cfg.hub.dial
+    if hub_address is not None:
+        hub_address = check_superlink_address(hub_address, "--dial", key="the hub address")
+        if insecure:
+            raise ChcError(
+                "--insecure: an outbound-only node links to its hub over mutual TLS only"
+            )
+    # An outbound-only node opens no port unless asked to listen as well.
+    listening = hub_address is None or cfg.hub.inbound or listen is not None
+    trains = (learning or cfg.learning.superlink or cfg.learning.hub_fleet) is not None
+    if not listening and trains:
+        raise ChcError(
+            "a node that trains over Flower needs its gRPC port (its SuperNode's ClientApp "
+            "calls it): set [hub] inbound = true, or give --listen 127.0.0.1:PORT"
+        )
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
     node_pathways(cfg)  # a bad pathway list fails before the ledger is opened
@@ -197,6 +228,7 @@ def serve(
         cfg, config_file=config, memory=memory_ledger, override=allow_policy_loosening
     )
     store = OmopStore.from_config(cfg)
+    revocations = RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem)
     service = NodeService(
         name=cfg.name,
         store=store,
@@ -206,7 +238,7 @@ def serve(
         require_tls=not insecure,
         rules=cfg.release,
         access=cfg.access,
-        revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
+        revocations=revocations,
         models=cfg.models,
     )
     metrics = Metrics("node")
@@ -221,18 +253,36 @@ def serve(
     )
     use_for_process(metrics)
     health = Health([node_pb2.DESCRIPTOR.services_by_name["Node"].full_name])
-    server, port = make_server(
-        listen or cfg.listen, None if insecure else identity, metrics=metrics, health=health
-    )
-    node_pb2_grpc.add_NodeServicer_to_server(service, server)
+    server, port = None, 0
+    if listening:
+        server, port = make_server(
+            listen or cfg.listen, None if insecure else identity, metrics=metrics, health=health
+        )
+        node_pb2_grpc.add_NodeServicer_to_server(service, server)
     side = start_listeners(serving, registry=metrics.registry, health=health)
-    server.start()
+    dialer = None
+    if hub_address is not None:
+        dialer = Dialer(
+            service,
+            identity,
+            address=hub_address,
+            hub_name=hub_name or cfg.hub.hub_name,
+            metrics=metrics,
+            is_revoked=revocations.is_revoked,
+        )
+    if server is not None:
+        server.start()
+    if dialer is not None:
+        dialer.start()
     health.serving()
     log.info(
-        "node %s serving %s on port %d (views built in %.2f s; reference date %s, %s)",
+        "node %s serving %s %s (views built in %.2f s; reference date %s, %s)",
         cfg.name,
         cfg.omop,
-        port,
+        " and ".join(
+            ([f"on port {port}"] if server is not None else [])
+            + ([f"over its link to the hub at {hub_address}"] if dialer is not None else [])
+        ),
         store.build_seconds,
         store.reference_date.isoformat(),
         store.report.reference_origin,
@@ -275,15 +325,25 @@ def serve(
                 metrics_port=side.metrics_port,
                 health_port=side.health_port,
             )
-        drained = serve_until_signalled(
-            server, grace=serving.drain_grace_s, health=health, metrics=metrics
-        )
+        if dialer is not None:
+            drained = dial_serve_until_signalled(
+                dialer, server, grace=serving.drain_grace_s, health=health, metrics=metrics
+            )
+        elif server is not None:
+            drained = serve_until_signalled(
+                server, grace=serving.drain_grace_s, health=health, metrics=metrics
+            )
+        else:  # a node that does not dial always listens (see `listening`)
+            raise ChcError("the node neither listens nor dials the hub")
     finally:
         if supervisor is not None:
             supervisor.stop()
         if forwarder is not None:
             forwarder.stop()
-        server.stop(0)  # at once only if serving failed: a drain has already stopped it
+        if dialer is not None:
+            dialer.close()
+        if server is not None:
+            server.stop(0)  # at once only if serving failed: a drain has already stopped it
         side.stop()
     if not drained.clean:
         # A handler still runs: closing the ledger under it could fail its charge midway;

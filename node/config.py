@@ -31,7 +31,7 @@ NODE_KEYS = frozenset(
     | {"release", "access", "crl"}
     | {"ledger", "ledger_key"}
     | {"omop_schema", "imd_lookup", "pathways_dir", "consent"}
-    | {"cohorts", "models", "care_sites", "learning"}
+    | {"cohorts", "models", "care_sites", "learning", "hub"}
     # Health and metrics listeners, log format and drain (docs/observability.md).
     | SERVING_KEYS
 )
@@ -44,6 +44,8 @@ CARE_SITE_KEYS = frozenset({"publish"})
 LEARNING_KEYS = frozenset(
     {"superlink", "root_certificate", "allowed_fabs", "hub_fleet", "hub_name"}
 )
+# [hub]: outbound-only mode, the node dialling the hub (node/dial.py, docs/outbound.md).
+HUB_LINK_KEYS = frozenset({"dial", "hub_name", "inbound"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ADDRESS = re.compile(r"[A-Za-z0-9.\-]+:[0-9]{1,5}|\[[0-9A-Fa-f:]+\]:[0-9]{1,5}")
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?")
@@ -113,6 +115,18 @@ class LearningConfig:
 
 
 @dataclass(frozen=True)
+class HubLinkConfig:
+    """[hub]: the hub this node dials (outbound-only mode), and whether it listens too."""
+
+    # host:port of the hub; None: the node only listens, and the hub dials it.
+    dial: str | None = None
+    # The name the hub's certificate must carry (TLS, and the hub's signed welcome).
+    hub_name: str = "hub"
+    # With dial: also serve inbound calls on `listen` (default: no listening port at all).
+    inbound: bool = False
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start, from node.toml."""
 
@@ -146,6 +160,8 @@ class NodeConfig:
     care_sites: tuple[str, ...] = ()
     # The node's Flower SuperNode ([learning]).
     learning: LearningConfig = field(default_factory=LearningConfig)
+    # The hub this node dials instead of (or as well as) listening ([hub]).
+    hub: HubLinkConfig = field(default_factory=HubLinkConfig)
     # metrics_listen, health_listen, log_format, drain_grace_s (docs/observability.md).
     serving: ServingSettings = field(default_factory=ServingSettings)
 
@@ -241,6 +257,7 @@ def load_config(path: Path) -> NodeConfig:
         models=_model_policy(data.get("models", {}), str(path)),
         care_sites=_care_sites(data.get("care_sites", {}), str(path)),
         learning=_learning(data.get("learning", {}), base, str(path)),
+        hub=_hub_link(data.get("hub", {}), str(path)),
         serving=parse_serving(data, str(path)),
     )
 
@@ -300,6 +317,37 @@ def _learning(raw: object, base: Path, source: str) -> LearningConfig:
             else None
         ),
         allowed_fabs=tuple(a.lower() for a in allowed),
+    )
+
+
+def _hub_link(raw: object, source: str) -> HubLinkConfig:
+    """[hub] dial / hub_name / inbound (outbound-only mode)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [hub] must be a table")
+    unknown = sorted(set(raw) - HUB_LINK_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown [hub] key(s) {unknown}; known: {sorted(HUB_LINK_KEYS)}"
+        )
+    hub_name = raw.get("hub_name", "hub")
+    if not isinstance(hub_name, str) or not _HOST.fullmatch(hub_name):
+        raise ConfigError(
+            f'{source}: hub.hub_name must be the name in the hub\'s certificate (e.g. "hub"), '
+            f"not {str(hub_name)[:80]!r}"
+        )
+    inbound = raw.get("inbound", False)
+    if not isinstance(inbound, bool):
+        raise ConfigError(f"{source}: hub.inbound must be true or false")
+    dial = raw.get("dial")
+    if dial is None and (inbound or "hub_name" in raw):
+        raise ConfigError(
+            f"{source}: [hub] sets hub_name or inbound but not dial, the hub's host:port; "
+            "set dial to run the node outbound-only, or remove [hub]"
+        )
+    return HubLinkConfig(
+        dial=check_superlink_address(dial, source, key="hub.dial") if dial is not None else None,
+        hub_name=hub_name,
+        inbound=inbound,
     )
 
 

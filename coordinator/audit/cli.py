@@ -14,7 +14,13 @@ from rich.table import Table
 from coordinator.audit import report as audit_report
 from coordinator.audit import verification
 from coordinator.audit.export import export
-from coordinator.audit.sources import LedgerSource, node_addresses, open_file, open_remote
+from coordinator.audit.sources import (
+    LedgerSource,
+    node_addresses,
+    open_file,
+    open_relayed,
+    open_remote,
+)
 from coordinator.local.demo import read_demo_state
 from protocols.cli import (
     AnalystIdentityOpt,
@@ -27,6 +33,7 @@ from protocols.cli import (
 from protocols.cli import HubOpt as HubAddressOpt
 from protocols.cli import console as rich_console
 from protocols.ledger.entry import load_public_key
+from protocols.link_frames import DIAL_ADDRESS
 from protocols.security.pki import Identity, Role
 from queries.errors import ConfigError
 
@@ -46,11 +53,18 @@ PathsArg = Annotated[
 ]
 HubOpt = Annotated[
     str | None,
-    typer.Option(help="hub host:port: find every node there, then read each node directly"),
+    typer.Option(
+        help="hub host:port: find every node there, then read each node directly (an "
+        "outbound-only node through the hub's relay, verified end to end)"
+    ),
 ]
 NodeOpt = Annotated[
     list[str] | None,
-    typer.Option("--node", help="NAME=HOST:PORT of a node to read directly (repeatable)"),
+    typer.Option(
+        "--node",
+        help="NAME=HOST:PORT of a node to read directly, or NAME=dial to read an "
+        "outbound-only node through --hub (repeatable)",
+    ),
 ]
 IdentityOpt = Annotated[
     Path | None, typer.Option(help="identity folder (an auditor's, to read ledgers)")
@@ -102,7 +116,17 @@ def _sources(
                 raise ConfigError(f"--node {item!r} must look like NAME=HOST:PORT")
             addresses[name] = address
         for name, address in sorted(addresses.items()):
-            source = open_remote(name, address, ident)
+            if address == DIAL_ADDRESS:
+                if hub is None:
+                    raise ConfigError(
+                        f"--node {name}={address}: an outbound-only node is read through its "
+                        "hub: give --hub HOST:PORT instead"
+                    )
+                # Outbound-only: no one can connect to it, so its hub relays its signed
+                # stream unchanged, and the node signs its ledger key for this audit.
+                source = open_relayed(name, hub, ident)
+            else:
+                source = open_remote(name, address, ident)
             if key is not None:
                 source = LedgerSource(source.label, source.node, key, "given", source.read)
             sources.append(source)

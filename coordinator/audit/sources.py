@@ -1,8 +1,9 @@
 """Where an auditor reads a ledger from: a node's SQLite file, an export, or the node itself.
 
 A ledger can be read from a node's SQLite file, from an export (JSON Lines or Parquet), or
-from each node directly over mutual TLS with an auditor certificate. The hub only tells an
-auditor where the nodes are: it never relays ledgers, so it cannot trim what an auditor sees.
+from each node directly over mutual TLS with an auditor certificate. The hub tells an
+auditor where the nodes are; only an outbound-only node, which no one can connect to, is read
+through the hub, which relays the node's own signed stream unchanged (open_relayed).
 Every source yields the same `LedgerSource` (entries in stored order, then the head), so
 verifying, exporting and reporting never care where a ledger came from; that is why reading
 lives apart from them.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,10 @@ from protocols.ledger.entry import (
     public_key_path,
 )
 from protocols.ledger.file import is_sqlite_file, read_ledger_file, read_meta
-from protocols.security.pki import Identity
+from protocols.link_frames import check_certificate, check_signature, ledger_key_payload
+from protocols.security.pki import Identity, Role
 from protocols.security.tls import secure_channel
-from protocols.v1 import node_pb2, node_pb2_grpc
+from protocols.v1 import link_pb2, link_pb2_grpc, node_pb2, node_pb2_grpc
 from queries.errors import ChcError
 
 EXPORT_MAGIC = "chc_ledger"
@@ -206,6 +209,67 @@ def open_remote(
         node=described.node or node,
         public_key=public_key,
         key_origin=f"node {node}'s Describe over mutual TLS",
+        read=read,
+    )
+
+
+def open_relayed(
+    node: str,
+    hub: str,
+    identity: Identity,
+    *,
+    hub_name: str = "hub",
+    timeout_s: float = 600.0,
+) -> LedgerSource:
+    """An outbound-only node's ledger, read through the hub's relay (docs/outbound.md).
+
+    The hub passes the node's own StreamLedger frames on unchanged, and the ledger key comes
+    in a statement the node signs with its certificate key for a fresh challenge of ours, so
+    the hub can neither forge nor alter entries undetected, nor substitute a key of its own:
+    verification is end to end, exactly as for a ledger read from the node itself.
+    """
+    channel = secure_channel(hub, identity, server_name=hub_name)
+    stub = link_pb2_grpc.LedgerRelayStub(channel)
+    challenge = os.urandom(32)
+    where = f"node {node} through the hub at {hub}"
+    try:
+        statement = stub.NodeLedgerKey(
+            link_pb2.NodeLedgerRequest(node=node, challenge=challenge), timeout=30.0
+        )
+    except grpc.RpcError as exc:
+        channel.close()
+        raise _rpc_error(exc, f"cannot read the ledger key of {where}") from None
+    try:
+        signer = check_certificate(
+            statement.node_certificate,
+            identity.ca_pem,
+            role=Role.NODE,
+            name=node,
+            what="the certificate on the ledger key statement",
+        )
+        check_signature(
+            signer,
+            statement.signature,
+            ledger_key_payload(node, statement.ledger_public_key, challenge),
+            "the ledger key statement",
+        )
+    except ChcError as exc:
+        channel.close()
+        raise AuditError(f"{where}: the ledger key does not verify ({exc})") from None
+
+    def read() -> Iterator[SignedEntry]:
+        request = link_pb2.NodeLedgerRequest(node=node, from_sequence=1)
+        try:
+            for e in stub.StreamNodeLedger(request, timeout=timeout_s):
+                yield SignedEntry(e.sequence, bytes(e.body), bytes(e.signature), head=e.head)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, f"cannot read the ledger of {where}") from None
+
+    return LedgerSource(
+        label=f"{node}@{hub} (relayed)",
+        node=statement.node or node,
+        public_key=bytes(statement.ledger_public_key) or None,
+        key_origin=f"node {node}'s statement, signed by the node's certificate for this audit",
         read=read,
     )
 

@@ -25,6 +25,7 @@ import grpc
 from google.protobuf.message import Message
 
 from coordinator.hub.registry import NodeHandle
+from protocols.link_frames import DIAL_ADDRESS
 from protocols.observability.metrics import record_node_status
 from protocols.retries import (
     DOWN_RETRY_WINDOW_S,
@@ -196,7 +197,9 @@ def _failed(
     message = (details() if callable(details) else None) or code.name
     if status is NodeStatus.UNREACHABLE:
         tried = f" ({attempts} attempts)" if attempts > 1 else ""
-        message = f"node {name} at {handle.entry.address} is unreachable{tried}: {message}"
+        # An outbound-only node (address "dial") has no address: its message says why.
+        where = "" if handle.entry.address == DIAL_ADDRESS else f" at {handle.entry.address}"
+        message = f"node {name}{where} is unreachable{tried}: {message}"
     elif status is NodeStatus.TIMED_OUT:
         # Whether it charged is not known here: a node refuses at no cost once it sees the
         # deadline has passed, but a charge made just before it, whose reply came late, is

@@ -9,10 +9,11 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from protocols.link_frames import DIAL_ADDRESS
 from protocols.observability.listeners import SERVING_KEYS
 from protocols.retries import NODE_CHANNEL_OPTIONS
 from protocols.security.pki import Identity
@@ -21,6 +22,9 @@ from protocols.v1 import node_pb2_grpc
 from queries.errors import ConfigError
 from queries.results import ReleaseRules
 from queries.schema import Catalog
+
+if TYPE_CHECKING:
+    from coordinator.hub.links import Links
 
 # How long a node's described catalog is trusted before the hub asks again (for the pooling
 # check before a query; a node that changed its catalog meanwhile refuses the query itself).
@@ -252,9 +256,15 @@ class NodeHandle:
 class Registry:
     """Open mutual-TLS channels to every configured node (or plaintext, in --insecure dev mode)."""
 
-    def __init__(self, nodes: tuple[NodeEntry, ...], identity: Identity | None) -> None:
+    def __init__(
+        self, nodes: tuple[NodeEntry, ...], identity: Identity | None, *, links: Links | None = None
+    ) -> None:
         self.handles: list[NodeHandle] = []
         for entry in nodes:
+            if links is not None and entry.address == DIAL_ADDRESS:
+                # An outbound-only node: reached over the link it opens (docs/outbound.md).
+                self.handles.append(links.handle(entry))
+                continue
             if identity is None:
                 channel = grpc.insecure_channel(entry.address, options=NODE_CHANNEL_OPTIONS)
             else:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from coordinator.hub.links import (
+    LedgerRelayService,
+    Links,
+    NodeLinkService,
+)
 from coordinator.hub.registry import Registry, load_hub_config
 from coordinator.hub.service import HubService
+from protocols.link_frames import DIAL_ADDRESS
 from protocols.observability.health import Health
 from protocols.observability.listeners import (
     SERVING_KEYS,
@@ -21,7 +30,7 @@ from protocols.process import exit_now, serve_until_signalled, write_ready_file
 from protocols.revocation import CRL_FILE, RevocationList
 from protocols.rpc import make_server
 from protocols.security.pki import Role, load_identity
-from protocols.v1 import hub_pb2, hub_pb2_grpc
+from protocols.v1 import hub_pb2, hub_pb2_grpc, link_pb2_grpc
 from queries.errors import ConfigError
 
 log = logging.getLogger("chc.hub")
@@ -62,7 +71,14 @@ def serve_hub(
         raise ConfigError(
             f"{cfg.identity} holds a {identity.role.value} certificate, not a hub one"
         )
-    registry = Registry(cfg.nodes, None if insecure else identity)
+    dialing = frozenset(n.name for n in cfg.nodes if n.address == DIAL_ADDRESS)
+    if insecure and dialing:
+        raise ConfigError(
+            f"{config}: outbound-only nodes ({', '.join(sorted(dialing))}) link over mutual TLS "
+            "only; run the hub without --insecure"
+        )
+    links = Links(dialing)
+    registry = Registry(cfg.nodes, None if insecure else identity, links=links)
     trainer = None
     if cfg.learning is not None:
         # Imported here: a hub without [learning] never loads the Flower plumbing.
@@ -70,21 +86,35 @@ def serve_hub(
 
         trainer = HubTrainer(cfg.learning, cfg.nodes, identity=cfg.identity)
         trainer.start()
+    revocations = RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem)
     service = HubService(
         registry,
         deadline_ms=cfg.deadline_ms,
         require_tls=not insecure,
         rules=cfg.release,
-        revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
+        revocations=revocations,
         trainer=trainer.train if trainer is not None else None,
     )
     metrics = Metrics("hub")
     use_for_process(metrics)
     health = Health([hub_pb2.DESCRIPTOR.services_by_name["Hub"].full_name])
     server, port = make_server(
-        listen or cfg.listen, None if insecure else identity, metrics=metrics, health=health
+        listen or cfg.listen,
+        None if insecure else identity,
+        metrics=metrics,
+        health=health,
+        # Each outbound-only node's link holds one worker thread for as long as it is open.
+        max_workers=16 + len(dialing),
     )
     hub_pb2_grpc.add_HubServicer_to_server(service, server)
+    if dialing:
+        is_revoked = revocations.is_revoked
+        link_pb2_grpc.add_NodeLinkServicer_to_server(
+            NodeLinkService(links, identity, is_revoked=is_revoked), server
+        )
+        link_pb2_grpc.add_LedgerRelayServicer_to_server(
+            LedgerRelayService(links, is_revoked=is_revoked), server
+        )
     side = start_listeners(settings, registry=metrics.registry, health=health)
     try:
         server.start()
@@ -99,7 +129,10 @@ def serve_hub(
                 health_port=side.health_port,
             )
         drained = serve_until_signalled(
-            server, grace=settings.drain_grace_s, health=health, metrics=metrics
+            _ClosingLinks(server, links) if dialing else server,
+            grace=settings.drain_grace_s,
+            health=health,
+            metrics=metrics,
         )
     finally:
         if trainer is not None:
@@ -111,3 +144,37 @@ def serve_hub(
         exit_now(1)
     registry.close()
     log.info("hub stopped")
+
+
+class _ClosingLinks(grpc.Server):
+    """The hub's server, whose drain also closes the outbound-only nodes' links.
+
+    A link is a call that never ends by itself, so a drain would otherwise wait its whole
+    grace period for it. Closing the links first (after health has turned NOT_SERVING) ends
+    them at once; the nodes dial again, and reach the hub once it is back.
+    """
+
+    def __init__(self, server: grpc.Server, links: Links) -> None:
+        self._server = server
+        self._links = links
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Close every link, then stop the server as asked."""
+        self._links.close_all("the hub is shutting down")
+        return self._server.stop(grace)
+
+    def start(self) -> None:
+        """Start the server."""
+        self._server.start()
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
+        """Add handlers to the server."""
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        """Listen on address (plaintext)."""
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        """Listen on address (TLS)."""
+        return self._server.add_secure_port(address, server_credentials)

@@ -68,11 +68,14 @@ class NodeSetup:
     # (coordinator/local/node_toml.py OWNED_KEYS); every setting above but name, omop and
     # title then comes from that file instead, so none may be given.
     config: Path | None = None
+    # Outbound-only (docs/outbound.md): the node listens on no port and dials the hub, whose
+    # hub.toml lists it with address = "dial".
+    dial: bool = False
 
     def __post_init__(self) -> None:
         if self.config is None:
             return
-        generated = NodeSetup(name=self.name, omop=self.omop, title=self.title)
+        generated = NodeSetup(name=self.name, omop=self.omop, title=self.title, dial=self.dial)
         if replace(self, config=None) != generated:
             raise ValueError(f"node {self.name}: settings come from {self.config}; give no others")
 
@@ -164,7 +167,7 @@ class LocalFederation:
         return self.identity_dir(Role.ANALYST, name)
 
     def node_port(self, name: str) -> int:
-        """The loopback port a node listens on."""
+        """The loopback port a node listens on (0 for an outbound-only node)."""
         return self._procs[name].port
 
     def ledger_path(self, name: str) -> Path:
@@ -250,6 +253,10 @@ class LocalFederation:
             # Through the hub's Fleet proxy (mutual TLS, nodes only), as across a network;
             # the node's forwarder adds its certificate and checks the hub's by name.
             table["learning"] = {"hub_fleet": f"127.0.0.1:{self.fleet_port}", "hub_name": HUB_NAME}
+        if setup.dial:
+            # The hub's port is chosen before any node starts (start), so a dialling node
+            # knows where the hub will be; it dials with backoff until the hub is up.
+            table["hub"] = {"dial": self.hub_address, "hub_name": HUB_NAME}
         table = node_toml.with_owned_keys(
             table,
             name=setup.name,
@@ -269,10 +276,12 @@ class LocalFederation:
         self.create_pki()
         if self.learning:
             self._prepare_learning()
+        if any(n.dial for n in self.nodes) and not self.hub_port:
+            self.hub_port = free_port()
         for setup in self.nodes:
             self.start_node(setup)
         self._wait_ready([self._procs[n.name] for n in self.nodes])
-        self.start_hub()
+        self.start_hub(port=self.hub_port)
 
     def start_hub(self, *, port: int = 0) -> None:
         """Write hub.toml for the running nodes and start the hub (also to restart it)."""
@@ -281,7 +290,7 @@ class LocalFederation:
             {
                 "name": n.name,
                 "title": n.title or n.name,
-                "address": self.hub_addresses.get(n.name, f"127.0.0.1:{self._procs[n.name].port}"),
+                "address": self._hub_address_of(n),
             }
             for n in self.nodes
         ]
@@ -310,6 +319,12 @@ class LocalFederation:
         hub = self._spawn(HUB_NAME, ["coordinator", "hub", "serve", "--config", str(hub_conf)])
         self._wait_ready([hub])
         self.hub_port = hub.port
+
+    def _hub_address_of(self, setup: NodeSetup) -> str:
+        """The address hub.toml gives for a node: "dial" for an outbound-only one."""
+        if setup.dial:
+            return "dial"
+        return self.hub_addresses.get(setup.name, f"127.0.0.1:{self._procs[setup.name].port}")
 
     def _prepare_learning(self) -> None:
         """The SuperLink's server certificate, its port, and every node's SuperNode key."""

@@ -23,6 +23,7 @@ from node.access import ACCESS_KEYS
 from node.config import (
     BUDGET_KEYS,
     CARE_SITE_KEYS,
+    HUB_LINK_KEYS,
     LEARNING_KEYS,
     MODEL_KEYS,
     NODE_KEYS,
@@ -50,6 +51,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("node.toml", "`[models]`"): MODEL_KEYS,
     ("node.toml", "`[care_sites]`"): CARE_SITE_KEYS,
     ("node.toml", "`[learning]`"): LEARNING_KEYS,
+    ("node.toml", "`[hub]`"): HUB_LINK_KEYS,
     ("hub.toml", "Top-level keys"): HUB_KEYS,
     ("hub.toml", "`[[nodes]]`"): HUB_NODE_KEYS,
     ("hub.toml", "`[release]`"): HUB_RELEASE_KEYS,
