@@ -101,6 +101,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         models: ModelPolicy | None = None,
     ) -> None:
         self.name = name
+        self.party = f"node {name}"  # how version refusals name this side (protocols/rpc)
         self.store = store
         self.catalog = catalog
         self.accountant = accountant

@@ -15,6 +15,7 @@ from protocols.observability.health import Health
 from protocols.observability.metrics import Metrics
 from protocols.security.pki import Identity
 from protocols.security.tls import GRPC_OPTIONS, server_credentials
+from protocols.version import caller_version, check_compatible
 from queries.errors import ChcError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def guarded(
 ) -> Callable[[Self, Req, grpc.ServicerContext], Resp]:
     """Turn ChcErrors into their gRPC status; hide anything else behind a reference id.
 
+    Checks first that the caller speaks this protocol's major version (protocols/version.py).
     Clients never see a stack trace: an unexpected error is logged at the server with a
     reference the operator can grep for, and the client gets INTERNAL with that reference.
     """
@@ -69,6 +71,13 @@ def guarded(
     @functools.wraps(method)
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
         try:
+            # A caller of another major version is refused before anything is read or run.
+            read = getattr(context, "invocation_metadata", None)
+            check_compatible(
+                caller_version(read() if callable(read) else None),
+                them="the caller",
+                us=getattr(self, "party", "this server"),
+            )
             return method(self, request, context)
         except ChcError as exc:
             if exc.rho_charged:

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from protocols.security.envelope import LEGACY_PAYLOAD_VERSION, Audience, Operation, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
+from protocols.version import CURRENT
 from queries.cohort import Allow, CohortPolicy
 from queries.errors import DataError
 from queries.results import (
@@ -33,7 +34,8 @@ from queries.results import (
 from queries.schema import MAX_PERSONS, Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Query
 
-PROTOCOL_VERSION = "chc.v1"
+# What a node says it speaks in DescribeResponse (protocols/version.py; 1.0 nodes say "chc.v1").
+PROTOCOL_VERSION = str(CURRENT)
 
 
 def table_to_ipc(table: pa.Table) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,12 @@ from protocols.security.envelope import Call, check_operation, check_payload_ver
 from protocols.security.pki import Role
 from protocols.security.tls import peer_of
 from protocols.v1 import hub_pb2, hub_pb2_grpc, node_pb2
+from protocols.version import (
+    KEPT_ONLY,
+    ProtocolMismatchError,
+    ProtocolVersion,
+    check_compatible,
+)
 from queries import combine, spec, spec_io
 from queries import release as release_rules
 from queries.errors import (
@@ -90,6 +97,10 @@ class HubService(hub_pb2_grpc.HubServicer):
         trainer: Callable[[node_pb2.QueryEnvelope], TrainedModel] | None = None,
     ) -> None:
         self.registry = registry
+        self.party = "the hub"  # how version refusals name this side (protocols/rpc)
+        # Each node's protocol version as it last described itself (protocols/version.py).
+        self._versions: dict[str, ProtocolVersion] = {}
+        self._versions_lock = threading.Lock()
         # Training over Flower ([learning] in hub.toml; None: this hub trains nothing).
         self.trainer = trainer
         self.rules = rules or ReleaseRules()
@@ -156,9 +167,14 @@ class HubService(hub_pb2_grpc.HubServicer):
             # Federation.resend: each node re-sends what it kept for this envelope or says it
             # kept nothing; nothing is run or charged anywhere.
             fetch = node_pb2.ExecuteRequest(envelope=request.envelope, kept_only=True)
+            self._describe_unknown_versions(handles, min(DESCRIBE_WAIT_S, deadline_s / 4))
+            able = [h for h in handles if self._kept_only_capable(h.entry.name)]
+            asked = iter(fan_out(able, "Execute", fetch, deadline_s=deadline_s) if able else ())
             replies = [
-                _silent(r, deadline_s, query.rho)
-                for r in fan_out(handles, "Execute", fetch, deadline_s=deadline_s)
+                _silent(next(asked), deadline_s, query.rho)
+                if self._kept_only_capable(h.entry.name)
+                else _no_fetch_only(h.entry.name)
+                for h in handles
             ]
             result = _combine(
                 query, replies, self.rules, analyst=analyst, quorum=quorum, refuse_all=False
@@ -215,6 +231,7 @@ class HubService(hub_pb2_grpc.HubServicer):
             for r in described:
                 catalog = None
                 if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):
+                    self._note_version(r.node, r.value)
                     # A description that does not parse: the node refuses or fails by itself.
                     with contextlib.suppress(DataError):
                         catalog = serde.description_from_proto(r.value).catalog
@@ -227,6 +244,34 @@ class HubService(hub_pb2_grpc.HubServicer):
             for view in catalog.views
             if view.name == query.view
         }
+
+    def _note_version(self, node: str, described: node_pb2.DescribeResponse) -> None:
+        """Keep the protocol version a node described itself with (unreadable: unknown)."""
+        try:
+            found = ProtocolVersion.parse(described.protocol_version)
+        except ProtocolMismatchError:
+            return
+        with self._versions_lock:
+            self._versions[node] = found
+
+    def _kept_only_capable(self, node: str) -> bool:
+        """Whether the node has the fetch-only re-send (1.1 on): a 1.0 node would not know
+        ExecuteRequest.kept_only and would run the query instead, so it is never sent one."""
+        with self._versions_lock:
+            found = self._versions.get(node)
+        return found is not None and found.supports(KEPT_ONLY)
+
+    def _describe_unknown_versions(self, handles: Sequence[NodeHandle], wait_s: float) -> None:
+        """Describe the nodes whose version is not known yet (a probe: no retries)."""
+        with self._versions_lock:
+            unknown = [h for h in handles if h.entry.name not in self._versions]
+        if not unknown:
+            return
+        for r in fan_out(
+            unknown, "Describe", node_pb2.DescribeRequest(), deadline_s=wait_s, probe=True
+        ):
+            if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):
+                self._note_version(r.node, r.value)
 
     def _late_answers(
         self,
@@ -241,10 +286,15 @@ class HubService(hub_pb2_grpc.HubServicer):
         A node that charged just before the deadline but whose reply came late has kept its
         release: it then counts as answered (resent, with its receipt). One that kept
         nothing charged nothing; one that still does not answer may have charged (unknown).
+        Only nodes of protocol 1.1 or later are asked: a 1.0 node would run the query again.
         """
-        late = [i for i, r in enumerate(replies) if r.status is NodeStatus.TIMED_OUT]
-        if not late:
+        timed_out = [i for i, r in enumerate(replies) if r.status is NodeStatus.TIMED_OUT]
+        if not timed_out:
             return replies
+        late = [i for i in timed_out if self._kept_only_capable(replies[i].node)]
+        out = [_silent(r, deadline_s, rho) if i in timed_out else r for i, r in enumerate(replies)]
+        if not late:
+            return out
         remaining = None if context is None else context.time_remaining()
         grace = KEPT_GRACE_S
         if remaining is not None:
@@ -254,7 +304,6 @@ class HubService(hub_pb2_grpc.HubServicer):
             fetch = node_pb2.ExecuteRequest(envelope=envelope, kept_only=True)
             handles = [self.registry.handles[i] for i in late]
             fetched = list(fan_out(handles, "Execute", fetch, deadline_s=grace))
-        out = list(replies)
         for i, again in zip(late, fetched, strict=True):
             out[i] = _after_deadline(replies[i], again, deadline_s, rho)
         return out
@@ -344,7 +393,17 @@ class HubService(hub_pb2_grpc.HubServicer):
         )
         response = hub_pb2.ListNodesResponse()
         for r in replies:
+            mismatch = None
             if r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):
+                self._note_version(r.node, r.value)
+                mismatch = _version_mismatch(r.node, r.value.protocol_version)
+            if mismatch is not None:
+                response.unavailable.append(
+                    serde.outcome_to_proto(
+                        NodeOutcome(node=r.node, status=NodeStatus.REFUSED, message=mismatch)
+                    )
+                )
+            elif r.status is NodeStatus.OK and isinstance(r.value, node_pb2.DescribeResponse):
                 response.nodes.append(r.value)
             else:
                 response.unavailable.append(
@@ -352,7 +411,8 @@ class HubService(hub_pb2_grpc.HubServicer):
                         NodeOutcome(node=r.node, status=r.status, message=r.message)
                     )
                 )
-        # Auditors read ledgers from each node directly, never through the hub.
+        # Auditors read ledgers from each node directly; an outbound-only node's address is
+        # "dial", and auditors read it through the hub's relay (docs/outbound.md).
         for handle in self.registry.handles:
             response.addresses[handle.entry.name] = handle.entry.address
         return response
@@ -398,6 +458,31 @@ def _after_deadline(
             ),
         )
     return _silent(first, deadline_s, rho, asked_again=again is not None)
+
+
+def _no_fetch_only(node: str) -> Reply[object]:
+    """A node too old (or not described) for a fetch-only re-send: nothing was sent to it."""
+    return Reply(
+        node=node,
+        status=NodeStatus.REFUSED,
+        value=None,
+        message=(
+            f"node {node} does not speak chc protocol {KEPT_ONLY} or later (or did not "
+            "describe itself), which a re-send of a kept release needs; nothing was sent to "
+            "it: `chc budget` shows what it charged"
+        ),
+        code=grpc.StatusCode.FAILED_PRECONDITION,
+        latency_ms=0.0,
+    )
+
+
+def _version_mismatch(node: str, text: str) -> str | None:
+    """Why a node of another major version (or an unreadable one) is left out, or None."""
+    try:
+        check_compatible(ProtocolVersion.parse(text), them=f"node {node}", us="the hub")
+    except ProtocolMismatchError as exc:
+        return str(exc)
+    return None
 
 
 def _silent(

@@ -14,6 +14,7 @@ import grpc
 from cryptography import x509
 
 from protocols.security.pki import Identity, Role, common_name, role_of
+from protocols.version_metadata import VersionInterceptor, aio_interceptors
 from queries.errors import AuthenticationError
 
 # Raise gRPC's 4 MB default deliberately: releases are small, but a grouped table with many
@@ -75,9 +76,14 @@ def secure_channel(
         certificate_chain=identity.cert_pem,
     )
     every = (*GRPC_OPTIONS, ("grpc.ssl_target_name_override", server_name), *options)
+    # Every call says which protocol version the caller speaks (protocols/version.py).
     if asynchronous:
-        return grpc.aio.secure_channel(address, creds, options=every)
-    return grpc.secure_channel(address, creds, options=every)
+        return grpc.aio.secure_channel(
+            address, creds, options=every, interceptors=aio_interceptors()
+        )
+    return grpc.intercept_channel(
+        grpc.secure_channel(address, creds, options=every), VersionInterceptor()
+    )
 
 
 @dataclass(frozen=True)
