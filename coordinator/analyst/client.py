@@ -84,6 +84,8 @@ def load_envelope(path: Path, *, flag: str = "envelope") -> node_pb2.QueryEnvelo
 class HubUnavailableError(ConnectionError, ChcError):
     """The hub could not be reached or did not answer in time."""
 
+    status_name = "UNAVAILABLE"
+
 
 class FitStoppedError(ConnectionError, ChcError):
     """A node failed during a fit after its design check: the hub stopped the fit."""
@@ -97,6 +99,8 @@ _ERRORS: dict[grpc.StatusCode, type[ChcError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: BudgetExceededError,
     grpc.StatusCode.FAILED_PRECONDITION: ConfigError,
+    # Only a fetch-only re-send is answered NOT_FOUND (nothing kept, nothing charged).
+    grpc.StatusCode.NOT_FOUND: QueryError,
     grpc.StatusCode.UNAVAILABLE: HubUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: HubUnavailableError,
     grpc.StatusCode.ABORTED: FitStoppedError,

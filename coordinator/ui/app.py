@@ -95,8 +95,8 @@ class UiConfig:
 def http_status(exc: ChcError) -> int:
     """The HTTP status of a page showing a ChcError."""
     if isinstance(exc, ConnectionError) and exc.status_name == "INTERNAL":
-        # The client's HubUnavailableError and FitStoppedError carry no status name: a hub
-        # or node out of reach is a 503, not a fault of this app.
+        # A hub or node out of reach (a ConnectionError without a status of its own) is a
+        # 503, not a fault of this app.
         return 503
     return _HTTP_STATUS.get(exc.status_name, 500)
 

@@ -97,6 +97,7 @@ def _outcome_to_dict(o: NodeOutcome) -> dict[str, Any]:
         "node_query_id": o.node_query_id,
         "ledger_sequence": o.ledger_sequence,
         "resent": o.resent,
+        "charge_unknown": o.charge_unknown,
         "budget": None
         if b is None
         else {
@@ -120,6 +121,7 @@ def _outcome_from_dict(d: dict[str, Any]) -> NodeOutcome:
         node_query_id=str(d.get("node_query_id", "")),
         ledger_sequence=int(d.get("ledger_sequence", 0)),
         resent=bool(d.get("resent", False)),
+        charge_unknown=bool(d.get("charge_unknown", False)),
     )
 
 

@@ -76,7 +76,7 @@ def result_arrow(result: FederatedResult) -> pa.Table:
     a node, and on pooled rows that pool fewer nodes than answered (a node withheld the cell).
     node_status is the status of the node behind a region's row; for the pooled row "ok" when
     every node answered, else "partial". rho_spent is what that node charged; for the pooled
-    row, the sum over the nodes.
+    row, the sum over the nodes, or null when a node's charge is unknown (it timed out).
     """
     table = result.table
     regions = table.column("region") if "region" in table.column_names else None
@@ -88,7 +88,9 @@ def result_arrow(result: FederatedResult) -> pa.Table:
     node_status = [
         pooled_status if r == POOLED else status.get(str(r), NodeStatus.ERROR.value) for r in names
     ]
-    total = math.fsum(charged.values())
+    # A node that timed out may or may not have charged: the pooled total is then unknown.
+    unknown = any(o.charge_unknown for o in result.nodes)
+    total = None if unknown else math.fsum(charged.values())
     rho = [total if r == POOLED else charged.get(str(r), 0.0) for r in names]
     rows = table.num_rows
     if "partial" in table.column_names:

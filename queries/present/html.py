@@ -59,7 +59,12 @@ def result_html(result: FederatedResult) -> str:
     title = [
         f"<strong>chc query {escape(result.query_id)}</strong>",
         f"{len(ok)} / {len(result.nodes)} nodes ok",
-        f"rho spent {_rho(spent)} (sum over nodes)",
+        f"rho spent {_rho(spent)} (sum over nodes)"
+        + "".join(
+            f"; {o.node}: charge unknown (timed out; Federation.resend tells)"
+            for o in result.nodes
+            if o.charge_unknown
+        ),
     ]
     if result.partial:
         missing = ", ".join(f"{o.node} {o.status.value}" for o in result.nodes if o not in ok)

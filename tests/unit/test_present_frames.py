@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -15,6 +16,7 @@ from queries.results import (
     Explanation,
     MeasureNoise,
     NodeExplain,
+    NodeOutcome,
     NodeStatus,
     NoiseInfo,
 )
@@ -60,6 +62,18 @@ def test_a_partial_result_flags_every_row_and_the_pooled_status() -> None:
     assert {r["node_status"] for r in rows if r["region"] != POOLED} == {"ok"}
     # The pooled row's spend is what the answering nodes charged.
     assert [r["rho_spent"] for r in rows if r["region"] == POOLED] == [pytest.approx(2 * RHO)] * 2
+
+
+def test_a_node_whose_charge_is_unknown_leaves_the_pooled_spend_unknown() -> None:
+    # A node that timed out may have charged (the hub could not tell): the pooled row's
+    # spend is then null, never the known part passed off as the whole.
+    result = federated({"leeds": [100, 40], "york": [60, 30]}, missing={"hull": "timed out"})
+    hull = NodeOutcome(node="hull", status=NodeStatus.TIMED_OUT, charge_unknown=True)
+    result = dataclasses.replace(result, nodes=(*result.nodes[:2], hull))
+    rows = result.to_arrow().to_pylist()
+    assert [r["rho_spent"] for r in rows if r["region"] == POOLED] == [None, None]
+    assert {r["rho_spent"] for r in rows if r["region"] != POOLED} == {RHO}
+    assert "hull: charge unknown" in result._repr_html_()
 
 
 def test_pandas_and_polars_frames_agree_with_arrow() -> None:
