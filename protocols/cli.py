@@ -163,6 +163,22 @@ AnalystIdentityOpt = Annotated[Path | None, typer.Option(help="analyst identity 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
+def read_capped(path: Path, limit: int, *, flag: str, too_large: str) -> bytes:
+    """A file named by a flag, read to at most limit bytes: one byte more and it is refused,
+    so `/dev/zero` or a FIFO that never ends costs no more (ConfigError naming the flag).
+
+    too_large ends the message of a file over the limit: what such a file should be.
+    """
+    try:
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{flag} {path} is larger than {limit // 1024} KB: {too_large}")
+    return raw
+
+
 def read_identity(folder: Path, *, flag: str = "--identity") -> Identity:
     """load_identity, with a ConfigError naming the file if a PEM is malformed.
 

@@ -25,11 +25,13 @@ from protocols.cli import (
     ExitCode,
     HubOpt,
     JsonOpt,
+    read_capped,
     read_identity,
 )
 from protocols.cli import console as console_for_output
 from queries import spec, spec_io
 from queries.errors import ConfigError, QueryError
+from queries.numbers import show_apart
 from queries.results import FederatedResult
 from queries.sql import parse_sql
 
@@ -75,16 +77,9 @@ def _deadline(seconds: float) -> float:
 
 def _read_spec(path: Path) -> object:
     """The parsed YAML or JSON of --spec FILE: at most MAX_SPEC_BYTES, strict UTF-8."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"--spec {path}: cannot read it ({exc.strerror or exc})") from None
-    if len(raw) > MAX_SPEC_BYTES:
-        raise ConfigError(
-            f"--spec {path} is larger than {MAX_SPEC_BYTES // 1024} KB: a query spec "
-            "is a few lines of YAML or JSON"
-        )
+    raw = read_capped(
+        path, MAX_SPEC_BYTES, flag="--spec", too_large="a query spec is a few lines of YAML or JSON"
+    )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -178,6 +173,14 @@ def _budget(rho: float | None, epsilon: float | None, delta: float) -> float:
     if rho is not None and epsilon is not None:
         raise ConfigError("give --rho or --epsilon, not both")
     if epsilon is not None:
+        low, high = spec.DELTA_RANGE
+        if not (math.isfinite(delta) and low <= delta <= high):
+            # A usage error (exit 2), not a refused query: delta only converts --epsilon to
+            # rho here and is never sent to a node.
+            given, lo, hi = show_apart(delta, low, high)
+            raise ConfigError(
+                f"--delta must be between {lo} and {hi} (it converts --epsilon to rho), got {given}"
+            )
         return spec.rho_from_epsilon(epsilon, delta)
     if rho is None:
         raise ConfigError("give the privacy budget per node: --rho R (zCDP) or --epsilon E")

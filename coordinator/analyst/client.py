@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from coordinator.learning.result import FitResult
 from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
+from protocols.cli import read_capped
 from protocols.retries import (
     HUB_CHANNEL_OPTIONS,
     RESEND_FIRST_BACKOFF_S,
@@ -59,16 +60,12 @@ def save_envelope(envelope: node_pb2.QueryEnvelope, path: Path) -> None:
 
 def load_envelope(path: Path, *, flag: str = "envelope") -> node_pb2.QueryEnvelope:
     """A signed envelope written by save_envelope (bounded read); ConfigError if it is not."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_ENVELOPE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
-    if len(raw) > MAX_ENVELOPE_BYTES:
-        raise ConfigError(
-            f"{flag} {path} is larger than {MAX_ENVELOPE_BYTES // 1024} KB: it is not an "
-            "envelope saved by `chc query --save-envelope`"
-        )
+    raw = read_capped(
+        path,
+        MAX_ENVELOPE_BYTES,
+        flag=flag,
+        too_large="it is not an envelope saved by `chc query --save-envelope`",
+    )
     try:
         envelope = node_pb2.QueryEnvelope.FromString(raw)
     except DecodeError:

@@ -155,6 +155,19 @@ def test_deadline_must_be_finite_positive_and_within_the_hubs_maximum(
     assert "from 0.001 to 600 (the hub's maximum)" in line
 
 
+@pytest.mark.parametrize(("value", "shown"), [("1e-320", "1e-320"), ("0.5", "0.5"), ("nan", "nan")])
+def test_a_delta_out_of_range_is_a_usage_error_naming_the_flag(
+    value: str, shown: str, hub_args: list[str]
+) -> None:
+    # --delta only converts --epsilon to rho (it is never sent), so a bad one is usage (2),
+    # checked before anything is signed or asked, and printed as typed.
+    run = chc("query", "--view", "persons", "--epsilon", "1", "--delta", value, *hub_args)
+    assert run.exit_code == ExitCode.USAGE
+    line = error_line(run)
+    assert "--delta must be between 1e-30 and 0.1" in line
+    assert line.endswith(f"got {shown}")
+
+
 def test_sql_nested_too_deeply_is_refused_in_one_line() -> None:
     sql = "SELECT COUNT(*) FROM persons WHERE " + "(" * 45 + "sex = 'F'" + ")" * 45
     run = chc("query", "--sql", sql, "--rho", "0.1")
