@@ -238,11 +238,17 @@ class HubService(hub_pb2_grpc.HubServicer):
                 self.registry.remember(r.node, catalog)
                 if catalog is not None:
                     catalogs[r.node] = catalog
-        return {
+        structures = {
             node: serde.pooling_structure(view, query)
             for node, catalog in catalogs.items()
             for view in catalog.views
             if view.name == query.view
+        }
+        # A node that lacks a column the query reads refuses the query itself at planning,
+        # at no cost and in its own words (e.g. "has not declared care sites"): it is not a
+        # mismatch between the nodes that can answer.
+        return {
+            node: structure for node, structure in structures.items() if all(structure.values())
         }
 
     def _note_version(self, node: str, described: node_pb2.DescribeResponse) -> None:

@@ -132,6 +132,18 @@ def wait_for(driver: WebDriver, css: str, timeout: float = WAIT_S) -> object:
     )
 
 
+@contextmanager
+def next_page(driver: WebDriver, timeout: float = WAIT_S) -> Iterator[None]:
+    """Wait, after the block (a click or Enter that submits), until the page it was on has
+    been replaced: otherwise a wait for an element that both pages have finds the old one,
+    and the next keystrokes go to a page that is about to go away."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    yield
+    WebDriverWait(driver, timeout).until(
+        ec.staleness_of(old), message=f"{driver.current_url} was not replaced in {timeout:g} s"
+    )
+
+
 def http_status(ui: Ui, method: str, path: str, **headers: str) -> tuple[int, str]:
     """Status and body of a request made without the browser (and so without its cookie)."""
     con = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=WAIT_S)

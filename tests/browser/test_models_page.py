@@ -22,7 +22,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from coordinator.analyst.client import Federation
 from coordinator.local.federation import LocalFederation
 from tests.browser._browser import BROWSER_MARKS, Ui, screenshot
-from tests.browser.conftest import wait_for
+from tests.browser.conftest import next_page, wait_for
 
 pytestmark = list(BROWSER_MARKS)
 
@@ -74,7 +74,8 @@ def _open_pathway(browser: WebDriver, ui: Ui) -> None:
     """Open the Models page and show the pathway's columns (a GET form: no script needed)."""
     browser.get(f"{ui.base}/models")
     _choose(browser, "pathway", VIEW)
-    browser.find_element(By.ID, "pathway-show").send_keys(Keys.ENTER)
+    with next_page(browser):
+        browser.find_element(By.ID, "pathway-show").send_keys(Keys.ENTER)
     _element(browser, f"#model-form input[name='view'][value='{VIEW}']")
 
 
@@ -115,7 +116,8 @@ def test_a_logistic_fit_through_the_form_shows_its_terms_and_forest_plot(
     _type(browser, "model-rho", RHO)
 
     before = _spent(federation)
-    browser.find_element(By.ID, "model-explain").click()
+    with next_page(browser):
+        browser.find_element(By.ID, "model-explain").click()
     plan = _element(browser, "#model-plan, #error")
     assert plan.get_attribute("id") == "model-plan", plan.text
     nodes = _rows(plan, "#model-explain-table tr[data-node]", "data-status")
@@ -125,7 +127,8 @@ def test_a_logistic_fit_through_the_form_shows_its_terms_and_forest_plot(
 
     # The form keeps what was typed: Fit straight after Explain.
     assert browser.find_element(By.ID, f"covariate-{COVARIATE}").is_selected()
-    browser.find_element(By.ID, "model-fit").click()
+    with next_page(browser):
+        browser.find_element(By.ID, "model-fit").click()
     result = _element(browser, "#model-result, #error")
     _no_error(browser)
     assert _rows(result, "#coefficients tr[data-term]", "data-term") == terms
@@ -137,7 +140,8 @@ def test_a_logistic_fit_through_the_form_shows_its_terms_and_forest_plot(
     # Kept in History: the entry re-opens as the same table and plot.
     link = browser.find_element(By.ID, "history-link")
     entry = str(link.get_attribute("href")).rsplit("/", 1)[1]
-    link.click()
+    with next_page(browser):
+        link.click()
     reopened = _element(browser, "#coefficients")
     assert browser.current_url == f"{ui.base}/history/{entry}"
     main = browser.find_element(By.TAG_NAME, "main")
@@ -162,7 +166,8 @@ def test_a_comparison_by_region_shows_every_region_and_the_funnel(
     _check(browser, f"adjust-{COVARIATE}")
     _type(browser, "compare-where", WHERE)
     _type(browser, "compare-rho", RHO)
-    browser.find_element(By.ID, "compare-run").click()
+    with next_page(browser):
+        browser.find_element(By.ID, "compare-run").click()
     section = _element(browser, "#comparison-result, #error")
     _no_error(browser)
     flags = _flags(section.find_elements(By.CSS_SELECTOR, "#comparison tr[data-unit]"))
@@ -191,7 +196,8 @@ def test_a_bad_rho_shows_the_message_and_keeps_the_form(
     _open_pathway(browser, ui)
     _check(browser, f"covariate-{COVARIATE}")
     _type(browser, "model-rho", rho)
-    browser.find_element(By.ID, "model-fit").click()
+    with next_page(browser):
+        browser.find_element(By.ID, "model-fit").click()
     error = _element(browser, "#error")
     assert error.get_attribute("role") == "alert"
     assert "rho" in error.text, error.text

@@ -23,7 +23,7 @@ from coordinator.analyst.client import Federation
 from coordinator.local.federation import LocalFederation
 from queries.combine import POOLED
 from tests.browser._browser import BROWSER_MARKS, Ui, screenshot
-from tests.browser.conftest import WAIT_S, wait_for
+from tests.browser.conftest import WAIT_S, next_page, wait_for
 
 pytestmark = list(BROWSER_MARKS)
 
@@ -115,7 +115,8 @@ class Ran:
 def ran(browser: WebDriver, ui: Ui) -> Ran:
     """Type SQL, press Run, count what is drawn (one query, shared by the tests)."""
     _type_query(browser, ui, SQL)
-    browser.find_element(By.ID, "run").click()
+    with next_page(browser):
+        browser.find_element(By.ID, "run").click()
     section = wait_for(browser, "#result, #error")
     assert isinstance(section, WebElement)
     errors = browser.find_elements(By.ID, "error")
@@ -130,7 +131,8 @@ def test_explain_shows_cost_and_noise_for_every_node_and_spends_nothing(
     with Federation(federation.hub_address, federation.analyst_identity) as fed:
         before = {d.node: d.budget.rho_spent for d in fed.nodes()[0]}
     _type_query(browser, ui, SQL)
-    browser.find_element(By.ID, "explain").click()
+    with next_page(browser):
+        browser.find_element(By.ID, "explain").click()
     section = wait_for(browser, "#explain-result, #error")
     assert isinstance(section, WebElement)
     assert section.get_attribute("id") == "explain-result", section.text
@@ -184,7 +186,8 @@ def test_history_reopens_the_result_and_exports_csv(
     assert entries, "the query just run is not in the history"
     entry = entries[0].get_attribute("data-entry")
     screenshot(browser, "history")
-    entries[0].find_element(By.CSS_SELECTOR, f"a[href='/history/{entry}']").click()
+    with next_page(browser):
+        entries[0].find_element(By.CSS_SELECTOR, f"a[href='/history/{entry}']").click()
     reopened = wait_for(browser, "#result-table")
     assert browser.current_url == f"{ui.base}/history/{entry}"
     assert isinstance(reopened, WebElement)
@@ -221,7 +224,8 @@ def _downloaded(folder: Path, suffix: str) -> Path:
 def test_a_refused_query_shows_its_error_without_a_traceback(browser: WebDriver, ui: Ui) -> None:
     # person_id has no public domain: grouping by it would publish who is in the data.
     _type_query(browser, ui, "SELECT COUNT(*) FROM persons GROUP BY person_id")
-    browser.find_element(By.ID, "run").click()
+    with next_page(browser):
+        browser.find_element(By.ID, "run").click()
     error = wait_for(browser, "#error, #result")
     assert isinstance(error, WebElement)
     assert error.get_attribute("id") == "error", "a query no node may answer was answered"
