@@ -72,12 +72,17 @@ def _node_dict(o: NodeOutcome, rho: float) -> dict[str, Any]:
     }
 
 
+def _charges(result: FederatedResult) -> tuple[float, list[str]]:
+    """The sum of the charges known, and the nodes whose charge is not known."""
+    unknown = [o.node for o in result.nodes if o.charge_unknown]
+    return sum(o.rho_charged for o in result.nodes if not o.charge_unknown), unknown
+
+
 def _spent_total(result: FederatedResult, rho: float) -> dict[str, Any]:
     """What the query charged across the nodes: known charges, and the nodes whose charge
     is not known (each at most rho), never counted as 0. Re-sent releases were charged
     when first answered; their rho is in known, as on their receipts."""
-    unknown = [o.node for o in result.nodes if o.charge_unknown]
-    known = sum(o.rho_charged for o in result.nodes if not o.charge_unknown)
+    known, unknown = _charges(result)
     return {
         "known": known,
         "unknown_nodes": unknown,
@@ -215,8 +220,7 @@ def print_nodes(console: Console, result: FederatedResult, *, rho: float | None 
             ),
         )
     console.print(table)
-    unknown = [o.node for o in result.nodes if o.charge_unknown]
-    known = sum(o.rho_charged for o in result.nodes if not o.charge_unknown)
+    known, unknown = _charges(result)
     line = f"rho spent: {known:.4g} in all at the nodes that answered"
     if unknown:
         most = f"at most {rho:.4g} each" if rho is not None else "each at most the query's rho"

@@ -168,13 +168,12 @@ class HubService(hub_pb2_grpc.HubServicer):
             # kept nothing; nothing is run or charged anywhere.
             fetch = node_pb2.ExecuteRequest(envelope=request.envelope, kept_only=True)
             self._describe_unknown_versions(handles, min(DESCRIBE_WAIT_S, deadline_s / 4))
-            able = [h for h in handles if self._kept_only_capable(h.entry.name)]
+            capable = [self._kept_only_capable(h.entry.name) for h in handles]
+            able = [h for h, ok in zip(handles, capable, strict=True) if ok]
             asked = iter(fan_out(able, "Execute", fetch, deadline_s=deadline_s) if able else ())
             replies = [
-                _silent(next(asked), deadline_s, query.rho)
-                if self._kept_only_capable(h.entry.name)
-                else _no_fetch_only(h.entry.name)
-                for h in handles
+                _silent(next(asked), deadline_s, query.rho) if ok else _no_fetch_only(h.entry.name)
+                for h, ok in zip(handles, capable, strict=True)
             ]
             result = _combine(
                 query, replies, self.rules, analyst=analyst, quorum=quorum, refuse_all=False
