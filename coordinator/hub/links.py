@@ -92,6 +92,7 @@ class LinkSession:
         self.outgoing: queue.Queue[link_pb2.HubFrame | None] = queue.Queue()
         self.last_seen = time.monotonic()
         self.closed = threading.Event()
+        self.reason = ""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
@@ -107,9 +108,13 @@ class LinkSession:
     ) -> _Pending:
         """Send one call; its answer arrives in the returned _Pending."""
         pending = _Pending(next(self._ids), streaming)
+        self.close_if_silent()
         with self._lock:
             if self.closed.is_set():
-                pending.fail(grpc.StatusCode.UNAVAILABLE, f"the link to node {self.node} closed")
+                pending.fail(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the link to node {self.node} closed: {self.reason}",
+                )
                 return pending
             self._pending[pending.call_id] = pending
         deadline_ms = 0 if timeout_s is None else max(1, int(timeout_s * 1000))
@@ -143,12 +148,24 @@ class LinkSession:
         if pending is not None:
             pending.deliver(frame)
 
+    def close_if_silent(self) -> bool:
+        """Close the link if the node has sent nothing for SILENT_AFTER_S; True if closed.
+
+        Checked on every call and lookup and by Links' watchdog, not only by the send loop
+        between frames, so a stopped node is unreachable at once rather than a call queued
+        on its stale session waiting for its deadline (timed_out).
+        """
+        if not self.closed.is_set() and time.monotonic() - self.last_seen > SILENT_AFTER_S:
+            self.close(f"the node sent nothing for {SILENT_AFTER_S:g} s")
+        return self.closed.is_set()
+
     def close(self, reason: str) -> None:
         """End the link: every call still waiting fails UNAVAILABLE (the node is unreachable
         until it links again)."""
         with self._lock:
             if self.closed.is_set():
                 return
+            self.reason = reason
             self.closed.set()
             pending, self._pending = list(self._pending.values()), {}
         self.outgoing.put(None)
@@ -164,6 +181,7 @@ class Links:
         self._sessions: dict[str, LinkSession] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._watchdog: threading.Thread | None = None
 
     def open(self, node: str, peer: str) -> LinkSession:
         """A new session for node; an older one is closed (the latest link wins)."""
@@ -172,9 +190,23 @@ class Links:
             old = self._sessions.get(node)
             self._sessions[node] = session
             self._changed.notify_all()
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="chc-link-watchdog", daemon=True
+                )
+                self._watchdog.start()
         if old is not None:
             old.close("the node linked again")
         return session
+
+    def _watch(self) -> None:
+        """Close silent sessions, so calls waiting on them fail UNAVAILABLE promptly."""
+        while True:
+            time.sleep(HEARTBEAT_S / 4)
+            with self._lock:
+                sessions = list(self._sessions.values())
+            for session in sessions:
+                session.close_if_silent()
 
     def close_all(self, reason: str) -> None:
         """Close every session (the hub is shutting down); nodes dial again later."""
@@ -193,7 +225,7 @@ class Links:
         """The node's open session, or None if it is not connected now."""
         with self._lock:
             found = self._sessions.get(node)
-        return found if found is not None and not found.closed.is_set() else None
+        return found if found is not None and not found.close_if_silent() else None
 
     def wait_linked(self, node: str, timeout_s: float) -> bool:
         """Wait until node has an open session (tests, and the hub's start-up log)."""
@@ -617,8 +649,7 @@ def _send(session: LinkSession) -> Iterator[link_pb2.HubFrame]:
     """Frames for the node: its calls as they come, a heartbeat when there are none, until
     the session closes or the node has been silent too long."""
     while True:
-        if time.monotonic() - session.last_seen > SILENT_AFTER_S:
-            session.close(f"the node sent nothing for {SILENT_AFTER_S:g} s")
+        if session.close_if_silent():
             return
         try:
             frame = session.outgoing.get(timeout=HEARTBEAT_S)
