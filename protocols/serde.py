@@ -30,6 +30,8 @@ from queries.results import (
     NodeStatus,
     NoiseInfo,
     ReleaseRules,
+    SecureAggregation,
+    ShareNoise,
 )
 from queries.schema import MAX_PERSONS, Catalog, ColumnSpec, ColumnType, ViewSpec
 from queries.spec import Query
@@ -348,14 +350,65 @@ def outcome_from_proto(msg: hub_pb2.NodeOutcome) -> NodeOutcome:
     )
 
 
+def guarantee_to_proto(g: SecureAggregation) -> node_pb2.SecAggGuarantee:
+    """A secure aggregate's noise shares and guarantee for the wire."""
+    return node_pb2.SecAggGuarantee(
+        nodes=g.nodes,
+        threshold=g.threshold,
+        rho_threshold=g.rho_threshold,
+        rho_all_honest=g.rho_all_honest,
+        components=[
+            node_pb2.SecAggComponent(
+                component=c.component,
+                length=c.length,
+                upscale=c.upscale,
+                share_scale=c.share_scale,
+                unit=c.unit,
+                rho=c.rho,
+                rho_threshold=c.rho_threshold,
+                rho_all_honest=c.rho_all_honest,
+            )
+            for c in g.components
+        ],
+        round=list(g.round),
+    )
+
+
+def guarantee_from_proto(msg: node_pb2.SecAggGuarantee) -> SecureAggregation:
+    """A secure aggregate's noise shares and guarantee from the wire."""
+    return SecureAggregation(
+        nodes=msg.nodes,
+        threshold=msg.threshold,
+        rho_threshold=msg.rho_threshold,
+        rho_all_honest=msg.rho_all_honest,
+        components=tuple(
+            ShareNoise(
+                component=c.component,
+                length=c.length,
+                upscale=c.upscale,
+                share_scale=c.share_scale,
+                unit=c.unit,
+                rho=c.rho,
+                rho_threshold=c.rho_threshold,
+                rho_all_honest=c.rho_all_honest,
+            )
+            for c in msg.components
+        ),
+        round=tuple(msg.round),
+    )
+
+
 def result_to_proto(result: FederatedResult) -> hub_pb2.SubmitResponse:
     """The hub's combined result for the wire."""
-    return hub_pb2.SubmitResponse(
+    msg = hub_pb2.SubmitResponse(
         query_id=result.query_id,
         table=table_to_ipc(result.table),
         nodes=[outcome_to_proto(o) for o in result.nodes],
         partial=result.partial,
     )
+    if result.secure_aggregation is not None:
+        msg.secure_aggregation.CopyFrom(guarantee_to_proto(result.secure_aggregation))
+    return msg
 
 
 def result_from_proto(msg: hub_pb2.SubmitResponse) -> FederatedResult:
@@ -365,6 +418,11 @@ def result_from_proto(msg: hub_pb2.SubmitResponse) -> FederatedResult:
         table=table_from_ipc(msg.table),
         nodes=tuple(outcome_from_proto(o) for o in msg.nodes),
         partial=msg.partial,
+        secure_aggregation=(
+            guarantee_from_proto(msg.secure_aggregation)
+            if msg.HasField("secure_aggregation")
+            else None
+        ),
     )
 
 
@@ -380,6 +438,10 @@ def explain_to_proto(e: NodeExplain) -> hub_pb2.ExplainResult:
                 epsilon=e.epsilon,
                 cells=e.cells,
                 budget=budget_to_proto(e.budget) if e.budget else None,
+                secure_measures=[measure_noise_to_proto(m) for m in e.secure_measures],
+                secure_aggregation=(
+                    guarantee_to_proto(e.secure_aggregation) if e.secure_aggregation else None
+                ),
             )
         )
     return msg
@@ -402,6 +464,10 @@ def explain_from_proto(msg: hub_pb2.ExplainResult) -> NodeExplain:
         epsilon=e.epsilon,
         cells=e.cells,
         budget=budget_from_proto(e.budget) if e.HasField("budget") else None,
+        secure_measures=tuple(measure_noise_from_proto(m) for m in e.secure_measures),
+        secure_aggregation=(
+            guarantee_from_proto(e.secure_aggregation) if e.HasField("secure_aggregation") else None
+        ),
     )
 
 

@@ -62,8 +62,11 @@ class ProtocolVersion:
 # 1.0: everything up to the fetch-only re-send (operation-bound envelopes, kept releases
 #      and `resent`, fit steps, the ledger stream).
 # 1.1: ExecuteRequest.kept_only and NodeOutcome.charge_unknown; the `chc-protocol` header.
-CURRENT = ProtocolVersion(1, 1)
+# 1.2: secure aggregation (Node.SecAggAnnounce and SecAggShare, pooled_only queries, the
+#      secure-aggregation fields of ExplainResponse and SubmitResponse).
+CURRENT = ProtocolVersion(1, 2)
 KEPT_ONLY = ProtocolVersion(1, 1)
+SECURE_AGGREGATION = ProtocolVersion(1, 2)
 FIRST = ProtocolVersion(1, 0)
 
 

@@ -157,6 +157,44 @@ class NodeOutcome:
 
 
 @dataclass(frozen=True)
+class ShareNoise:
+    """One component's distributed noise share under secure aggregation (public)."""
+
+    component: str
+    length: int  # values in the component's vector
+    upscale: int  # the public power of ten every node scales its integers by
+    share_scale: float  # each node's discrete Gaussian sigma, in scaled units
+    unit: float  # natural units per integer unit
+    rho: float  # the component's share of the query's rho, charged at every node
+    rho_threshold: float  # its guarantee if only the threshold's nodes are honest
+    rho_all_honest: float  # its guarantee if every node is
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """How a secure aggregate's noise was shared, and what it guarantees.
+
+    k = nodes took part; the shares assume threshold (t) of them honest. rho_threshold is the
+    release's guarantee if only t are honest (at most what each node charged), rho_all_honest
+    if all k are.
+    """
+
+    nodes: int
+    threshold: int
+    rho_threshold: float
+    rho_all_honest: float
+    components: tuple[ShareNoise, ...] = ()
+    round: tuple[str, ...] = ()
+
+    def pooled_variance(self, component: str) -> float:
+        """An upper bound on the pooled sum's noise variance per value, natural units."""
+        for c in self.components:
+            if c.component == component:
+                return float(self.nodes * c.share_scale**2 * (c.unit / c.upscale) ** 2)
+        raise KeyError(component)
+
+
+@dataclass(frozen=True)
 class NodeExplain:
     """What a query would cost and how noisy it would be at one node (nothing spent)."""
 
@@ -169,6 +207,10 @@ class NodeExplain:
     epsilon: float = 0.0
     cells: int = 0
     budget: BudgetStatus | None = None
+    # A pooled_only query: the pooled sum's noise under secure aggregation, per component
+    # (measures give the same components with each node's full noise), and its guarantee.
+    secure_measures: tuple[MeasureNoise, ...] = ()
+    secure_aggregation: SecureAggregation | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +272,8 @@ class FederatedResult:
     table: pa.Table
     nodes: tuple[NodeOutcome, ...]
     partial: bool
+    # Set for a secure aggregate (a pooled_only query): the table has pooled rows only.
+    secure_aggregation: SecureAggregation | None = None
 
     def to_arrow(self) -> pa.Table:
         """One row per region, group and measure, with estimate, interval, flags and status.

@@ -35,6 +35,8 @@ MAX_FILTERS = 50
 # An analyst's per-person contribution cap (rows_per_person) is at least 1; a node refuses one
 # above its view's own cap. Views cap persons at far fewer rows than this.
 MAX_ROWS_PER_PERSON = 10_000
+# The most nodes a secure-aggregation round may assume honest (honest_nodes).
+MAX_HONEST_NODES = 1000
 
 # Error messages quote at most this many characters of a rejected value.
 QUOTE_CHARS = 200
@@ -256,9 +258,28 @@ class Query:
     rows_per_person: int | None = None
     # An ad hoc cohort (queries/cohort.py): the view is then the reserved "cohort".
     cohort: Cohort | None = None
+    # Secure aggregation (docs/secure-aggregation.md): the analyst gives up per-region
+    # answers, and the hub learns only the pooled noisy sum, with central DP's accuracy.
+    pooled_only: bool = False
+    # How many of the envelope's k nodes the noise shares assume honest (t); None: all k.
+    honest_nodes: int | None = None
 
     def __post_init__(self) -> None:
         check_identifier(self.view, "view")
+        if not isinstance(self.pooled_only, bool):
+            raise QueryError(f"pooled_only must be true or false, got {quote(self.pooled_only)}")
+        t = self.honest_nodes
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_HONEST_NODES:
+                raise QueryError(
+                    f"honest_nodes must be a whole number from 1 to {MAX_HONEST_NODES} (or "
+                    f"absent, for every node of the query), got {quote(t)}"
+                )
+            if not self.pooled_only:
+                raise QueryError(
+                    "honest_nodes only goes with pooled_only: true (it sizes the noise shares "
+                    "of secure aggregation)"
+                )
         from queries.cohort import check_view  # lazy: queries.cohort imports this module
 
         check_view(self.view, self.cohort)
@@ -309,6 +330,8 @@ class Query:
             # Only when chosen, so that every query without one keeps its canonical bytes.
             **({"rows_per_person": self.rows_per_person} if self.rows_per_person else {}),
             **({"cohort": self.cohort.to_dict()} if self.cohort is not None else {}),
+            **({"pooled_only": True} if self.pooled_only else {}),
+            **({"honest_nodes": self.honest_nodes} if self.honest_nodes is not None else {}),
         }
 
 

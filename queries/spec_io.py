@@ -93,7 +93,7 @@ def from_dict(data: object) -> Query:
         raise QueryError("a query spec must be a mapping with at least 'view' and 'rho'")
     _check_shape(data)
     known = {"version", "view", "rho", "epsilon", "delta", "measures", "group_by", "where"}
-    known |= {"rows_per_person", "cohort"}
+    known |= {"rows_per_person", "cohort", "pooled_only", "honest_nodes"}
     unknown = _names(set(data) - known)
     if unknown:
         raise QueryError(f"unknown field(s) {unknown} in query spec; known: {sorted(known)}")
@@ -153,6 +153,8 @@ def from_dict(data: object) -> Query:
         where=tuple(where),
         rows_per_person=data.get("rows_per_person"),
         cohort=cohort_from_dict(data["cohort"]) if "cohort" in data else None,
+        pooled_only=data.get("pooled_only", False),
+        honest_nodes=data.get("honest_nodes"),
     )
 
 

@@ -21,7 +21,7 @@ from protocols.budget.policy import BudgetPolicy
 from protocols.ledger.entry import FitStepRecord, SignedEntry
 from protocols.security.envelope import now_ms
 from queries.errors import ChcError, ConfigError
-from queries.results import BudgetStatus
+from queries.results import BudgetStatus, SecureAggregation
 
 if TYPE_CHECKING:
     from node.budget.book import LedgerBook
@@ -41,6 +41,8 @@ class Charge:
     epsilon: float
     # One step of a model fit: recorded in the entry's `fit` field (docs/ledger.md).
     fit: FitStepRecord | None = None
+    # A masked share of a secure aggregate: its `secure_aggregation` field (docs/ledger.md).
+    secure_aggregation: SecureAggregation | None = None
 
 
 class LedgerWriteError(ChcError):

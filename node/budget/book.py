@@ -25,6 +25,7 @@ from protocols.ledger.entry import (
     HEAD_RECORD,
     REFUSED,
     RELEASED,
+    SECURE_AGGREGATION_FIELD,
     ZERO_HASH,
     SignedEntry,
     canonical_json,
@@ -34,6 +35,7 @@ from protocols.ledger.entry import (
     parse_time,
     public_key_bytes,
     query_text,
+    secure_aggregation_fields,
     truncate_ms,
     views_of,
 )
@@ -248,6 +250,11 @@ class LedgerBook:
                 "envelope": base64.b64encode(charge.envelope).decode("ascii"),
                 # Only on fit steps, so every other entry is byte for byte as before.
                 **({FIT_FIELD: charge.fit.fields()} if charge.fit is not None else {}),
+                **(
+                    {SECURE_AGGREGATION_FIELD: secure_aggregation_fields(charge.secure_aggregation)}
+                    if charge.secure_aggregation is not None
+                    else {}
+                ),
             },
             views=list(charge.views),
             rho=charge.rho,

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from queries import spec, spec_io
 from queries.errors import ConfigError
+from queries.results import SecureAggregation, ShareNoise
 
 FORMAT = 1
 ENTRY_RECORD = "chc.ledger.entry"
@@ -91,6 +92,103 @@ def read_fit(body: dict[str, Any]) -> FitStepRecord | None:
         coefficients=tuple(float(b) for b in coefficients),
         regions=tuple(regions),
         refused=refused,
+    )
+
+
+# A release that is a node's masked share of a secure aggregate records how its noise share
+# was sized and what it guarantees (docs/ledger.md, "Secure aggregation"): the round's k
+# nodes, the threshold t of them assumed honest, the release's rho if only t are honest and
+# if all k are, and per component its length, public upscale and share scale. Entries
+# without it are releases with the node's full noise.
+SECURE_AGGREGATION_FIELD = "secure_aggregation"
+
+
+def secure_aggregation_fields(record: SecureAggregation) -> dict[str, Any]:
+    """The JSON-ready `secure_aggregation` field of an entry."""
+    return {
+        "nodes": record.nodes,
+        "threshold": record.threshold,
+        "round": list(record.round),
+        "rho_threshold": float(record.rho_threshold),
+        "rho_all_honest": float(record.rho_all_honest),
+        "components": [
+            {
+                "component": c.component,
+                "length": c.length,
+                "upscale": c.upscale,
+                "share_scale": float(c.share_scale),
+                "unit": float(c.unit),
+                "rho": float(c.rho),
+                "rho_threshold": float(c.rho_threshold),
+                "rho_all_honest": float(c.rho_all_honest),
+            }
+            for c in record.components
+        ],
+    }
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _share(raw: object) -> ShareNoise:
+    if not isinstance(raw, dict):
+        raise ValueError("a component of its secure_aggregation field is not an object")
+    name, length, upscale = raw.get("component"), raw.get("length"), raw.get("upscale")
+    reals = [raw.get(k) for k in ("share_scale", "unit", "rho", "rho_threshold", "rho_all_honest")]
+    if not (isinstance(name, str) and _whole(length) and _whole(upscale)):
+        raise ValueError(
+            "a component of its secure_aggregation field needs a name and whole numbers "
+            "length and upscale"
+        )
+    if not all(_real(v) for v in reals):
+        raise ValueError(
+            f"component {name!r} of its secure_aggregation field needs numbers share_scale, "
+            "unit, rho, rho_threshold and rho_all_honest"
+        )
+    scale, unit, rho, at_t, at_k = (float(v) for v in reals)  # type: ignore[arg-type]
+    return ShareNoise(
+        component=name,
+        length=int(length),  # type: ignore[arg-type]
+        upscale=int(upscale),  # type: ignore[arg-type]
+        share_scale=scale,
+        unit=unit,
+        rho=rho,
+        rho_threshold=at_t,
+        rho_all_honest=at_k,
+    )
+
+
+def read_secure_aggregation(body: dict[str, Any]) -> SecureAggregation | None:
+    """An entry's secure-aggregation record, None if it has none; ValueError if the field is
+    malformed."""
+    raw = body.get(SECURE_AGGREGATION_FIELD)
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("its secure_aggregation field is not an object")
+    nodes, threshold, names = raw.get("nodes"), raw.get("threshold"), raw.get("round")
+    at_t, at_k, parts = raw.get("rho_threshold"), raw.get("rho_all_honest"), raw.get("components")
+    if not (_whole(nodes) and _whole(threshold) and _real(at_t) and _real(at_k)):
+        raise ValueError(
+            "its secure_aggregation field needs whole numbers nodes and threshold and numbers "
+            "rho_threshold and rho_all_honest"
+        )
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError("its secure_aggregation field needs the round's node names")
+    if not isinstance(parts, list):
+        raise ValueError("its secure_aggregation field needs a list of components")
+    return SecureAggregation(
+        nodes=int(nodes),  # type: ignore[arg-type]
+        threshold=int(threshold),  # type: ignore[arg-type]
+        round=tuple(names),
+        rho_threshold=float(at_t),  # type: ignore[arg-type]
+        rho_all_honest=float(at_k),  # type: ignore[arg-type]
+        components=tuple(_share(c) for c in parts),
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protocols.v1 import node_pb2 as protocols_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocols/v1/hub.proto\x12\x06\x63hc.v1\x1a\x17protocols/v1/node.proto\"p\n\rSubmitRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x03\x12\x0e\n\x06quorum\x18\x03 \x01(\r\x12\x11\n\tkept_only\x18\x04 \x01(\x08\"\xa3\x02\n\x0bNodeOutcome\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x16\n\x0enoise_variance\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12&\n\x08measures\x18\x08 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x15\n\rnode_query_id\x18\t \x01(\t\x12\x17\n\x0fledger_sequence\x18\n \x01(\x03\x12\x0e\n\x06resent\x18\x0b \x01(\x08\x12\x16\n\x0e\x63harge_unknown\x18\x0c \x01(\x08\"f\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12\x0f\n\x07partial\x18\x04 \x01(\x08\"\x12\n\x10ListNodesRequest\"\xd5\x01\n\x11ListNodesResponse\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.chc.v1.DescribeResponse\x12(\n\x0bunavailable\x18\x02 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12;\n\taddresses\x18\x03 \x03(\x0b\x32(.chc.v1.ListNodesResponse.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\rExplainResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x17.chc.v1.ExplainResponse\"@\n\x18\x45xplainFederatedResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.chc.v1.ExplainResult\"y\n\x0b\x43oefficient\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x10\n\x08\x65stimate\x18\x02 \x01(\x01\x12\x14\n\x0c\x64p_std_error\x18\x03 \x01(\x01\x12\x11\n\tstd_error\x18\x04 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x05 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x06 \x01(\x01\"B\n\x0c\x46itIteration\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x12\n\nmax_change\x18\x02 \x01(\x01\x12\x10\n\x08repaired\x18\x03 \x01(\x08\"\xec\x02\n\x0b\x46itResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12)\n\x0c\x63oefficients\x18\x02 \x03(\x0b\x32\x13.chc.v1.Coefficient\x12(\n\niterations\x18\x03 \x03(\x0b\x32\x14.chc.v1.FitIteration\x12\"\n\x05nodes\x18\x04 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12\x0f\n\x07partial\x18\x05 \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12\x0c\n\x04link\x18\x07 \x01(\t\x12\x0f\n\x07persons\x18\x08 \x01(\x03\x12\x0f\n\x07message\x18\t \x01(\t\x12\'\n\x0bnode_totals\x18\n \x03(\x0b\x32\x12.chc.v1.NodeTotals\x12\x1b\n\x13totals_coefficients\x18\x0b \x03(\x01\x12\'\n\x0bunit_totals\x18\x0c \x03(\x0b\x32\x12.chc.v1.UnitTotals\x12\x12\n\ncompare_by\x18\r \x01(\t\"\x88\x01\n\nNodeTotals\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0boutcome_sum\x18\x02 \x01(\x01\x12\x18\n\x10outcome_variance\x18\x03 \x01(\x01\x12\x14\n\x0cresidual_sum\x18\x04 \x01(\x01\x12\x19\n\x11residual_variance\x18\x05 \x01(\x01\x12\x0c\n\x04step\x18\x06 \x01(\r\"\xad\x01\n\nUnitTotals\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0boutcome_sum\x18\x02 \x01(\x01\x12\x18\n\x10outcome_variance\x18\x03 \x01(\x01\x12\x14\n\x0cresidual_sum\x18\x04 \x01(\x01\x12\x19\n\x11residual_variance\x18\x05 \x01(\x01\x12\r\n\x05nodes\x18\x06 \x03(\t\x12\x12\n\nsuppressed\x18\x07 \x01(\x08\x12\x0e\n\x06reason\x18\x08 \x01(\t\"$\n\rTrainResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x32\xae\x02\n\x03Hub\x12\x42\n\x07\x45xplain\x12\x15.chc.v1.SubmitRequest\x1a .chc.v1.ExplainFederatedResponse\x12\x37\n\x06Submit\x12\x15.chc.v1.SubmitRequest\x1a\x16.chc.v1.SubmitResponse\x12@\n\tListNodes\x12\x18.chc.v1.ListNodesRequest\x1a\x19.chc.v1.ListNodesResponse\x12\x31\n\x03\x46it\x12\x15.chc.v1.SubmitRequest\x1a\x13.chc.v1.FitResponse\x12\x35\n\x05Train\x12\x15.chc.v1.SubmitRequest\x1a\x15.chc.v1.TrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocols/v1/hub.proto\x12\x06\x63hc.v1\x1a\x17protocols/v1/node.proto\"p\n\rSubmitRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.chc.v1.QueryEnvelope\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x03\x12\x0e\n\x06quorum\x18\x03 \x01(\r\x12\x11\n\tkept_only\x18\x04 \x01(\x08\"\xa3\x02\n\x0bNodeOutcome\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0brho_charged\x18\x04 \x01(\x01\x12\x16\n\x0enoise_variance\x18\x05 \x01(\x01\x12$\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x14.chc.v1.BudgetStatus\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12&\n\x08measures\x18\x08 \x03(\x0b\x32\x14.chc.v1.MeasureNoise\x12\x15\n\rnode_query_id\x18\t \x01(\t\x12\x17\n\x0fledger_sequence\x18\n \x01(\x03\x12\x0e\n\x06resent\x18\x0b \x01(\x08\x12\x16\n\x0e\x63harge_unknown\x18\x0c \x01(\x08\"\x9b\x01\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\x0c\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x12\x33\n\x12secure_aggregation\x18\x05 \x01(\x0b\x32\x17.chc.v1.SecAggGuarantee\"\x12\n\x10ListNodesRequest\"\xd5\x01\n\x11ListNodesResponse\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.chc.v1.DescribeResponse\x12(\n\x0bunavailable\x18\x02 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12;\n\taddresses\x18\x03 \x03(\x0b\x32(.chc.v1.ListNodesResponse.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\rExplainResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x17.chc.v1.ExplainResponse\"@\n\x18\x45xplainFederatedResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.chc.v1.ExplainResult\"y\n\x0b\x43oefficient\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x10\n\x08\x65stimate\x18\x02 \x01(\x01\x12\x14\n\x0c\x64p_std_error\x18\x03 \x01(\x01\x12\x11\n\tstd_error\x18\x04 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x05 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x06 \x01(\x01\"B\n\x0c\x46itIteration\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x12\n\nmax_change\x18\x02 \x01(\x01\x12\x10\n\x08repaired\x18\x03 \x01(\x08\"\xec\x02\n\x0b\x46itResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12)\n\x0c\x63oefficients\x18\x02 \x03(\x0b\x32\x13.chc.v1.Coefficient\x12(\n\niterations\x18\x03 \x03(\x0b\x32\x14.chc.v1.FitIteration\x12\"\n\x05nodes\x18\x04 \x03(\x0b\x32\x13.chc.v1.NodeOutcome\x12\x0f\n\x07partial\x18\x05 \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12\x0c\n\x04link\x18\x07 \x01(\t\x12\x0f\n\x07persons\x18\x08 \x01(\x03\x12\x0f\n\x07message\x18\t \x01(\t\x12\'\n\x0bnode_totals\x18\n \x03(\x0b\x32\x12.chc.v1.NodeTotals\x12\x1b\n\x13totals_coefficients\x18\x0b \x03(\x01\x12\'\n\x0bunit_totals\x18\x0c \x03(\x0b\x32\x12.chc.v1.UnitTotals\x12\x12\n\ncompare_by\x18\r \x01(\t\"\x88\x01\n\nNodeTotals\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0boutcome_sum\x18\x02 \x01(\x01\x12\x18\n\x10outcome_variance\x18\x03 \x01(\x01\x12\x14\n\x0cresidual_sum\x18\x04 \x01(\x01\x12\x19\n\x11residual_variance\x18\x05 \x01(\x01\x12\x0c\n\x04step\x18\x06 \x01(\r\"\xad\x01\n\nUnitTotals\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0boutcome_sum\x18\x02 \x01(\x01\x12\x18\n\x10outcome_variance\x18\x03 \x01(\x01\x12\x14\n\x0cresidual_sum\x18\x04 \x01(\x01\x12\x19\n\x11residual_variance\x18\x05 \x01(\x01\x12\r\n\x05nodes\x18\x06 \x03(\t\x12\x12\n\nsuppressed\x18\x07 \x01(\x08\x12\x0e\n\x06reason\x18\x08 \x01(\t\"$\n\rTrainResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x32\xae\x02\n\x03Hub\x12\x42\n\x07\x45xplain\x12\x15.chc.v1.SubmitRequest\x1a .chc.v1.ExplainFederatedResponse\x12\x37\n\x06Submit\x12\x15.chc.v1.SubmitRequest\x1a\x16.chc.v1.SubmitResponse\x12@\n\tListNodes\x12\x18.chc.v1.ListNodesRequest\x1a\x19.chc.v1.ListNodesResponse\x12\x31\n\x03\x46it\x12\x15.chc.v1.SubmitRequest\x1a\x13.chc.v1.FitResponse\x12\x35\n\x05Train\x12\x15.chc.v1.SubmitRequest\x1a\x15.chc.v1.TrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +38,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST']._serialized_end=171
   _globals['_NODEOUTCOME']._serialized_start=174
   _globals['_NODEOUTCOME']._serialized_end=465
-  _globals['_SUBMITRESPONSE']._serialized_start=467
-  _globals['_SUBMITRESPONSE']._serialized_end=569
-  _globals['_LISTNODESREQUEST']._serialized_start=571
-  _globals['_LISTNODESREQUEST']._serialized_end=589
-  _globals['_LISTNODESRESPONSE']._serialized_start=592
-  _globals['_LISTNODESRESPONSE']._serialized_end=805
-  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_start=757
-  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_end=805
-  _globals['_EXPLAINRESULT']._serialized_start=807
-  _globals['_EXPLAINRESULT']._serialized_end=911
-  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_start=913
-  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_end=977
-  _globals['_COEFFICIENT']._serialized_start=979
-  _globals['_COEFFICIENT']._serialized_end=1100
-  _globals['_FITITERATION']._serialized_start=1102
-  _globals['_FITITERATION']._serialized_end=1168
-  _globals['_FITRESPONSE']._serialized_start=1171
-  _globals['_FITRESPONSE']._serialized_end=1535
-  _globals['_NODETOTALS']._serialized_start=1538
-  _globals['_NODETOTALS']._serialized_end=1674
-  _globals['_UNITTOTALS']._serialized_start=1677
-  _globals['_UNITTOTALS']._serialized_end=1850
-  _globals['_TRAINRESPONSE']._serialized_start=1852
-  _globals['_TRAINRESPONSE']._serialized_end=1888
-  _globals['_HUB']._serialized_start=1891
-  _globals['_HUB']._serialized_end=2193
+  _globals['_SUBMITRESPONSE']._serialized_start=468
+  _globals['_SUBMITRESPONSE']._serialized_end=623
+  _globals['_LISTNODESREQUEST']._serialized_start=625
+  _globals['_LISTNODESREQUEST']._serialized_end=643
+  _globals['_LISTNODESRESPONSE']._serialized_start=646
+  _globals['_LISTNODESRESPONSE']._serialized_end=859
+  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_start=811
+  _globals['_LISTNODESRESPONSE_ADDRESSESENTRY']._serialized_end=859
+  _globals['_EXPLAINRESULT']._serialized_start=861
+  _globals['_EXPLAINRESULT']._serialized_end=965
+  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_start=967
+  _globals['_EXPLAINFEDERATEDRESPONSE']._serialized_end=1031
+  _globals['_COEFFICIENT']._serialized_start=1033
+  _globals['_COEFFICIENT']._serialized_end=1154
+  _globals['_FITITERATION']._serialized_start=1156
+  _globals['_FITITERATION']._serialized_end=1222
+  _globals['_FITRESPONSE']._serialized_start=1225
+  _globals['_FITRESPONSE']._serialized_end=1589
+  _globals['_NODETOTALS']._serialized_start=1592
+  _globals['_NODETOTALS']._serialized_end=1728
+  _globals['_UNITTOTALS']._serialized_start=1731
+  _globals['_UNITTOTALS']._serialized_end=1904
+  _globals['_TRAINRESPONSE']._serialized_start=1906
+  _globals['_TRAINRESPONSE']._serialized_end=1942
+  _globals['_HUB']._serialized_start=1945
+  _globals['_HUB']._serialized_end=2247
 # @@protoc_insertion_point(module_scope)

@@ -131,12 +131,19 @@ class SubmitResponse(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
+    SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     table: _builtins.bytes
     """Arrow IPC stream: "region", group columns, estimate, std_error, ci_low, ci_high."""
     partial: _builtins.bool
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeOutcome]: ...
+    @_builtins.property
+    def secure_aggregation(self) -> _node_pb2.SecAggGuarantee:
+        """Set when the result is a secure aggregate (a pooled_only query): the table has pooled
+        rows only, and this is the guarantee the nodes' noise shares give.
+        """
+
     def __init__(
         self,
         *,
@@ -144,10 +151,11 @@ class SubmitResponse(_message.Message):
         table: _builtins.bytes = ...,
         nodes: _abc.Iterable[Global___NodeOutcome] | None = ...,
         partial: _builtins.bool = ...,
+        secure_aggregation: _node_pb2.SecAggGuarantee | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "partial", b"partial", "query_id", b"query_id", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "partial", b"partial", "query_id", b"query_id", "secure_aggregation", b"secure_aggregation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

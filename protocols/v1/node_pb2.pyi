@@ -571,6 +571,8 @@ class ExplainResponse(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     CELLS_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
+    SECURE_MEASURES_FIELD_NUMBER: _builtins.int
+    SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     plan: _builtins.str
     """human-readable plan (SQL over the node's views, mechanisms)"""
     rho: _builtins.float
@@ -581,6 +583,15 @@ class ExplainResponse(_message.Message):
     def measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureNoise]: ...
     @_builtins.property
     def budget(self) -> Global___BudgetStatus: ...
+    @_builtins.property
+    def secure_measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureNoise]:
+        """A pooled_only query only: the noise of the pooled sum under secure aggregation, per
+        component (in `measures` the same components carry today's per-node noise), and the
+        node's guarantee, so that an analyst can choose.
+        """
+
+    @_builtins.property
+    def secure_aggregation(self) -> Global___SecAggGuarantee: ...
     def __init__(
         self,
         *,
@@ -590,14 +601,245 @@ class ExplainResponse(_message.Message):
         epsilon: _builtins.float = ...,
         cells: _builtins.int = ...,
         budget: Global___BudgetStatus | None = ...,
+        secure_measures: _abc.Iterable[Global___MeasureNoise] | None = ...,
+        secure_aggregation: Global___SecAggGuarantee | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "cells", b"cells", "epsilon", b"epsilon", "measures", b"measures", "plan", b"plan", "rho", b"rho"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "cells", b"cells", "epsilon", b"epsilon", "measures", b"measures", "plan", b"plan", "rho", b"rho", "secure_aggregation", b"secure_aggregation", "secure_measures", b"secure_measures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015
+
+@_typing.final
+class SecAggRequest(_message.Message):
+    """Secure aggregation of a pooled_only query (docs/secure-aggregation.md), in two rounds.
+    Round 1 (SecAggAnnounce): the envelope, to every node its audience names; each answers
+    with a fresh round key signed by its certified identity key; nothing is charged. Round 2
+    (SecAggShare): the envelope again with every node's announcement; each node checks them,
+    charges, and answers with its exact components plus its noise share, masked.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    STRUCTURE_FIELD_NUMBER: _builtins.int
+    ANNOUNCEMENTS_FIELD_NUMBER: _builtins.int
+    structure: _builtins.bytes
+    """As ExecuteRequest.structure: the public structure the query reads at every node."""
+    @_builtins.property
+    def envelope(self) -> Global___QueryEnvelope: ...
+    @_builtins.property
+    def announcements(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggAnnouncement]:
+        """Round 2 only: every node's announcement from round 1, as the hub received them."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___QueryEnvelope | None = ...,
+        structure: _builtins.bytes = ...,
+        announcements: _abc.Iterable[Global___SecAggAnnouncement] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announcements", b"announcements", "envelope", b"envelope", "structure", b"structure"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggRequest: _TypeAlias = SecAggRequest  # noqa: Y015
+
+@_typing.final
+class SecAggAnnouncement(_message.Message):
+    """A node's round key for one query, signed by its identity key (protocols.secagg.keys)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    QUERY_DIGEST_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_ALGORITHM_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    public_key: _builtins.bytes
+    """X25519, 32 raw bytes"""
+    query_digest: _builtins.bytes
+    """SHA-256 of the envelope's deterministic bytes"""
+    certificate: _builtins.bytes
+    """the node's PEM certificate (role node)"""
+    signature: _builtins.bytes
+    """ECDSA over protocols.secagg.keys.signed_payload"""
+    signature_algorithm: _builtins.str
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        query_digest: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        signature_algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "node", b"node", "public_key", b"public_key", "query_digest", b"query_digest", "signature", b"signature", "signature_algorithm", b"signature_algorithm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggAnnouncement: _TypeAlias = SecAggAnnouncement  # noqa: Y015
+
+@_typing.final
+class SecAggComponent(_message.Message):
+    """How one component's noise share is sized at every node (public: from the plan alone)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    UPSCALE_FIELD_NUMBER: _builtins.int
+    SHARE_SCALE_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    RHO_THRESHOLD_FIELD_NUMBER: _builtins.int
+    RHO_ALL_HONEST_FIELD_NUMBER: _builtins.int
+    component: _builtins.str
+    length: _builtins.int
+    """values in the component's vector"""
+    upscale: _builtins.int
+    """the public power of ten the node scales its integers by"""
+    share_scale: _builtins.float
+    """each node's discrete Gaussian sigma, in scaled units"""
+    unit: _builtins.float
+    """natural units per integer unit (fixed point)"""
+    rho: _builtins.float
+    """the component's share of the query's rho (charged)"""
+    rho_threshold: _builtins.float
+    """its guarantee with only `threshold` honest nodes"""
+    rho_all_honest: _builtins.float
+    """its guarantee with every node honest"""
+    def __init__(
+        self,
+        *,
+        component: _builtins.str = ...,
+        length: _builtins.int = ...,
+        upscale: _builtins.int = ...,
+        share_scale: _builtins.float = ...,
+        unit: _builtins.float = ...,
+        rho: _builtins.float = ...,
+        rho_threshold: _builtins.float = ...,
+        rho_all_honest: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "length", b"length", "rho", b"rho", "rho_all_honest", b"rho_all_honest", "rho_threshold", b"rho_threshold", "share_scale", b"share_scale", "unit", b"unit", "upscale", b"upscale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggComponent: _TypeAlias = SecAggComponent  # noqa: Y015
+
+@_typing.final
+class SecAggGuarantee(_message.Message):
+    """What a node's noise share guarantees, under the stated threshold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    RHO_THRESHOLD_FIELD_NUMBER: _builtins.int
+    RHO_ALL_HONEST_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    nodes: _builtins.int
+    """k: the round's nodes (the envelope's audience)"""
+    threshold: _builtins.int
+    """t: how many of them the shares assume honest"""
+    rho_threshold: _builtins.float
+    """the release's rho if only t nodes are honest (<= charged)"""
+    rho_all_honest: _builtins.float
+    """the release's rho if all k are"""
+    @_builtins.property
+    def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggComponent]: ...
+    @_builtins.property
+    def round(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the round's node names, sorted"""
+
+    def __init__(
+        self,
+        *,
+        nodes: _builtins.int = ...,
+        threshold: _builtins.int = ...,
+        rho_threshold: _builtins.float = ...,
+        rho_all_honest: _builtins.float = ...,
+        components: _abc.Iterable[Global___SecAggComponent] | None = ...,
+        round: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "nodes", b"nodes", "rho_all_honest", b"rho_all_honest", "rho_threshold", b"rho_threshold", "round", b"round", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggGuarantee: _TypeAlias = SecAggGuarantee  # noqa: Y015
+
+@_typing.final
+class SecAggShareResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
+    RHO_CHARGED_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    RELEASE_RULES_FIELD_NUMBER: _builtins.int
+    GUARANTEE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    masked: _builtins.bytes
+    """The node's vector (components in plan order, each exact plus its share, scaled by its
+    upscale) masked in Z_2^64: little-endian uint64, one per value. Alone it is uniformly
+    random; only the sum of every node's vector of the round means anything.
+    """
+    layout: _builtins.bytes
+    """Arrow IPC stream: the release table without its value column (the public layout the
+    vector fills, the same at every node), so the hub can place the decoded sum.
+    """
+    rho_charged: _builtins.float
+    epsilon: _builtins.float
+    ledger_sequence: _builtins.int
+    @_builtins.property
+    def measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureNoise]:
+        """The noise of the pooled sum, per component, in natural units."""
+
+    @_builtins.property
+    def budget(self) -> Global___BudgetStatus: ...
+    @_builtins.property
+    def release_rules(self) -> Global___ReleaseRules: ...
+    @_builtins.property
+    def guarantee(self) -> Global___SecAggGuarantee: ...
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        masked: _builtins.bytes = ...,
+        layout: _builtins.bytes = ...,
+        measures: _abc.Iterable[Global___MeasureNoise] | None = ...,
+        rho_charged: _builtins.float = ...,
+        epsilon: _builtins.float = ...,
+        budget: Global___BudgetStatus | None = ...,
+        ledger_sequence: _builtins.int = ...,
+        release_rules: Global___ReleaseRules | None = ...,
+        guarantee: Global___SecAggGuarantee | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "guarantee", b"guarantee", "release_rules", b"release_rules"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "epsilon", b"epsilon", "guarantee", b"guarantee", "layout", b"layout", "ledger_sequence", b"ledger_sequence", "masked", b"masked", "measures", b"measures", "query_id", b"query_id", "release_rules", b"release_rules", "rho_charged", b"rho_charged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShareResponse: _TypeAlias = SecAggShareResponse  # noqa: Y015
 
 @_typing.final
 class LedgerRequest(_message.Message):

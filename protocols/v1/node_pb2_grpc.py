@@ -59,6 +59,16 @@ class NodeStub:
                 request_serializer=protocols_dot_v1_dot_node__pb2.FitStepRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_node__pb2.FitStepResponse.FromString,
                 _registered_method=True)
+        self.SecAggAnnounce = channel.unary_unary(
+                '/chc.v1.Node/SecAggAnnounce',
+                request_serializer=protocols_dot_v1_dot_node__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_node__pb2.SecAggAnnouncement.FromString,
+                _registered_method=True)
+        self.SecAggShare = channel.unary_unary(
+                '/chc.v1.Node/SecAggShare',
+                request_serializer=protocols_dot_v1_dot_node__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_node__pb2.SecAggShareResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -99,6 +109,21 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggAnnounce(self, request, context):
+        """Secure aggregation, round 1: a fresh signed round key for a pooled_only query; spends
+        nothing. At most once per envelope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggShare(self, request, context):
+        """Secure aggregation, round 2: charge, then the masked vector. At most once per envelope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +151,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.FitStep,
                     request_deserializer=protocols_dot_v1_dot_node__pb2.FitStepRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_node__pb2.FitStepResponse.SerializeToString,
+            ),
+            'SecAggAnnounce': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggAnnounce,
+                    request_deserializer=protocols_dot_v1_dot_node__pb2.SecAggRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_node__pb2.SecAggAnnouncement.SerializeToString,
+            ),
+            'SecAggShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggShare,
+                    request_deserializer=protocols_dot_v1_dot_node__pb2.SecAggRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_node__pb2.SecAggShareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +298,60 @@ class Node:
             '/chc.v1.Node/FitStep',
             protocols_dot_v1_dot_node__pb2.FitStepRequest.SerializeToString,
             protocols_dot_v1_dot_node__pb2.FitStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggAnnounce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chc.v1.Node/SecAggAnnounce',
+            protocols_dot_v1_dot_node__pb2.SecAggRequest.SerializeToString,
+            protocols_dot_v1_dot_node__pb2.SecAggAnnouncement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chc.v1.Node/SecAggShare',
+            protocols_dot_v1_dot_node__pb2.SecAggRequest.SerializeToString,
+            protocols_dot_v1_dot_node__pb2.SecAggShareResponse.FromString,
             options,
             channel_credentials,
             insecure,

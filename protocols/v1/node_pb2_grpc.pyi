@@ -43,6 +43,12 @@ class NodeStub:
     """The node's privacy ledger, entry by entry (auditor role only)."""
     FitStep: _grpc.UnaryUnaryMultiCallable[_node_pb2.FitStepRequest, _node_pb2.FitStepResponse]
     """One charged step of a model fit (the hub calls it once per step and node)."""
+    SecAggAnnounce: _grpc.UnaryUnaryMultiCallable[_node_pb2.SecAggRequest, _node_pb2.SecAggAnnouncement]
+    """Secure aggregation, round 1: a fresh signed round key for a pooled_only query; spends
+    nothing. At most once per envelope.
+    """
+    SecAggShare: _grpc.UnaryUnaryMultiCallable[_node_pb2.SecAggRequest, _node_pb2.SecAggShareResponse]
+    """Secure aggregation, round 2: charge, then the masked vector. At most once per envelope."""
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -57,6 +63,12 @@ class NodeAsyncStub(NodeStub):
     """The node's privacy ledger, entry by entry (auditor role only)."""
     FitStep: _aio.UnaryUnaryMultiCallable[_node_pb2.FitStepRequest, _node_pb2.FitStepResponse]  # type: ignore[assignment]
     """One charged step of a model fit (the hub calls it once per step and node)."""
+    SecAggAnnounce: _aio.UnaryUnaryMultiCallable[_node_pb2.SecAggRequest, _node_pb2.SecAggAnnouncement]  # type: ignore[assignment]
+    """Secure aggregation, round 1: a fresh signed round key for a pooled_only query; spends
+    nothing. At most once per envelope.
+    """
+    SecAggShare: _aio.UnaryUnaryMultiCallable[_node_pb2.SecAggRequest, _node_pb2.SecAggShareResponse]  # type: ignore[assignment]
+    """Secure aggregation, round 2: charge, then the masked vector. At most once per envelope."""
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -98,5 +110,23 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.FitStepResponse, _abc.Awaitable[_node_pb2.FitStepResponse]]:
         """One charged step of a model fit (the hub calls it once per step and node)."""
+
+    @_abc_1.abstractmethod
+    def SecAggAnnounce(
+        self,
+        request: _node_pb2.SecAggRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.SecAggAnnouncement, _abc.Awaitable[_node_pb2.SecAggAnnouncement]]:
+        """Secure aggregation, round 1: a fresh signed round key for a pooled_only query; spends
+        nothing. At most once per envelope.
+        """
+
+    @_abc_1.abstractmethod
+    def SecAggShare(
+        self,
+        request: _node_pb2.SecAggRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.SecAggShareResponse, _abc.Awaitable[_node_pb2.SecAggShareResponse]]:
+        """Secure aggregation, round 2: charge, then the masked vector. At most once per envelope."""
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
