@@ -114,7 +114,7 @@ def test_unknown_fields_are_quoted_as_short_names_only(tmp_path: Path, system_fi
     line = error_line(run)
     assert f"unknown field(s) '{SYSTEM_LINE[:23]}…'; a query spec has " in line
     # Every field a spec may have is listed, optional ones (rows_per_person) too.
-    assert "delta, epsilon, group_by, honest_nodes, measures, pooled_only, rho, rows_per_person" in line
+    assert "group_by, honest_nodes, measures, pooled_only, rho, rows_per_person" in line
     assert PRIVATE_TEXT not in run.output
     assert SYSTEM_LINE not in run.output
     spec.unlink()
