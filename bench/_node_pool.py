@@ -78,6 +78,7 @@ def start_node(config: Path, *, memory_ledger: bool, threads: int) -> PooledNode
         access=cfg.access,
         revocations=RevocationList(cfg.crl or cfg.identity / CRL_FILE, identity.ca_pem),
         models=cfg.models,
+        identity=identity,
     )
     server, port = make_server(cfg.listen, identity, max_workers=WORKERS_PER_NODE)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)

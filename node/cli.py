@@ -240,6 +240,7 @@ def serve(
         access=cfg.access,
         revocations=revocations,
         models=cfg.models,
+        identity=identity,
     )
     metrics = Metrics("node")
     # Read at every scrape; per analyst only for those node.toml names (a bounded set).

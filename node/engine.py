@@ -317,6 +317,11 @@ _TEMPLATES_LOCK = threading.Lock()
 _TEMPLATES_KEPT = 64
 
 
+def release_template(compiled: plan.Plan, components: tuple[Component, ...]) -> pa.Table:
+    """The release table of these components without its value column (public: the plan's)."""
+    return _template(compiled, components)
+
+
 def _template(compiled: plan.Plan, components: tuple[Component, ...]) -> pa.Table:
     key = (id(compiled), tuple(c.key for c in components))
     with _TEMPLATES_LOCK:

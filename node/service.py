@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pyarrow as pa
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from node import engine
 from node.access import AccessPolicy
@@ -33,10 +34,20 @@ from node.data.store import OmopStore
 from node.data.view_set import cohort_runner
 from node.fitting import Fitter
 from node.guards import NonceStore, NothingKeptError, RefusalLimiter, check_deadline
+from node.secure_share import (
+    RoundKeys,
+    SharePlan,
+    layout_table,
+    plan_shares,
+    round_nodes,
+    shared_values,
+)
 from protocols import serde
 from protocols.budget.rules import per_query_refusal
 from protocols.revocation import RevocationList
 from protocols.rpc import guarded
+from protocols.secagg import keys as round_keys
+from protocols.secagg import masks
 from protocols.security.envelope import (
     Call,
     Operation,
@@ -46,7 +57,7 @@ from protocols.security.envelope import (
     check_operation,
     verify_analyst,
 )
-from protocols.security.pki import Role
+from protocols.security.pki import Identity, Role
 from protocols.security.tls import Peer, peer_of
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import mechanisms, plan, spec, spec_io
@@ -99,8 +110,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
         refusals_per_window: int = REFUSALS_PER_WINDOW,
         refusal_window_s: float = REFUSAL_WINDOW_SECONDS,
         models: ModelPolicy | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.name = name
+        # Signs this node's secure-aggregation round keys (None: it takes part in none).
+        self.identity = identity
+        self.round_keys = RoundKeys()
         self.party = f"node {name}"  # how version refusals name this side (protocols/rpc)
         self.store = store
         self.catalog = catalog
@@ -242,7 +257,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             ancestor = self.store.concept_ancestor
             text += "\n" + describe_cohort(query.cohort, concept_ancestor=ancestor)
         status = self.accountant.status(analyst.name)
-        return node_pb2.ExplainResponse(
+        msg = node_pb2.ExplainResponse(
             plan=text,
             measures=[serde.measure_noise_to_proto(r.measure_noise()) for r in releases],
             rho=rho,
@@ -250,6 +265,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
             cells=compiled.cells,
             budget=serde.budget_to_proto(status),
         )
+        if query.pooled_only:
+            # Both noises, so that the analyst can choose (nothing is announced or charged).
+            nodes, threshold = round_nodes(signed, query, self.name)
+            shares = plan_shares(compiled, nodes, threshold)
+            msg.secure_measures.extend(serde.measure_noise_to_proto(m) for m in shares.measures())
+            msg.secure_aggregation.CopyFrom(serde.guarantee_to_proto(shares.guarantee))
+        return msg
 
     @guarded
     def Execute(  # noqa: N802 - gRPC method name
@@ -269,6 +291,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
             raise
         envelope_bytes = request.envelope.SerializeToString(deterministic=True)
         attempt = _Attempt(digest=hashlib.sha256(envelope_bytes).digest())
+        if not is_model(signed.query) and spec_io.from_json(signed.query).pooled_only:
+            # The analyst gave up this node's own figures: only their masked share may leave.
+            refused = PermissionDeniedError(
+                "the query is pooled_only: this node releases only its masked share of a "
+                "secure aggregate (SecAggShare), never its own figures; nothing was charged"
+            )
+            self._record_refusal(request.envelope, analyst.name, refused)
+            raise refused
         if request.kept_only:
             # A read, like Explain: its outcome is not a refusal of a query (none was run).
             return self._kept_only(signed, attempt.digest, context)
@@ -464,6 +494,170 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 f"internal error computing the release (ref {ref}); nothing was charged"
             ) from None
 
+    def _share_plan(
+        self, signed: SignedQuery, verified: VerifiedAnalyst, structure: bytes
+    ) -> tuple[spec.Query, SharePlan, Identity]:
+        """Price a pooled_only query for its round, from public facts; touches no data."""
+        identity = self.identity
+        if identity is None:
+            raise ConfigError(
+                f"{self.name} takes part in no secure aggregation: it was started without "
+                "its identity key to sign round keys"
+            )
+        query, compiled, _, _ = self._price(signed, verified)
+        nodes, threshold = round_nodes(signed, query, self.name)
+        if structure:
+            self._check_structure(query, structure)
+        share_plan = plan_shares(compiled, nodes, threshold)
+        self.accountant.check(verified.name, share_plan.rho)
+        return query, share_plan, identity
+
+    @guarded
+    def SecAggAnnounce(  # noqa: N802 - gRPC method name
+        self, request: node_pb2.SecAggRequest, context: grpc.ServicerContext
+    ) -> node_pb2.SecAggAnnouncement:
+        """Round 1: plan and price the query, then sign a fresh round key; spends nothing."""
+        try:
+            signed, analyst = self._authorise(request.envelope, context)
+        except ChcError as exc:
+            self._record_refusal(request.envelope, request.envelope.analyst, exc)
+            raise
+        try:
+            identity = self._share_plan(signed, analyst, request.structure)[2]
+            if self.nonces.watch(signed.nonce, b"")[1]:
+                raise AuthenticationError("this query envelope was already used; sign it again")
+            digest = _digest(request.envelope)
+            key = self.round_keys.new(digest, signed.expires_at_ms, _now_ms())
+            ann = round_keys.announce(identity, key, digest)
+        except ChcError as exc:
+            self._record_refusal(request.envelope, analyst.name, exc)
+            raise
+        return serde.announcement_to_proto(ann)
+
+    @guarded
+    def SecAggShare(  # noqa: N802 - gRPC method name
+        self, request: node_pb2.SecAggRequest, context: grpc.ServicerContext
+    ) -> node_pb2.SecAggShareResponse:
+        """Round 2: check the round, charge, then the exact values plus noise share, masked."""
+        try:
+            signed, analyst = self._authorise(request.envelope, context)
+        except ChcError as exc:
+            self._record_refusal(request.envelope, request.envelope.analyst, exc)
+            raise
+        digest = _digest(request.envelope)
+        attempt = _Attempt(digest=digest)
+        try:
+            key = self.round_keys.peek(digest, _now_ms())
+            query, share_plan, _ = self._share_plan(signed, analyst, request.structure)
+            verified = [
+                round_keys.verify_announcement(
+                    serde.announcement_from_proto(a),
+                    self.ca_pem,
+                    digest,
+                    is_revoked=self._is_revoked,
+                )
+                for a in request.announcements
+            ]
+            # The round must be exactly the envelope's nodes, with this node's own key: the
+            # hub can neither leave an honest node out nor substitute a key.
+            masks.round_names(
+                self.name,
+                verified,
+                round_keys.public_bytes(key.public_key()),
+                digest,
+                share_plan.guarantee.round,
+            )
+            begun = self.nonces.begin(signed.nonce, digest)
+            if not begun.owner:
+                raise AuthenticationError("this query envelope was already used; sign it again")
+            attempt.owner = True
+            return self._share(signed, analyst, request, query, share_plan, verified, key, context)
+        except ChcError as exc:
+            self._record_refusal(request.envelope, analyst.name, exc)
+            raise
+        finally:
+            if attempt.owner:
+                self.nonces.finish(signed.nonce, signed.expires_at_ms, charged=attempt.charged)
+                self.round_keys.forget(digest)
+
+    def _share(
+        self,
+        signed: SignedQuery,
+        verified: VerifiedAnalyst,
+        request: node_pb2.SecAggRequest,
+        query: spec.Query,
+        share_plan: SharePlan,
+        announcements: list[round_keys.VerifiedAnnouncement],
+        key: x25519.X25519PrivateKey,
+        context: grpc.ServicerContext,
+    ) -> node_pb2.SecAggShareResponse:
+        query_id = uuid.uuid4().hex
+        digest = _digest(request.envelope)
+        started = time.perf_counter()
+        check_deadline(context, "before computing")
+        try:
+            with self.store.snapshot() as views, cohort_runner(views, query) as runner:
+                exact = engine.exact_values(share_plan.compiled, runner)
+            vector = masks.masked(
+                shared_values(share_plan, exact),
+                self.name,
+                announcements,
+                key,
+                digest,
+                expected_nodes=share_plan.guarantee.round,
+            )
+            del exact  # nothing exact outlives this function
+        except ChcError:
+            raise
+        except Exception as exc:
+            ref = uuid.uuid4().hex[:12]
+            log.error("share failed (ref %s): %s; nothing was charged", ref, type(exc).__name__)
+            raise ChcError(
+                f"internal error computing the masked share (ref {ref}); nothing was charged"
+            ) from None
+        rho = share_plan.rho
+        epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
+        msg = node_pb2.SecAggShareResponse(
+            query_id=query_id,
+            masked=vector.astype("<u8").tobytes(),
+            layout=layout_table(share_plan),
+            measures=[serde.measure_noise_to_proto(m) for m in share_plan.measures()],
+            rho_charged=rho,
+            epsilon=epsilon,
+            release_rules=serde.rules_to_proto(self.rules),
+            guarantee=serde.guarantee_to_proto(share_plan.guarantee),
+        )
+        check_deadline(context, "before charging")
+        # Charge before release (principle 2), with what the share guarantees.
+        budget, sequence = self.accountant.charge(
+            Charge(
+                query_id=query_id,
+                analyst=verified.name,
+                query=signed.query,
+                envelope=request.envelope.SerializeToString(deterministic=True),
+                views=(query.view,),
+                rho=rho,
+                epsilon=epsilon,
+                secure_aggregation=share_plan.guarantee,
+            )
+        )
+        self.round_keys.forget(digest)
+        log.info(
+            "query %s from %s: masked share of a secure aggregate over %d nodes, view=%s "
+            "rho=%.6g in %.1f ms (ledger #%d)",
+            query_id,
+            verified.name,
+            share_plan.guarantee.nodes,
+            query.view,
+            rho,
+            (time.perf_counter() - started) * 1000,
+            sequence,
+            extra={"query_id": query_id, "analyst": verified.name},
+        )
+        msg.budget.CopyFrom(serde.budget_to_proto(budget))
+        msg.ledger_sequence = sequence
+        return msg
+
     def _record_refusal(
         self, envelope: node_pb2.QueryEnvelope, analyst: str, exc: ChcError
     ) -> None:
@@ -553,3 +747,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
             )
             for e in self.accountant.stream(max(1, request.from_sequence))
         )
+
+
+def _digest(envelope: node_pb2.QueryEnvelope) -> bytes:
+    """The query digest every round message is bound to: the envelope's SHA-256."""
+    return round_keys.query_digest(envelope.SerializeToString(deterministic=True))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

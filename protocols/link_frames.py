@@ -23,7 +23,9 @@ from protocols.v1 import link_pb2
 from queries.errors import AuthenticationError
 
 # The Node methods a hub may call over a link, and whether each streams its response.
-UNARY_METHODS = frozenset({"Describe", "Explain", "Execute", "FitStep"})
+UNARY_METHODS = frozenset(
+    {"Describe", "Explain", "Execute", "FitStep", "SecAggAnnounce", "SecAggShare"}
+)
 STREAM_METHODS = frozenset({"StreamLedger"})
 # Answered by the link itself (node/dial.py), not by the Node service: the node's ledger key,
 # signed by the node's certificate key for an auditor's challenge.

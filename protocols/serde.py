@@ -14,6 +14,7 @@ from datetime import date
 
 import pyarrow as pa
 
+from protocols.secagg.keys import Announcement
 from protocols.security.envelope import LEGACY_PAYLOAD_VERSION, Audience, Operation, SignedQuery
 from protocols.v1 import hub_pb2, node_pb2
 from protocols.version import CURRENT
@@ -347,6 +348,30 @@ def outcome_from_proto(msg: hub_pb2.NodeOutcome) -> NodeOutcome:
         ledger_sequence=msg.ledger_sequence,
         resent=msg.resent,
         charge_unknown=msg.charge_unknown,
+    )
+
+
+def announcement_to_proto(a: Announcement) -> node_pb2.SecAggAnnouncement:
+    """A node's signed round key for the wire."""
+    return node_pb2.SecAggAnnouncement(
+        node=a.name,
+        public_key=a.public_key,
+        query_digest=a.query_digest,
+        certificate=a.certificate,
+        signature=a.signature,
+        signature_algorithm=a.signature_algorithm,
+    )
+
+
+def announcement_from_proto(msg: node_pb2.SecAggAnnouncement) -> Announcement:
+    """A node's signed round key from the wire (verify it with verify_announcement)."""
+    return Announcement(
+        name=msg.node,
+        public_key=msg.public_key,
+        query_digest=msg.query_digest,
+        certificate=msg.certificate,
+        signature=msg.signature,
+        signature_algorithm=msg.signature_algorithm,
     )
 
 

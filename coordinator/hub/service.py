@@ -15,6 +15,7 @@ from cryptography import x509
 
 from coordinator.hub.fanout import Reply, fan_out, unanimous_refusal
 from coordinator.hub.registry import NodeHandle, Registry
+from coordinator.hub.secure_round import audience_handles, run_round
 from coordinator.learning.federated import fit_across
 from coordinator.learning.trained import TrainedModel
 from protocols import serde, serde_fit
@@ -163,6 +164,11 @@ class HubService(hub_pb2_grpc.HubServicer):
         deadline_s = self._deadline_s(request, context)
         handles = self.registry.handles
         analyst = request.envelope.analyst
+        if request.kept_only and query.pooled_only:
+            raise QueryError(
+                "a secure aggregate (pooled_only) is not kept for re-sending: each node masks "
+                "its share once; run the query again (a new envelope)"
+            )
         if request.kept_only:
             # Federation.resend: each node re-sends what it kept for this envelope or says it
             # kept nothing; nothing is run or charged anywhere.
@@ -180,6 +186,8 @@ class HubService(hub_pb2_grpc.HubServicer):
             )
             return serde.result_to_proto(result)
         began = time.monotonic()
+        if query.pooled_only:
+            return self._secure(query, request, deadline_s, context)
         structure = self._pooling_check(query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s))
         # The deadline bounds the whole query: what the check took comes out of it (messages
         # still name the deadline the analyst gave).
@@ -191,6 +199,30 @@ class HubService(hub_pb2_grpc.HubServicer):
             self.registry.forget_catalogs()
         replies = self._late_answers(replies, request.envelope, deadline_s, query.rho, context)
         result = _combine(query, replies, self.rules, analyst=analyst, quorum=quorum)
+        return serde.result_to_proto(result)
+
+    def _secure(
+        self,
+        query: spec.Query,
+        request: hub_pb2.SubmitRequest,
+        deadline_s: float,
+        context: grpc.ServicerContext,
+    ) -> hub_pb2.SubmitResponse:
+        """A pooled_only query by secure aggregation, over the nodes its envelope names."""
+        del context  # the deadline already accounts for the caller's
+        began = time.monotonic()
+        handles = audience_handles(self.registry.handles, request.envelope.audience.nodes)
+        structure = self._pooling_check(query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s))
+        left_s = max(0.001, deadline_s - (time.monotonic() - began))
+        result = run_round(
+            query,
+            request.envelope,
+            handles,
+            structure=structure,
+            deadline_s=left_s,
+            rules=self.rules,
+            analyst=request.envelope.analyst,
+        )
         return serde.result_to_proto(result)
 
     def _pooling_check(self, query: spec.Query, wait_s: float) -> bytes:
@@ -326,10 +358,13 @@ class HubService(hub_pb2_grpc.HubServicer):
             # design's region columns depend on it, as at every step of the fit.
             model_from_json(request.envelope.query)
             node_request.regions.extend(h.entry.name for h in self.registry.handles)
-        else:
-            spec_io.from_json(request.envelope.query)
+        handles = self.registry.handles
+        if not is_model(request.envelope.query):
+            if spec_io.from_json(request.envelope.query).pooled_only:
+                # Secure aggregation runs over the nodes the envelope names, and only them.
+                handles = audience_handles(handles, request.envelope.audience.nodes)
         replies = fan_out(
-            self.registry.handles,
+            handles,
             "Explain",
             node_request,
             deadline_s=self._deadline_s(request, context),
