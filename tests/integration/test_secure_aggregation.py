@@ -251,3 +251,40 @@ def test_a_node_down_in_round_one_aborts_with_nothing_charged(fed: LocalFederati
             continue
         new = list(_entries(fed, n).values())[before[n] :]
         assert [e for e in new if e["outcome"] == "released"] == []
+
+
+def _as_hub_round_one(
+    fed: LocalFederation, envelope: node_pb2.QueryEnvelope
+) -> tuple[dict[str, node_pb2_grpc.NodeStub], list[grpc.Channel], node_pb2.SecAggRequest]:
+    stubs, channels = {}, []
+    for n in INBOUND:
+        channel, stubs[n] = _stub(fed, n, Role.HUB)
+        channels.append(channel)
+    request = node_pb2.SecAggRequest(envelope=envelope)
+    request.announcements.extend(stubs[n].SecAggAnnounce(request, timeout=30) for n in INBOUND)
+    return stubs, channels, request
+
+
+def test_a_hub_cannot_leave_a_node_out_or_substitute_its_key(fed: LocalFederation) -> None:
+    """Each node checks the round itself: every node the envelope names, each key signed by
+    its own node. A deviating hub is refused, and nothing is charged."""
+    before = {n: len(_entries(fed, n)) for n in INBOUND}
+    # Left out: the other node's announcement is missing from round 2.
+    stubs, channels, request = _as_hub_round_one(fed, _envelope(fed, _pooled(COUNT), INBOUND))
+    alone = node_pb2.SecAggRequest(envelope=request.envelope)
+    alone.announcements.append(request.announcements[0])
+    with pytest.raises(grpc.RpcError) as left_out:
+        stubs[INBOUND[0]].SecAggShare(alone, timeout=30)
+    assert "missing" in (left_out.value.details() or "")
+    # Substituted: the hub's own key in place of the other node's.
+    forged = node_pb2.SecAggRequest()
+    forged.CopyFrom(request)
+    forged.announcements[1].public_key = bytes(32)
+    with pytest.raises(grpc.RpcError) as substituted:
+        stubs[INBOUND[0]].SecAggShare(forged, timeout=30)
+    for channel in channels:
+        channel.close()
+    assert substituted.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    for n in INBOUND:
+        new = list(_entries(fed, n).values())[before[n] :]
+        assert [e for e in new if e["outcome"] == "released"] == []
