@@ -4,9 +4,11 @@
 node's signatures and the head, and hands every query entry's content here: its query and
 hashes against the envelope it released under (or, for a refusal, the bounded digest of the
 request), its outcome and cost, whether the envelope was replayed or charged outside its
-validity, the analyst's signature against the federation CA and what the envelope allowed.
-Budget fields go on to coordinator/audit/budget.py. It is separate because it is about what
-was released and to whom, not about whether the ledger is intact.
+validity, the analyst's signature against the federation CA and what the envelope allowed,
+and for a masked share of a secure aggregate what its `secure_aggregation` record claims,
+against the envelope's pooled_only query, its audience and the charge. Budget fields go on to
+coordinator/audit/budget.py. It is separate because it is about what was released and to
+whom, not about whether the ledger is intact.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from coordinator.audit.budget import BudgetChecks, Flag, close, number
+from coordinator.audit.secure_checks import secure_aggregation_problems
 from protocols import serde
 from protocols.budget.rules import cap_exceeded
 from protocols.ledger.entry import (
@@ -30,6 +33,7 @@ from protocols.ledger.entry import (
     parse_time,
     query_text,
     read_fit,
+    read_secure_aggregation,
 )
 from protocols.security.envelope import (
     CLOCK_SKEW_MS,
@@ -40,18 +44,21 @@ from protocols.security.envelope import (
     verify_query,
 )
 from protocols.v1 import node_pb2
-from queries import mlp
+from queries import mlp, spec_io
 from queries.errors import AuthenticationError, QueryError
 from queries.mechanisms import rho_to_epsilon
 from queries.model import Family
 from queries.model_io import model_from_json
 from queries.numbers import show, show_apart
+from queries.results import SecureAggregation
 
 # A release is charged after the query ran, so its time may follow the envelope's expiry by
 # as long as a query may take; anything later means the node charged an expired envelope.
 EXPIRY_GRACE_MS = 10 * 60 * 1000
 # Said once per ledger that holds releases signed before envelopes named what they were for.
 _LEGACY_NOTE = "some releases carry version-1 envelopes"
+# Secure-aggregation shares noted one by one in the verification's notes; the rest are counted.
+_SHARES_NOTED = 20
 
 
 def _count(value: object) -> int | None:
@@ -64,6 +71,14 @@ def _count(value: object) -> int | None:
 def _sha256(value: object) -> bool:
     """Whether value is a SHA-256 in lower-case hex."""
     return isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
+
+
+def _pooled_only(envelope: node_pb2.QueryEnvelope) -> bool:
+    """Whether the envelope holds a query that asks for a secure aggregate only."""
+    try:
+        return spec_io.from_json(envelope.query).pooled_only
+    except (QueryError, ValueError):
+        return False  # a model, or a query flagged elsewhere
 
 
 class QueryChecks:
@@ -85,6 +100,8 @@ class QueryChecks:
         self.fits: dict[bytes, list[float]] = {}
         self.design_refused: dict[bytes, int] = {}  # fit nonce: its refused design check
         self.rate_limits = 0  # refusal entries that started rate limiting a peer
+        self.secure_shares = 0  # releases that are masked shares of a secure aggregate
+        self._more_shares: int | None = None  # the note counting shares not noted one by one
 
     def _envelope(self, label: int, body: dict[str, Any]) -> node_pb2.QueryEnvelope | None:
         raw = body.get("envelope")
@@ -254,6 +271,22 @@ class QueryChecks:
         if fit is not None:
             key = (envelope.nonce, fit.step)
             self._fit(label, fit, envelope, rho)
+        # A malformed share is flagged and the release still checked (replay, window,
+        # signature): the envelope's nonce is the key either way.
+        try:
+            secure = read_secure_aggregation(body)
+        except ValueError as exc:
+            self.flag(label, str(exc))
+        else:
+            if secure is not None:
+                self._secure_aggregation(label, body, secure, envelope, rho)
+            elif fit is None and _pooled_only(envelope):
+                # Nodes refuse to Execute these: only a masked share may leave for them.
+                self.flag(
+                    label,
+                    "released the node's own figures for a pooled_only query (the analyst "
+                    "asked for a secure aggregate only)",
+                )
         earlier = self.nonces.get(key)
         if earlier is not None:
             what = "the envelope" if fit is None else f"step {fit.step} of the fit"
@@ -267,6 +300,39 @@ class QueryChecks:
         if self.ca is not None:
             signed = serde.signed_query_from_proto(envelope)
             self._analyst_signature(label, body, signed, self.ca, fit is not None)
+
+    def _secure_aggregation(
+        self,
+        label: int,
+        body: dict[str, Any],
+        record: SecureAggregation,
+        envelope: node_pb2.QueryEnvelope,
+        rho: float,
+    ) -> None:
+        """A masked share of a secure aggregate: its record checked and noted in one line."""
+        node = body.get("node")
+        for problem in secure_aggregation_problems(
+            record, envelope, node if isinstance(node, str) else None, rho
+        ):
+            self.flag(label, problem)
+        self.secure_shares += 1
+        if self.secure_shares <= _SHARES_NOTED:
+            self.notes.append(
+                f"entry {label}: a secure-aggregation share (k = {record.nodes}, t = "
+                f"{record.threshold}): rho {show(rho)} charged, {show(record.rho_threshold)} "
+                f"if only {record.threshold} nodes are honest, {show(record.rho_all_honest)} "
+                f"if all {record.nodes} are"
+            )
+            return
+        more = (
+            f"and {self.secure_shares - _SHARES_NOTED} more secure-aggregation shares (the "
+            f"last: entry {label})"
+        )
+        if self._more_shares is None:
+            self._more_shares = len(self.notes)
+            self.notes.append(more)
+        else:
+            self.notes[self._more_shares] = more
 
     def _fit(
         self, label: int, fit: FitStepRecord, envelope: node_pb2.QueryEnvelope, rho: float
