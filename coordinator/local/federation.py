@@ -71,6 +71,9 @@ class NodeSetup:
     # Outbound-only (docs/outbound.md): the node listens on no port and dials the hub, whose
     # hub.toml lists it with address = "dial".
     dial: bool = False
+    # A CRL of the node's own instead of the federation's (fault tests: nodes that disagree
+    # on what is revoked).
+    crl: Path | None = None
 
     def __post_init__(self) -> None:
         if self.config is None:
@@ -262,7 +265,7 @@ class LocalFederation:
             name=setup.name,
             identity=self.identity_dir(Role.NODE, setup.name),
             # The federation's own CRL, so `chc pki revoke` takes effect at once.
-            crl=self.pki / CRL_FILE,
+            crl=setup.crl or self.pki / CRL_FILE,
             listen=f"127.0.0.1:{port}",
             # Beside this node.toml (where the node's default would put it), unless ledger_dirs
             # names a folder for it: a fresh ledger.

@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import json
 import math
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -27,10 +29,11 @@ from coordinator.local.federation import (
     LocalFederation,
     NodeSetup,
 )
-from protocols import serde
+from protocols import revocation, serde
+from protocols.revocation import CRL_FILE
 from protocols.secagg import masks
 from protocols.security.envelope import Audience, sign_query
-from protocols.security.pki import Role, load_identity
+from protocols.security.pki import CA_FILE, CA_KEY_FILE, ISSUED_FILE, Role, load_identity
 from protocols.security.tls import secure_channel
 from protocols.v1 import node_pb2, node_pb2_grpc
 from queries import combine
@@ -288,3 +291,66 @@ def test_a_hub_cannot_leave_a_node_out_or_substitute_its_key(fed: LocalFederatio
     for n in INBOUND:
         new = list(_entries(fed, n).values())[before[n] :]
         assert [e for e in new if e["outcome"] == "released"] == []
+
+
+@pytest.fixture
+def split_crl(tmp_path: Path) -> Iterator[tuple[LocalFederation, str, str]]:
+    """A federation where one node (strict) holds a CRL of its own that revokes another
+    node's certificate: it passes round 1 and refuses round 2, after the others masked."""
+    folders = synth.generate_federation(2_000, tmp_path / "data", seed=23)
+    slugs = sorted(r.slug for r in synth.REGIONS)
+    revoked, strict = slugs[0], slugs[-1]
+    own = tmp_path / "strict-pki"
+    setups = tuple(
+        NodeSetup(
+            name=r.slug,
+            omop=folders[r.slug],
+            title=r.name,
+            crl=own / CRL_FILE if r.slug == strict else None,
+        )
+        for r in synth.REGIONS
+    )
+    federation = LocalFederation(workdir=tmp_path, nodes=setups, deadline_ms=10_000)
+    federation.create_pki()
+    own.mkdir()
+    for name in (CA_FILE, CA_KEY_FILE, ISSUED_FILE):
+        shutil.copy(federation.pki / name, own / name)
+    revocation.revoke(own, revoked, reason="key compromise, as this node was told")
+    with federation:
+        yield federation, revoked, strict
+
+
+def test_a_node_failing_after_the_others_masked_aborts_and_ledgers_stay_consistent(
+    split_crl: tuple[LocalFederation, str, str],
+) -> None:
+    """Through the real hub: the strict node refuses round 2, the other three have charged
+    and masked; nothing is released, the analyst is told each charge, every ledger holds
+    exactly what its node did, and a re-run without the strict node succeeds."""
+    fed, revoked, strict = split_crl
+    names = tuple(sorted(r.slug for r in synth.REGIONS))
+    before = {n: len(_entries(fed, n)) for n in names}
+    client = Federation(fed.hub_address, fed.analyst_identity)
+    with client, pytest.raises(ChcError) as info:
+        client.run(_envelope(fed, _pooled(COUNT), names))
+    message = str(info.value)
+    assert "round 2" in message
+    assert f"{strict} refused" in message
+    assert "revoked" in message
+    assert "nothing was released" in message
+    others = [n for n in names if n != strict]
+    for n in names:
+        new = list(_entries(fed, n).values())[before[n] :]
+        released = [e for e in new if e["outcome"] == "released"]
+        if n == strict:
+            assert released == []
+            assert [e["outcome"] for e in new] == ["refused"]
+        else:
+            assert len(released) == 1
+            assert "secure_aggregation" in released[0]
+            # The analyst was told this very charge, with its ledger entry.
+            assert f"{n} rho 0.02 (ledger #{before[n] + 1})" in message
+    with Federation(fed.hub_address, fed.analyst_identity) as client:
+        again = client.run(_envelope(fed, _pooled(COUNT), tuple(others)))
+    assert again.secure_aggregation is not None
+    assert again.secure_aggregation.round == tuple(others)
+    assert revoked in again.secure_aggregation.round  # only the strict node distrusts it
