@@ -291,18 +291,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
             raise
         envelope_bytes = request.envelope.SerializeToString(deterministic=True)
         attempt = _Attempt(digest=hashlib.sha256(envelope_bytes).digest())
-        if not is_model(signed.query) and spec_io.from_json(signed.query).pooled_only:
-            # The analyst gave up this node's own figures: only their masked share may leave.
-            refused = PermissionDeniedError(
-                "the query is pooled_only: this node releases only its masked share of a "
-                "secure aggregate (SecAggShare), never its own figures; nothing was charged"
-            )
-            self._record_refusal(request.envelope, analyst.name, refused)
-            raise refused
         if request.kept_only:
             # A read, like Explain: its outcome is not a refusal of a query (none was run).
             return self._kept_only(signed, attempt.digest, context)
         try:
+            if not is_model(signed.query) and spec_io.from_json(signed.query).pooled_only:
+                # The analyst gave up this node's own figures: only a masked share may leave.
+                raise PermissionDeniedError(
+                    "the query is pooled_only: this node releases only its masked share of a "
+                    "secure aggregate (SecAggShare), never its own figures; nothing was charged"
+                )
             kept = self._begin(signed, attempt, context)
             if kept is not None:
                 return kept
