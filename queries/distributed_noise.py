@@ -9,8 +9,9 @@ times the central variance.
 
 A sum of discrete Gaussians is not exactly a discrete Gaussian. The accounting is that of
 Kairouz, Liu and Steinke 2021, "The Distributed Discrete Gaussian Mechanism for Federated
-Learning with Secure Aggregation" (ICML; arXiv:2102.06387), Proposition 14 (the Renyi-DP
-bound behind their Theorem 1): for n independent shares N_Z(0, sigma^2) added to a
+Learning with Secure Aggregation" (ICML 2021, where it is Theorem 5; arXiv:2102.06387v1,
+Proposition 14 / Eq. 17, the Renyi-DP bound behind its Theorem 1; numbering moves between
+versions): for n independent shares N_Z(0, sigma^2) added to a
 d-dimensional integer query of L2 sensitivity D, with
 
     tau = 10 * sum_{j=1}^{n-1} exp(-2 pi^2 sigma^2 j / (j + 1))   and   s = D / (sqrt(n) sigma),
@@ -21,15 +22,20 @@ alpha (s + sqrt(d) tau)^2 / 2). Both bounds are at most alpha * rho (zCDP, Bun a
 
     rho_n(sigma) = min(s^2 / 2 + tau d, (s + sqrt(d) tau)^2 / 2)
 
-(the first because alpha > 1 makes tau d <= alpha tau d). rho_n decreases in sigma, so the
-share scale is the smallest sigma with rho_t(sigma) <= the target, found by bisection and
-rounded up. For n = 1 the sum is one discrete Gaussian and rho_1 = D^2 / (2 sigma^2), which is
-exactly Canonne, Kamath and Steinke 2020 (mechanisms.py). The share scale is never below 1/2,
-the range KLS21's sum theorem is stated for; a floor only ever adds noise.
+(the first because alpha > 1 makes tau d <= alpha tau d). This is the authors' own
+accounting (google-research/federated, distributed_dp/accounting_utils.py: the same tau and
+s, the same two terms) less their third term, alpha/2 (s^2 + 2 s_1 tau + tau^2 d) with the
+L1 scale s_1, which we leave out: that only loosens the bound, never weakens the guarantee.
+rho_n decreases in sigma, so the share scale is the smallest sigma with rho_t(sigma) <= the
+target, found by bisection and rounded up. For n = 1 the sum is one discrete Gaussian and
+rho_1 = D^2 / (2 sigma^2), exactly Canonne, Kamath and Steinke 2020 (mechanisms.py). The share
+scale is never below 1/2, the range KLS21's sum theorem is stated for; a floor only ever adds
+noise.
 
 The penalty tau is negligible once shares are a few units wide (at sigma = 4 each term is
-below e^-150) but not for small shares: a count at rho = 0.1 over 16 nodes has shares of
-scale 0.56, where the penalty forces a pooled noise 28% wider than central DP's. KLS21 avoid
+below e^-150) but not for small shares: a count at rho = 0.1 over 16 nodes would have shares
+of scale 0.56 without the penalty; the penalty forces 0.72, a pooled noise 28% wider than
+central DP's. KLS21 avoid
 this regime by scaling the data up before noising (their granularity gamma). So do we: the
 node multiplies its exact integers by a public power of ten (`upscale`, chosen so that the
 ideal share scale is at least 4 units of the scaled query; 1 when there is one share), the

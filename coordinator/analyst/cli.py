@@ -238,6 +238,33 @@ def _with_cap(q: spec.Query, rows_per_person: int | None) -> spec.Query:
     return dataclasses.replace(q, rows_per_person=rows_per_person)
 
 
+def _with_secure_aggregation(
+    q: spec.Query, pooled_only: bool, honest_nodes: int | None
+) -> spec.Query:
+    """The query with --pooled-only and --honest-nodes applied (a spec may set the same)."""
+    if honest_nodes is not None:
+        if not (pooled_only or q.pooled_only):
+            raise ConfigError(
+                "--honest-nodes goes with --pooled-only (or a spec with pooled_only: true): it "
+                "says how many of the query's nodes the noise shares of secure aggregation "
+                "assume honest"
+            )
+        if not 1 <= honest_nodes <= spec.MAX_HONEST_NODES:
+            raise ConfigError(
+                f"--honest-nodes {honest_nodes} is out of range: give how many of the query's "
+                f"nodes to assume honest, from 1 to their number (at most {spec.MAX_HONEST_NODES})"
+            )
+        if q.honest_nodes is not None and q.honest_nodes != honest_nodes:
+            raise ConfigError(
+                f"--honest-nodes {honest_nodes} differs from the query's own honest_nodes "
+                f"{q.honest_nodes}: give it once"
+            )
+    if not pooled_only and honest_nodes is None:
+        return q
+    t = honest_nodes if honest_nodes is not None else q.honest_nodes
+    return dataclasses.replace(q, pooled_only=True, honest_nodes=t)
+
+
 def query(
     sql_text: Annotated[
         str | None, typer.Option("--sql", help='e.g. "SELECT sex, COUNT(*) FROM copd GROUP BY sex"')
@@ -267,6 +294,21 @@ def query(
     explain: Annotated[
         bool, typer.Option("--explain", help="show the plan, cost and noise; spend nothing")
     ] = False,
+    pooled_only: Annotated[
+        bool,
+        typer.Option(
+            "--pooled-only",
+            help="release the pooled rows only, by secure aggregation: central DP's noise, "
+            "and the hub sees no node's figures",
+        ),
+    ] = False,
+    honest_nodes: Annotated[
+        int | None,
+        typer.Option(
+            "--honest-nodes",
+            help="with --pooled-only: how many nodes the noise shares assume honest (default all)",
+        ),
+    ] = None,
     hub: HubOpt = None,
     identity: AnalystIdentityOpt = None,
     deadline: Annotated[float, typer.Option(help="seconds to wait for nodes")] = 30.0,
@@ -297,11 +339,12 @@ def query(
     """Run a federated DP query at every node; print per-region and pooled estimates."""
     deadline = _deadline(deadline)
     if resend_from is not None:
-        given = [sql_text, spec_file, view, rho, epsilon, save_to] + ([True] if explain else [])
-        if any(x is not None for x in given):
+        given = [sql_text, spec_file, view, rho, epsilon, save_to, honest_nodes]
+        if any(x is not None for x in given) or explain or pooled_only:
             raise ConfigError(
                 "--resend FILE reads the query from the envelope in FILE: give no query "
-                "(--sql, --spec, --view, --rho, --epsilon), --explain or --save-envelope with it"
+                "(--sql, --spec, --view, --rho, --epsilon, --pooled-only, --honest-nodes), "
+                "--explain or --save-envelope with it"
             )
         _resend(resend_from, hub, identity, deadline, as_json=as_json, as_csv=as_csv)
         return
@@ -309,6 +352,7 @@ def query(
         _build_query(sql_text, spec_file, view, group_by, where, rho, epsilon, delta),
         rows_per_person,
     )
+    q = _with_secure_aggregation(q, pooled_only, honest_nodes)
     console = console_for_output()
     with _connect(hub, identity) as fed:
         if explain:
@@ -319,7 +363,9 @@ def query(
                 report.print_explain(console, explains, q)
             _fail_on(report.explain_failure(explains))
             return
-        envelope = fed.sign(q)
+        # A pooled_only query names its nodes: those the hub lists, asked within --deadline.
+        named = fed.pooled_nodes(q, timeout_s=deadline) if q.pooled_only else ()
+        envelope = fed.sign(q, nodes=named)
         if save_to is not None:
             # Written before the query runs: a reply lost on the way is still readable later.
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +48,9 @@ from queries.results import (
     NodeStatus,
 )
 from queries.spec import Query, canonical_bytes
+
+# Secure aggregation needs two nodes at least: with one, "the sum" is that node's value.
+MIN_SECURE_NODES = 2
 
 # A saved envelope is a query spec (at most spec_io.MAX_SPEC_BYTES), a certificate and a few
 # fields; reading one stops one byte past this.
@@ -165,6 +170,30 @@ def _resend_while_unavailable(
             time.sleep(wait)
 
 
+def with_secure_aggregation(
+    query: Query, pooled_only: bool | None = None, honest_nodes: int | None = None
+) -> Query:
+    """The query with pooled_only / honest_nodes replaced where given (None: keep the query's).
+
+    pooled_only=False also clears the query's honest_nodes, which only goes with it.
+    """
+    if pooled_only is None and honest_nodes is None:
+        return query
+    pooled = query.pooled_only if pooled_only is None else pooled_only
+    # pooled_only=False also clears honest_nodes, unless given (then Query refuses the pair).
+    t = honest_nodes if honest_nodes is not None else (query.honest_nodes if pooled else None)
+    return dataclasses.replace(query, pooled_only=pooled, honest_nodes=t)
+
+
+def _is_pooled_only(envelope: node_pb2.QueryEnvelope) -> bool:
+    """Whether an envelope carries a pooled_only query (False for anything unreadable)."""
+    try:
+        data = json.loads(envelope.query)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("pooled_only") is True
+
+
 @dataclass(frozen=True)
 class NodeBudget:
     """A node's privacy budget, and what the calling analyst can still spend there."""
@@ -243,7 +272,12 @@ class Federation:
 
         nodes, if given, are the only nodes that will accept it (an analyst may also present
         it to them directly); the hub still relays to every node, and the others refuse it.
+        A pooled_only query must name its nodes (secure aggregation needs k, and each node
+        checks that the hub left no node of the round out): without nodes, it is addressed to
+        every node the hub lists (pooled_nodes).
         """
+        if isinstance(query, Query) and query.pooled_only:
+            nodes = self.pooled_nodes(query, nodes)
         signed = sign_query(
             self.identity,
             model_bytes(query) if isinstance(query, ModelSpec) else canonical_bytes(query),
@@ -253,6 +287,44 @@ class Federation:
         )
         return serde.signed_query_to_proto(signed)
 
+    def pooled_nodes(
+        self, query: Query, nodes: Sequence[str] = (), *, timeout_s: float = 30.0
+    ) -> tuple[str, ...]:
+        """The nodes a pooled_only query's envelope names, sorted: those given, else every
+        node the hub lists as described (Federation.nodes()).
+
+        Raises QueryError, before anything is signed, for fewer than 2 nodes or for
+        honest_nodes above their number.
+        """
+        if isinstance(nodes, str):
+            raise QueryError(f"nodes must be a list of node names, not one string ({nodes!r})")
+        absent = ""
+        if nodes:
+            named = sorted(set(nodes))
+            where = "nodes= names"
+        else:
+            found, missing = self.nodes(timeout_s=timeout_s)
+            named = sorted({d.node for d in found})
+            where = "the hub lists"
+            if missing:
+                absent = "; not answering: " + ", ".join(
+                    f"{o.node} {o.status.value}" for o in missing
+                )
+        shown = ", ".join(named) if named else "none"
+        if len(named) < MIN_SECURE_NODES:
+            raise QueryError(
+                f"secure aggregation needs at least {MIN_SECURE_NODES} nodes; {where} "
+                f"{len(named)} ({shown}{absent}): run the query without pooled_only, or when "
+                "more nodes answer"
+            )
+        t = query.honest_nodes
+        if t is not None and t > len(named):
+            raise QueryError(
+                f"honest_nodes {t} is more than the {len(named)} nodes of the query ({shown}): "
+                f"give at most {len(named)}, or leave it out to assume all of them honest"
+            )
+        return tuple(named)
+
     def _signed_request(
         self,
         query: Query | ModelSpec,
@@ -260,14 +332,23 @@ class Federation:
         *,
         deadline_s: float,
         ttl_s: float = 600.0,
+        nodes: Sequence[str] = (),
     ) -> hub_pb2.SubmitRequest:
         return hub_pb2.SubmitRequest(
-            envelope=self.sign(query, operation=operation, ttl_s=ttl_s),
+            envelope=self.sign(query, operation=operation, ttl_s=ttl_s, nodes=nodes),
             deadline_ms=int(deadline_s * 1000),
         )
 
     def query(
-        self, query: Query, *, deadline_s: float = 30.0, ttl_s: float = 600.0, quorum: int = 0
+        self,
+        query: Query,
+        *,
+        deadline_s: float = 30.0,
+        ttl_s: float = 600.0,
+        quorum: int = 0,
+        nodes: Sequence[str] = (),
+        pooled_only: bool | None = None,
+        honest_nodes: int | None = None,
     ) -> FederatedResult:
         """Sign a query, run it at every node, and return per-region and pooled estimates.
 
@@ -275,8 +356,15 @@ class Federation:
         with fewer the query fails. While the hub is unavailable the same signed envelope is
         re-sent (protocols/retries.py), so nodes that already answered re-send their kept
         release at no further cost.
+
+        pooled_only / honest_nodes, if given, replace the query's own: a pooled_only query
+        is a secure aggregate (pooled rows only, central DP's noise; docs/secure-aggregation.md)
+        over the nodes given, else every node the hub lists.
         """
-        envelope = self.sign(query, operation=Operation.EXECUTE, ttl_s=ttl_s)
+        query = with_secure_aggregation(query, pooled_only, honest_nodes)
+        if query.pooled_only:
+            nodes = self.pooled_nodes(query, nodes, timeout_s=deadline_s)
+        envelope = self.sign(query, operation=Operation.EXECUTE, ttl_s=ttl_s, nodes=nodes)
         return self.run(envelope, deadline_s=deadline_s, quorum=quorum)
 
     def run(
@@ -286,6 +374,15 @@ class Federation:
         does: keep the envelope (save_envelope) to read its releases again with resend()."""
         if quorum < 0:
             raise QueryError(f"quorum must be 0 (any number of nodes) or more, got {quorum}")
+        named = sorted(set(envelope.audience.nodes))
+        if len(named) < MIN_SECURE_NODES and _is_pooled_only(envelope):
+            # Nodes refuse it (they need k, and check the round against the audience): say so
+            # here rather than have every node refuse.
+            raise QueryError(
+                f"this envelope's query is pooled_only but names {len(named)} node(s) in its "
+                f"audience; secure aggregation needs at least {MIN_SECURE_NODES}: sign it with "
+                "Federation.sign, which names every node the hub lists, or give nodes="
+            )
         request = hub_pb2.SubmitRequest(
             envelope=envelope, deadline_ms=int(deadline_s * 1000), quorum=quorum
         )
@@ -315,14 +412,31 @@ class Federation:
             raise self._error(exc) from None
         return serde.result_from_proto(response)
 
-    def explain(self, query: Query | ModelSpec, *, deadline_s: float = 30.0) -> Explanation:
+    def explain(
+        self,
+        query: Query | ModelSpec,
+        *,
+        deadline_s: float = 30.0,
+        nodes: Sequence[str] = (),
+        pooled_only: bool | None = None,
+        honest_nodes: int | None = None,
+    ) -> Explanation:
         """Each node's plan, cost and expected noise for a query or a model; spends nothing.
 
         The Explanation is a sequence of NodeExplain, one per node, with to_arrow/to_pandas.
+        pooled_only / honest_nodes replace the query's own, as in query(); for a pooled_only
+        query each node also gives the pooled noise under secure aggregation.
         """
+        if isinstance(query, Query):
+            query = with_secure_aggregation(query, pooled_only, honest_nodes)
+            if query.pooled_only:
+                nodes = self.pooled_nodes(query, nodes, timeout_s=deadline_s)
+        elif pooled_only is not None or honest_nodes is not None:
+            raise QueryError("pooled_only and honest_nodes apply to queries, not to models")
         # Signed for explain, so that no node would run (or fit) this envelope whoever
         # relayed it.
-        return self._explain(query, Operation.EXPLAIN, deadline_s=deadline_s)
+        request = self._signed_request(query, Operation.EXPLAIN, deadline_s=deadline_s, nodes=nodes)
+        return self._explain_request(request, deadline_s)
 
     def fit(
         self, model: ModelSpec, *, deadline_s: float = 60.0, ttl_s: float | None = None

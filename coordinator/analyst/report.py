@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -14,7 +15,15 @@ from rich.table import Table
 
 from queries.cohort import Allow, CohortPolicy
 from queries.combine import COUNT_LIKE, POOLED
-from queries.results import FederatedResult, NodeDescription, NodeExplain, NodeOutcome, NodeStatus
+from queries.present.secure import compare_noise, guarantee_text, secure_guarantee
+from queries.results import (
+    FederatedResult,
+    NodeDescription,
+    NodeExplain,
+    NodeOutcome,
+    NodeStatus,
+    SecureAggregation,
+)
 from queries.schema import ColumnSpec, ViewSpec
 from queries.spec import Query, Statistic
 
@@ -41,8 +50,11 @@ def result_rows(result: FederatedResult, query: Query) -> list[dict[str, Any]]:
 
 
 def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") -> dict[str, Any]:
-    """A JSON-ready summary: rows with estimate and interval, and every node's status."""
-    return {
+    """A JSON-ready summary: rows with estimate and interval, and every node's status.
+
+    A secure aggregate (pooled_only) also has "secure_aggregation": its guarantee and shares.
+    """
+    out: dict[str, Any] = {
         "title": title,
         "query_id": result.query_id,
         "query": query.to_dict(),
@@ -50,6 +62,38 @@ def result_to_dict(result: FederatedResult, query: Query, *, title: str = "") ->
         "rows": result_rows(result, query),
         "nodes": [_node_dict(o, query.rho) for o in result.nodes],
         "rho_spent_in_all": _spent_total(result, query.rho),
+    }
+    if result.secure_aggregation is not None:
+        out["secure_aggregation"] = secure_aggregation_to_dict(result.secure_aggregation)
+    return out
+
+
+def secure_aggregation_to_dict(g: SecureAggregation, *, ran: bool = True) -> dict[str, Any]:
+    """A secure aggregate's guarantee and each component's public noise share, for JSON.
+
+    pooled_noise_sd is an upper bound on the pooled sum's noise sd per value, natural units.
+    """
+    return {
+        "nodes": g.nodes,
+        "threshold": g.threshold,
+        "rho_threshold": g.rho_threshold,
+        "rho_all_honest": g.rho_all_honest,
+        "round": list(g.round),
+        "summary": guarantee_text(g, ran=ran),
+        "components": [
+            {
+                "component": c.component,
+                "length": c.length,
+                "upscale": c.upscale,
+                "share_scale": c.share_scale,
+                "unit": c.unit,
+                "rho": c.rho,
+                "rho_threshold": c.rho_threshold,
+                "rho_all_honest": c.rho_all_honest,
+                "pooled_noise_sd": math.sqrt(g.pooled_variance(c.component)),
+            }
+            for c in g.components
+        ],
     }
 
 
@@ -100,6 +144,11 @@ def result_to_csv(result: FederatedResult, query: Query) -> str:
     for r in result.table.to_pylist():
         writer.writerow(r)
     return out.getvalue()
+
+
+def _sentence(text: str) -> str:
+    """text with a capital first letter (str.capitalize would lower the rest)."""
+    return text[:1].upper() + text[1:]
 
 
 def to_json(payload: object) -> str:
@@ -187,6 +236,8 @@ def print_result(
         console.print(
             "[bold yellow]Partial result:[/] the pooled rows cover only the nodes marked ok."
         )
+    if result.secure_aggregation is not None:
+        console.print(escape(_sentence(guarantee_text(result.secure_aggregation))))
     print_nodes(console, result, rho=query.rho)
 
 
@@ -229,8 +280,15 @@ def print_nodes(console: Console, result: FederatedResult, *, rho: float | None 
 
 
 def print_explain(console: Console, explains: Sequence[NodeExplain], query: Query) -> None:
-    """What each node would compute, what it would cost, and the noise of each component."""
-    console.print(f"[bold]Plan for[/] {query.view}: rho {query.rho:g} per node (nothing spent)")
+    """What each node would compute, what it would cost, and the noise of each component.
+
+    A pooled_only query ends with the pooled noise of each component both ways: with every
+    node's full noise and with secure aggregation's shares, so the analyst can choose.
+    """
+    pooled = " (pooled only, by secure aggregation)" if query.pooled_only else ""
+    console.print(
+        f"[bold]Plan for[/] {query.view}{pooled}: rho {query.rho:g} per node (nothing spent)"
+    )
     for e in explains:
         if e.status is not NodeStatus.OK:
             console.print(f"[red]{e.node}: {e.status.value}[/] {e.message}")
@@ -253,11 +311,45 @@ def print_explain(console: Console, explains: Sequence[NodeExplain], query: Quer
                 f"{m.noise.sensitivity:.4g}",
             )
         console.print(table)
+    if query.pooled_only:
+        _print_noise_comparison(console, explains)
+
+
+def _print_noise_comparison(console: Console, explains: Sequence[NodeExplain]) -> None:
+    """The pooled noise sd per component with per-node noise and with secure aggregation."""
+    rows = compare_noise(explains)
+    guarantee = secure_guarantee(explains)
+    if not rows or guarantee is None:
+        console.print(
+            "\n[yellow]No node gave the secure-aggregation noise:[/] the pooled noise cannot "
+            "be compared (a node of an older release, or none can run the query)."
+        )
+        return
+    table = Table(
+        title="Pooled noise sd: per-node noise or secure aggregation", title_justify="left"
+    )
+    for col in ("Component", "Kind", "Per-node noise", "Secure aggregation", "Ratio"):
+        table.add_column(col, justify="left" if col in ("Component", "Kind") else "right")
+    for r in rows:
+        table.add_row(
+            escape(r.component),
+            r.statistic,
+            f"{r.per_node_sd:.4g} ({r.nodes} nodes)",
+            f"{r.secure_sd:.4g}",
+            f"{r.ratio:.3g}x",
+        )
+    console.print()
+    console.print(table)
+    console.print(escape(_sentence(guarantee_text(guarantee, ran=False))))
 
 
 def explain_to_dict(e: NodeExplain) -> dict[str, Any]:
-    """A JSON-ready explanation of one node's plan and cost."""
-    return {
+    """A JSON-ready explanation of one node's plan and cost.
+
+    A pooled_only query's node also has "secure_components" (the pooled sum's noise sd per
+    component under secure aggregation) and "secure_aggregation" (its guarantee).
+    """
+    out: dict[str, Any] = {
         "node": e.node,
         "status": e.status.value,
         "message": e.message,
@@ -277,6 +369,19 @@ def explain_to_dict(e: NodeExplain) -> dict[str, Any]:
             for m in e.measures
         ],
     }
+    if e.secure_measures:
+        out["secure_components"] = [
+            {
+                "component": m.measure,
+                "kind": m.statistic,
+                "rho": m.rho,
+                "pooled_noise_sd": math.sqrt(m.noise.variance) if m.noise.variance >= 0 else None,
+            }
+            for m in e.secure_measures
+        ]
+    if e.secure_aggregation is not None:
+        out["secure_aggregation"] = secure_aggregation_to_dict(e.secure_aggregation, ran=False)
+    return out
 
 
 class Failure(NamedTuple):

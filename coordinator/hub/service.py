@@ -359,10 +359,12 @@ class HubService(hub_pb2_grpc.HubServicer):
             model_from_json(request.envelope.query)
             node_request.regions.extend(h.entry.name for h in self.registry.handles)
         handles = self.registry.handles
-        if not is_model(request.envelope.query):
-            if spec_io.from_json(request.envelope.query).pooled_only:
-                # Secure aggregation runs over the nodes the envelope names, and only them.
-                handles = audience_handles(handles, request.envelope.audience.nodes)
+        secure = not is_model(request.envelope.query) and (
+            spec_io.from_json(request.envelope.query).pooled_only
+        )
+        if secure:
+            # Secure aggregation runs over the nodes the envelope names, and only them.
+            handles = audience_handles(handles, request.envelope.audience.nodes)
         replies = fan_out(
             handles,
             "Explain",

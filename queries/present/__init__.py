@@ -16,11 +16,15 @@ from queries.present.frames import (
     to_polars,
 )
 from queries.present.html import explanation_html, result_html
+from queries.present.secure import NoiseComparison, compare_noise, guarantee_text
 
 __all__ = [
     "MissingExtraError",
+    "NoiseComparison",
+    "compare_noise",
     "explanation_arrow",
     "explanation_html",
+    "guarantee_text",
     "result_arrow",
     "result_chart_svg",
     "result_html",

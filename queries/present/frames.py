@@ -45,6 +45,8 @@ EXPLAIN_SCHEMA = pa.schema(
         ("measure_rho", pa.float64()),
         ("sensitivity", pa.float64()),
         ("noise_sd", pa.float64()),
+        # A pooled_only query: the pooled sum's noise sd under secure aggregation (else null).
+        ("secure_noise_sd", pa.float64()),
     ]
 )
 
@@ -111,10 +113,13 @@ def result_arrow(result: FederatedResult) -> pa.Table:
 def explanation_arrow(explanation: Explanation) -> pa.Table:
     """One row per node and measure (one row for a node that could not plan the query).
 
-    noise_sd is the standard deviation of the noise on that measure's released values.
+    noise_sd is the standard deviation of the noise on that measure's released values, with
+    the node's full noise; for a pooled_only query, secure_noise_sd is that of the pooled sum
+    under secure aggregation (null for other queries).
     """
     rows: list[dict[str, Any]] = []
     for e in explanation:
+        secure = {m.measure: m.noise.variance for m in e.secure_measures}
         node = {
             "node": e.node,
             "status": e.status.value,
@@ -135,10 +140,16 @@ def explanation_arrow(explanation: Explanation) -> pa.Table:
                     "mechanism": m.noise.mechanism,
                     "measure_rho": m.rho,
                     "sensitivity": m.noise.sensitivity,
-                    "noise_sd": math.sqrt(m.noise.variance) if m.noise.variance >= 0 else None,
+                    "noise_sd": _sd(m.noise.variance),
+                    "secure_noise_sd": _sd(secure.get(m.measure)),
                 }
             )
     return pa.Table.from_pylist(rows, schema=EXPLAIN_SCHEMA)
+
+
+def _sd(variance: float | None) -> float | None:
+    """A noise variance's standard deviation; None for none or a negative (unknown) one."""
+    return math.sqrt(variance) if variance is not None and variance >= 0 else None
 
 
 def to_pandas(table: pa.Table) -> Any:

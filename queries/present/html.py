@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 from queries.combine import POOLED
 from queries.present.cells import bin_label, group_columns, interval, number
 from queries.present.chart import result_chart_svg
+from queries.present.secure import compare_noise, guarantee_text, secure_guarantee
 from queries.results import NodeStatus
 
 if TYPE_CHECKING:
-    from queries.results import Explanation, FederatedResult
+    from queries.results import Explanation, FederatedResult, NodeExplain
 
 # A notebook shows this many rows at most; the frames have them all.
 MAX_ROWS = 200
@@ -77,6 +78,14 @@ def result_html(result: FederatedResult) -> str:
     out = [
         f'<div class="chc-result" style="{_STYLE}">',
         f'<p class="chc-title">{" · ".join(title)}</p>',
+    ]
+    if result.secure_aggregation is not None:
+        # A secure aggregate has pooled rows only: say why, and what it guarantees.
+        out.append(
+            '<p class="chc-secure">Secure aggregate (pooled rows only): '
+            f"{escape(guarantee_text(result.secure_aggregation))}</p>"
+        )
+    out += [
         '<table class="chc-table" style="border-collapse: collapse">',
         "<thead><tr>"
         + "".join(_th(h) for h in head)
@@ -166,5 +175,40 @@ def explanation_html(explanation: Explanation) -> str:
             + _td(e.message)
             + "</tr>"
         )
-    out.append("</tbody></table></div>")
+    out.append("</tbody></table>")
+    out += _secure_noise_html(nodes)
+    out.append("</div>")
     return "\n".join(out)
+
+
+def _secure_noise_html(nodes: list[NodeExplain]) -> list[str]:
+    """A pooled_only query's pooled noise sd per component, per-node or secure; [] otherwise."""
+    rows = compare_noise(nodes)
+    guarantee = secure_guarantee(nodes)
+    if not rows or guarantee is None:
+        return []
+    out = [
+        f'<p class="chc-secure">Pooled noise sd, per-node noise or secure aggregation: '
+        f"{escape(guarantee_text(guarantee, ran=False))}</p>",
+        '<table class="chc-table chc-secure-noise" style="border-collapse: collapse">',
+        "<thead><tr>"
+        + _th("component")
+        + _th("kind")
+        + _th("per-node noise", True)
+        + _th("secure aggregation", True)
+        + _th("ratio", True)
+        + "</tr></thead>",
+        "<tbody>",
+    ]
+    for r in rows:
+        out.append(
+            f'<tr data-component="{escape(r.component, quote=True)}">'
+            + _td(r.component)
+            + _td(r.statistic)
+            + _td(f"{number(r.per_node_sd)} ({r.nodes} nodes)", True)
+            + _td(number(r.secure_sd), True)
+            + _td(f"{r.ratio:.3g}x", True)
+            + "</tr>"
+        )
+    out.append("</tbody></table>")
+    return out
