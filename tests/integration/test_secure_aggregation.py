@@ -20,8 +20,11 @@ import grpc
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
 from coordinator.analyst.client import Federation
+from coordinator.cli import app
 from coordinator.local import synth
 from coordinator.local.federation import (
     AUDITOR_NAME,
@@ -354,3 +357,48 @@ def test_a_node_failing_after_the_others_masked_aborts_and_ledgers_stay_consiste
     assert again.secure_aggregation is not None
     assert again.secure_aggregation.round == tuple(others)
     assert revoked in again.secure_aggregation.round  # only the strict node distrusts it
+
+
+def _chc(fed: LocalFederation, *args: str) -> Result:
+    hub = ["--hub", fed.hub_address, "--identity", str(fed.analyst_identity)]
+    return CliRunner().invoke(app, [*args, *hub])
+
+
+def test_chc_query_pooled_only_end_to_end(fed: LocalFederation) -> None:
+    """`chc query --pooled-only`: the pooled rows, the guarantee, each node's receipt."""
+    run = _chc(fed, "query", "--view", "persons", "--rho", "0.02", "--pooled-only", "--json")
+    assert run.exit_code == 0, run.output
+    payload = json.loads(run.stdout)
+    secure = payload["secure_aggregation"]
+    assert secure["nodes"] == 4
+    assert secure["threshold"] == 4
+    assert {row["region"] for row in payload["rows"]} == {combine.POOLED}
+    text = _chc(
+        fed, "query", "--view", "persons", "--rho", "0.02", "--pooled-only", "--honest-nodes", "3"
+    )
+    assert text.exit_code == 0, text.output
+    assert "Secure aggregation over 4 nodes (shares assume 3 honest)" in " ".join(
+        text.stdout.split()
+    )
+
+
+def test_explain_shows_both_noises_and_spends_nothing(fed: LocalFederation) -> None:
+    """Explain of a pooled_only query: each node's own noise and the secure aggregate's, the
+    latter about sqrt(k) narrower pooled; no ledger entry anywhere."""
+    names = tuple(sorted(r.slug for r in synth.REGIONS))
+    before = {n: len(_entries(fed, n)) for n in names}
+    with Federation(fed.hub_address, fed.analyst_identity) as client:
+        explanation = client.explain(_pooled(COUNT))
+    assert {e.node for e in explanation} == set(names)
+    for e in explanation:
+        assert e.status is NodeStatus.OK, e.message
+        assert e.secure_aggregation is not None
+        assert e.secure_aggregation.round == names
+        per_node = {m.measure: m.noise.variance for m in e.measures}
+        secure = {m.measure: m.noise.variance for m in e.secure_measures}
+        assert secure.keys() == per_node.keys()
+        for key, variance in secure.items():
+            # The whole secure aggregate carries about one node's full noise (t = k), where
+            # pooling per-node releases adds k of them: sqrt(k) wider.
+            assert 0.9 < per_node[key] / variance < 1.1
+    assert {n: len(_entries(fed, n)) for n in names} == before
