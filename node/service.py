@@ -283,12 +283,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         release kept for it, marked `resent`, and charged nothing more. With `kept_only` it
         is only that: the kept release, or NOT_FOUND, never a computation or a charge.
         """
-        try:
-            signed, analyst = self._authorise(request.envelope, context)
-        except ChcError as exc:
-            # Record who claimed to ask, even though it could not be verified.
-            self._record_refusal(request.envelope, request.envelope.analyst, exc)
-            raise
+        signed, analyst = self._authorise_recorded(request.envelope, context)
         envelope_bytes = request.envelope.SerializeToString(deterministic=True)
         attempt = _Attempt(digest=hashlib.sha256(envelope_bytes).digest())
         if request.kept_only:
@@ -510,16 +505,23 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.accountant.check(verified.name, share_plan.rho)
         return query, share_plan, identity
 
+    def _authorise_recorded(
+        self, envelope: node_pb2.QueryEnvelope, context: grpc.ServicerContext
+    ) -> tuple[SignedQuery, VerifiedAnalyst]:
+        """_authorise for an execute envelope, recording a refusal under the analyst it
+        claims (who could not be verified)."""
+        try:
+            return self._authorise(envelope, context)
+        except ChcError as exc:
+            self._record_refusal(envelope, envelope.analyst, exc)
+            raise
+
     @guarded
     def SecAggAnnounce(  # noqa: N802 - gRPC method name
         self, request: node_pb2.SecAggRequest, context: grpc.ServicerContext
     ) -> node_pb2.SecAggAnnouncement:
         """Round 1: plan and price the query, then sign a fresh round key; spends nothing."""
-        try:
-            signed, analyst = self._authorise(request.envelope, context)
-        except ChcError as exc:
-            self._record_refusal(request.envelope, request.envelope.analyst, exc)
-            raise
+        signed, analyst = self._authorise_recorded(request.envelope, context)
         try:
             identity = self._share_plan(signed, analyst, request.structure)[2]
             if self.nonces.watch(signed.nonce, b"")[1]:
@@ -537,11 +539,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self, request: node_pb2.SecAggRequest, context: grpc.ServicerContext
     ) -> node_pb2.SecAggShareResponse:
         """Round 2: check the round, charge, then the exact values plus noise share, masked."""
-        try:
-            signed, analyst = self._authorise(request.envelope, context)
-        except ChcError as exc:
-            self._record_refusal(request.envelope, request.envelope.analyst, exc)
-            raise
+        signed, analyst = self._authorise_recorded(request.envelope, context)
         digest = _digest(request.envelope)
         attempt = _Attempt(digest=digest)
         try:
