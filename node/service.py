@@ -10,6 +10,7 @@ without a charge frees its nonce, so the same envelope can be retried.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -470,7 +471,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         something still fail here, nothing is charged and nothing about the data is logged:
         an exception's message could carry an exact value, so only its type is recorded.
         """
-        try:
+        with _before_the_charge("the release"):
             # An ad hoc cohort is built here (or found in the views' cache), before the charge.
             with self.store.snapshot() as views, cohort_runner(views, compiled.query) as runner:
                 exact = engine.exact_values(compiled, runner)
@@ -478,14 +479,6 @@ class NodeService(node_pb2_grpc.NodeServicer):
             del exact  # nothing exact outlives this function
             shown = engine.withhold_small_cells(compiled, releases, noisy, self.rules)
             return engine.release_table(compiled, releases, shown)
-        except ChcError:
-            raise
-        except Exception as exc:
-            ref = uuid.uuid4().hex[:12]
-            log.error("release failed (ref %s): %s; nothing was charged", ref, type(exc).__name__)
-            raise ChcError(
-                f"internal error computing the release (ref {ref}); nothing was charged"
-            ) from None
 
     def _share_plan(
         self, signed: SignedQuery, verified: VerifiedAnalyst, structure: bytes
@@ -540,7 +533,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
     ) -> node_pb2.SecAggShareResponse:
         """Round 2: check the round, charge, then the exact values plus noise share, masked."""
         signed, analyst = self._authorise_recorded(request.envelope, context)
-        digest = _digest(request.envelope)
+        envelope_bytes = request.envelope.SerializeToString(deterministic=True)
+        digest = round_keys.query_digest(envelope_bytes)
         attempt = _Attempt(digest=digest)
         try:
             key = self.round_keys.peek(digest, _now_ms())
@@ -567,7 +561,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
             if not begun.owner:
                 raise AuthenticationError("this query envelope was already used; sign it again")
             attempt.owner = True
-            return self._share(signed, analyst, request, query, share_plan, verified, key, context)
+            return self._share(
+                signed, analyst, envelope_bytes, digest, query, share_plan, verified, key, context
+            )
         except ChcError as exc:
             self._record_refusal(request.envelope, analyst.name, exc)
             raise
@@ -580,7 +576,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self,
         signed: SignedQuery,
         verified: VerifiedAnalyst,
-        request: node_pb2.SecAggRequest,
+        envelope: bytes,
+        digest: bytes,
         query: spec.Query,
         share_plan: SharePlan,
         announcements: list[round_keys.VerifiedAnnouncement],
@@ -588,10 +585,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         context: grpc.ServicerContext,
     ) -> node_pb2.SecAggShareResponse:
         query_id = uuid.uuid4().hex
-        digest = _digest(request.envelope)
         started = time.perf_counter()
         check_deadline(context, "before computing")
-        try:
+        with _before_the_charge("the masked share"):
             with self.store.snapshot() as views, cohort_runner(views, query) as runner:
                 exact = engine.exact_values(share_plan.compiled, runner)
             vector = masks.masked(
@@ -603,14 +599,6 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 expected_nodes=share_plan.guarantee.round,
             )
             del exact  # nothing exact outlives this function
-        except ChcError:
-            raise
-        except Exception as exc:
-            ref = uuid.uuid4().hex[:12]
-            log.error("share failed (ref %s): %s; nothing was charged", ref, type(exc).__name__)
-            raise ChcError(
-                f"internal error computing the masked share (ref {ref}); nothing was charged"
-            ) from None
         rho = share_plan.rho
         epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
         msg = node_pb2.SecAggShareResponse(
@@ -630,14 +618,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 query_id=query_id,
                 analyst=verified.name,
                 query=signed.query,
-                envelope=request.envelope.SerializeToString(deterministic=True),
+                envelope=envelope,
                 views=(query.view,),
                 rho=rho,
                 epsilon=epsilon,
                 secure_aggregation=share_plan.guarantee,
             )
         )
-        self.round_keys.forget(digest)
         log.info(
             "query %s from %s: masked share of a secure aggregate over %d nodes, view=%s "
             "rho=%.6g in %.1f ms (ledger #%d)",
@@ -752,3 +739,23 @@ def _digest(envelope: node_pb2.QueryEnvelope) -> bytes:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@contextlib.contextmanager
+def _before_the_charge(what: str) -> Iterator[None]:
+    """Computing what is about to be released, before any charge.
+
+    Planning has ruled out every data-dependent failure; should something still fail,
+    nothing is charged and nothing about the data is logged: an exception's message could
+    carry an exact value, so only its type is recorded.
+    """
+    try:
+        yield
+    except ChcError:
+        raise
+    except Exception as exc:
+        ref = uuid.uuid4().hex[:12]
+        log.error("%s failed (ref %s): %s; nothing was charged", what, ref, type(exc).__name__)
+        raise ChcError(
+            f"internal error computing {what} (ref {ref}); nothing was charged"
+        ) from None
