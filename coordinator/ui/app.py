@@ -27,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.analyst.client import Federation, NodeBudget
+from coordinator.analyst.client import Federation, NodeBudget, with_secure_aggregation
 from coordinator.learning.compare import DEFAULT_RHO as COMPARE_RHO
 from coordinator.ui import history as history_store
 from coordinator.ui import model_charts, models
@@ -42,7 +42,8 @@ from queries.errors import ChcError, QueryError
 from queries.present import cells
 from queries.present.chart import result_chart_svg
 from queries.present.frames import result_arrow
-from queries.results import FederatedResult, NodeDescription, NodeOutcome
+from queries.present.secure import compare_noise, guarantee_text, secure_guarantee
+from queries.results import FederatedResult, NodeDescription, NodeExplain, NodeOutcome
 from queries.schema import ViewSpec
 from queries.sql import parse_sql
 
@@ -158,6 +159,40 @@ def _rho(text: str) -> float:
     if not math.isfinite(rho) or rho <= 0:
         raise QueryError(f"rho must be a positive number (the budget per node), got {text[:40]}")
     return rho
+
+
+def _honest_nodes(text: str) -> int | None:
+    """The form's honest-nodes field: None when blank (assume every node of the round honest)."""
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise QueryError(
+            f"honest nodes {text[:40]!r} is not a whole number: give how many of the query's "
+            "nodes the noise shares assume honest, or leave it blank to assume all of them"
+        ) from None
+
+
+def _secure_query(query: spec.Query, form: dict[str, str]) -> spec.Query:
+    """The query with the form's secure-aggregation choice (pooled only, honest nodes)."""
+    pooled = form.get("pooled_only", "") == "on"
+    honest = _honest_nodes(form.get("honest_nodes", "").strip())
+    if honest is not None and not pooled:
+        raise QueryError(
+            "honest nodes only applies to a pooled-only query: tick 'Pooled only (secure "
+            "aggregation)', or leave honest nodes blank"
+        )
+    return with_secure_aggregation(query, pooled_only=pooled, honest_nodes=honest)
+
+
+def _secure_explain_context(explains: Sequence[NodeExplain]) -> dict[str, Any]:
+    """What the Explain section adds for a pooled-only query: the guarantee and both noises."""
+    guarantee = secure_guarantee(explains)
+    return {
+        "secure_guarantee": guarantee_text(guarantee, ran=False) if guarantee else "",
+        "noise_comparison": compare_noise(explains),
+    }
 
 
 def _parse_form(body: bytes) -> dict[str, str]:
@@ -278,7 +313,12 @@ def create_app(config: UiConfig, *, federation: Federation | None = None) -> Fas
         return page("nodes_table.html", **federation_context())
 
     def query_page(
-        status: int = 200, *, sql: str | None = None, rho: str | None = None, **context: Any
+        status: int = 200,
+        *,
+        sql: str | None = None,
+        rho: str | None = None,
+        form: dict[str, str] | None = None,
+        **context: Any,
     ) -> HTMLResponse:
         try:
             rows, _ = _node_rows(fed())
@@ -293,6 +333,8 @@ def create_app(config: UiConfig, *, federation: Federation | None = None) -> Fas
             catalog_error=catalog_error,
             sql=sql if sql is not None else _example_sql(rows),
             rho=rho if rho is not None else f"{_default_rho(rows):g}",
+            pooled_only=(form or {}).get("pooled_only", "") == "on",
+            honest_nodes=(form or {}).get("honest_nodes", "").strip()[:20],
             **context,
         )
 
@@ -309,15 +351,23 @@ def create_app(config: UiConfig, *, federation: Federation | None = None) -> Fas
         sql, rho_text = form.get("sql", ""), form.get("rho", "").strip()
         action = form.get("action", "run")
         if action not in ("explain", "run"):
-            return query_page(400, sql=sql, rho=rho_text, error=f"unknown action {action[:20]!r}")
+            return query_page(
+                400, sql=sql, rho=rho_text, form=form, error=f"unknown action {action[:20]!r}"
+            )
         query_json = ""
         try:
-            query = parse_sql(sql, rho=_rho(rho_text))
+            query = _secure_query(parse_sql(sql, rho=_rho(rho_text)), form)
             query_json = spec.canonical_bytes(query).decode()
             if action == "explain":
                 explains = fed().explain(query)
                 return query_page(
-                    sql=sql, rho=rho_text, query=query, explains=explains, explained=True
+                    sql=sql,
+                    rho=rho_text,
+                    form=form,
+                    query=query,
+                    explains=explains,
+                    explained=True,
+                    **(_secure_explain_context(explains) if query.pooled_only else {}),
                 )
             result = fed().query(query)
         except ChcError as exc:
@@ -326,10 +376,12 @@ def create_app(config: UiConfig, *, federation: Federation | None = None) -> Fas
             if action == "run" and query_json:  # a query the hub refused is history too
                 entry_id = config.history.add_error(sql, query_json, message)
             return query_page(
-                http_status(exc), sql=sql, rho=rho_text, error=message, entry_id=entry_id
+                http_status(exc), sql=sql, rho=rho_text, form=form, error=message, entry_id=entry_id
             )
         entry_id = config.history.add_result(sql, query_json, result)
-        return query_page(sql=sql, rho=rho_text, **_result_context(result), entry_id=entry_id)
+        return query_page(
+            sql=sql, rho=rho_text, form=form, **_result_context(result), entry_id=entry_id
+        )
 
     @app.get("/history", response_class=HTMLResponse)
     def history_page() -> HTMLResponse:
@@ -540,6 +592,9 @@ def _result_context(result: FederatedResult) -> dict[str, Any]:
         "result_rows": rows,
         "outcomes": _outcomes(result.nodes),
         "charts": _charts(result),
+        "result_guarantee": (
+            guarantee_text(result.secure_aggregation) if result.secure_aggregation else ""
+        ),
     }
 
 

@@ -2,10 +2,11 @@
 
 Each entry has a kind: a `query` keeps the SQL as typed, the canonical query (JSON), the
 hub's query id, when it ran, its status, the combined result table (Arrow IPC, exactly as the
-hub returned it) and each node's outcome, so it re-opens as the same table and chart; a
-`model` (a fitted GLM) and a `comparison` (O/E by unit) keep a description in place of the
-SQL, the signed model spec, and their result as JSON (the `--json` of `chc learn glm` and
-`chc learn compare`), from which the page draws its table and plot again. Every kind exports
+hub returned it), each node's outcome and, for a secure aggregate, its guarantee, so it
+re-opens as the same table and chart; a `model` (a fitted GLM) and a `comparison` (O/E by
+unit) keep a description in place of the SQL, the signed model spec, and their result as
+JSON (the `--json` of `chc learn glm` and `chc learn compare`), from which the page draws its
+table and plot again. Every kind exports
 to CSV or Parquet. Whatever failed is kept too, with its message and no result.
 """
 
@@ -26,9 +27,20 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from protocols.ledger.entry import (
+    SECURE_AGGREGATION_FIELD,
+    read_secure_aggregation,
+    secure_aggregation_fields,
+)
 from queries.errors import ConfigError
 from queries.present.frames import result_arrow
-from queries.results import BudgetStatus, FederatedResult, NodeOutcome, NodeStatus
+from queries.results import (
+    BudgetStatus,
+    FederatedResult,
+    NodeOutcome,
+    NodeStatus,
+    SecureAggregation,
+)
 
 STATUS_ERROR = "error"
 KIND_QUERY, KIND_MODEL, KIND_COMPARISON = "query", "model", "comparison"
@@ -181,6 +193,7 @@ class History:
             result.partial,
             _ipc(result.table),
             [_outcome_to_dict(o) for o in result.nodes],
+            record_json=_guarantee_json(result.secure_aggregation),
         )
 
     def add_error(self, sql: str, query_json: str, message: str, *, kind: str = KIND_QUERY) -> int:
@@ -282,8 +295,17 @@ class History:
                 table=_from_ipc(bytes(arrow)),
                 nodes=tuple(_outcome_from_dict(d) for d in json.loads(nodes)),
                 partial=bool(partial),
+                secure_aggregation=read_secure_aggregation(record or {}),
             )
+            record = None  # a query's record is its result's guarantee, not a model's
         return _entry(tuple(head), result, record)
+
+
+def _guarantee_json(guarantee: SecureAggregation | None) -> str | None:
+    """A secure aggregate's guarantee as the entry's record (the ledger's own JSON form)."""
+    if guarantee is None:
+        return None
+    return json.dumps({SECURE_AGGREGATION_FIELD: secure_aggregation_fields(guarantee)})
 
 
 def _entry(

@@ -234,3 +234,46 @@ def test_a_refused_query_shows_its_error_without_a_traceback(browser: WebDriver,
     assert "Traceback" not in browser.page_source
     assert not browser.find_elements(By.CSS_SELECTOR, "svg.chc-chart")
     screenshot(browser, "query-error")
+
+
+def test_pooled_only_compares_both_noises_then_draws_the_pooled_panel_alone(
+    browser: WebDriver, ui: Ui, federation: LocalFederation, domain: tuple[str, ...]
+) -> None:
+    """Tick 'Pooled only' with the keyboard: Explain sets each node's own noise beside
+    secure aggregation's, and Run draws one panel (the pooled one) with the guarantee."""
+    k = len(federation.nodes)
+    _type_query(browser, ui, SQL)
+    box = browser.find_element(By.ID, "pooled_only")
+    assert not box.is_selected()
+    box.send_keys(" ")  # a checkbox toggles on Space, as a keyboard user would
+    assert box.is_selected()
+    with next_page(browser):
+        browser.find_element(By.ID, "explain").click()
+    section = wait_for(browser, "#explain-result, #error")
+    assert isinstance(section, WebElement)
+    assert section.get_attribute("id") == "explain-result", section.text
+    guarantee = section.find_element(By.ID, "secure-explain-guarantee").text
+    assert f"secure aggregation over {k} nodes" in guarantee, guarantee
+    ratios = section.find_elements(By.CSS_SELECTOR, "#noise-comparison td.ratio")
+    assert len(ratios) == 1  # one component: the row count
+    # About sqrt(k) narrower (the shares' rounding costs a few percent, KLS21).
+    narrower = re.match(r"[0-9.]+", ratios[0].text)
+    assert narrower is not None, ratios[0].text
+    assert abs(float(narrower[0]) / k**0.5 - 1) < 0.15, ratios[0].text
+    # The choice survives the round trip, so Run asks for the same thing.
+    assert browser.find_element(By.ID, "pooled_only").is_selected()
+    screenshot(browser, "explain-pooled-only")
+
+    with next_page(browser):
+        browser.find_element(By.ID, "run").click()
+    result = wait_for(browser, "#result, #error")
+    assert isinstance(result, WebElement)
+    assert result.get_attribute("id") == "result", result.text
+    stated = result.find_element(By.ID, "secure-guarantee").text
+    assert f"secure aggregation over {k} nodes" in stated, stated
+    chart = _chart(result)
+    assert chart.panels == [POOLED]
+    assert chart.bars + chart.suppressed == len(domain)
+    assert chart.whiskers == chart.bars
+    assert _table(result) == Table(published=chart.bars, suppressed=chart.suppressed)
+    screenshot(browser, "query-pooled-only")

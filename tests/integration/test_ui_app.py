@@ -97,6 +97,65 @@ def test_explain_spends_nothing_and_run_shows_table_chart_and_history(base: str)
         assert f'<tr data-entry="{entry_id.group(1)}"' in c.get("/history").text
 
 
+def test_a_pooled_only_query_compares_both_noises_then_releases_only_pooled_rows(
+    base: str, federation: LocalFederation
+) -> None:
+    """Ticking 'Pooled only': Explain shows the guarantee and, per component, the per-node
+    and secure-aggregation noise; Run releases the pooled rows alone with the guarantee
+    stated, and the history entry re-opens with it."""
+    k = len(federation.nodes)
+    form = {"sql": SQL, "rho": "0.01", "pooled_only": "on"}
+    with browser(base) as c:
+        assert 'id="pooled_only"' in c.get("/query").text
+        before = _spent(c)
+        explain = c.post("/query", data={**form, "action": "explain"}, headers={"origin": base})
+        assert explain.status_code == 200, explain.text
+        assert _spent(c) == before
+        page = explain.text
+        assert f"secure aggregation over {k} nodes (shares assume all {k} honest)" in page
+        ratios = [float(r) for r in re.findall(r'<td class="num ratio">([0-9.]+)', page)]
+        # Per-node noise summed over k nodes is sqrt(k) wider than one shared noise (each
+        # share's rounding and upscale cost a few percent, KLS21).
+        assert ratios, page
+        assert all(abs(r / k**0.5 - 1) < 0.15 for r in ratios), ratios
+        assert "checked" in re.search(r'<input type="checkbox" id="pooled_only"[^>]*>', page)[0]
+
+        run = c.post("/query", data={**form, "action": "run"}, headers={"origin": base})
+        assert run.status_code == 200, run.text
+        page = run.text
+        assert 'id="secure-guarantee"' in page
+        regions = set(re.findall(r'<tr data-region="([^"]+)"', page))
+        assert regions == {"All regions"}, regions
+        assert _spent(c) != before
+        entry = re.search(r'id="history-link" href="/history/(\d+)"', page)
+        assert entry is not None
+        reopened = c.get(f"/history/{entry.group(1)}").text
+        assert 'id="secure-guarantee"' in reopened
+        assert f"secure aggregation over {k} nodes" in reopened
+
+        honest_alone = c.post(
+            "/query",
+            data={"sql": SQL, "rho": "0.01", "honest_nodes": "2", "action": "explain"},
+            headers={"origin": base},
+        )
+        too_many = c.post(
+            "/query",
+            data={**form, "honest_nodes": str(k + 1), "action": "explain"},
+            headers={"origin": base},
+        )
+        not_whole = c.post(
+            "/query",
+            data={**form, "honest_nodes": "two", "action": "explain"},
+            headers={"origin": base},
+        )
+    assert honest_alone.status_code == 400
+    assert "only applies to a pooled-only query" in honest_alone.text
+    assert too_many.status_code == 400
+    assert f"honest_nodes {k + 1} is more than the {k} nodes" in too_many.text
+    assert not_whole.status_code == 400
+    assert "is not a whole number" in not_whole.text
+
+
 def test_a_refused_query_shows_its_message_without_a_traceback(base: str) -> None:
     with browser(base) as c:
         bad = c.post(

@@ -3,6 +3,7 @@ chart; CSV and Parquet exports read back to the same values; errors show only th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from coordinator.ui.history import STATUS_ERROR, History, export_table
 from queries.present.frames import result_arrow
-from queries.results import FederatedResult
+from queries.results import FederatedResult, SecureAggregation, ShareNoise
 from tests.unit._present_helpers import federated
 from tests.unit._ui_helpers import browser, serving, ui_config
 
@@ -144,3 +145,37 @@ def test_an_unusable_history_file_says_which(tmp_path: Path) -> None:
     (tmp_path / "dir.sqlite").mkdir()
     with pytest.raises(ValueError, match=r"--history .*dir\.sqlite"):
         History(tmp_path / "dir.sqlite")
+
+
+def test_a_secure_aggregate_comes_back_with_its_guarantee(tmp_path: Path) -> None:
+    guarantee = SecureAggregation(
+        nodes=3,
+        threshold=2,
+        rho_threshold=0.04,
+        rho_all_honest=0.0605,
+        components=(
+            ShareNoise(
+                component="rows",
+                length=2,
+                upscale=10,
+                share_scale=61.2,
+                unit=1.0,
+                rho=0.05,
+                rho_threshold=0.04,
+                rho_all_honest=0.0605,
+            ),
+        ),
+        round=("east", "north", "south"),
+    )
+    secure = dataclasses.replace(_result(), secure_aggregation=guarantee)
+    store = History(tmp_path / "history.sqlite")
+    entry = store.get(store.add_result(SQL, QUERY_JSON, secure))
+    plain = store.get(store.add_result(SQL, QUERY_JSON, _result()))
+    assert entry is not None
+    assert entry.result is not None
+    assert entry.result.secure_aggregation == guarantee
+    # A query's entry has no model record: the guarantee travels with its result.
+    assert entry.record is None
+    assert plain is not None
+    assert plain.result is not None
+    assert plain.result.secure_aggregation is None
