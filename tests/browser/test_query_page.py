@@ -236,6 +236,16 @@ def test_a_refused_query_shows_its_error_without_a_traceback(browser: WebDriver,
     screenshot(browser, "query-error")
 
 
+def _press(browser: WebDriver, button: str, answer: str) -> WebElement:
+    """Press a button of the query form and return the section the page answers with."""
+    with next_page(browser):
+        browser.find_element(By.ID, button).click()
+    section = wait_for(browser, f"#{answer}, #error")
+    assert isinstance(section, WebElement)
+    assert section.get_attribute("id") == answer, section.text
+    return section
+
+
 def test_pooled_only_compares_both_noises_then_draws_the_pooled_panel_alone(
     browser: WebDriver, ui: Ui, federation: LocalFederation, domain: tuple[str, ...]
 ) -> None:
@@ -247,11 +257,7 @@ def test_pooled_only_compares_both_noises_then_draws_the_pooled_panel_alone(
     assert not box.is_selected()
     box.send_keys(" ")  # a checkbox toggles on Space, as a keyboard user would
     assert box.is_selected()
-    with next_page(browser):
-        browser.find_element(By.ID, "explain").click()
-    section = wait_for(browser, "#explain-result, #error")
-    assert isinstance(section, WebElement)
-    assert section.get_attribute("id") == "explain-result", section.text
+    section = _press(browser, "explain", "explain-result")
     guarantee = section.find_element(By.ID, "secure-explain-guarantee").text
     assert f"secure aggregation over {k} nodes" in guarantee, guarantee
     ratios = section.find_elements(By.CSS_SELECTOR, "#noise-comparison td.ratio")
@@ -264,11 +270,7 @@ def test_pooled_only_compares_both_noises_then_draws_the_pooled_panel_alone(
     assert browser.find_element(By.ID, "pooled_only").is_selected()
     screenshot(browser, "explain-pooled-only")
 
-    with next_page(browser):
-        browser.find_element(By.ID, "run").click()
-    result = wait_for(browser, "#result, #error")
-    assert isinstance(result, WebElement)
-    assert result.get_attribute("id") == "result", result.text
+    result = _press(browser, "run", "result")
     stated = result.find_element(By.ID, "secure-guarantee").text
     assert f"secure aggregation over {k} nodes" in stated, stated
     chart = _chart(result)
