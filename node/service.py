@@ -253,6 +253,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 "execute or explain it"
             )
         query, compiled, releases, rho = self._price(signed, analyst)
+        if request.structure:
+            self._check_structure(query, request.structure)  # as Execute would
         text = compiled.describe()
         if query.cohort is not None:
             ancestor = self.store.concept_ancestor

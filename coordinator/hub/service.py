@@ -212,7 +212,9 @@ class HubService(hub_pb2_grpc.HubServicer):
         del context  # the deadline already accounts for the caller's
         began = time.monotonic()
         handles = audience_handles(self.registry.handles, request.envelope.audience.nodes)
-        structure = self._pooling_check(query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s))
+        structure = self._pooling_check(
+            query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s), handles
+        )
         left_s = max(0.001, deadline_s - (time.monotonic() - began))
         result = run_round(
             query,
@@ -225,9 +227,14 @@ class HubService(hub_pb2_grpc.HubServicer):
         )
         return serde.result_to_proto(result)
 
-    def _pooling_check(self, query: spec.Query, wait_s: float) -> bytes:
+    def _pooling_check(
+        self, query: spec.Query, wait_s: float, handles: Sequence[NodeHandle] | None = None
+    ) -> bytes:
         """The fingerprint of the structure the query reads, the same at every node described
         (ExecuteRequest.structure), or refuse the query before any node is asked.
+
+        handles: the nodes whose figures would be pooled (default: every node); a secure
+        aggregate pools only the nodes its envelope names.
 
         Catalogs are described again when the cached ones differ, so a stale cache never
         refuses a query. Nodes that do not answer Describe in time, or lack the view, are
@@ -235,21 +242,22 @@ class HubService(hub_pb2_grpc.HubServicer):
         """
         if query.cohort is not None:
             return b""  # each node builds the cohort's view itself; see queries/cohort.py
-        structures = self._structures(query, wait_s, fresh=False)
+        pooled = self.registry.handles if handles is None else handles
+        structures = self._structures(query, pooled, wait_s, fresh=False)
         if len({serde.structure_fingerprint(s) for s in structures.values()}) > 1:
-            structures = self._structures(query, wait_s, fresh=True)
+            structures = self._structures(query, pooled, wait_s, fresh=True)
         prints = {serde.structure_fingerprint(s) for s in structures.values()}
         if len(prints) > 1:
             raise PoolingMismatchError(_mismatch_message(query.view, structures))
         return next(iter(prints), b"")
 
     def _structures(
-        self, query: spec.Query, wait_s: float, *, fresh: bool
+        self, query: spec.Query, handles: Sequence[NodeHandle], wait_s: float, *, fresh: bool
     ) -> dict[str, dict[str, bytes]]:
         """Per node (cached, or described now), the pooling structure of the query's view."""
         catalogs = {}
         stale: list[NodeHandle] = []
-        for h in self.registry.handles:
+        for h in handles:
             cached = None if fresh else self.registry.catalog(h.entry.name)
             if cached is not None:
                 catalogs[h.entry.name] = cached
@@ -359,18 +367,19 @@ class HubService(hub_pb2_grpc.HubServicer):
             model_from_json(request.envelope.query)
             node_request.regions.extend(h.entry.name for h in self.registry.handles)
         handles = self.registry.handles
-        secure = not is_model(request.envelope.query) and (
-            spec_io.from_json(request.envelope.query).pooled_only
-        )
-        if secure:
-            # Secure aggregation runs over the nodes the envelope names, and only them.
-            handles = audience_handles(handles, request.envelope.audience.nodes)
-        replies = fan_out(
-            handles,
-            "Explain",
-            node_request,
-            deadline_s=self._deadline_s(request, context),
-        )
+        deadline_s = self._deadline_s(request, context)
+        if not is_model(request.envelope.query):
+            query = spec_io.from_json(request.envelope.query)
+            if query.pooled_only:
+                # Secure aggregation runs over the nodes the envelope names, and only them.
+                handles = audience_handles(handles, request.envelope.audience.nodes)
+            # Explain previews Run: what Run would refuse for its pooling, it refuses too, and
+            # each node checks the structure against its own catalog as Execute does.
+            began = time.monotonic()
+            wait_s = min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s)
+            node_request.structure = self._pooling_check(query, wait_s, handles)
+            deadline_s = max(0.001, deadline_s - (time.monotonic() - began))
+        replies = fan_out(handles, "Explain", node_request, deadline_s=deadline_s)
         response = hub_pb2.ExplainFederatedResponse()
         for r in replies:
             item = hub_pb2.ExplainResult(node=r.node, status=r.status.value, message=r.message)

@@ -30,7 +30,8 @@ from tests.faults._invariants import ledger_bodies
 
 pytestmark = pytest.mark.integration
 
-AGES = {"nenc": 18, "nwc": 40}  # each node's pathway age_min: different age_band domains
+# Each node's pathway age_min: nwc's age_band domain differs from the other two's.
+AGES = {"nenc": 18, "nwc": 40, "gm": 18}
 PATHWAY = """\
 name: breathless_adults
 title: Breathless adults
@@ -90,12 +91,46 @@ def test_a_query_on_columns_that_differ_is_refused_before_any_node_is_asked(
     assert entries(fed) == before
 
 
+def test_explain_refuses_what_run_would_refuse_in_the_same_words(fed: LocalFederation) -> None:
+    """Explain is the analyst's preview of Run: a query Run would refuse for its pooling is
+    refused by Explain too (nothing is spent either way)."""
+    query = Query(view="breathless_adults", rho=0.01, group_by=("age_band",))
+    with Federation(fed.hub_address, fed.analyst_identity) as client:
+        with pytest.raises(ConfigError) as ran:
+            client.query(query, deadline_s=10)
+        before = entries(fed)
+        with pytest.raises(ConfigError) as explained:
+            client.explain(query, deadline_s=10)
+    assert str(explained.value) == str(ran.value)
+    assert entries(fed) == before
+
+
+def test_a_secure_aggregate_is_pooling_checked_over_its_own_nodes_only(
+    fed: LocalFederation,
+) -> None:
+    """Secure aggregation runs over the nodes its envelope names: a node outside them whose
+    catalog differs does not stop it, and one inside does."""
+    query = Query(view="breathless_adults", rho=0.01, group_by=("age_band",), pooled_only=True)
+    with Federation(fed.hub_address, fed.analyst_identity) as client:
+        explained = client.explain(query, nodes=("gm", "nenc"), deadline_s=10)
+        result = client.query(query, nodes=("gm", "nenc"), deadline_s=10)
+        with pytest.raises(ConfigError) as info:
+            client.explain(query, nodes=("gm", "nwc"), deadline_s=10)
+    assert {e.node: e.status for e in explained} == {
+        "gm": NodeStatus.OK,
+        "nenc": NodeStatus.OK,
+    }
+    assert result.secure_aggregation is not None
+    assert result.secure_aggregation.round == ("gm", "nenc")
+    assert "'age_band' differs" in str(info.value)
+
+
 def test_columns_that_agree_still_pool(fed: LocalFederation) -> None:
     # The pathway's sex column is the same at both nodes: its figures pool.
     query = Query(view="breathless_adults", rho=0.01, group_by=("sex",))
     with Federation(fed.hub_address, fed.analyst_identity) as client:
         result = client.query(query, deadline_s=10)
-    assert [o.status for o in result.nodes] == [NodeStatus.OK, NodeStatus.OK], result.nodes
+    assert [o.status for o in result.nodes] == [NodeStatus.OK] * len(AGES), result.nodes
     assert result.table.num_rows > 0
 
 
@@ -120,6 +155,13 @@ def test_a_node_refuses_a_structure_that_is_not_its_own_at_no_cost(fed: LocalFed
     assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "could not be pooled" in (info.value.details() or "")
     assert fed_spent(fed) == before
+    # Explain compares the structure too, so it never prices what Execute would refuse.
+    channel = secure_channel(f"127.0.0.1:{fed.node_port('nwc')}", identity, server_name="nwc")
+    with pytest.raises(grpc.RpcError) as explained:
+        node_pb2_grpc.NodeStub(channel).Explain(request, timeout=10)
+    channel.close()
+    assert explained.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert explained.value.details() == info.value.details()
 
 
 def fed_spent(fed: LocalFederation) -> dict[str, float]:
