@@ -308,7 +308,12 @@ class Dialer:
                 context.cancel()
             return
         if not frame.method:
-            return  # a heartbeat
+            if frame.credit:  # the hub's caller read some of a stream: send more
+                with self._lock:
+                    streaming = self._calls.get(frame.call_id)
+                if streaming is not None:
+                    streaming.grant(frame.credit)
+            return  # else a heartbeat
         if not self._accepting:
             outgoing.put(
                 status_frame(
@@ -319,7 +324,10 @@ class Dialer:
             )
             return
         context = LinkContext(
-            caller_pem=hub.pem, deadline_ms=frame.deadline_ms, peer=f"link:{self.address}"
+            caller_pem=hub.pem,
+            deadline_ms=frame.deadline_ms,
+            peer=f"link:{self.address}",
+            credit=frame.credit if frame.method in STREAM_METHODS else 0,
         )
         with self._lock:
             self._calls[frame.call_id] = context
@@ -396,7 +404,14 @@ class Dialer:
         ok = grpc.StatusCode.OK
         if method in STREAM_METHODS:
             for item in handler.unary_stream(request, context):  # type: ignore[misc]
-                if not context.is_active():
+                # Sent only as the hub grants credit, so a slow reader slows this stream
+                # rather than filling the hub's memory (HubFrame.credit).
+                if not context.take_credit():
+                    if context.is_active():
+                        context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            "the deadline passed while the stream waited for its reader",
+                        )
                     context.abort(grpc.StatusCode.CANCELLED, "the hub cancelled the call")
                 yield link_pb2.NodeFrame(call_id=call_id, response=serialize(item))
             yield status_frame(call_id, ok, "")

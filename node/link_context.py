@@ -26,7 +26,7 @@ class LinkAbortError(Exception):
 class LinkContext(grpc.ServicerContext):
     """A call's context: caller certificate, deadline, cancellation, status and trailers."""
 
-    def __init__(self, *, caller_pem: bytes, deadline_ms: int, peer: str) -> None:
+    def __init__(self, *, caller_pem: bytes, deadline_ms: int, peer: str, credit: int = 0) -> None:
         self._caller_pem = caller_pem
         self._deadline = time.monotonic() + deadline_ms / 1000 if deadline_ms > 0 else None
         self._peer = peer
@@ -36,6 +36,10 @@ class LinkContext(grpc.ServicerContext):
         self._trailers: tuple[tuple[str, str | bytes], ...] = ()
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        # A stream's flow control (HubFrame.credit): messages the hub lets the node send
+        # before it waits; None when the hub asked for none (before protocol 1.3).
+        self._credit: int | None = credit if credit > 0 else None
+        self._granted = threading.Condition(self._lock)
 
     def act_for(self, caller_pem: bytes, *, peer: str) -> None:
         """Make the caller another party the link relays for (an auditor the node checked)."""
@@ -62,8 +66,29 @@ class LinkContext(grpc.ServicerContext):
         self._cancelled.set()
         with self._lock:
             callbacks, self._callbacks = self._callbacks, []
+            self._granted.notify_all()  # a stream waiting for credit ends now
         for callback in callbacks:
             callback()
+
+    def grant(self, credit: int) -> None:
+        """The hub lets the stream send `credit` more messages (its caller read some)."""
+        with self._granted:
+            if self._credit is not None:
+                self._credit += credit
+                self._granted.notify_all()
+
+    def take_credit(self) -> bool:
+        """Wait until the hub lets one more message of the stream go and take it; False if
+        the call was cancelled or its deadline passed first. Without flow control, True."""
+        with self._granted:
+            while self._credit is not None and self._credit <= 0:
+                left = self.time_remaining()
+                if self._cancelled.is_set() or (left is not None and left <= 0):
+                    return False
+                self._granted.wait(timeout=left)
+            if self._credit is not None:
+                self._credit -= 1
+            return not self._cancelled.is_set()
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         """Call callback when the call is cancelled."""

@@ -39,6 +39,11 @@ DIAL_ADDRESS = "dial"
 # after this, and its calls fail UNAVAILABLE (reported unreachable), never hang.
 HEARTBEAT_S = 1.0
 SILENT_AFTER_S = 4.0
+# Flow control of a streaming call (HubFrame.credit, 1.3 on): the most messages the hub
+# lets a node send ahead of the hub's caller (a ledger entry is about 1-2 KB, so some 100 KB
+# per stream), granted again in halves as the caller reads.
+STREAM_WINDOW = 64
+STREAM_REFILL = STREAM_WINDOW // 2
 # A challenge must be at least this long to be worth signing.
 MIN_CHALLENGE_BYTES = 16
 

@@ -64,9 +64,12 @@ class ProtocolVersion:
 # 1.1: ExecuteRequest.kept_only and NodeOutcome.charge_unknown; the `chc-protocol` header.
 # 1.2: secure aggregation (Node.SecAggAnnounce and SecAggShare, pooled_only queries, the
 #      secure-aggregation fields of ExplainResponse and SubmitResponse).
-CURRENT = ProtocolVersion(1, 2)
+# 1.3: flow control of streams over a node's link (HubFrame.credit): a node of 1.3 sends a
+#      streaming call's messages only as the hub grants credit for them.
+CURRENT = ProtocolVersion(1, 3)
 KEPT_ONLY = ProtocolVersion(1, 1)
 SECURE_AGGREGATION = ProtocolVersion(1, 2)
+FLOW_CONTROL = ProtocolVersion(1, 3)
 FIRST = ProtocolVersion(1, 0)
 
 

@@ -34,6 +34,8 @@ from protocols.link_frames import (
     LEDGER_KEY,
     MIN_CHALLENGE_BYTES,
     SILENT_AFTER_S,
+    STREAM_REFILL,
+    STREAM_WINDOW,
     sign,
     status_code,
     welcome_payload,
@@ -42,7 +44,12 @@ from protocols.security.envelope import now_ms
 from protocols.security.pki import Identity, Role
 from protocols.security.tls import peer_of
 from protocols.v1 import link_pb2, link_pb2_grpc, node_pb2, node_pb2_grpc
-from protocols.version import ProtocolMismatchError, ProtocolVersion, check_compatible
+from protocols.version import (
+    FLOW_CONTROL,
+    ProtocolMismatchError,
+    ProtocolVersion,
+    check_compatible,
+)
 from queries.errors import ChcError
 
 log = logging.getLogger("chc.hub.links")
@@ -59,19 +66,45 @@ def link_error(
 
 
 class _Pending:
-    """One call waiting for the node: its final frame (unary) or every frame (streams)."""
+    """One call waiting for the node: its final frame (unary) or every frame (streams).
 
-    def __init__(self, call_id: int, streaming: bool) -> None:
+    A stream under flow control (credit > 0) holds at most the credit granted and not yet
+    read: the node sends only as credit is granted (node/dial.py), and a node that sends
+    more has its call failed rather than buffered.
+    """
+
+    def __init__(self, call_id: int, streaming: bool, credit: int = 0) -> None:
         self.call_id = call_id
         self.streaming = streaming
         self.done: concurrent.futures.Future[link_pb2.NodeFrame] = concurrent.futures.Future()
         self.frames: queue.Queue[link_pb2.NodeFrame] = queue.Queue()
+        self.flow_controlled = credit > 0
+        self._credit = credit  # messages the node may still send
+        self._lock = threading.Lock()
 
-    def deliver(self, frame: link_pb2.NodeFrame) -> None:
+    def deliver(self, frame: link_pb2.NodeFrame) -> bool:
+        """Take one frame from the node; False if it exceeds the credit granted (the frame is
+        dropped and the call failed)."""
+        if self.streaming and self.flow_controlled and not frame.end:
+            with self._lock:
+                self._credit -= 1
+                over = self._credit < 0
+            if over:
+                self.fail(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "the node sent more of the stream than the hub granted credit for",
+                )
+                return False
         if self.streaming:
             self.frames.put(frame)
         if frame.end and not self.done.done():
             self.done.set_result(frame)
+        return True
+
+    def grant(self, credit: int) -> None:
+        """The caller read some of the stream: the node may send `credit` more messages."""
+        with self._lock:
+            self._credit += credit
 
     def fail(self, code: grpc.StatusCode, details: str) -> None:
         self.deliver(
@@ -86,9 +119,12 @@ class _Pending:
 class LinkSession:
     """One open link to a node: frames to send, calls waiting for their answers."""
 
-    def __init__(self, node: str, peer: str) -> None:
+    def __init__(self, node: str, peer: str, *, flow_control: bool = True) -> None:
         self.node = node
         self.peer = peer
+        # Whether the node honours HubFrame.credit (protocol 1.3 on); a node of an earlier
+        # minor streams without it, as before.
+        self.flow_control = flow_control
         self.outgoing: queue.Queue[link_pb2.HubFrame | None] = queue.Queue()
         self.last_seen = time.monotonic()
         self.closed = threading.Event()
@@ -107,7 +143,8 @@ class LinkSession:
         on_behalf_of: bytes = b"",
     ) -> _Pending:
         """Send one call; its answer arrives in the returned _Pending."""
-        pending = _Pending(next(self._ids), streaming)
+        credit = STREAM_WINDOW if streaming and self.flow_control else 0
+        pending = _Pending(next(self._ids), streaming, credit)
         self.close_if_silent()
         with self._lock:
             if self.closed.is_set():
@@ -125,9 +162,17 @@ class LinkSession:
                 request=request,
                 deadline_ms=deadline_ms,
                 on_behalf_of=on_behalf_of,
+                credit=credit,
             )
         )
         return pending
+
+    def grant(self, pending: _Pending, credit: int) -> None:
+        """Let the node send `credit` more messages of a flow-controlled stream."""
+        if not pending.flow_controlled or self.closed.is_set():
+            return
+        pending.grant(credit)
+        self.outgoing.put(link_pb2.HubFrame(call_id=pending.call_id, credit=credit))
 
     def cancel(self, pending: _Pending) -> None:
         """The caller gave up: tell the node (a query not yet charged is then refused)."""
@@ -145,8 +190,8 @@ class LinkSession:
             pending = self._pending.get(frame.call_id)
             if pending is not None and frame.end:
                 del self._pending[frame.call_id]
-        if pending is not None:
-            pending.deliver(frame)
+        if pending is not None and not pending.deliver(frame):
+            self.cancel(pending)  # it sent beyond its credit: stop it there
 
     def close_if_silent(self) -> bool:
         """Close the link if the node has sent nothing for SILENT_AFTER_S; True if closed.
@@ -183,9 +228,9 @@ class Links:
         self._changed = threading.Condition(self._lock)
         self._watchdog: threading.Thread | None = None
 
-    def open(self, node: str, peer: str) -> LinkSession:
+    def open(self, node: str, peer: str, *, flow_control: bool = True) -> LinkSession:
         """A new session for node; an older one is closed (the latest link wins)."""
-        session = LinkSession(node, peer)
+        session = LinkSession(node, peer, flow_control=flow_control)
         with self._lock:
             old = self._sessions.get(node)
             self._sessions[node] = session
@@ -341,6 +386,7 @@ def stream_frames(
     )
     end = None if timeout is None else time.monotonic() + timeout
     finished = False
+    read = 0  # messages read since credit was last granted
     try:
         while True:
             left = None if end is None else end - time.monotonic()
@@ -354,6 +400,12 @@ def stream_frames(
                 finished = True
                 _raise_status(frame)
                 return
+            # Granted as this caller reads, not as frames arrive: a slow reader slows the
+            # node instead of filling the hub's memory.
+            read += 1
+            if read == STREAM_REFILL:
+                session.grant(pending, read)
+                read = 0
             yield deserialize(frame.response)
     finally:
         if not finished:
@@ -578,16 +630,15 @@ class NodeLinkService(link_pb2_grpc.NodeLinkServicer):
             )
         try:
             # Another minor version links (protocols/version.py); another major does not.
-            check_compatible(
-                ProtocolVersion.parse(hello.protocol_version),
-                them=f"node {peer.name}",
-                us="the hub",
-            )
+            theirs = ProtocolVersion.parse(hello.protocol_version)
+            check_compatible(theirs, them=f"node {peer.name}", us="the hub")
         except ProtocolMismatchError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if len(hello.challenge) < MIN_CHALLENGE_BYTES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the hello's challenge is too short")
-        session = self.links.open(peer.name, context.peer())
+        session = self.links.open(
+            peer.name, context.peer(), flow_control=theirs.supports(FLOW_CONTROL)
+        )
         log.info("node %s linked from %s (outbound-only)", peer.name, context.peer())
         yield link_pb2.HubFrame(
             welcome=link_pb2.LinkWelcome(

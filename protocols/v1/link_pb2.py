@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protocols.v1 import node_pb2 as protocols_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocols/v1/link.proto\x12\x06\x63hc.v1\x1a\x17protocols/v1/node.proto\"F\n\tLinkHello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x11\n\tchallenge\x18\x03 \x01(\x0c\"S\n\x0bLinkWelcome\x12\x17\n\x0fhub_certificate\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\"\x1f\n\tHeartbeat\x12\x12\n\nsent_at_ms\x18\x01 \x01(\x03\"\xc3\x01\n\x08HubFrame\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\x12\x14\n\x0con_behalf_of\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\x12$\n\theartbeat\x18\x07 \x01(\x0b\x32\x11.chc.v1.Heartbeat\x12$\n\x07welcome\x18\x08 \x01(\x0b\x32\x13.chc.v1.LinkWelcome\"\x90\x01\n\nCallStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x32\n\x08trailers\x18\x03 \x03(\x0b\x32 .chc.v1.CallStatus.TrailersEntry\x1a/\n\rTrailersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x01\n\tNodeFrame\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.chc.v1.CallStatus\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x08\x12$\n\theartbeat\x18\x05 \x01(\x0b\x32\x11.chc.v1.Heartbeat\x12 \n\x05hello\x18\x06 \x01(\x0b\x32\x11.chc.v1.LinkHello\"K\n\x11NodeLedgerRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\x12\x11\n\tchallenge\x18\x03 \x01(\x0c\"j\n\x12LedgerKeyStatement\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x19\n\x11ledger_public_key\x18\x02 \x01(\x0c\x12\x18\n\x10node_certificate\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x32>\n\x08NodeLink\x12\x32\n\x07\x43onnect\x12\x11.chc.v1.NodeFrame\x1a\x10.chc.v1.HubFrame(\x01\x30\x01\x32\x9b\x01\n\x0bLedgerRelay\x12\x46\n\rNodeLedgerKey\x12\x19.chc.v1.NodeLedgerRequest\x1a\x1a.chc.v1.LedgerKeyStatement\x12\x44\n\x10StreamNodeLedger\x12\x19.chc.v1.NodeLedgerRequest\x1a\x13.chc.v1.LedgerEntry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocols/v1/link.proto\x12\x06\x63hc.v1\x1a\x17protocols/v1/node.proto\"F\n\tLinkHello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x11\n\tchallenge\x18\x03 \x01(\x0c\"S\n\x0bLinkWelcome\x12\x17\n\x0fhub_certificate\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\"\x1f\n\tHeartbeat\x12\x12\n\nsent_at_ms\x18\x01 \x01(\x03\"\xd3\x01\n\x08HubFrame\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\x12\x14\n\x0con_behalf_of\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\x12$\n\theartbeat\x18\x07 \x01(\x0b\x32\x11.chc.v1.Heartbeat\x12$\n\x07welcome\x18\x08 \x01(\x0b\x32\x13.chc.v1.LinkWelcome\x12\x0e\n\x06\x63redit\x18\t \x01(\r\"\x90\x01\n\nCallStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x32\n\x08trailers\x18\x03 \x03(\x0b\x32 .chc.v1.CallStatus.TrailersEntry\x1a/\n\rTrailersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x01\n\tNodeFrame\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.chc.v1.CallStatus\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x08\x12$\n\theartbeat\x18\x05 \x01(\x0b\x32\x11.chc.v1.Heartbeat\x12 \n\x05hello\x18\x06 \x01(\x0b\x32\x11.chc.v1.LinkHello\"K\n\x11NodeLedgerRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\x12\x11\n\tchallenge\x18\x03 \x01(\x0c\"j\n\x12LedgerKeyStatement\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x19\n\x11ledger_public_key\x18\x02 \x01(\x0c\x12\x18\n\x10node_certificate\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x32>\n\x08NodeLink\x12\x32\n\x07\x43onnect\x12\x11.chc.v1.NodeFrame\x1a\x10.chc.v1.HubFrame(\x01\x30\x01\x32\x9b\x01\n\x0bLedgerRelay\x12\x46\n\rNodeLedgerKey\x12\x19.chc.v1.NodeLedgerRequest\x1a\x1a.chc.v1.LedgerKeyStatement\x12\x44\n\x10StreamNodeLedger\x12\x19.chc.v1.NodeLedgerRequest\x1a\x13.chc.v1.LedgerEntry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=217
   _globals['_HEARTBEAT']._serialized_end=248
   _globals['_HUBFRAME']._serialized_start=251
-  _globals['_HUBFRAME']._serialized_end=446
-  _globals['_CALLSTATUS']._serialized_start=449
-  _globals['_CALLSTATUS']._serialized_end=593
-  _globals['_CALLSTATUS_TRAILERSENTRY']._serialized_start=546
-  _globals['_CALLSTATUS_TRAILERSENTRY']._serialized_end=593
-  _globals['_NODEFRAME']._serialized_start=596
-  _globals['_NODEFRAME']._serialized_end=763
-  _globals['_NODELEDGERREQUEST']._serialized_start=765
-  _globals['_NODELEDGERREQUEST']._serialized_end=840
-  _globals['_LEDGERKEYSTATEMENT']._serialized_start=842
-  _globals['_LEDGERKEYSTATEMENT']._serialized_end=948
-  _globals['_NODELINK']._serialized_start=950
-  _globals['_NODELINK']._serialized_end=1012
-  _globals['_LEDGERRELAY']._serialized_start=1015
-  _globals['_LEDGERRELAY']._serialized_end=1170
+  _globals['_HUBFRAME']._serialized_end=462
+  _globals['_CALLSTATUS']._serialized_start=465
+  _globals['_CALLSTATUS']._serialized_end=609
+  _globals['_CALLSTATUS_TRAILERSENTRY']._serialized_start=562
+  _globals['_CALLSTATUS_TRAILERSENTRY']._serialized_end=609
+  _globals['_NODEFRAME']._serialized_start=612
+  _globals['_NODEFRAME']._serialized_end=779
+  _globals['_NODELEDGERREQUEST']._serialized_start=781
+  _globals['_NODELEDGERREQUEST']._serialized_end=856
+  _globals['_LEDGERKEYSTATEMENT']._serialized_start=858
+  _globals['_LEDGERKEYSTATEMENT']._serialized_end=964
+  _globals['_NODELINK']._serialized_start=966
+  _globals['_NODELINK']._serialized_end=1028
+  _globals['_LEDGERRELAY']._serialized_start=1031
+  _globals['_LEDGERRELAY']._serialized_end=1186
 # @@protoc_insertion_point(module_scope)

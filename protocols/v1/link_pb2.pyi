@@ -114,6 +114,7 @@ class HubFrame(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     WELCOME_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
     call_id: _builtins.int
     method: _builtins.str
     """Describe, Explain, Execute, FitStep, StreamLedger or LedgerKey."""
@@ -127,6 +128,12 @@ class HubFrame(_message.Message):
     """
     cancel: _builtins.bool
     """The hub gave up on call_id (its caller's deadline passed or it went away)."""
+    credit: _builtins.int
+    """Flow control of a streaming call (1.3 on), so that the hub never holds more of a stream
+    than its caller has yet to read. With the call (method set): how many messages the node
+    may send before it waits; 0 means no limit (hubs before 1.3). Later, in a frame with
+    call_id and no method: how many more it may send.
+    """
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
@@ -142,10 +149,11 @@ class HubFrame(_message.Message):
         cancel: _builtins.bool = ...,
         heartbeat: Global___Heartbeat | None = ...,
         welcome: Global___LinkWelcome | None = ...,
+        credit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "cancel", b"cancel", "deadline_ms", b"deadline_ms", "heartbeat", b"heartbeat", "method", b"method", "on_behalf_of", b"on_behalf_of", "request", b"request", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "cancel", b"cancel", "credit", b"credit", "deadline_ms", b"deadline_ms", "heartbeat", b"heartbeat", "method", b"method", "on_behalf_of", b"on_behalf_of", "request", b"request", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

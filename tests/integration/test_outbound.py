@@ -3,7 +3,8 @@
 Real node and hub processes on loopback with mutual TLS: the outbound nodes open no port,
 their answers pool with the inbound nodes', they link again after the hub is killed and
 restarted, a stopped one is reported unreachable within the deadline, and an auditor
-verifies an outbound node's ledger read through the hub's relay.
+verifies an outbound node's ledger read through the hub's relay, which streams it under
+flow control.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from coordinator.audit.sources import open_relayed
 from coordinator.local import synth
 from coordinator.local.federation import AUDITOR_NAME, LocalFederation, NodeSetup
 from node.config import HubLinkConfig, load_config
+from protocols.link_frames import STREAM_WINDOW
 from protocols.security.pki import Role, load_identity
+from protocols.security.tls import secure_channel
+from protocols.v1 import link_pb2, link_pb2_grpc
 from queries.errors import ConfigError
 from queries.results import NodeOutcome, NodeStatus
 from queries.spec import Query
+from tests.faults._invariants import ledger_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -175,3 +180,38 @@ def test_chc_audit_verify_reads_every_node_outbound_ones_through_the_hub(
     for name in OUTBOUND:
         assert results[name]["source"] == f"{name}@{fed.hub_address} (relayed)"
     assert all(r["ok"] for r in results.values())
+
+
+def test_a_ledger_longer_than_the_stream_window_reaches_a_slow_reader_whole(
+    fed: LocalFederation,
+) -> None:
+    """The relay runs under flow control: the node sends only as the hub grants credit, so
+    an auditor that pauses holds up the node, not the hub's memory. Were the node to send
+    regardless, the hub would end the stream (RESOURCE_EXHAUSTED) during the pause; were
+    the hub not to grant more, the stream would stall after the first window."""
+    _until_all_answer(fed, within_s=15)
+    node = OUTBOUND[0]
+    small = Query(view="persons", rho=0.001)
+    with Federation(fed.hub_address, fed.analyst_identity) as client:
+        while len(ledger_bodies(fed.ledger_path(node))) < 3 * STREAM_WINDOW + 7:
+            client.query(small, deadline_s=10)
+    expected = sorted(ledger_bodies(fed.ledger_path(node)))
+    auditor = load_identity(fed.identity_dir(Role.AUDITOR, AUDITOR_NAME))
+    channel = secure_channel(fed.hub_address, auditor, server_name="hub")
+    stream = link_pb2_grpc.LedgerRelayStub(channel).StreamNodeLedger(
+        link_pb2.NodeLedgerRequest(node=node), timeout=60
+    )
+    first = next(stream)
+    time.sleep(2.0)  # the node fills the window meanwhile, then waits for credit
+    rest = list(stream)
+    channel.close()
+    entries = (first, *rest)
+    assert entries[-1].head  # the signed head: the stream ran to its end
+    got = [e.sequence for e in entries if not e.head]
+    assert got[: len(expected)] == expected  # entries written since are welcome too
+    assert got == sorted(set(got))
+    # And the chain verifies end to end, as ever.
+    result = verification.verify(
+        open_relayed(node, fed.hub_address, auditor), ca_pem=auditor.ca_pem
+    )
+    assert result.ok, result.anomalies
