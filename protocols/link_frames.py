@@ -33,6 +33,9 @@ LEDGER_KEY = "LedgerKey"
 NODE_SERVICE = "/chc.v1.Node/"
 # hub.toml's address for a node that dials the hub instead of listening.
 DIAL_ADDRESS = "dial"
+# In the message of a call to an outbound node that was never sent (no link was open):
+# the hub then knows the node was not asked, so charged nothing (coordinator/hub/fanout.py).
+NOT_CONNECTED = "is not connected (outbound-only node)"
 
 # How often each end sends a heartbeat, and how long a silent link is trusted: a node that
 # is stopped (SIGSTOP, a frozen VM) or cut off without a TCP reset is dropped by the hub

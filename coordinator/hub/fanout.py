@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.message import Message
 
 from coordinator.hub.registry import NodeHandle
-from protocols.link_frames import DIAL_ADDRESS
+from protocols.link_frames import DIAL_ADDRESS, NOT_CONNECTED
 from protocols.observability.metrics import record_node_status
 from protocols.retries import (
     DOWN_RETRY_WINDOW_S,
@@ -65,6 +65,9 @@ class Reply(Generic[T]):
     attempts: int = 1  # calls made (more than one: the node was unreachable at first)
     # Timed out, and whether the node charged is not known (HubService._late_answers).
     charge_unknown: bool = False
+    # Unreachable, but some attempt may have reached the node before its connection was
+    # lost (so it may have charged): not a failure to connect at all.
+    may_have_arrived: bool = False
 
 
 def unanimous_refusal(replies: Sequence[Reply[Any]]) -> tuple[grpc.StatusCode, str] | None:
@@ -146,23 +149,25 @@ async def _call(
     window = DOWN_RETRY_WINDOW_S if handle.reach.down else RETRY_WINDOW_S
     retry_until = min(end, began + window) if retry else began
     attempts = 0
+    arrived = False  # whether any attempt may have reached the node
     while True:
         attempts += 1
         remaining = end - time.perf_counter()
         if remaining <= 0:  # the deadline passed while waiting to retry
             code = grpc.StatusCode.DEADLINE_EXCEEDED
-            return _failed(handle, None, code, began, deadline_s, attempts)
+            return _failed(handle, None, code, began, deadline_s, attempts, arrived)
         try:
             value = await getattr(handle.link.stub(), method)(request, timeout=remaining)
         except grpc.RpcError as exc:
             code = _code(exc)
+            arrived = arrived or code is not grpc.StatusCode.UNAVAILABLE or not _never_sent(exc)
             wait = backoff_s(attempts, first_s=NODE_FIRST_BACKOFF_S, max_s=NODE_MAX_BACKOFF_S)
             if code is grpc.StatusCode.UNAVAILABLE and time.perf_counter() + wait < retry_until:
                 await asyncio.sleep(wait)
                 continue
             if not probe:
                 handle.reach.record(reached=code is not grpc.StatusCode.UNAVAILABLE)
-            return _failed(handle, exc, code, began, deadline_s, attempts)
+            return _failed(handle, exc, code, began, deadline_s, attempts, arrived)
         if not probe:
             handle.reach.record(reached=True)
         return Reply(
@@ -174,6 +179,19 @@ async def _call(
             latency_ms=(time.perf_counter() - began) * 1000,
             attempts=attempts,
         )
+
+
+# How gRPC says that no connection could be made (core's load-balancing policies and its
+# resolver word it so), and how the hub says an outbound node had no link: the call was then
+# never sent. Any other UNAVAILABLE (a connection reset, a server cancelling its calls as
+# it goes down) may have come after the node received the call.
+_NEVER_SENT = ("failed to connect to all addresses", "DNS resolution failed", NOT_CONNECTED)
+
+
+def _never_sent(exc: grpc.RpcError) -> bool:
+    details = getattr(exc, "details", None)
+    text = (details() if callable(details) else None) or ""
+    return any(marker in text for marker in _NEVER_SENT)
 
 
 def _code(exc: grpc.RpcError) -> grpc.StatusCode:
@@ -190,6 +208,7 @@ def _failed(
     began: float,
     deadline_s: float,
     attempts: int,
+    arrived: bool = False,
 ) -> Reply[object]:
     name = handle.entry.name
     status = classify(code)
@@ -214,6 +233,7 @@ def _failed(
         latency_ms=(time.perf_counter() - began) * 1000,
         rho_charged=rho_charged_of(exc) if exc is not None else 0.0,
         attempts=attempts,
+        may_have_arrived=arrived and status is NodeStatus.UNREACHABLE,
     )
 
 

@@ -33,6 +33,7 @@ from protocols.link_frames import (
     HEARTBEAT_S,
     LEDGER_KEY,
     MIN_CHALLENGE_BYTES,
+    NOT_CONNECTED,
     SILENT_AFTER_S,
     STREAM_REFILL,
     STREAM_WINDOW,
@@ -150,7 +151,7 @@ class LinkSession:
             if self.closed.is_set():
                 pending.fail(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the link to node {self.node} closed: {self.reason}",
+                    f"node {self.node} {NOT_CONNECTED}: its link closed ({self.reason})",
                 )
                 return pending
             self._pending[pending.call_id] = pending
@@ -289,7 +290,7 @@ class Links:
         if found is None:
             raise link_error(
                 grpc.StatusCode.UNAVAILABLE,
-                f"node {node} is not connected (outbound-only node): it has not dialled this "
+                f"node {node} {NOT_CONNECTED}: it has not dialled this "
                 "hub since the hub started, or its link was lost",
             )
         return found
@@ -741,9 +742,7 @@ class LedgerRelayService(link_pb2_grpc.LedgerRelayServicer):
             )
         session = self.links.session(node)
         if session is None:
-            context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"node {node} is not connected (outbound-only node)"
-            )
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"node {node} {NOT_CONNECTED}")
         raw: object = context.auth_context().get("x509_pem_cert")
         pem = raw[0] if isinstance(raw, list | tuple) and raw else raw
         return session, pem if isinstance(pem, bytes) else b""

@@ -198,6 +198,7 @@ class HubService(hub_pb2_grpc.HubServicer):
             # Perhaps a node's catalog changed since it was described: describe them again.
             self.registry.forget_catalogs()
         replies = self._late_answers(replies, request.envelope, deadline_s, query.rho, context)
+        replies = [_lost_mid_call(r, query.rho) for r in replies]
         result = _combine(query, replies, self.rules, analyst=analyst, quorum=quorum)
         return serde.result_to_proto(result)
 
@@ -551,6 +552,23 @@ def _silent(
             f"charged is not known (at most rho {rho:g}); `chc budget` shows every charge, "
             "and re-sending the same envelope later (`chc query --resend FILE`, "
             "Federation.resend) reads its release or says that nothing was charged"
+        ),
+    )
+
+
+def _lost_mid_call(reply: Reply[object], rho: float) -> Reply[object]:
+    """An unreachable node that may have received the call before its connection was lost
+    (and charged): its charge marked unknown, not reported as nothing; others as they are."""
+    if reply.status is not NodeStatus.UNREACHABLE or not reply.may_have_arrived:
+        return reply
+    return dataclasses.replace(
+        reply,
+        charge_unknown=True,
+        message=(
+            f"{reply.message}; the connection was lost after the call may have reached it, "
+            f"so whether it charged is not known (at most rho {rho:g}); `chc budget` shows "
+            "every charge, and re-sending the same envelope later (`chc query --resend "
+            "FILE`, Federation.resend) reads its release or says that nothing was charged"
         ),
     )
 
