@@ -119,6 +119,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.median
 	$(BIN)/python -m bench.glm $(GLM_ARGS)
 	$(BIN)/python -m bench.present
+	$(BIN)/python -m bench.ledger_relay
 
 # Issue 16's goals, each against its baseline in the same run (README, "Benchmarks"); about
 # 20 minutes in all (FANOUT_ARGS="--nodes 1,10,30" for a shorter fan-out run).
