@@ -40,6 +40,7 @@ from protocols import serde
 from protocols.link_frames import (
     HEARTBEAT_S,
     LEDGER_KEY,
+    MAX_LINK_STREAMS,
     MIN_CHALLENGE_BYTES,
     NODE_SERVICE,
     SILENT_AFTER_S,
@@ -148,6 +149,11 @@ class Dialer:
         self._is_revoked = is_revoked
         self._handlers = method_handlers(service, metrics)
         self._pool = futures.ThreadPoolExecutor(LINK_WORKERS, thread_name_prefix="chc-link")
+        # Ledger streams on workers of their own: a stream waits for its reader's credit
+        # (HubFrame.credit), so streams nobody reads must never hold up queries.
+        self._streams = futures.ThreadPoolExecutor(
+            MAX_LINK_STREAMS, thread_name_prefix="chc-link-stream"
+        )
         self._stop = threading.Event()
         self._accepting = True
         self._lock = threading.Lock()
@@ -182,6 +188,7 @@ class Dialer:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._streams.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         attempt = 0
@@ -331,7 +338,8 @@ class Dialer:
         )
         with self._lock:
             self._calls[frame.call_id] = context
-        self._pool.submit(self._answer, frame, hub, context, outgoing)
+        pool = self._streams if frame.method in STREAM_METHODS else self._pool
+        pool.submit(self._answer, frame, hub, context, outgoing)
 
     def _answer(
         self,

@@ -47,6 +47,9 @@ SILENT_AFTER_S = 4.0
 # per stream), granted again in halves as the caller reads.
 STREAM_WINDOW = 64
 STREAM_REFILL = STREAM_WINDOW // 2
+# Streams a node answers at once over its link, on workers of their own (a stream waiting
+# for a slow reader never holds up a query); the hub relays no more than this at a time.
+MAX_LINK_STREAMS = 4
 # A challenge must be at least this long to be worth signing.
 MIN_CHALLENGE_BYTES = 16
 

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import grpc
@@ -32,6 +32,7 @@ from protocols.link_frames import (
     DIAL_ADDRESS,
     HEARTBEAT_S,
     LEDGER_KEY,
+    MAX_LINK_STREAMS,
     MIN_CHALLENGE_BYTES,
     NOT_CONNECTED,
     SILENT_AFTER_S,
@@ -379,9 +380,9 @@ def stream_frames(
     deserialize: Callable[[bytes], Any],
     *,
     on_behalf_of: bytes = b"",
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """The messages of a server-streaming call over the link, then its status (raised if
-    not OK)."""
+    not OK). Closing it early cancels the call at the node."""
     pending = session.call(
         method, request, timeout_s=timeout, streaming=True, on_behalf_of=on_behalf_of
     )
@@ -723,6 +724,12 @@ class LedgerRelayService(link_pb2_grpc.LedgerRelayServicer):
     ) -> None:
         self.links = links
         self._is_revoked = is_revoked
+        self._streams: dict[str, threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()
+
+    def _stream_slot(self, node: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            return self._streams.setdefault(node, threading.BoundedSemaphore(MAX_LINK_STREAMS))
 
     def _auditor(self, node: str, context: grpc.ServicerContext) -> tuple[LinkSession, bytes]:
         try:
@@ -773,6 +780,13 @@ class LedgerRelayService(link_pb2_grpc.LedgerRelayServicer):
     ) -> Iterator[node_pb2.LedgerEntry]:
         """The node's StreamLedger frames, unchanged, as the auditor's own call would get."""
         session, pem = self._auditor(request.node, context)
+        slot = self._stream_slot(request.node)
+        if not slot.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"node {request.node} is already streaming its ledger to {MAX_LINK_STREAMS} "
+                "readers through this hub; try again when one of them has finished",
+            )
         frames = stream_frames(
             session,
             "StreamLedger",
@@ -790,3 +804,6 @@ class LedgerRelayService(link_pb2_grpc.LedgerRelayServicer):
                 code() if callable(code) else grpc.StatusCode.UNKNOWN,
                 (details() if callable(details) else None) or "the node's ledger stream failed",
             )
+        finally:
+            frames.close()  # a reader that went away: the node is told to stop
+            slot.release()

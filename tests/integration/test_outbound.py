@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
@@ -26,7 +27,7 @@ from coordinator.audit.sources import open_relayed
 from coordinator.local import synth
 from coordinator.local.federation import AUDITOR_NAME, LocalFederation, NodeSetup
 from node.config import HubLinkConfig, load_config
-from protocols.link_frames import STREAM_WINDOW
+from protocols.link_frames import MAX_LINK_STREAMS, STREAM_WINDOW
 from protocols.security.pki import Role, load_identity
 from protocols.security.tls import secure_channel
 from protocols.v1 import link_pb2, link_pb2_grpc
@@ -215,3 +216,40 @@ def test_a_ledger_longer_than_the_stream_window_reaches_a_slow_reader_whole(
         open_relayed(node, fed.hub_address, auditor), ca_pem=auditor.ca_pem
     )
     assert result.ok, result.anomalies
+
+
+def test_ledger_streams_through_the_relay_are_capped_and_never_hold_up_queries(
+    fed: LocalFederation,
+) -> None:
+    """An auditor that opens streams and stops reading holds at most MAX_LINK_STREAMS of a
+    node's stream workers, which are not its query workers: more streams are refused, and
+    the node still answers queries meanwhile."""
+    _until_all_answer(fed, within_s=15)
+    node = OUTBOUND[0]
+    auditor = load_identity(fed.identity_dir(Role.AUDITOR, AUDITOR_NAME))
+    channel = secure_channel(fed.hub_address, auditor, server_name="hub")
+    relay = link_pb2_grpc.LedgerRelayStub(channel)
+    request = link_pb2.NodeLedgerRequest(node=node)
+    held = [relay.StreamNodeLedger(request, timeout=60) for _ in range(MAX_LINK_STREAMS)]
+    for stream in held:
+        next(stream)  # each is under way, and then not read
+    with pytest.raises(grpc.RpcError) as info:
+        next(relay.StreamNodeLedger(request, timeout=60))
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"to {MAX_LINK_STREAMS} readers" in (info.value.details() or "")
+    assert _statuses(fed)[node] is NodeStatus.OK
+    for stream in held:
+        stream.cancel()
+    # A reader gone frees its place: a new stream runs whole.
+    deadline = time.monotonic() + 10
+    entries, codes = [], []
+    while not entries and time.monotonic() < deadline:
+        try:
+            entries = list(relay.StreamNodeLedger(request, timeout=60))
+        except grpc.RpcError as exc:
+            codes.append(exc.code())  # the cancelled streams' places are freed as they end
+            time.sleep(0.1)
+    channel.close()
+    assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert entries, "the cancelled streams kept their places"
+    assert entries[-1].head
