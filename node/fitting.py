@@ -18,6 +18,7 @@ the node starts, so a restart forgets neither a released step nor a refused desi
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import threading
 import time
@@ -28,18 +29,18 @@ from dataclasses import dataclass
 import grpc
 
 from node.access import AccessPolicy
-from node.budget.accounting import Accountant, Charge
+from node.budget.accounting import Accountant, Charge, Keep, Kept
 from node.config import ModelPolicy
 from node.data.catalog import describe_cohort, with_cohort
 from node.data.store import OmopStore
 from node.fit_release import calibrate_step, decide_design, exact_step, noisy_vectors, step_noise
-from node.guards import NonceStore, check_deadline, fit_key
+from node.guards import NonceStore, begin_or_kept, check_deadline, fit_key
 from protocols import serde
 from protocols.ledger.entry import FitStepRecord, SignedEntry, decode_body, read_fit
 from protocols.security.envelope import SignedQuery, VerifiedAnalyst
 from protocols.v1 import node_pb2
 from queries import mechanisms
-from queries.errors import ChcError, PermissionDeniedError, QueryError
+from queries.errors import AuthenticationError, ChcError, PermissionDeniedError, QueryError
 from queries.model import ModelSpec
 from queries.model_checks import check_coefficients
 from queries.model_io import model_from_json
@@ -174,8 +175,11 @@ class Fitter:
         request: node_pb2.FitStepRequest,
         context: grpc.ServicerContext,
     ) -> node_pb2.FitStepResponse:
-        """Verify, plan, check the budget, compute, charge, then release one step."""
-        analyst = verified.name
+        """Verify, plan, check the budget, compute, charge, then release one step.
+
+        Idempotent, as Execute is: the very same request again (a retry after a lost reply)
+        is answered with the release kept for it, marked `resent`, and charged nothing more.
+        """
         model, plan = self.plan(signed, verified, request.regions)
         k = request.step
         if not 0 <= k < model.steps:
@@ -188,22 +192,73 @@ class Fitter:
         coefficients = check_coefficients(plan, k, list(request.coefficients))
         calibrations = calibrate_step(plan.step(k))
         rho = sum(c.rho for c in calibrations)
+        key, digest = fit_key(signed.nonce, k), _request_digest(request)
+        try:
+            kept = begin_or_kept(
+                self.nonces,
+                key,
+                digest,
+                context,
+                self.accountant.stored_release,
+                replayed=f"step: step {k} of this fit was already released by this node; "
+                "each step of a fit envelope is answered once (sign the model again to refit)",
+            )
+        except AuthenticationError:
+            if k == 0:
+                self._refused_again(signed.nonce, rho)
+            raise
+        if kept is not None:
+            return self._resent(kept, k)
+        attempt = _Attempt(context, digest)
+        try:
+            return self._run(
+                signed, verified.name, request, model, plan, coefficients, calibrations, attempt
+            )
+        finally:
+            self.nonces.finish(key, signed.expires_at_ms, charged=attempt.charged)
+
+    def _run(
+        self,
+        signed: SignedQuery,
+        analyst: str,
+        request: node_pb2.FitStepRequest,
+        model: ModelSpec,
+        plan: ModelPlan,
+        coefficients: tuple[float, ...],
+        calibrations: Sequence[mechanisms.Calibration],
+        attempt: _Attempt,
+    ) -> node_pb2.FitStepResponse:
+        """Check the budget, compute, charge (keeping the release), then release the step."""
+        k, context = request.step, attempt.context
+        rho = sum(c.rho for c in calibrations)
         # At the design check the whole fit must fit in every cap: refuse it now, at no cost,
         # rather than after charging steps whose fit could never finish.
         self.accountant.check(analyst, sum(self.fit_rho(plan)) if k == 0 else rho)
-        # Claimed once the step is known to be acceptable (as Execute claims its nonce).
-        self.nonces.claim(
-            fit_key(signed.nonce, k),
-            signed.expires_at_ms,
-            replayed=f"step: step {k} of this fit was already released by this node; each "
-            "step of a fit envelope is answered once (sign the model again to refit)",
-        )
         query_id = uuid.uuid4().hex
         started = time.perf_counter()
         check_deadline(context, "before computing")
         noisy = self._compute(plan, k, coefficients, calibrations)
         refused = decide_design(plan, noisy, self.policy) if k == 0 else ""
         epsilon = mechanisms.rho_to_epsilon(rho, self.accountant.policy.delta)
+        # Built before the charge, so that the kept copy is stored in the charge's own
+        # transaction; the budget and ledger sequence are filled in after it.
+        msg = node_pb2.FitStepResponse(
+            query_id=query_id,
+            step=k,
+            columns=list(plan.columns),
+            statistics=noisy_vectors(plan, k, noisy, calibrations),
+            rho_charged=rho,
+            epsilon=epsilon,
+            units=list(plan.units) if _has_units(plan, k) else [],
+            release_rules=serde.rules_to_proto(self.rules),
+        )
+        keep = None
+        if not refused:
+            keep = Keep(
+                envelope_sha256=attempt.digest,
+                expires_at_ms=signed.expires_at_ms,
+                response=msg.SerializeToString(),
+            )
         check_deadline(context, "before charging")
         record = FitStepRecord(
             step=k,
@@ -223,8 +278,10 @@ class Fitter:
                 rho=rho,
                 epsilon=epsilon,
                 fit=record,
-            )
+            ),
+            keep,
         )
+        attempt.charged = True
         if k == 0:
             with self._lock:
                 self._fits[signed.nonce] = FitState(plan.columns, plan.regions, refused)
@@ -247,18 +304,38 @@ class Fitter:
             )
             error.rho_charged = rho
             raise error
-        return node_pb2.FitStepResponse(
-            query_id=query_id,
-            step=k,
-            columns=list(plan.columns),
-            statistics=noisy_vectors(plan, k, noisy, calibrations),
-            rho_charged=rho,
-            epsilon=epsilon,
-            budget=serde.budget_to_proto(budget),
-            ledger_sequence=sequence,
-            units=list(plan.units) if _has_units(plan, k) else [],
-            release_rules=serde.rules_to_proto(self.rules),
+        msg.budget.CopyFrom(serde.budget_to_proto(budget))
+        msg.ledger_sequence = sequence
+        return msg
+
+    def _resent(self, kept: Kept, k: int) -> node_pb2.FitStepResponse:
+        """The release kept for a step's request, marked resent, with today's budget."""
+        msg = node_pb2.FitStepResponse.FromString(kept.response)
+        msg.ledger_sequence = kept.sequence
+        msg.budget.CopyFrom(serde.budget_to_proto(self.accountant.status()))
+        msg.resent = True
+        log.info(
+            "fit %s step %d: re-sent the kept release of ledger entry %d (nothing charged)",
+            msg.query_id,
+            k,
+            kept.sequence,
         )
+        return msg
+
+    def _refused_again(self, nonce: bytes, rho: float) -> None:
+        """A design check asked again that this node refused (charged) when first asked:
+        the same refusal, saying it was charged once; nothing if it was not refused."""
+        with self._lock:
+            state = self._fits.get(nonce)
+        if state is None or not state.refused:
+            return
+        error = PermissionDeniedError(
+            f"{state.refused}; the design check was charged (rho {rho:.4g}) when first asked, "
+            "not again, and no later step of this fit will be: change the model (merge small "
+            "levels, fewer covariates) and sign it again"
+        )
+        error.rho_charged = rho
+        raise error
 
     def _check_order(self, nonce: bytes, plan: ModelPlan, k: int) -> None:
         with self._lock:
@@ -314,3 +391,21 @@ class Fitter:
             raise ChcError(
                 f"internal error computing the fit step (ref {ref}); nothing was charged"
             ) from None
+
+
+@dataclass
+class _Attempt:
+    """One FitStep call's part in answering its request (see NonceStore.begin)."""
+
+    context: grpc.ServicerContext
+    digest: bytes  # the request's key among kept releases (_request_digest)
+    charged: bool = False  # the charge is durable: the step's nonce stays claimed
+
+
+def _request_digest(request: node_pb2.FitStepRequest) -> bytes:
+    """The key of a step's kept release: the whole request (envelope, step, coefficients,
+    regions), so that only the very same request reads it; tagged apart from Execute's keys
+    (an envelope's SHA-256)."""
+    return hashlib.sha256(
+        b"chc-fit-step\x00" + request.SerializeToString(deterministic=True)
+    ).digest()

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -23,6 +24,9 @@ from protocols.ledger.entry import SignedEntry, read_fit
 from protocols.security.envelope import now_ms
 from protocols.v1 import node_pb2
 from queries.errors import AuthenticationError, ChcError, DeadlineExceededError
+
+if TYPE_CHECKING:
+    from node.budget.accounting import Kept
 
 
 class NothingKeptError(LookupError, ChcError):
@@ -196,6 +200,46 @@ class NonceStore:
                 self._seen[key] = envelope.expires_at_ms
                 seeded += 1
         return seeded
+
+
+# The longest a call waits for an earlier call answering the same request (a retry that
+# came before the first reply) when the caller sent no deadline.
+MAX_RESEND_WAIT_S = 600.0
+
+
+def begin_or_kept(
+    nonces: NonceStore,
+    key: bytes,
+    digest: bytes,
+    context: grpc.ServicerContext,
+    stored_release: Callable[[bytes], Kept | None],
+    *,
+    replayed: str,
+) -> Kept | None:
+    """Own the attempt at a request (None: the caller runs it and must nonces.finish(key)),
+    or the release kept for an earlier call of the very same request (digest).
+
+    A call of the same request still being answered is waited for (within the caller's
+    deadline). Raises AuthenticationError(`replayed`) if the key was used by another request,
+    or one that kept nothing.
+    """
+    while True:
+        begun = nonces.begin(key, digest)
+        if begun.owner:
+            return None
+        if begun.pending is not None:
+            remaining = context.time_remaining()
+            wait = MAX_RESEND_WAIT_S if remaining is None else min(remaining, MAX_RESEND_WAIT_S)
+            if not begun.pending.wait(timeout=max(0.0, wait)):
+                raise DeadlineExceededError(
+                    "an earlier call with this same request is still being answered; "
+                    "nothing more was charged: re-send it later to read its release"
+                )
+            continue
+        kept = stored_release(digest)
+        if kept is None:
+            raise AuthenticationError(replayed)
+        return kept
 
 
 def check_deadline(context: grpc.ServicerContext, when: str) -> None:

@@ -34,7 +34,14 @@ from node.data.catalog import describe_cohort, with_cohort
 from node.data.store import OmopStore
 from node.data.view_set import cohort_runner
 from node.fitting import Fitter
-from node.guards import NonceStore, NothingKeptError, RefusalLimiter, check_deadline
+from node.guards import (
+    MAX_RESEND_WAIT_S,
+    NonceStore,
+    NothingKeptError,
+    RefusalLimiter,
+    begin_or_kept,
+    check_deadline,
+)
 from node.secure_share import (
     RoundKeys,
     SharePlan,
@@ -75,8 +82,6 @@ from queries.schema import Catalog
 
 log = logging.getLogger(__name__)
 
-# The longest a retried envelope waits for the earlier call still answering it.
-MAX_RESEND_WAIT_S = 600.0
 
 # Who may ask a node to run a query: the hub relays analysts' signed envelopes, and an
 # analyst may also call a node directly. Auditors read the ledger; nodes never query.
@@ -316,26 +321,18 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self, signed: SignedQuery, attempt: _Attempt, context: grpc.ServicerContext
     ) -> node_pb2.ExecuteResponse | None:
         """Own this envelope's attempt (None), or return the release kept for it."""
-        while True:
-            begun = self.nonces.begin(signed.nonce, attempt.digest)
-            if begun.owner:
-                attempt.owner = True
-                return None
-            if begun.pending is not None:
-                # The same envelope is being answered by an earlier call (a retry that came
-                # before the first reply): wait for it, then use what it left.
-                remaining = context.time_remaining()
-                wait = MAX_RESEND_WAIT_S if remaining is None else min(remaining, MAX_RESEND_WAIT_S)
-                if not begun.pending.wait(timeout=max(0.0, wait)):
-                    raise DeadlineExceededError(
-                        "an earlier call with this same envelope is still being answered; "
-                        "nothing more was charged: re-send it later to read its release"
-                    )
-                continue
-            kept = self.accountant.stored_release(attempt.digest)
-            if kept is None:
-                raise AuthenticationError("this query envelope was already used; sign it again")
-            return self._resent(kept)
+        kept = begin_or_kept(
+            self.nonces,
+            signed.nonce,
+            attempt.digest,
+            context,
+            self.accountant.stored_release,
+            replayed="this query envelope was already used; sign it again",
+        )
+        if kept is None:
+            attempt.owner = True
+            return None
+        return self._resent(kept)
 
     def _resent(self, kept: Kept) -> node_pb2.ExecuteResponse:
         """The release kept for an envelope, marked resent, with today's budget."""

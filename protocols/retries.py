@@ -3,9 +3,11 @@
 A call is retried only where a second attempt cannot do anything the first did not: the
 node's Execute is idempotent (the same envelope is answered with the release kept for it,
 never charged twice: node/service.py), Explain and Describe spend nothing, and the hub's
-Submit relays the same envelope again, so its nodes re-send what they kept. FitStep is not
-retried: a step is charged once and its envelope is then refused as a replay. Only
-UNAVAILABLE is retried (the connection failed or was lost), never past the call's deadline.
+Submit relays the same envelope again, so its nodes re-send what they kept. FitStep is
+idempotent in the same way from protocol 1.3 (node/fitting.py): the very same request (the
+envelope, step, coefficients and regions) is answered with the release kept for it, and any
+other request for a charged step is refused as a replay. Only UNAVAILABLE is retried (the
+connection failed or was lost), never past the call's deadline.
 
 Analyst -> hub: Explain and ListNodes use gRPC's own retry policy (gRFC A6: exponential
 backoff, each wait random in [0, backoff), at most 5 attempts), set on the channel; Submit is

@@ -65,7 +65,8 @@ class ProtocolVersion:
 # 1.2: secure aggregation (Node.SecAggAnnounce and SecAggShare, pooled_only queries, the
 #      secure-aggregation fields of ExplainResponse and SubmitResponse).
 # 1.3: flow control of streams over a node's link (HubFrame.credit): a node of 1.3 sends a
-#      streaming call's messages only as the hub grants credit for them.
+#      streaming call's messages only as the hub grants credit for them; a fit step is
+#      idempotent (the same FitStepRequest again gets the release kept for it, `resent`).
 CURRENT = ProtocolVersion(1, 3)
 KEPT_ONLY = ProtocolVersion(1, 1)
 SECURE_AGGREGATION = ProtocolVersion(1, 2)

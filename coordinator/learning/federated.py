@@ -64,8 +64,10 @@ def _step(
     request = node_pb2.FitStepRequest(
         envelope=envelope, step=step, coefficients=list(coefficients), regions=list(regions)
     )
-    # Not retried: a charged step's envelope is refused as a replay (protocols/retries.py).
-    return fan_out(handles, "FitStep", request, deadline_s=deadline_s, retry=False)
+    # Retried while a node is unreachable: a node answers the very same request again with
+    # the release it kept for it, charged once (protocol 1.3; an earlier node refuses the
+    # retry as a replay, at no cost).
+    return fan_out(handles, "FitStep", request, deadline_s=deadline_s)
 
 
 def fit_across(
@@ -132,11 +134,22 @@ def fit_across(
                 out.append(release)
         failed = [r for r in replies if r.status is not NodeStatus.OK]
         if failed:
+            # A node whose call may have reached it may have charged this step: never a
+            # silent 0 in what the analyst is told.
+            unknown = [
+                r.node for r in failed if r.status is NodeStatus.TIMED_OUT or r.may_have_arrived
+            ]
+            maybe = (
+                f"; whether {', '.join(unknown)} charged step {step} is not known (the call "
+                "may have reached it): `chc budget` shows every charge"
+                if unknown
+                else ""
+            )
             raise FitStoppedError(
                 f"the fit stopped at step {step} of {model.steps - 1}: "
                 + "; ".join(f"node {r.node} {r.status.value} ({r.message})" for r in failed)
-                + f"; {charges.summary()}; nothing more is charged, and the steps already "
-                "charged stay in each node's ledger"
+                + f"; {charges.summary()}{maybe}; nothing more is charged, and the steps "
+                "already charged stay in each node's ledger"
             )
         if step != model.expected_step:
             last[:], sent[:] = out, list(coefficients)

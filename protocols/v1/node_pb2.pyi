@@ -980,11 +980,16 @@ class FitStepResponse(_message.Message):
     LEDGER_SEQUENCE_FIELD_NUMBER: _builtins.int
     UNITS_FIELD_NUMBER: _builtins.int
     RELEASE_RULES_FIELD_NUMBER: _builtins.int
+    RESENT_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     step: _builtins.int
     rho_charged: _builtins.float
     epsilon: _builtins.float
     ledger_sequence: _builtins.int
+    resent: _builtins.bool
+    """The release kept for this very request (a retry after a lost reply, 1.3 on): charged
+    once, when first answered, not again.
+    """
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the design's columns (queries.model.design_columns)"""
@@ -1014,10 +1019,11 @@ class FitStepResponse(_message.Message):
         ledger_sequence: _builtins.int = ...,
         units: _abc.Iterable[_builtins.str] | None = ...,
         release_rules: Global___ReleaseRules | None = ...,
+        resent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "release_rules", b"release_rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "columns", b"columns", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "query_id", b"query_id", "release_rules", b"release_rules", "rho_charged", b"rho_charged", "statistics", b"statistics", "step", b"step", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "columns", b"columns", "epsilon", b"epsilon", "ledger_sequence", b"ledger_sequence", "query_id", b"query_id", "release_rules", b"release_rules", "resent", b"resent", "rho_charged", b"rho_charged", "statistics", b"statistics", "step", b"step", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,8 +1,9 @@
 """The node side of a model fit over a real federation (mTLS on loopback, real DuckDB/OpenDP).
 
 Each step is charged once at every node, appears in its ledger with the step and the hub's
-coefficients, and the auditor's verification passes; replayed and out-of-range steps are
-refused at no cost; refusals from public information cost nothing; refusals of the node's
+coefficients, and the auditor's verification passes; the very same step request again is
+answered with the release kept for it, while replayed and out-of-range steps are refused,
+all at no cost; refusals from public information cost nothing; refusals of the node's
 [models] policy (decided on the design check's noisy counts) cost only the design check.
 The steps are driven by a test-only hub loop (tests/integration/_fit_driver.py).
 """
@@ -130,10 +131,20 @@ def test_each_step_is_charged_once_at_every_node_and_the_ledgers_verify(
     assert design.rho_charged == pytest.approx(DESIGN_CHECK_SHARE * model.rho, rel=1e-6)
     names = [v.name for v in design.statistics]
     assert names == ["n", "level_counts", "outcome_sum"]
-    # The replayed step and a step past the last are refused and cost nothing.
+    # The very same step request again (a retry after a lost reply) reads the release kept
+    # for it; the step with other coefficients, and a step past the last, are refused; none
+    # of them costs anything.
     spent = _spent(fed, "nenc")
+    first = fit.responses[1]["nenc"]
+    again = step({"nenc": stubs["nenc"]}, envelope, 1, fit.sent[1], FITTING)["nenc"]
+    assert again.resent
+    assert not first.resent
+    assert (again.query_id, again.ledger_sequence) == (first.query_id, first.ledger_sequence)
+    assert list(again.statistics) == list(first.statistics)
+    assert again.rho_charged == first.rho_charged
+    other = [c + 0.5 for c in fit.sent[1]]
     with pytest.raises(grpc.RpcError) as replay:
-        step({"nenc": stubs["nenc"]}, envelope, 1, fit.sent[1], FITTING)
+        step({"nenc": stubs["nenc"]}, envelope, 1, other, FITTING)
     assert _refused(replay.value).code() is grpc.StatusCode.UNAUTHENTICATED
     assert "step 1 of this fit was already released" in str(replay.value.details())
     with pytest.raises(grpc.RpcError) as past:
@@ -242,11 +253,16 @@ def test_a_restarted_node_remembers_its_fits(fed: LocalFederation) -> None:
     stubs = node_stubs(fed, ["nwc"])
     envelope = fit_envelope(fed, model)
     step(stubs, envelope, 0, [])
-    step(stubs, envelope, 1, [0.0] * 3)
+    first = step(stubs, envelope, 1, [0.0] * 3)["nwc"]
     fed.restart_node("nwc")
     stubs = node_stubs(fed, ["nwc"])
+    # Its kept releases are in its ledger file: the same request reads the same release.
+    again = step(stubs, envelope, 1, [0.0] * 3)["nwc"]
+    assert again.resent
+    assert again.ledger_sequence == first.ledger_sequence
+    assert list(again.statistics) == list(first.statistics)
     with pytest.raises(grpc.RpcError) as replay:
-        step(stubs, envelope, 1, [0.0] * 3)
+        step(stubs, envelope, 1, [0.1] * 3)
     assert _refused(replay.value).code() is grpc.StatusCode.UNAUTHENTICATED
     last = step(stubs, envelope, 2, [0.0] * 3)["nwc"]  # the design check is remembered
     assert last.step == 2
