@@ -34,7 +34,7 @@ from node.config import ModelPolicy
 from node.data.catalog import describe_cohort, with_cohort
 from node.data.store import OmopStore
 from node.fit_release import calibrate_step, decide_design, exact_step, noisy_vectors, step_noise
-from node.guards import NonceStore, begin_or_kept, check_deadline, fit_key
+from node.guards import NonceStore, begin_or_kept, check_deadline, fit_key, kept_reply
 from protocols import serde
 from protocols.ledger.entry import FitStepRecord, SignedEntry, decode_body, read_fit
 from protocols.security.envelope import SignedQuery, VerifiedAnalyst
@@ -310,10 +310,7 @@ class Fitter:
 
     def _resent(self, kept: Kept, k: int) -> node_pb2.FitStepResponse:
         """The release kept for a step's request, marked resent, with today's budget."""
-        msg = node_pb2.FitStepResponse.FromString(kept.response)
-        msg.ledger_sequence = kept.sequence
-        msg.budget.CopyFrom(serde.budget_to_proto(self.accountant.status()))
-        msg.resent = True
+        msg = kept_reply(kept, node_pb2.FitStepResponse, self.accountant.status())
         log.info(
             "fit %s step %d: re-sent the kept release of ledger entry %d (nothing charged)",
             msg.query_id,

@@ -15,15 +15,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from protocols import serde
 from protocols.ledger.entry import SignedEntry, read_fit
 from protocols.security.envelope import now_ms
 from protocols.v1 import node_pb2
 from queries.errors import AuthenticationError, ChcError, DeadlineExceededError
+from queries.results import BudgetStatus
 
 if TYPE_CHECKING:
     from node.budget.accounting import Kept
@@ -240,6 +242,19 @@ def begin_or_kept(
         if kept is None:
             raise AuthenticationError(replayed)
         return kept
+
+
+Reply = TypeVar("Reply", node_pb2.ExecuteResponse, node_pb2.FitStepResponse)
+
+
+def kept_reply(kept: Kept, reply_type: type[Reply], budget: BudgetStatus) -> Reply:
+    """A kept release as its reply again: marked resent, with its ledger entry's sequence and
+    the budget as it is now (neither is part of what was kept)."""
+    msg = reply_type.FromString(kept.response)
+    msg.ledger_sequence = kept.sequence
+    msg.budget.CopyFrom(serde.budget_to_proto(budget))
+    msg.resent = True
+    return msg
 
 
 def check_deadline(context: grpc.ServicerContext, when: str) -> None:

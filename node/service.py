@@ -41,6 +41,7 @@ from node.guards import (
     RefusalLimiter,
     begin_or_kept,
     check_deadline,
+    kept_reply,
 )
 from node.secure_share import (
     RoundKeys,
@@ -336,10 +337,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
 
     def _resent(self, kept: Kept) -> node_pb2.ExecuteResponse:
         """The release kept for an envelope, marked resent, with today's budget."""
-        msg = node_pb2.ExecuteResponse.FromString(kept.response)
-        msg.ledger_sequence = kept.sequence
-        msg.budget.CopyFrom(serde.budget_to_proto(self.accountant.status()))
-        msg.resent = True
+        msg = kept_reply(kept, node_pb2.ExecuteResponse, self.accountant.status())
         log.info(
             "query %s: re-sent the kept release of ledger entry %d (nothing charged)",
             msg.query_id,
