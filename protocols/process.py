@@ -24,6 +24,11 @@ log = logging.getLogger("chc.process")
 # on until its code returns (a DuckDB scan cannot be interrupted): the drain waits this much
 # longer for them before it gives up and leaves the ledger to SQLite's atomic transactions.
 HANDLER_WAIT_S = 5.0
+# After a drain that had calls in flight, how long the process keeps its connections open
+# before it exits: gRPC's shutdown completes once the last reply is written, and a socket
+# closed with the client's frames still unread is reset, which makes the client's kernel drop
+# a reply it has not read yet (a charged call then looks unanswered). Seen under CPU load.
+REPLY_LINGER_S = 1.0
 
 
 def setup_logging(level: str = "INFO", fmt: LogFormat = "text", **fields: object) -> None:
@@ -136,6 +141,8 @@ def serve_until_signalled(
         seconds=time.monotonic() - began,
     )
     if outcome.clean:
+        if in_flight != 0:  # replies were sent during the drain: let the clients read them
+            time.sleep(REPLY_LINGER_S)
         log.info("drained in %.2f s", outcome.seconds)
     else:
         log.warning(
