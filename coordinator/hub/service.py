@@ -185,13 +185,9 @@ class HubService(hub_pb2_grpc.HubServicer):
                 query, replies, self.rules, analyst=analyst, quorum=quorum, refuse_all=False
             )
             return serde.result_to_proto(result)
-        began = time.monotonic()
         if query.pooled_only:
             return self._secure(query, request, deadline_s, context)
-        structure = self._pooling_check(query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s))
-        # The deadline bounds the whole query: what the check took comes out of it (messages
-        # still name the deadline the analyst gave).
-        left_s = max(0.001, deadline_s - (time.monotonic() - began))
+        structure, left_s = self._pooling_check_within(query, deadline_s)
         node_request = node_pb2.ExecuteRequest(envelope=request.envelope, structure=structure)
         replies = fan_out(handles, "Execute", node_request, deadline_s=left_s)
         if any(r.code is grpc.StatusCode.FAILED_PRECONDITION for r in replies):
@@ -211,12 +207,8 @@ class HubService(hub_pb2_grpc.HubServicer):
     ) -> hub_pb2.SubmitResponse:
         """A pooled_only query by secure aggregation, over the nodes its envelope names."""
         del context  # the deadline already accounts for the caller's
-        began = time.monotonic()
         handles = audience_handles(self.registry.handles, request.envelope.audience.nodes)
-        structure = self._pooling_check(
-            query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s), handles
-        )
-        left_s = max(0.001, deadline_s - (time.monotonic() - began))
+        structure, left_s = self._pooling_check_within(query, deadline_s, handles)
         result = run_round(
             query,
             request.envelope,
@@ -227,6 +219,21 @@ class HubService(hub_pb2_grpc.HubServicer):
             analyst=request.envelope.analyst,
         )
         return serde.result_to_proto(result)
+
+    def _pooling_check_within(
+        self,
+        query: spec.Query,
+        deadline_s: float,
+        handles: Sequence[NodeHandle] | None = None,
+    ) -> tuple[bytes, float]:
+        """The pooling check within a share of the call's deadline, and what is left of the
+        deadline after it (the deadline bounds the whole call; messages still name the
+        deadline the analyst gave)."""
+        began = time.monotonic()
+        structure = self._pooling_check(
+            query, min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s), handles
+        )
+        return structure, max(0.001, deadline_s - (time.monotonic() - began))
 
     def _pooling_check(
         self, query: spec.Query, wait_s: float, handles: Sequence[NodeHandle] | None = None
@@ -376,10 +383,9 @@ class HubService(hub_pb2_grpc.HubServicer):
                 handles = audience_handles(handles, request.envelope.audience.nodes)
             # Explain previews Run: what Run would refuse for its pooling, it refuses too, and
             # each node checks the structure against its own catalog as Execute does.
-            began = time.monotonic()
-            wait_s = min(DESCRIBE_WAIT_S, DESCRIBE_SHARE * deadline_s)
-            node_request.structure = self._pooling_check(query, wait_s, handles)
-            deadline_s = max(0.001, deadline_s - (time.monotonic() - began))
+            node_request.structure, deadline_s = self._pooling_check_within(
+                query, deadline_s, handles
+            )
         replies = fan_out(handles, "Explain", node_request, deadline_s=deadline_s)
         response = hub_pb2.ExplainFederatedResponse()
         for r in replies:
@@ -544,14 +550,21 @@ def _silent(
     if reply.status is not NodeStatus.TIMED_OUT:
         return reply
     again = ", nor to the hub's re-send asking for its kept release" if asked_again else ""
+    return _charge_unknown(
+        reply, f"node {reply.node} did not answer within {deadline_s:g} s{again}:", rho
+    )
+
+
+def _charge_unknown(reply: Reply[object], lead: str, rho: float) -> Reply[object]:
+    """The reply with its charge marked unknown, the message saying why (lead) and how to
+    find out (the budget, a re-send of the same envelope)."""
     return dataclasses.replace(
         reply,
         charge_unknown=True,
         message=(
-            f"node {reply.node} did not answer within {deadline_s:g} s{again}: whether it "
-            f"charged is not known (at most rho {rho:g}); `chc budget` shows every charge, "
-            "and re-sending the same envelope later (`chc query --resend FILE`, "
-            "Federation.resend) reads its release or says that nothing was charged"
+            f"{lead} whether it charged is not known (at most rho {rho:g}); `chc budget` "
+            "shows every charge, and re-sending the same envelope later (`chc query --resend "
+            "FILE`, Federation.resend) reads its release or says that nothing was charged"
         ),
     )
 
@@ -559,18 +572,10 @@ def _silent(
 def _lost_mid_call(reply: Reply[object], rho: float) -> Reply[object]:
     """An unreachable node that may have received the call before its connection was lost
     (and charged): its charge marked unknown, not reported as nothing; others as they are."""
-    if reply.status is not NodeStatus.UNREACHABLE or not reply.may_have_arrived:
+    if not reply.may_have_arrived:  # only ever set on unreachable replies (fanout._failed)
         return reply
-    return dataclasses.replace(
-        reply,
-        charge_unknown=True,
-        message=(
-            f"{reply.message}; the connection was lost after the call may have reached it, "
-            f"so whether it charged is not known (at most rho {rho:g}); `chc budget` shows "
-            "every charge, and re-sending the same envelope later (`chc query --resend "
-            "FILE`, Federation.resend) reads its release or says that nothing was charged"
-        ),
-    )
+    lead = f"{reply.message}; the connection was lost after the call may have reached it, so"
+    return _charge_unknown(reply, lead, rho)
 
 
 def _mismatch_message(view: str, structures: Mapping[str, Mapping[str, bytes]]) -> str:

@@ -174,9 +174,14 @@ def _honest_nodes(text: str) -> int | None:
         ) from None
 
 
+def _pooled_box(form: dict[str, str]) -> bool:
+    """Whether the form's "Pooled only (secure aggregation)" box is ticked."""
+    return form.get("pooled_only", "") == "on"
+
+
 def _secure_query(query: spec.Query, form: dict[str, str]) -> spec.Query:
     """The query with the form's secure-aggregation choice (pooled only, honest nodes)."""
-    pooled = form.get("pooled_only", "") == "on"
+    pooled = _pooled_box(form)
     honest = _honest_nodes(form.get("honest_nodes", "").strip())
     if honest is not None and not pooled:
         raise QueryError(
@@ -333,7 +338,7 @@ def create_app(config: UiConfig, *, federation: Federation | None = None) -> Fas
             catalog_error=catalog_error,
             sql=sql if sql is not None else _example_sql(rows),
             rho=rho if rho is not None else f"{_default_rho(rows):g}",
-            pooled_only=(form or {}).get("pooled_only", "") == "on",
+            pooled_only=_pooled_box(form or {}),
             honest_nodes=(form or {}).get("honest_nodes", "").strip()[:20],
             **context,
         )
